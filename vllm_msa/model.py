@@ -1,0 +1,154 @@
+"""MSAForCausalLM for vLLM: vLLM's own Qwen3 layers plus MSA's router projections.
+
+The model is built from `vllm.model_executor.models.qwen3`, so tensor parallelism, quantisation
+and weight loading shard it exactly as they shard Qwen3. Router layers (msa-spec §1) gain
+`router_q_proj` (num_heads * head_dim outputs) and `router_k_proj` (num_kv_heads * head_dim
+outputs) on their `self_attn`, which is where the checkpoint names them
+(`model.layers.L.self_attn.router_q_proj.0.weight`; the `.0.` comes from a one-element
+`nn.Sequential` and is dropped at load time).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+from vllm.config import VllmConfig
+from vllm.distributed import (
+    get_pp_group,
+    get_tensor_model_parallel_rank,
+    get_tensor_model_parallel_world_size,
+)
+from vllm.model_executor.layers.linear import ColumnParallelLinear, ReplicatedLinear
+from vllm.model_executor.layers.logits_processor import LogitsProcessor
+from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
+from vllm.model_executor.models.qwen3 import (
+    Qwen3Attention,
+    Qwen3DecoderLayer,
+    Qwen3ForCausalLM,
+    Qwen3Model,
+)
+from vllm.model_executor.models.utils import (
+    AutoWeightsLoader,
+    PPMissingLayer,
+    WeightsMapper,
+    extract_layer_index,
+    maybe_prefix,
+)
+
+from .config import MSAParams
+
+# Top-level training-only parameters of the reference model (InfoNCE temperature, BCE bias).
+TRAINING_ONLY_WEIGHTS = frozenset({"temperature", "b"})
+
+
+class ReplicatedKVHeadLinear(ReplicatedLinear):
+    """A full `router_k_proj` on a rank that replicates one KV head (fewer KV heads than ranks).
+
+    Keeps the output of the head this rank holds, the rule `QKVParallelLinear` applies to K and
+    V, so the routing keys line up with the rank's own K/V heads.
+    """
+
+    def __init__(self, hidden_size: int, num_kv_heads: int, head_dim: int, prefix: str) -> None:
+        super().__init__(hidden_size, num_kv_heads * head_dim, bias=False, prefix=prefix)
+        tp_size = get_tensor_model_parallel_world_size()
+        head = get_tensor_model_parallel_rank() // (tp_size // num_kv_heads)
+        self.local_slice = slice(head * head_dim, (head + 1) * head_dim)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        out, bias = super().forward(x)
+        return out[..., self.local_slice], bias
+
+
+def router_key_projection(
+    hidden_size: int, num_kv_heads: int, head_dim: int, prefix: str
+) -> nn.Module:
+    """`router_k_proj`, sharded across TP ranks like the K part of Qwen3's QKV projection."""
+    if num_kv_heads < get_tensor_model_parallel_world_size():
+        return ReplicatedKVHeadLinear(hidden_size, num_kv_heads, head_dim, prefix)
+    return ColumnParallelLinear(hidden_size, num_kv_heads * head_dim, bias=False, prefix=prefix)
+
+
+def add_router_projections(attn: Qwen3Attention, hidden_size: int, prefix: str) -> None:
+    """Give a router layer's attention MSA's decoupled routing projections (msa-spec §1)."""
+    attn.router_q_proj = ColumnParallelLinear(
+        hidden_size,
+        attn.total_num_heads * attn.head_dim,
+        bias=False,
+        prefix=f"{prefix}.router_q_proj",
+    )
+    attn.router_k_proj = router_key_projection(
+        hidden_size, attn.total_num_kv_heads, attn.head_dim, prefix=f"{prefix}.router_k_proj"
+    )
+
+
+def attention_qkv(
+    attn: Qwen3Attention, positions: torch.Tensor, hidden_states: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Q and K after q/k-norm and RoPE, and V: the first half of `Qwen3Attention.forward`."""
+    qkv, _ = attn.qkv_proj(hidden_states)
+    q, k, v = qkv.split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
+    q = attn.q_norm(q.view(*q.shape[:-1], -1, attn.head_dim)).view(q.shape)
+    k = attn.k_norm(k.view(*k.shape[:-1], -1, attn.head_dim)).view(k.shape)
+    q, k = attn.rotary_emb(positions, q, k)
+    return q, k, v
+
+
+class MSADecoderLayer(Qwen3DecoderLayer):
+    """A Qwen3 decoder layer; in router layers its attention carries the router projections."""
+
+    def __init__(self, config, cache_config=None, quant_config=None, prefix: str = "") -> None:
+        super().__init__(config, cache_config=cache_config, quant_config=quant_config, prefix=prefix)
+        self.layer_idx = extract_layer_index(prefix)
+        msa = MSAParams.from_hf_config(config)
+        self.is_router_layer = msa.is_router_layer(self.layer_idx)
+        if self.is_router_layer and msa.decouple_router:
+            add_router_projections(self.self_attn, config.hidden_size, f"{prefix}.self_attn")
+
+
+class MSAModel(Qwen3Model):
+    decoder_layer_type = MSADecoderLayer
+    hf_to_vllm_mapper = Qwen3Model.hf_to_vllm_mapper | WeightsMapper(
+        orig_to_new_substr={
+            ".router_q_proj.0.": ".router_q_proj.",
+            ".router_k_proj.0.": ".router_k_proj.",
+        }
+    )
+
+
+def drop_training_only_weights(
+    weights: Iterable[tuple[str, torch.Tensor]],
+) -> Iterable[tuple[str, torch.Tensor]]:
+    return ((name, w) for name, w in weights if name not in TRAINING_ONLY_WEIGHTS)
+
+
+class MSAForCausalLM(Qwen3ForCausalLM):
+    """An MSA checkpoint served by vLLM. Without a memory bank it computes exactly Qwen3."""
+
+    hf_to_vllm_mapper = MSAModel.hf_to_vllm_mapper
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
+        nn.Module.__init__(self)
+        config = vllm_config.model_config.hf_config
+        self.config = config
+        self.msa = MSAParams.from_hf_config(config)
+        self.vllm_config = vllm_config
+        self.quant_config = vllm_config.quant_config
+        self.model = MSAModel(vllm_config=vllm_config, prefix=maybe_prefix(prefix, "model"))
+        if get_pp_group().is_last_rank:
+            self.lm_head = ParallelLMHead(
+                config.vocab_size,
+                config.hidden_size,
+                quant_config=self.quant_config,
+                prefix=maybe_prefix(prefix, "lm_head"),
+            )
+            if config.tie_word_embeddings:
+                self.lm_head = self.lm_head.tie_weights(self.model.embed_tokens)
+        else:
+            self.lm_head = PPMissingLayer()
+        self.logits_processor = LogitsProcessor(config.vocab_size)
+        self.make_empty_intermediate_tensors = self.model.make_empty_intermediate_tensors
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        return AutoWeightsLoader(self).load_weights(drop_training_only_weights(weights))
