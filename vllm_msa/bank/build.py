@@ -1,0 +1,158 @@
+"""Stage 1: encode documents into a bank with vLLM's `LLM` class (msa-spec §2).
+
+Each document is its own pooling request to the `MSABankEncoder` view of the checkpoint, so
+vLLM batches them, restarts positions at 0 per document and keeps attention inside it; tensor
+parallelism and any other engine option pass straight through. Documents are written in
+segments of about `segment_mb` MiB, so a killed build resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from ..encoder import DOCUMENT_MODE, ENCODE_MODE_KEY, TEMPLATE_MODE
+from ..prompt import TEMPLATE_HEAD, document_text
+from .documents import Document, read_documents
+from .format import MANIFEST, BankError
+from .model_info import ModelInfo, dtype_name, resolve_checkpoint
+from .reader import MemoryBank
+from .writer import BankWriter, EncodedDocument
+
+DEFAULT_SEGMENT_MB = 512
+
+# Engine settings the encoder needs; a caller's value for these is overridden.
+_ENCODER_ENGINE_ARGS = {
+    "runner": "pooling",
+    "hf_overrides": {"architectures": ["MSABankEncoder"]},
+    "enforce_eager": True,  # the encoder's capture runs eagerly; prefill-only needs no graphs
+    "enable_prefix_caching": False,
+}
+
+
+def build_bank(
+    model: str | Path,
+    docs: str | Path,
+    out: str | Path,
+    *,
+    segment_mb: float = DEFAULT_SEGMENT_MB,
+    progress: bool = True,
+    llm: Any | None = None,
+    **engine_args: Any,
+) -> MemoryBank:
+    """Encode `docs` (a DOCS.jsonl) with checkpoint `model` into the bank directory `out`.
+
+    Re-running after an interruption finishes the same build; re-running after success returns
+    the existing bank. `engine_args` go to `vllm.LLM` (tensor_parallel_size, dtype,
+    max_num_seqs, ...). `llm` may be an already started encoder engine (see `encoder_llm`).
+    """
+    documents, docs_sha256 = read_documents(docs)
+    checkpoint = resolve_checkpoint(model)
+    source = {"documents_sha256": docs_sha256, "num_documents": len(documents)}
+    if (Path(out) / MANIFEST).exists():  # finished before: no engine needed
+        return _existing_bank(out, source, ModelInfo.from_checkpoint(checkpoint).fingerprint)
+
+    if llm is None:
+        llm = encoder_llm(checkpoint, **engine_args)
+    info = ModelInfo.from_checkpoint(checkpoint, dtype_name(llm.llm_engine.model_config.dtype))
+    writer = BankWriter.open(out, info, source)
+
+    tokenizer = llm.get_tokenizer()
+    itemsize = torch.empty((), dtype=getattr(torch, info.dtype)).element_size()
+    chunk_bytes = 3 * len(info.router_layers) * info.num_kv_heads * info.head_dim * itemsize
+    max_len = llm.llm_engine.model_config.max_model_len
+    remaining = documents[writer.num_done_documents :]
+
+    bar = tqdm(total=len(documents), initial=writer.num_done_documents, unit="doc",
+               desc="encoding bank", disable=not progress)
+    start, tokens_done = time.monotonic(), 0
+    for segment in _segments(remaining, tokenizer, info.pooling_kernel_size, chunk_bytes,
+                             segment_mb * 2**20):
+        too_long = [(d.id, len(ids)) for d, ids in segment if len(ids) > max_len]
+        if too_long:
+            doc_id, n = too_long[0]
+            raise BankError(
+                f"document {doc_id} has {n} tokens, more than the engine's max_model_len "
+                f"{max_len}; raise --max-model-len or split the document"
+            )
+        writer.add_segment(_encode(llm, segment))
+        tokens_done += sum(len(ids) for _, ids in segment)
+        elapsed = max(time.monotonic() - start, 1e-9)
+        bar.update(len(segment))
+        bar.set_postfix(tok_s=f"{tokens_done / elapsed:,.0f}", refresh=False)
+    bar.close()
+
+    template_ids = tokenizer.encode(TEMPLATE_HEAD, add_special_tokens=False)
+    template_kv = _encode_raw(llm, template_ids, TEMPLATE_MODE)
+    writer.finish(template_ids, template_kv, ((d.id, d.text) for d in documents))
+    return MemoryBank.open(out, info)
+
+
+def _existing_bank(out: str | Path, source: dict[str, Any], fingerprint: str) -> MemoryBank:
+    bank = MemoryBank.open(out)
+    if bank.manifest["source"] != source or bank.model_info.fingerprint != fingerprint:
+        raise BankError(
+            f"{out} already holds a bank built from other documents or another model; "
+            "choose another --out or delete it"
+        )
+    return bank
+
+
+def encoder_llm(model: str | Path, **engine_args: Any):
+    """A `vllm.LLM` running the checkpoint as the stage-1 encoder."""
+    from vllm import LLM
+
+    return LLM(model=str(model), **{**engine_args, **_ENCODER_ENGINE_ARGS})
+
+
+def _segments(
+    docs: Sequence[Document], tokenizer, pooling: int, chunk_bytes: int, segment_bytes: float
+) -> Iterator[list[tuple[Document, list[int]]]]:
+    """Documents with their token ids, grouped into runs of about `segment_bytes` output."""
+    segment: list[tuple[Document, list[int]]] = []
+    size = 0
+    batch = 256
+    for i in range(0, len(docs), batch):
+        texts = [document_text(d.id, d.text) for d in docs[i : i + batch]]
+        encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
+        for doc, ids in zip(docs[i : i + batch], encoded, strict=True):
+            segment.append((doc, ids))
+            size += -(-len(ids) // pooling) * chunk_bytes
+            if size >= segment_bytes:
+                yield segment
+                segment, size = [], 0
+    if segment:
+        yield segment
+
+
+def _encode(llm, segment: Sequence[tuple[Document, list[int]]]) -> list[EncodedDocument]:
+    from vllm.pooling_params import PoolingParams
+
+    params = PoolingParams(extra_kwargs={ENCODE_MODE_KEY: DOCUMENT_MODE})
+    outputs = llm.encode(
+        [{"prompt_token_ids": ids} for _, ids in segment],
+        pooling_params=params,
+        pooling_task="token_embed",
+        use_tqdm=False,
+    )
+    return [
+        EncodedDocument(doc.id, len(ids), out.outputs.data)
+        for (doc, ids), out in zip(segment, outputs, strict=True)
+    ]
+
+
+def _encode_raw(llm, token_ids: list[int], mode: str) -> torch.Tensor:
+    from vllm.pooling_params import PoolingParams
+
+    (out,) = llm.encode(
+        [{"prompt_token_ids": token_ids}],
+        pooling_params=PoolingParams(extra_kwargs={ENCODE_MODE_KEY: mode}),
+        pooling_task="token_embed",
+        use_tqdm=False,
+    )
+    return out.outputs.data

@@ -1,0 +1,90 @@
+"""The on-disk bank format: names, the manifest, checksums and atomic writes.
+
+A bank is a directory:
+
+    manifest.json                  written last; its presence is what makes the bank loadable
+    template.safetensors           template_ids [T] and every layer's template-head K/V [T, kv, hd]
+    segments/seg-NNNNN.safetensors a run of documents in bank order: per router layer L
+                                   `layer.L.routing_keys|keys|values` [chunks, kv, hd], plus
+                                   chunk_doc_ids [chunks], doc_ids, doc_num_chunks, doc_num_tokens
+    documents.jsonl                {"id", "text"} per document, in bank order
+
+The manifest records the format version, the model it was built from (fingerprint and the
+shapes that must match), the counts and the sha256 and size of every data file. Everything is
+safetensors or JSON: nothing is unpickled, so opening a bank never runs code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+FORMAT_NAME = "vllm-msa-bank"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+BUILD_STATE = "build-state.json"
+TEMPLATE_FILE = "template.safetensors"
+DOCUMENTS_FILE = "documents.jsonl"
+SEGMENTS_DIR = "segments"
+# Order of the three pooled tensors along dim 2 of the encoder's per-document output.
+POOLED_ORDER = ("keys", "values", "routing_keys")
+
+
+class BankError(Exception):
+    """A bank that cannot be used: missing, incomplete, corrupt or malformed."""
+
+
+class BankMismatchError(BankError):
+    """A bank that does not match the model it is used with."""
+
+
+def segment_name(index: int) -> str:
+    return f"{SEGMENTS_DIR}/seg-{index:05d}.safetensors"
+
+
+def layer_key(layer: int, name: str) -> str:
+    return f"layer.{layer}.{name}"
+
+
+def sha256_file(path: Path, block: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while data := f.read(block):
+            h.update(data)
+    return h.hexdigest()
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write `data` so that `path` holds either its old content or all of `data`, never part."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    write_atomic(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def read_json(path: Path, what: str) -> dict[str, Any]:
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BankError(f"cannot read {what} {path}: {e}") from None
+    if not isinstance(obj, dict):
+        raise BankError(f"{what} {path} is not a JSON object")
+    return obj

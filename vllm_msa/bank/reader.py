@@ -1,0 +1,274 @@
+"""`MemoryBank`: open, inspect and verify a bank directory.
+
+Opening is cheap and strict: the manifest must exist (a bank whose build never committed has
+none), every listed file must be present with its recorded size and its safetensors header
+must hold the expected tensors with the expected shapes and dtypes. Full checksums are
+`verify()`'s job (they read every byte). Tensors are read lazily, through safetensors only.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from .format import (
+    BUILD_STATE,
+    DOCUMENTS_FILE,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    MANIFEST,
+    POOLED_ORDER,
+    TEMPLATE_FILE,
+    BankError,
+    layer_key,
+    read_json,
+    sha256_file,
+)
+from .model_info import ModelInfo
+
+
+@dataclass(frozen=True)
+class BankLayer:
+    """One router layer's bank tensors, each [num_chunks, num_kv_heads, head_dim], bank order."""
+
+    routing_keys: torch.Tensor
+    keys: torch.Tensor
+    values: torch.Tensor
+
+
+class MemoryBank:
+    """A built memory bank (see `vllm_msa.bank.format` for the layout)."""
+
+    def __init__(self, path: Path, manifest: dict[str, Any]) -> None:
+        self.path = path
+        self.manifest = manifest
+        self.model_info = ModelInfo.from_json(manifest["model"])
+        self._layers: dict[int, BankLayer] = {}
+
+    # ----------------------------------------------------------------- opening
+    @classmethod
+    def open(
+        cls,
+        path: str | Path,
+        model: str | Path | ModelInfo | None = None,
+        *,
+        dtype: str | None = None,
+    ) -> MemoryBank:
+        """Open the bank at `path`; with `model` (a checkpoint or its `ModelInfo`), refuse a
+        bank that does not match it (layers, heads, head_dim, pooling size, dtype, fingerprint).
+        """
+        path = Path(path)
+        if not path.is_dir():
+            raise BankError(f"no bank at {path}: not a directory")
+        if not (path / MANIFEST).exists():
+            if (path / BUILD_STATE).exists():
+                raise BankError(
+                    f"{path} is an unfinished bank build (no {MANIFEST}); re-run the same "
+                    "`vllm-msa bank build` command to finish it"
+                )
+            raise BankError(f"{path} is not a bank: {MANIFEST} is missing")
+        manifest = read_json(path / MANIFEST, "bank manifest")
+        _check_manifest(path, manifest)
+        bank = cls(path, manifest)
+        bank._check_files()
+        if model is not None:
+            info = model if isinstance(model, ModelInfo) else ModelInfo.from_checkpoint(model, dtype)
+            bank.model_info.check_compatible(info, path)
+        return bank
+
+    def _check_files(self) -> None:
+        for name, meta in self.manifest["files"].items():
+            file = self.path / name
+            if not file.is_file():
+                raise BankError(f"bank {self.path} is missing {name}")
+            if file.stat().st_size != meta["bytes"]:
+                raise BankError(
+                    f"bank {self.path}: {name} has {file.stat().st_size} bytes, the manifest "
+                    f"says {meta['bytes']} (truncated or replaced)"
+                )
+        info = self.model_info
+        kv_shape = (info.num_kv_heads, info.head_dim)
+        for seg in self.manifest["segments"]:
+            expected = {layer_key(layer, name): (seg["chunks"], *kv_shape)
+                        for layer in info.router_layers for name in POOLED_ORDER}
+            expected["chunk_doc_ids"] = (seg["chunks"],)
+            for name in ("doc_ids", "doc_num_chunks", "doc_num_tokens"):
+                expected[name] = (seg["documents"],)
+            self._check_header(seg["file"], expected)
+        t = self.manifest["counts"]["template_tokens"]
+        expected = {"template_ids": (t,)}
+        for layer in range(info.num_layers):
+            expected[layer_key(layer, "keys")] = (t, *kv_shape)
+            expected[layer_key(layer, "values")] = (t, *kv_shape)
+        self._check_header(TEMPLATE_FILE, expected)
+
+    def _check_header(self, name: str, expected: dict[str, tuple[int, ...]]) -> None:
+        try:
+            with safe_open(self.path / name, framework="pt") as f:
+                keys = set(f.keys())
+                if keys != set(expected):
+                    raise BankError(
+                        f"bank {self.path}: {name} holds tensors {sorted(keys)}, "
+                        f"expected {sorted(expected)}"
+                    )
+                for key, shape in expected.items():
+                    sl = f.get_slice(key)
+                    got = tuple(sl.get_shape())
+                    if got != shape:
+                        raise BankError(
+                            f"bank {self.path}: {name}:{key} has shape {got}, expected {shape}"
+                        )
+                    want_dtype = "I64" if key.endswith("ids") or "doc_num" in key else None
+                    want_dtype = want_dtype or _SAFETENSORS_DTYPES[self.model_info.dtype]
+                    if sl.get_dtype() != want_dtype:
+                        raise BankError(
+                            f"bank {self.path}: {name}:{key} has dtype {sl.get_dtype()}, "
+                            f"expected {want_dtype}"
+                        )
+        except BankError:
+            raise
+        except Exception as e:  # safetensors raises its own error types for bad headers
+            raise BankError(f"bank {self.path}: {name} is not a valid safetensors file: {e}")
+
+    # ----------------------------------------------------------------- facts
+    @property
+    def router_layers(self) -> list[int]:
+        return list(self.model_info.router_layers)
+
+    @property
+    def num_documents(self) -> int:
+        return self.manifest["counts"]["documents"]
+
+    @property
+    def num_chunks(self) -> int:
+        return self.manifest["counts"]["chunks"]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.manifest["counts"]["tokens"]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return getattr(torch, self.model_info.dtype)
+
+    # ----------------------------------------------------------------- tensors
+    def _read(self, name: str, key: str) -> torch.Tensor:
+        with safe_open(self.path / name, framework="pt") as f:
+            return f.get_tensor(key)
+
+    def _concat(self, key: str) -> torch.Tensor:
+        return torch.cat([self._read(seg["file"], key) for seg in self.manifest["segments"]])
+
+    def layer(self, layer: int) -> BankLayer:
+        """Routing keys K̄r, keys K̄ and values V̄ of router layer `layer` (loaded on first use)."""
+        if layer not in self.model_info.router_layers:
+            raise KeyError(f"layer {layer} is not a router layer of this bank "
+                           f"(router layers: {self.router_layers})")
+        if layer not in self._layers:
+            self._layers[layer] = BankLayer(
+                **{name: self._concat(layer_key(layer, name)) for name in POOLED_ORDER}
+            )
+        return self._layers[layer]
+
+    @cached_property
+    def chunk_doc_ids(self) -> torch.Tensor:
+        """[num_chunks] int64: the document id of each chunk."""
+        return self._concat("chunk_doc_ids")
+
+    @cached_property
+    def doc_num_chunks(self) -> torch.Tensor:
+        return self._concat("doc_num_chunks")
+
+    @cached_property
+    def doc_num_tokens(self) -> torch.Tensor:
+        return self._concat("doc_num_tokens")
+
+    @cached_property
+    def doc_ids(self) -> list[int]:
+        return self._concat("doc_ids").tolist()
+
+    @cached_property
+    def _texts(self) -> dict[int, str]:
+        texts = {}
+        with open(self.path / DOCUMENTS_FILE, encoding="utf-8") as f:
+            for line in f:
+                obj = json.loads(line)
+                texts[obj["id"]] = obj["text"]
+        return texts
+
+    def text(self, doc_id: int) -> str:
+        """The original text of document `doc_id` (Memory Interleave appends it)."""
+        try:
+            return self._texts[doc_id]
+        except KeyError:
+            raise KeyError(f"document {doc_id} is not in bank {self.path}") from None
+
+    @cached_property
+    def template_ids(self) -> list[int]:
+        return self._read(TEMPLATE_FILE, "template_ids").tolist()
+
+    def template_kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Template-head K and V of `layer` (any layer), each [T, num_kv_heads, head_dim]."""
+        if not 0 <= layer < self.model_info.num_layers:
+            raise KeyError(f"layer {layer} out of range [0, {self.model_info.num_layers})")
+        return (self._read(TEMPLATE_FILE, layer_key(layer, "keys")),
+                self._read(TEMPLATE_FILE, layer_key(layer, "values")))
+
+    # ----------------------------------------------------------------- checks and sizes
+    def verify(self) -> list[str]:
+        """Re-hash every data file; returns the problems found (empty when the bank is intact)."""
+        problems = []
+        for name, meta in sorted(self.manifest["files"].items()):
+            digest = sha256_file(self.path / name)
+            if digest != meta["sha256"]:
+                problems.append(f"{name}: sha256 {digest} does not match the manifest")
+        return problems
+
+    def tier_bytes(self) -> dict[str, int]:
+        """Bytes per tier: the GPU index (routing keys + chunk→document map) and the host tier
+        (K̄/V̄ fetched on demand), plus the template K/V."""
+        info = self.model_info
+        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        per_layer_tensor = self.num_chunks * info.num_kv_heads * info.head_dim * itemsize
+        num_router = len(info.router_layers)
+        template = 2 * info.num_layers * self.manifest["counts"]["template_tokens"] * (
+            info.num_kv_heads * info.head_dim * itemsize
+        )
+        return {
+            "gpu_index": num_router * per_layer_tensor + self.num_chunks * 8,
+            "host_kv": 2 * num_router * per_layer_tensor,
+            "template": template,
+        }
+
+
+_SAFETENSORS_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
+
+
+def _check_manifest(path: Path, manifest: dict[str, Any]) -> None:
+    if manifest.get("format") != FORMAT_NAME:
+        raise BankError(f"{path}/{MANIFEST} is not a vllm-msa bank manifest")
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise BankError(
+            f"bank {path} has format version {version}; this vllm-msa reads version "
+            f"{FORMAT_VERSION}: rebuild the bank or use a matching vllm-msa"
+        )
+    for key in ("model", "counts", "segments", "files"):
+        if key not in manifest:
+            raise BankError(f"bank {path}: manifest lacks {key!r}")
+    for name in manifest["files"]:
+        # File names come from the manifest: never let one point outside the bank.
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            raise BankError(f"bank {path}: manifest names a file outside the bank: {name!r}")
+    try:
+        ModelInfo.from_json(manifest["model"])
+    except (TypeError, KeyError) as e:
+        raise BankError(f"bank {path}: malformed model section in manifest ({e})") from None
+    if manifest["model"].get("dtype") not in _SAFETENSORS_DTYPES:
+        raise BankError(f"bank {path}: unsupported dtype {manifest['model'].get('dtype')!r}")

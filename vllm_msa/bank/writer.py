@@ -1,0 +1,178 @@
+"""Writing a bank atomically and resumably.
+
+The build happens in the output directory itself. Until `finish()` writes `manifest.json`
+(the commit point, written atomically after every data file is durable) the directory does not
+load as a bank. Progress lives in `build-state.json`: the segments committed so far, each
+written to a temporary name, fsynced and renamed before the state that lists it. A build killed
+at any moment therefore resumes at the first document not in a committed segment, and a
+re-run with different inputs is refused instead of mixing two builds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save
+
+from .. import __version__
+from .format import (
+    POOLED_ORDER,
+    BUILD_STATE,
+    DOCUMENTS_FILE,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    MANIFEST,
+    SEGMENTS_DIR,
+    TEMPLATE_FILE,
+    BankError,
+    layer_key,
+    read_json,
+    segment_name,
+    write_atomic,
+    write_json_atomic,
+)
+from .model_info import ModelInfo
+
+
+@dataclass
+class EncodedDocument:
+    """One document's stage-1 output: `pooled` is [chunks, router_layers, 3 (K, V, Kr), kv, hd]."""
+
+    id: int
+    num_tokens: int
+    pooled: torch.Tensor
+
+
+class BankExistsError(BankError):
+    """The output directory already holds a complete bank."""
+
+
+class BankWriter:
+    """Appends segments of encoded documents, then commits the bank with `finish()`."""
+
+    def __init__(self, out: Path, model: ModelInfo, source: dict[str, Any]) -> None:
+        self.out = out
+        self.model = model
+        self.source = source
+        self.segments: list[dict[str, Any]] = []
+
+    @classmethod
+    def open(cls, out: str | Path, model: ModelInfo, source: dict[str, Any]) -> BankWriter:
+        """Start a new build in `out`, or resume the interrupted build of the same inputs."""
+        out = Path(out)
+        writer = cls(out, model, source)
+        if (out / MANIFEST).exists():
+            raise BankExistsError(f"{out} already holds a complete bank")
+        state_path = out / BUILD_STATE
+        if state_path.exists():
+            state = read_json(state_path, "build state")
+            expected = writer._identity()
+            if state.get("identity") != expected:
+                raise BankError(
+                    f"{out} holds an interrupted build of different inputs (documents, model "
+                    "or options changed); delete it or re-run with the original inputs"
+                )
+            writer.segments = state["segments"]
+        elif out.exists() and any(out.iterdir()):
+            raise BankError(f"{out} exists and is not an empty directory or a bank build")
+        else:
+            (out / SEGMENTS_DIR).mkdir(parents=True, exist_ok=True)
+            writer._save_state()
+        return writer
+
+    def _identity(self) -> dict[str, Any]:
+        return {"model": self.model.to_json(), "source": self.source}
+
+    def _save_state(self) -> None:
+        write_json_atomic(
+            self.out / BUILD_STATE, {"identity": self._identity(), "segments": self.segments}
+        )
+
+    @property
+    def num_done_documents(self) -> int:
+        return sum(seg["documents"] for seg in self.segments)
+
+    def add_segment(self, docs: Sequence[EncodedDocument]) -> None:
+        """Durably append the next run of documents (in bank order)."""
+        if not docs:
+            return
+        pooled = torch.cat([d.pooled for d in docs])  # [chunks, R, 3, kv, hd]
+        tensors: dict[str, torch.Tensor] = {}
+        for r, layer in enumerate(self.model.router_layers):
+            for i, name in enumerate(POOLED_ORDER):
+                tensors[layer_key(layer, name)] = pooled[:, r, i].contiguous()
+        num_chunks = [d.pooled.shape[0] for d in docs]
+        tensors["chunk_doc_ids"] = torch.repeat_interleave(
+            torch.tensor([d.id for d in docs], dtype=torch.int64),
+            torch.tensor(num_chunks, dtype=torch.int64),
+        )
+        tensors["doc_ids"] = torch.tensor([d.id for d in docs], dtype=torch.int64)
+        tensors["doc_num_chunks"] = torch.tensor(num_chunks, dtype=torch.int64)
+        tensors["doc_num_tokens"] = torch.tensor([d.num_tokens for d in docs], dtype=torch.int64)
+        data = save(tensors)
+        name = segment_name(len(self.segments))
+        write_atomic(self.out / name, data)
+        self.segments.append({
+            "file": name,
+            "documents": len(docs),
+            "chunks": sum(num_chunks),
+            "tokens": sum(d.num_tokens for d in docs),
+            "sha256": hashlib.sha256(data).hexdigest(),
+            "bytes": len(data),
+        })
+        self._save_state()
+
+    def finish(
+        self,
+        template_ids: Sequence[int],
+        template_kv: torch.Tensor,
+        documents: Iterable[tuple[int, str]],
+    ) -> None:
+        """Write the template and texts, then commit: `manifest.json` appears atomically.
+
+        `template_kv` is [T, num_layers, 2, kv, hd]; `documents` are (id, text) in bank order.
+        """
+        tensors = {"template_ids": torch.tensor(list(template_ids), dtype=torch.int64)}
+        for layer in range(self.model.num_layers):
+            tensors[layer_key(layer, "keys")] = template_kv[:, layer, 0].contiguous()
+            tensors[layer_key(layer, "values")] = template_kv[:, layer, 1].contiguous()
+        template_data = save(tensors)
+        write_atomic(self.out / TEMPLATE_FILE, template_data)
+
+        lines = [json.dumps({"id": i, "text": t}, ensure_ascii=False) for i, t in documents]
+        docs_data = ("\n".join(lines) + "\n").encode("utf-8")
+        write_atomic(self.out / DOCUMENTS_FILE, docs_data)
+
+        files = {seg["file"]: {"sha256": seg["sha256"], "bytes": seg["bytes"]}
+                 for seg in self.segments}
+        for name, data in ((TEMPLATE_FILE, template_data), (DOCUMENTS_FILE, docs_data)):
+            files[name] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+        manifest = {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "created_by": f"vllm-msa {__version__}",
+            "model": self.model.to_json(),
+            "source": self.source,
+            "counts": {
+                "documents": self.num_done_documents,
+                "chunks": sum(seg["chunks"] for seg in self.segments),
+                "tokens": sum(seg["tokens"] for seg in self.segments),
+                "template_tokens": len(template_ids),
+            },
+            "segments": [
+                {k: seg[k] for k in ("file", "documents", "chunks", "tokens")}
+                for seg in self.segments
+            ],
+            "files": files,
+        }
+        write_json_atomic(self.out / MANIFEST, manifest)
+        (self.out / BUILD_STATE).unlink(missing_ok=True)
+        for stale in (self.out / SEGMENTS_DIR).glob("*.tmp"):
+            stale.unlink(missing_ok=True)
+

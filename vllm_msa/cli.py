@@ -1,0 +1,202 @@
+"""The `vllm-msa` command line: tiny checkpoints and memory banks (build, info, verify)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from .config import CHUNK_REDUCE_METHODS, HEAD_REDUCE_METHODS, QUERY_REDUCE_METHODS
+
+
+def _add_tiny_parser(sub) -> None:
+    from .tiny import TinySpec
+
+    d = TinySpec()
+    p = sub.add_parser("make-tiny-checkpoint", help="write a random tiny MSA checkpoint")
+    p.add_argument("dir", help="output directory")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--layers", type=int, default=d.layers)
+    p.add_argument("--router-layers", default=d.router_layers,
+                   help='"all" or comma-separated layer indices (default %(default)s)')
+    p.add_argument("--hidden", type=int, default=d.hidden)
+    p.add_argument("--heads", type=int, default=d.heads)
+    p.add_argument("--kv-heads", type=int, default=d.kv_heads)
+    p.add_argument("--head-dim", type=int, default=d.head_dim)
+    p.add_argument("--intermediate", type=int, default=d.intermediate)
+    p.add_argument("--pooling", type=int, default=d.pooling, help="pooling_kernel_size")
+    p.add_argument("--top-k", type=int, default=d.top_k)
+    p.add_argument("--head-reduce", choices=HEAD_REDUCE_METHODS, default=d.head_reduce)
+    p.add_argument("--query-reduce", choices=QUERY_REDUCE_METHODS, default=d.query_reduce)
+    p.add_argument("--chunk-reduce", choices=CHUNK_REDUCE_METHODS, default=d.chunk_reduce)
+    p.add_argument("--aux-loss-method", default=d.aux_loss_method)
+    p.add_argument("--no-decouple-router", dest="decouple_router", action="store_false")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=d.dtype)
+
+
+def _add_bank_parsers(sub, with_engine_args: bool) -> None:
+    bank = sub.add_parser("bank", help="build, inspect and verify memory banks")
+    bsub = bank.add_subparsers(dest="bank_cmd", required=True)
+
+    build = bsub.add_parser(
+        "build",
+        help="encode documents into a bank (stage 1) with vLLM",
+        description="Encode DOCS.jsonl into a bank with vLLM. Every vLLM engine option "
+        "(--tensor-parallel-size, --dtype, --max-num-seqs, ...) is accepted.",
+    )
+    build.add_argument("--docs", required=True, help='JSONL file of {"id": int, "text": str}')
+    build.add_argument("--out", required=True, help="bank directory to create (or resume)")
+    build.add_argument("--segment-mb", type=float, default=512,
+                       help="bank data per resumable segment, MiB (default %(default)s)")
+    build.add_argument("--no-progress", action="store_true")
+    if with_engine_args:
+        from vllm.engine.arg_utils import EngineArgs
+
+        EngineArgs.add_cli_args(build)
+    else:
+        build.add_argument("--model", required=True)
+
+    info = bsub.add_parser("info", help="what a bank holds and where it will sit")
+    info.add_argument("bank")
+    info.add_argument("--json", action="store_true", help="machine-readable output")
+
+    verify = bsub.add_parser("verify", help="check a bank's checksums (and a model's fit)")
+    verify.add_argument("bank")
+    verify.add_argument("--model", help="checkpoint the bank must match")
+    verify.add_argument("--dtype", help="dtype the model will be served in (default: its config)")
+
+
+def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vllm-msa", description=__doc__)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    _add_tiny_parser(sub)
+    _add_bank_parsers(sub, with_engine_args=list(argv[:2]) == ["bank", "build"])
+    return parser
+
+
+def _engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The vLLM engine options given on the command line that differ from vLLM's defaults."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    given = EngineArgs.from_cli_args(args)
+    defaults = EngineArgs(model=given.model)
+    return {
+        f.name: getattr(given, f.name)
+        for f in dataclasses.fields(EngineArgs)
+        if f.name != "model" and getattr(given, f.name) != getattr(defaults, f.name)
+    }
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    raise AssertionError
+
+
+def bank_summary(bank) -> dict[str, Any]:
+    info = bank.model_info
+    tiers = bank.tier_bytes()
+    return {
+        "path": str(bank.path),
+        "format_version": bank.manifest["format_version"],
+        "created_by": bank.manifest["created_by"],
+        "documents": bank.num_documents,
+        "tokens": bank.num_tokens,
+        "chunks": bank.num_chunks,
+        "template_tokens": bank.manifest["counts"]["template_tokens"],
+        "router_layers": list(info.router_layers),
+        "num_kv_heads": info.num_kv_heads,
+        "head_dim": info.head_dim,
+        "pooling_kernel_size": info.pooling_kernel_size,
+        "dtype": info.dtype,
+        "bytes": {
+            "gpu_index": tiers["gpu_index"],
+            "host_kv": tiers["host_kv"],
+            "template": tiers["template"],
+            "on_disk": sum(f["bytes"] for f in bank.manifest["files"].values()),
+        },
+        "model_fingerprint": info.fingerprint,
+    }
+
+
+def _print_info(s: dict[str, Any]) -> None:
+    b = s["bytes"]
+    layers = s["router_layers"]
+    rows = [
+        ("bank", s["path"]),
+        ("format", f"version {s['format_version']} ({s['created_by']})"),
+        ("documents", f"{s['documents']:,}"),
+        ("tokens", f"{s['tokens']:,}"),
+        ("chunks", f"{s['chunks']:,} (pooling {s['pooling_kernel_size']} tokens)"),
+        ("router layers", f"{len(layers)}: {','.join(map(str, layers))}"),
+        ("kv heads x head_dim", f"{s['num_kv_heads']} x {s['head_dim']}, {s['dtype']}"),
+        ("GPU memory (index)", f"{_human(b['gpu_index'])}  routing keys + chunk->document map"),
+        ("host RAM (K/V tier)", f"{_human(b['host_kv'])}  pooled keys and values"),
+        ("template K/V", f"{_human(b['template'])}  ({s['template_tokens']} tokens, all layers)"),
+        ("on disk", _human(b["on_disk"])),
+        ("model fingerprint", s["model_fingerprint"]),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.cmd == "make-tiny-checkpoint":
+        from .tiny import TinySpec, make_tiny_checkpoint
+
+        fields = {f.name for f in dataclasses.fields(TinySpec)}
+        spec = TinySpec(**{k: v for k, v in vars(args).items() if k in fields})
+        print(make_tiny_checkpoint(args.dir, spec))
+        return 0
+
+    from .bank import MemoryBank
+
+    if args.bank_cmd == "build":
+        from .bank.build import build_bank
+
+        bank = build_bank(args.model, args.docs, args.out, segment_mb=args.segment_mb,
+                          progress=not args.no_progress, **_engine_kwargs(args))
+        _print_info(bank_summary(bank))
+        return 0
+    if args.bank_cmd == "info":
+        summary = bank_summary(MemoryBank.open(args.bank))
+        if args.json:
+            print(json.dumps(summary, indent=2))
+        else:
+            _print_info(summary)
+        return 0
+    if args.bank_cmd == "verify":
+        bank = MemoryBank.open(args.bank, args.model, dtype=args.dtype)
+        problems = bank.verify()
+        for p in problems:
+            print(f"FAIL {p}", file=sys.stderr)
+        if problems:
+            return 1
+        fit = f"; matches model {args.model}" if args.model else ""
+        print(f"OK {bank.path}: {len(bank.manifest['files'])} files intact{fit}")
+        return 0
+    raise AssertionError(args)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser(argv).parse_args(argv)
+    from .bank import BankError
+    from .bank.documents import DocumentsError
+    from .config import MSAConfigError
+
+    try:
+        return _run(args)
+    except (BankError, DocumentsError, MSAConfigError, FileNotFoundError) as e:
+        print(f"vllm-msa: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
