@@ -266,6 +266,13 @@ def _check_manifest(path: Path, manifest: dict[str, Any]) -> None:
         # File names come from the manifest: never let one point outside the bank.
         if Path(name).is_absolute() or ".." in Path(name).parts:
             raise BankError(f"bank {path}: manifest names a file outside the bank: {name!r}")
+    for seg in manifest["segments"]:
+        if seg.get("file") not in manifest["files"]:
+            raise BankError(f"bank {path}: segment {seg.get('file')!r} has no checksum entry")
+    total = sum(seg["documents"] for seg in manifest["segments"])
+    if total != manifest["counts"].get("documents"):
+        raise BankError(f"bank {path}: segments hold {total} documents, counts say "
+                        f"{manifest['counts'].get('documents')}")
     try:
         ModelInfo.from_json(manifest["model"])
     except (TypeError, KeyError) as e:

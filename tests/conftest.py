@@ -1,0 +1,82 @@
+"""Shared fixtures: tiny checkpoints and real vLLM engines (shared per module: a start costs
+~40 s on two cores)."""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+# CPU engines reserve memory up front; keep them small so one test machine runs them in turn.
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE_DOCS = REPO / "examples" / "sample_docs.jsonl"
+
+ENGINE_DEFAULTS = {
+    "dtype": "float32",
+    "max_model_len": 1024,
+    "gpu_memory_utilization": 0.3,
+    "seed": 0,
+}
+
+
+def has_gpu() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+def pytest_collection_modifyitems(config, items):
+    if has_gpu():
+        return
+    skip = pytest.mark.skip(reason="needs an NVIDIA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+def shutdown_llm(llm) -> None:
+    """Stop an engine's processes now, so the next module's engine has the memory."""
+    with contextlib.suppress(Exception):
+        llm.llm_engine.engine_core.shutdown()
+    del llm
+    gc.collect()
+
+
+@contextlib.contextmanager
+def running_llm(**kwargs) -> Iterator:
+    from vllm import LLM
+
+    llm = LLM(**{**ENGINE_DEFAULTS, **kwargs})
+    try:
+        yield llm
+    finally:
+        shutdown_llm(llm)
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory):
+    """`checkpoints(**spec)` -> path of a tiny MSA checkpoint (made once per spec)."""
+    from vllm_msa.tiny import TinySpec, make_tiny_checkpoint
+
+    root = tmp_path_factory.mktemp("checkpoints")
+    made: dict[TinySpec, Path] = {}
+
+    def get(**fields) -> Path:
+        spec = TinySpec(**fields)
+        if spec not in made:
+            made[spec] = make_tiny_checkpoint(root / f"ckpt{len(made)}", spec)
+        return made[spec]
+
+    return get
