@@ -1,0 +1,92 @@
+"""`vllm-msa bank build` killed with SIGKILL mid-build leaves nothing that loads, and the same
+command run again finishes the bank, equal to the reference."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import SAMPLE_DOCS
+from reference import ReferenceMSA, wrap_document
+
+from vllm_msa.bank import BankError, MemoryBank
+
+pytestmark = pytest.mark.slow
+
+
+def build_command(ckpt, docs, out) -> list[str]:
+    return [
+        sys.executable, "-m", "vllm_msa.cli", "bank", "build",
+        "--model", str(ckpt), "--docs", str(docs), "--out", str(out),
+        "--dtype", "float32", "--max-model-len", "1024", "--gpu-memory-utilization", "0.3",
+        "--max-num-seqs", "2", "--segment-mb", "0.004", "--no-progress",
+    ]
+
+
+def committed_segments(out) -> int:
+    try:
+        return len(json.loads((out / "build-state.json").read_text())["segments"])
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+def test_killed_build_never_loads_and_rerun_finishes(checkpoints, tmp_path):
+    ckpt = checkpoints()
+    out = tmp_path / "bank"
+    # 120 documents, about one per segment: a build long enough to be killed in the middle.
+    samples = [json.loads(line) for line in SAMPLE_DOCS.read_text().splitlines()]
+    docs = [{"id": 1000 + i, "text": samples[i % len(samples)]["text"]} for i in range(120)]
+    docs_path = tmp_path / "docs.jsonl"
+    docs_path.write_text("".join(json.dumps(d) + "\n" for d in docs))
+    cmd = build_command(ckpt, docs_path, out)
+    # A process group of its own: SIGKILL reaches the engine core and workers too, as when a
+    # machine dies; nothing gets to clean up.
+    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 400
+    while committed_segments(out) < 2:
+        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+        assert time.monotonic() < deadline, "no segment committed in time"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    proc.stderr.close()
+    done_at_kill = committed_segments(out)
+    assert 2 <= done_at_kill < len(docs)
+
+    with pytest.raises(BankError, match="unfinished bank build"):
+        MemoryBank.open(out)
+    result = subprocess.run([sys.executable, "-m", "vllm_msa.cli", "bank", "info", str(out)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and "unfinished bank build" in result.stderr
+
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    bank = MemoryBank.open(out, ckpt, dtype="float32")
+    assert bank.verify() == []
+    assert len(bank.manifest["segments"]) > done_at_kill
+
+    # The resumed bank holds every document, each equal to the reference.
+    assert bank.doc_ids == [d["id"] for d in docs]
+    ref = ReferenceMSA(ckpt)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(ckpt)
+    offset = 0
+    for doc in docs:
+        ids = tok(wrap_document(doc["id"], doc["text"]), add_special_tokens=False)["input_ids"]
+        expected = ref.encode_document(ids)
+        n = len(expected[bank.router_layers[0]]["keys"])
+        for layer in bank.router_layers:
+            got = bank.layer(layer)
+            for name in ("routing_keys", "keys", "values"):
+                actual = getattr(got, name)[offset : offset + n].double()
+                assert torch.allclose(actual, expected[layer][name], atol=1e-4), (doc["id"], name)
+        offset += n
+    assert offset == bank.num_chunks
