@@ -6,13 +6,15 @@ CPU build used by CI. The top-level `kernels/` and `patches/` folders ship insid
 as `vllm_msa.kernels` and `vllm_msa.patches`.
 """
 
+from pathlib import Path
+
 from setuptools import setup
 
 setup(
     name="vllm-msa",
     version="0.1.0",
     description="Serve MSA (Memory Sparse Attention) checkpoints with vLLM, as a plugin.",
-    long_description=open("README.md", encoding="utf-8").read(),
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",

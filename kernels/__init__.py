@@ -1,0 +1,2 @@
+"""Triton kernels of vllm-msa, shipped as `vllm_msa.kernels` (routing, host->GPU gather, memory
+attention). Each kernel comes with a torch reference used by its tests."""

@@ -162,7 +162,7 @@ def test_bad_manifests_are_refused(bank_dir):
     with pytest.raises(BankError, match="cannot read bank manifest"):
         MemoryBank.open(path)
     (path / "manifest.json").unlink()
-    with pytest.raises(BankError, match="manifest.json is missing"):
+    with pytest.raises(BankError, match=r"manifest\.json is missing"):
         MemoryBank.open(path)
     with pytest.raises(BankError, match="not a directory"):
         MemoryBank.open(path / "nope")

@@ -63,10 +63,12 @@ def test_router_layer_forms(value, expected):
 @pytest.mark.parametrize(
     ("key", "value", "message"),
     [
-        ("head_reduce_method", "sum", "head_reduce_method: invalid value 'sum'; allowed values: mean, max"),
+        ("head_reduce_method", "sum",
+         "head_reduce_method: invalid value 'sum'; allowed values: mean, max"),
         ("query_reduce_method", "first", "allowed values: max, mean, last"),
         ("chunk_reduce_method", "min", "allowed values: max, mean"),
-        ("pooling_kernel_size", 0, "pooling_kernel_size: invalid value 0; expected an integer >= 1"),
+        ("pooling_kernel_size", 0,
+         "pooling_kernel_size: invalid value 0; expected an integer >= 1"),
         ("pooling_kernel_size", "64", "pooling_kernel_size"),
         ("doc_top_k", -1, "doc_top_k: invalid value -1"),
         ("decouple_router", "yes", "decouple_router: invalid value 'yes'; expected true or false"),

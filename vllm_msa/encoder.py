@@ -31,6 +31,7 @@ from vllm.distributed import (
     tensor_model_parallel_all_gather,
 )
 from vllm.model_executor.layers.pooler.tokwise import AllPool, TokenPooler, TokenPoolerHead
+from vllm.model_executor.models.qwen3 import Qwen3ForCausalLM
 from vllm.model_executor.models.utils import AutoWeightsLoader, maybe_prefix
 from vllm.pooling_params import PoolingParams
 from vllm.tasks import PoolingTask
@@ -113,7 +114,8 @@ class BankChunkPoolerHead(TokenPoolerHead):
         router_kv = layer_kv[:, list(self.layout.router_layers)]  # [n, R, 2, kv, hd]
         pooled_kv = chunk_mean(router_kv, self.msa.pooling_kernel_size)
         if self.layout.has_routing_keys:
-            routing = chunk_mean(self.layout.routing_keys(pooled_data), self.msa.pooling_kernel_size)
+            routing_keys = self.layout.routing_keys(pooled_data)
+            routing = chunk_mean(routing_keys, self.msa.pooling_kernel_size)
         else:  # without a decoupled router the routing keys are the pooled K themselves
             routing = pooled_kv[:, :, 0]
         if self.msa.normalize_routing:
@@ -163,10 +165,7 @@ class MSABankEncoder(nn.Module):
 
     is_pooling_model = True
     hf_to_vllm_mapper = MSAModel.hf_to_vllm_mapper
-    packed_modules_mapping = {
-        "qkv_proj": ["q_proj", "k_proj", "v_proj"],
-        "gate_up_proj": ["gate_proj", "up_proj"],
-    }
+    packed_modules_mapping = Qwen3ForCausalLM.packed_modules_mapping
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         super().__init__()

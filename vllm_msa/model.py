@@ -99,7 +99,9 @@ class MSADecoderLayer(Qwen3DecoderLayer):
     """A Qwen3 decoder layer; in router layers its attention carries the router projections."""
 
     def __init__(self, config, cache_config=None, quant_config=None, prefix: str = "") -> None:
-        super().__init__(config, cache_config=cache_config, quant_config=quant_config, prefix=prefix)
+        super().__init__(
+            config, cache_config=cache_config, quant_config=quant_config, prefix=prefix
+        )
         self.layer_idx = extract_layer_index(prefix)
         msa = MSAParams.from_hf_config(config)
         self.is_router_layer = msa.is_router_layer(self.layer_idx)

@@ -78,8 +78,9 @@ class MemoryBank:
         bank = cls(path, manifest)
         bank._check_files()
         if model is not None:
-            info = model if isinstance(model, ModelInfo) else ModelInfo.from_checkpoint(model, dtype)
-            bank.model_info.check_compatible(info, path)
+            if not isinstance(model, ModelInfo):
+                model = ModelInfo.from_checkpoint(model, dtype)
+            bank.model_info.check_compatible(model, path)
         return bank
 
     def _check_files(self) -> None:
@@ -134,7 +135,9 @@ class MemoryBank:
         except BankError:
             raise
         except Exception as e:  # safetensors raises its own error types for bad headers
-            raise BankError(f"bank {self.path}: {name} is not a valid safetensors file: {e}")
+            raise BankError(
+                f"bank {self.path}: {name} is not a valid safetensors file: {e}"
+            ) from None
 
     # ----------------------------------------------------------------- facts
     @property

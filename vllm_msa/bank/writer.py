@@ -22,12 +22,12 @@ from safetensors.torch import save
 
 from .. import __version__
 from .format import (
-    POOLED_ORDER,
     BUILD_STATE,
     DOCUMENTS_FILE,
     FORMAT_NAME,
     FORMAT_VERSION,
     MANIFEST,
+    POOLED_ORDER,
     SEGMENTS_DIR,
     TEMPLATE_FILE,
     BankError,
