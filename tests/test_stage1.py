@@ -9,7 +9,7 @@ import torch
 from conftest import ENGINE_DEFAULTS, SAMPLE_DOCS, shutdown_llm
 from reference import TEMPLATE_HEAD_TEXT, ReferenceMSA, wrap_document
 
-from vllm_msa.bank import MemoryBank
+from vllm_msa.bank import BankError, MemoryBank
 from vllm_msa.bank.build import build_bank, encoder_llm
 
 pytestmark = pytest.mark.slow
@@ -29,17 +29,21 @@ VARIANTS = {
 
 
 @pytest.fixture(scope="module", params=list(VARIANTS))
-def built(request, checkpoints, tmp_path_factory):
+def encoder(request, checkpoints):
+    """One encoder engine per checkpoint variant, shared by that variant's tests."""
     ckpt = checkpoints(**VARIANTS[request.param])
-    out = tmp_path_factory.mktemp(request.param) / "bank"
     llm = encoder_llm(ckpt, **ENGINE_DEFAULTS)
-    try:
-        # A small segment size forces several segments, so concatenation is exercised.
-        bank = build_bank(ckpt, SAMPLE_DOCS, out, llm=llm, segment_mb=0.02, progress=False)
-        tokenizer = llm.get_tokenizer()
-    finally:
-        shutdown_llm(llm)
-    return {"ckpt": ckpt, "bank": bank, "out": out, "tokenizer": tokenizer,
+    yield request.param, ckpt, llm
+    shutdown_llm(llm)
+
+
+@pytest.fixture(scope="module")
+def built(encoder, tmp_path_factory):
+    name, ckpt, llm = encoder
+    out = tmp_path_factory.mktemp(name) / "bank"
+    # A small segment size forces several segments, so concatenation is exercised.
+    bank = build_bank(ckpt, SAMPLE_DOCS, out, llm=llm, segment_mb=0.02, progress=False)
+    return {"ckpt": ckpt, "bank": bank, "out": out, "tokenizer": llm.get_tokenizer(),
             "ref": ReferenceMSA(ckpt)}
 
 
@@ -110,3 +114,16 @@ def test_rebuild_of_finished_bank_returns_it_without_an_engine(built):
     # No engine is started: the finished bank is recognised from its manifest.
     bank = build_bank(built["ckpt"], SAMPLE_DOCS, built["out"], progress=False)
     assert bank.manifest == built["bank"].manifest
+
+
+def test_document_longer_than_the_engine_allows_is_refused(encoder, tmp_path):
+    _, ckpt, llm = encoder
+    docs = tmp_path / "docs.jsonl"
+    long_text = "The quick brown fox jumps over the lazy dog. " * 200
+    docs.write_text(json.dumps({"id": 0, "text": "short"}) + "\n"
+                    + json.dumps({"id": 42, "text": long_text}) + "\n")
+    with pytest.raises(BankError, match=r"document 42 has \d+ tokens, more than the engine's "
+                                        r"max_model_len 1024"):
+        build_bank(ckpt, docs, tmp_path / "bank", llm=llm, progress=False)
+    with pytest.raises(BankError, match="unfinished bank build"):
+        MemoryBank.open(tmp_path / "bank")
