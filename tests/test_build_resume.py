@@ -11,9 +11,8 @@ import sys
 import time
 
 import pytest
-import torch
+from bank_checks import assert_bank_matches_reference, read_docs
 from conftest import SAMPLE_DOCS
-from reference import ReferenceMSA, wrap_document
 
 from vllm_msa.bank import BankError, MemoryBank
 
@@ -40,7 +39,7 @@ def test_killed_build_never_loads_and_rerun_finishes(checkpoints, tmp_path):
     ckpt = checkpoints()
     out = tmp_path / "bank"
     # 120 documents, about one per segment: a build long enough to be killed in the middle.
-    samples = [json.loads(line) for line in SAMPLE_DOCS.read_text().splitlines()]
+    samples = read_docs(SAMPLE_DOCS)
     docs = [{"id": 1000 + i, "text": samples[i % len(samples)]["text"]} for i in range(120)]
     docs_path = tmp_path / "docs.jsonl"
     docs_path.write_text("".join(json.dumps(d) + "\n" for d in docs))
@@ -73,20 +72,6 @@ def test_killed_build_never_loads_and_rerun_finishes(checkpoints, tmp_path):
     assert len(bank.manifest["segments"]) > done_at_kill
 
     # The resumed bank holds every document, each equal to the reference.
-    assert bank.doc_ids == [d["id"] for d in docs]
-    ref = ReferenceMSA(ckpt)
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(ckpt)
-    offset = 0
-    for doc in docs:
-        ids = tok(wrap_document(doc["id"], doc["text"]), add_special_tokens=False)["input_ids"]
-        expected = ref.encode_document(ids)
-        n = len(expected[bank.router_layers[0]]["keys"])
-        for layer in bank.router_layers:
-            got = bank.layer(layer)
-            for name in ("routing_keys", "keys", "values"):
-                actual = getattr(got, name)[offset : offset + n].double()
-                assert torch.allclose(actual, expected[layer][name], atol=1e-4), (doc["id"], name)
-        offset += n
-    assert offset == bank.num_chunks
+    assert_bank_matches_reference(bank, ckpt, docs, AutoTokenizer.from_pretrained(ckpt), 1e-4)

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from bank_checks import assert_bank_matches_reference, read_docs
 from conftest import ENGINE_DEFAULTS, SAMPLE_DOCS, shutdown_llm
 from reference import TEMPLATE_HEAD_TEXT, ReferenceMSA, wrap_document
 
@@ -48,29 +49,14 @@ def built(encoder, tmp_path_factory):
 
 
 def _docs():
-    return [json.loads(line) for line in SAMPLE_DOCS.read_text().splitlines()]
+    return read_docs(SAMPLE_DOCS)
 
 
 def test_pooled_kv_and_routing_keys_match_reference(built):
-    bank, ref, tok = built["bank"], built["ref"], built["tokenizer"]
+    bank = built["bank"]
     assert len(bank.manifest["segments"]) > 1
-    offset = 0
-    partial_chunks = 0
-    for doc in _docs():
-        ids = tok(wrap_document(doc["id"], doc["text"]), add_special_tokens=False)["input_ids"]
-        expected = ref.encode_document(ids)
-        n_chunks = -(-len(ids) // ref.pooling)
-        partial_chunks += len(ids) % ref.pooling != 0
-        assert bank.chunk_doc_ids[offset : offset + n_chunks].tolist() == [doc["id"]] * n_chunks
-        for layer in ref.router_layers:
-            got = bank.layer(layer)
-            for name in ("routing_keys", "keys", "values"):
-                actual = getattr(got, name)[offset : offset + n_chunks].double()
-                err = (actual - expected[layer][name]).abs().max().item()
-                assert err <= TOL, f"doc {doc['id']} layer {layer} {name}: max abs err {err}"
-        offset += n_chunks
-    assert offset == bank.num_chunks
-    assert partial_chunks > 0  # the last chunk of some documents is shorter than the pool size
+    partial = assert_bank_matches_reference(bank, built["ckpt"], _docs(), built["tokenizer"], TOL)
+    assert partial > 0  # the last chunk of some documents is shorter than the pool size
 
 
 def test_template_kv_matches_reference(built):
