@@ -16,6 +16,13 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The test process is multi-threaded by the time engines start; forking it can deadlock.
+os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
+# On GPUs, Triton rounds fp32 `tl.dot` inputs to TF32 by default (vLLM's Triton attention),
+# which alone moves fp32 results by ~1e-3. The fp32 tests compare our code with the plain-torch
+# reference at 1e-4, so they ask Triton for IEEE fp32 (vLLM's own matmul precision default is
+# already "highest"). No effect on CPU.
+os.environ.setdefault("TRITON_F32_DEFAULT", "ieee")
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE_DOCS = REPO / "examples" / "sample_docs.jsonl"

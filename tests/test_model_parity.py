@@ -42,12 +42,13 @@ def router_projection_outputs(model) -> dict[str, list]:
     """Runs inside the vLLM worker (apply_model): each router projection applied to a fixed
     input. (Weights are compared through outputs because vLLM's CPU linear layers repack
     their weights into oneDNN handles after loading.)"""
-    x = torch.linspace(-1, 1, model.config.hidden_size * 2).view(2, -1)
+    device = next(model.parameters()).device
+    x = torch.linspace(-1, 1, model.config.hidden_size * 2, device=device).view(2, -1)
     out = {}
     for name, module in model.named_modules():
         if name.endswith(("router_q_proj", "router_k_proj")):
             with torch.no_grad():
-                out[name] = module(x)[0].tolist()
+                out[name] = module(x)[0].cpu().tolist()
     return out
 
 

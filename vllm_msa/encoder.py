@@ -142,8 +142,12 @@ def encode_layer(
     hidden_states: torch.Tensor,
     residual: torch.Tensor | None,
     capture_routing_key: bool,
+    is_last: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
-    """`Qwen3DecoderLayer.forward` that also returns this layer's K, V (and routing key)."""
+    """`Qwen3DecoderLayer.forward` that also returns this layer's K, V (and routing key).
+
+    The last layer stops after its projections: nothing reads its output.
+    """
     if residual is None:
         residual = hidden_states
         hidden_states = layer.input_layernorm(hidden_states)
@@ -154,6 +158,8 @@ def encode_layer(
     captured = [k, v]
     if capture_routing_key:
         captured.append(attn.router_k_proj(hidden_states)[0])
+    if is_last:
+        return hidden_states, residual, captured
     out, _ = attn.o_proj(attn.attn(q, k, v))
     hidden_states, residual = layer.post_attention_layernorm(out, residual)
     hidden_states = layer.mlp(hidden_states)
@@ -204,10 +210,11 @@ class MSABankEncoder(nn.Module):
         kv_rows: list[torch.Tensor] = []
         routing_rows: list[torch.Tensor] = []
         heads, head_dim = self.layout.num_kv_heads, self.layout.head_dim
-        for layer in self.model.layers:
+        last = len(self.model.layers) - 1
+        for i, layer in enumerate(self.model.layers):
             capture_routing = layer.is_router_layer and self.layout.has_routing_keys
             hidden, residual, captured = encode_layer(
-                layer, positions, hidden, residual, capture_routing
+                layer, positions, hidden, residual, capture_routing, is_last=i == last
             )
             captured = [gather_kv_heads(t, heads, head_dim) for t in captured]
             kv_rows += captured[:2]

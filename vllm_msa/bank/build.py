@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -71,20 +72,29 @@ def build_bank(
     bar = tqdm(total=len(documents), initial=writer.num_done_documents, unit="doc",
                desc="encoding bank", disable=not progress)
     start, tokens_done = time.monotonic(), 0
-    for segment in _segments(remaining, tokenizer, info.pooling_kernel_size, chunk_bytes,
-                             segment_mb * 2**20):
-        too_long = [(d.id, len(ids)) for d, ids in segment if len(ids) > max_len]
-        if too_long:
-            doc_id, n = too_long[0]
-            raise BankError(
-                f"document {doc_id} has {n} tokens, more than the engine's max_model_len "
-                f"{max_len}; raise --max-model-len or split the document"
-            )
-        writer.add_segment(_encode(llm, segment))
-        tokens_done += sum(len(ids) for _, ids in segment)
-        elapsed = max(time.monotonic() - start, 1e-9)
-        bar.update(len(segment))
-        bar.set_postfix(tok_s=f"{tokens_done / elapsed:,.0f}", refresh=False)
+    # Segment N is serialised, hashed and written by one background thread while the engine
+    # encodes segment N+1 (at most one write in flight, so at most two segments in memory).
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="bank-writer") as io:
+        pending: Future | None = None
+        for segment in _segments(remaining, tokenizer, info.pooling_kernel_size, chunk_bytes,
+                                 segment_mb * 2**20):
+            too_long = [(d.id, len(ids)) for d, ids in segment if len(ids) > max_len]
+            if too_long:
+                doc_id, n = too_long[0]
+                raise BankError(
+                    f"document {doc_id} has {n} tokens, more than the engine's max_model_len "
+                    f"{max_len}; raise --max-model-len or split the document"
+                )
+            encoded = _encode(llm, segment)
+            if pending is not None:
+                pending.result()
+            pending = io.submit(writer.add_segment, encoded)
+            tokens_done += sum(len(ids) for _, ids in segment)
+            elapsed = max(time.monotonic() - start, 1e-9)
+            bar.update(len(segment))
+            bar.set_postfix(tok_s=f"{tokens_done / elapsed:,.0f}", refresh=False)
+        if pending is not None:
+            pending.result()
     bar.close()
 
     template_ids = tokenizer.encode(TEMPLATE_HEAD, add_special_tokens=False)

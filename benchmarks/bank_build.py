@@ -1,0 +1,170 @@
+"""Stage-1 throughput: building a bank vs plain vLLM prefill of the same checkpoint, one run.
+
+Encoding a bank is a prefill of every document plus capture, chunk pooling and writing. Its
+natural baseline is vLLM prefilling the same token ids with the same model (`max_tokens=1`),
+eager as the encoder runs and with vLLM's default compile + CUDA graphs. Prints a table and
+writes the numbers (card, versions, command) as JSON.
+
+    python benchmarks/bank_build.py --shape msa-4b --docs 2000 --doc-tokens 500
+    python benchmarks/bank_build.py --shape tiny --docs 64 --doc-tokens 200   # CPU smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import shutil
+import sys
+import time
+from pathlib import Path
+
+SHAPES = {
+    # MSA-4B: Qwen3-4B with 18 router layers (msa-spec §1).
+    "msa-4b": dict(layers=36, router_layers=",".join(map(str, range(18, 36))), hidden=2560,
+                   heads=32, kv_heads=8, head_dim=128, intermediate=9728, pooling=64, top_k=16,
+                   dtype="bfloat16", rope_theta=5e6),
+    "tiny": dict(dtype="float32"),
+}
+VOCABULARY = (
+    "memory sparse attention routes each question over a bank of documents the quick brown "
+    "fox jumps over the lazy dog paris berlin capital france germany garden harvest"
+)
+WORDS = VOCABULARY.split()
+
+
+def make_docs(path: Path, n: int, approx_tokens: int, seed: int = 0) -> None:
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for i in range(n):
+            words = [rng.choice(WORDS) for _ in range(approx_tokens)]
+            f.write(json.dumps({"id": i, "text": " ".join(words)}) + "\n")
+
+
+def card_name() -> str:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return torch.cuda.get_device_name(0)
+    except ImportError:
+        pass
+    return f"CPU ({platform.processor() or platform.machine()})"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", choices=SHAPES, default="tiny")
+    parser.add_argument("--model", help="an existing MSA checkpoint (default: a random one)")
+    parser.add_argument("--docs", type=int, default=64)
+    parser.add_argument("--doc-tokens", type=int, default=200)
+    parser.add_argument("--work", default="/tmp/vllm-msa-bench")
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.85)
+    parser.add_argument("--skip-compiled", action="store_true")
+    parser.add_argument("--json", help="write results here (default benchmarks/results/...)")
+    args = parser.parse_args()
+    # This process runs torch work (checkpoint generation) before starting engines: forking it
+    # afterwards can deadlock, so vLLM's engine processes are spawned.
+    os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
+
+    import torch
+    import vllm
+    from vllm import LLM, SamplingParams
+
+    import vllm_msa
+    from vllm_msa.bank.build import build_bank, encoder_llm
+    from vllm_msa.prompt import document_text
+    from vllm_msa.tiny import TinySpec, make_tiny_checkpoint
+
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    ckpt = Path(args.model) if args.model else work / f"ckpt-{args.shape}"
+    if not args.model and not (ckpt / "model.safetensors").exists():
+        t = time.perf_counter()
+        make_tiny_checkpoint(ckpt, TinySpec(**SHAPES[args.shape]))
+        print(f"random {args.shape} checkpoint written in {time.perf_counter() - t:.0f} s")
+    docs = work / "docs.jsonl"
+    make_docs(docs, args.docs, args.doc_tokens)
+    engine = {"max_model_len": 4096, "gpu_memory_utilization": args.gpu_memory_utilization,
+              "seed": 0}
+    if not torch.cuda.is_available():
+        engine["dtype"] = "float32"
+    rows = []
+
+    def shutdown(llm) -> None:
+        llm.llm_engine.engine_core.shutdown()
+
+    # 1. Bank build (encoder engine, eager): time from first document to committed manifest,
+    # after a warm-up build of a few documents (Triton JIT, allocator), as for the baselines.
+    llm = encoder_llm(ckpt, **engine)
+    tokenizer = llm.get_tokenizer()
+    warm_docs = work / "warm-docs.jsonl"
+    warm_docs.write_text("".join(docs.read_text().splitlines(keepends=True)[:8]))
+    for path in (work / "warm-bank", work / "bank"):
+        shutil.rmtree(path, ignore_errors=True)
+    build_bank(ckpt, warm_docs, work / "warm-bank", llm=llm, progress=False)
+    out = work / "bank"
+    t = time.perf_counter()
+    bank = build_bank(ckpt, docs, out, llm=llm, progress=False)
+    seconds = time.perf_counter() - t
+    shutdown(llm)
+    tokens = bank.num_tokens
+    rows.append({"mode": "bank build (encode + pool + write)", "tokens": tokens,
+                 "seconds": seconds})
+
+    # 2./3. Plain prefill of the same token ids with the same model.
+    texts = [json.loads(line) for line in docs.read_text().splitlines()]
+    prompts = [{"prompt_token_ids": tokenizer(document_text(d["id"], d["text"]),
+                                              add_special_tokens=False)["input_ids"]}
+               for d in texts]
+    assert sum(len(p["prompt_token_ids"]) for p in prompts) == tokens
+    params = SamplingParams(max_tokens=1, temperature=0.0)
+    modes = [("plain vLLM prefill, eager", True)]
+    if not args.skip_compiled and torch.cuda.is_available():
+        modes.append(("plain vLLM prefill, compiled + CUDA graphs", False))
+    for name, eager in modes:
+        llm = LLM(model=str(ckpt), enforce_eager=eager, enable_prefix_caching=False, **engine)
+        llm.generate(prompts[:8], params, use_tqdm=False)  # warm-up
+        t = time.perf_counter()
+        llm.generate(prompts, params, use_tqdm=False)
+        rows.append({"mode": name, "tokens": tokens, "seconds": time.perf_counter() - t})
+        shutdown(llm)
+
+    base = rows[1]["seconds"]
+    print(f"\nstage-1 throughput on {card_name()}, {args.shape} shape, {args.docs} documents "
+          f"of ~{tokens // args.docs} tokens ({tokens:,} tokens)\n")
+    print(f"{'mode':<45} {'seconds':>9} {'tokens/s':>12} {'vs plain eager':>15}")
+    for r in rows:
+        r["tokens_per_s"] = r["tokens"] / r["seconds"]
+        r["relative_to_plain_eager"] = base / r["seconds"]
+        print(f"{r['mode']:<45} {r['seconds']:>9.2f} {r['tokens_per_s']:>12,.0f} "
+              f"{r['relative_to_plain_eager']:>14.2f}x")
+
+    card = card_name()
+    result = {
+        "benchmark": "bank_build",
+        "card": card,
+        "versions": {"vllm": vllm.__version__, "torch": torch.__version__,
+                     "vllm_msa": vllm_msa.__version__},
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "shape": args.shape,
+        "documents": args.docs,
+        "tokens": tokens,
+        "bank_bytes": bank.tier_bytes(),
+        "rows": rows,
+        "goal_metric": "bank build tokens/s relative to plain vLLM eager prefill",
+        "goal": 0.8,
+        "achieved": rows[0]["relative_to_plain_eager"],
+    }
+    path = Path(args.json) if args.json else (
+        Path(__file__).parent / "results"
+        / f"bank_build-{args.shape}-{card.split()[-1].lower().replace('(', '')}.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nwrote {path}")
+
+
+if __name__ == "__main__":
+    main()

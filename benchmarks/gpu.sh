@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Run on the lent GPU machine after `bash .gpu/unpack.sh` (see ../shared/gpu/README.md):
+#   bash benchmarks/gpu.sh tests   # the whole test suite on the GPU (GPU-marked tests included)
+#   bash benchmarks/gpu.sh bench   # the stage-1 benchmark, MSA-4B shape
+# Logs and result files go to $OUT (the device tool brings them back).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-/tmp/out}"
+mkdir -p "$OUT"
+python3 -m pip install -q --no-deps --no-build-isolation --no-index . || exit 1
+export PYTHONPATH=/tmp/site PYTORCH_SKIP_CUDNN_COMPATIBILITY_CHECK=1 VLLM_NO_USAGE_STATS=1 \
+       HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 VLLM_WORKER_MULTIPROC_METHOD=spawn
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/card.txt"
+case "${1:-tests}" in
+    tests)
+        shift || true
+        python3 -m pytest -q -p no:cacheprovider -rs "${@:-tests}" 2>&1 | tee "$OUT/gpu-tests.log"
+        ;;
+    bench)
+        shift || true
+        python3 benchmarks/bank_build.py --shape msa-4b --docs 2000 --doc-tokens 500 \
+            --json "$OUT/bank_build-msa-4b.json" "$@" 2>&1 | tee "$OUT/bench.log"
+        ;;
+esac
