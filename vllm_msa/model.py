@@ -131,6 +131,8 @@ class MSAForCausalLM(Qwen3ForCausalLM):
     hf_to_vllm_mapper = MSAModel.hf_to_vllm_mapper
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
+        # Qwen3ForCausalLM.__init__ builds a Qwen3Model by name, so its body is restated here
+        # with MSAModel; every other method is inherited unchanged.
         nn.Module.__init__(self)
         config = vllm_config.model_config.hf_config
         self.config = config
