@@ -62,6 +62,10 @@ def test_round_trip(bank_dir, info):
     assert bank.num_chunks == sum(chunks)
     expected_map = [d.id for d, c in zip(docs, chunks, strict=True) for _ in range(c)]
     assert bank.chunk_doc_ids.tolist() == expected_map
+    offsets = bank.doc_chunk_offsets.tolist()
+    assert offsets[0] == 0 and offsets[-1] == bank.num_chunks
+    for i, d in enumerate(docs):
+        assert bank.chunk_doc_ids[offsets[i] : offsets[i + 1]].tolist() == [d.id] * chunks[i]
     pooled = torch.cat([d.pooled for d in docs])
     for r, layer in enumerate(info.router_layers):
         got = bank.layer(layer)

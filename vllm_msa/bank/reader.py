@@ -193,6 +193,13 @@ class MemoryBank:
         return self._concat("doc_num_tokens")
 
     @cached_property
+    def doc_chunk_offsets(self) -> torch.Tensor:
+        """[num_documents + 1] int64: document i owns chunks offsets[i]:offsets[i + 1]."""
+        offsets = torch.zeros(self.num_documents + 1, dtype=torch.int64)
+        torch.cumsum(self.doc_num_chunks, 0, out=offsets[1:])
+        return offsets
+
+    @cached_property
     def doc_ids(self) -> list[int]:
         return self._concat("doc_ids").tolist()
 
