@@ -1,0 +1,112 @@
+"""MSA routing in plain torch (msa-spec §3): score chunks, reduce to documents, pick top-k.
+
+This is the portable path (CPU, and the reference for the fused Triton kernel): it walks the
+index in tiles of chunks so the [tokens, heads, chunks] score tensor never exists in full.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..config import MSAParams
+
+DEFAULT_TILE_CHUNKS = 1 << 16
+
+
+@dataclass(frozen=True)
+class RoutingIndex:
+    """One router layer's routing keys and the chunk -> document map, in bank order."""
+
+    routing_keys: torch.Tensor  # [num_chunks, num_kv_heads, head_dim]
+    chunk_doc_index: torch.Tensor  # [num_chunks] int64: position of the chunk's document
+    doc_ids: torch.Tensor  # [num_documents] int64, bank order
+
+    @classmethod
+    def from_bank(cls, bank, layer: int, device: torch.device | str = "cpu") -> RoutingIndex:
+        counts = bank.doc_num_chunks
+        doc_index = torch.repeat_interleave(torch.arange(len(counts)), counts)
+        return cls(
+            routing_keys=bank.layer(layer).routing_keys.to(device),
+            chunk_doc_index=doc_index.to(device),
+            doc_ids=torch.tensor(bank.doc_ids, dtype=torch.int64, device=device),
+        )
+
+    @property
+    def num_documents(self) -> int:
+        return self.doc_ids.shape[0]
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The selected documents, best first, with their scores (as msa-spec §3 defines them)."""
+
+    doc_ids: torch.Tensor  # [k] int64
+    scores: torch.Tensor  # [k] float32
+
+
+def chunk_scores(
+    routing_query: torch.Tensor,
+    index: RoutingIndex,
+    msa: MSAParams,
+    tile_chunks: int = DEFAULT_TILE_CHUNKS,
+) -> torch.Tensor:
+    """S(c) for every chunk: [num_chunks] float32.
+
+    `routing_query` is [T, num_heads, head_dim]: the routing-span tokens of one request.
+    Query head h reads KV head h // (num_heads / num_kv_heads).
+    """
+    num_tokens, num_heads, head_dim = routing_query.shape
+    if num_tokens == 0:
+        raise ValueError("routing needs at least one routing-span token")
+    num_kv_heads = index.routing_keys.shape[1]
+    group = num_heads // num_kv_heads
+    q = routing_query.float()
+    if msa.normalize_routing:
+        q = torch.nn.functional.normalize(q, p=2, dim=-1)
+    q = q * msa.routing_scale(head_dim)
+    # [T, kv, group, D]: the query heads that share each KV head.
+    q = q.view(num_tokens, num_kv_heads, group, head_dim)
+    out = []
+    for start in range(0, index.routing_keys.shape[0], tile_chunks):
+        keys = index.routing_keys[start : start + tile_chunks].float()  # [c, kv, D]
+        s = torch.einsum("tkgd,ckd->tkgc", q, keys).reshape(num_tokens, num_heads, -1)
+        s = s.mean(1) if msa.head_reduce == "mean" else s.amax(1)  # [T, c]
+        if msa.query_reduce == "max":
+            s = s.amax(0)
+        elif msa.query_reduce == "mean":
+            s = s.mean(0)
+        else:  # "last": the last routing-span token of this request
+            s = s[-1]
+        out.append(s)
+    return torch.cat(out)
+
+
+def document_scores(scores: torch.Tensor, index: RoutingIndex, msa: MSAParams) -> torch.Tensor:
+    """Chunk scores reduced to documents (max or mean over each document's chunks)."""
+    reduce = "amax" if msa.chunk_reduce == "max" else "mean"
+    out = torch.full((index.num_documents,), float("-inf") if reduce == "amax" else 0.0,
+                     dtype=torch.float32, device=scores.device)
+    return out.scatter_reduce(0, index.chunk_doc_index, scores, reduce=reduce,
+                              include_self=False)
+
+
+def select_documents(doc_scores: torch.Tensor, doc_ids: torch.Tensor, top_k: int) -> Selection:
+    """Top-k documents by score, ties to the smaller id; all of them if fewer than k."""
+    by_id = torch.argsort(doc_ids, stable=True)
+    order = by_id[torch.argsort(doc_scores[by_id], descending=True, stable=True)]
+    chosen = order[: min(top_k, doc_ids.shape[0])]
+    return Selection(doc_ids=doc_ids[chosen], scores=doc_scores[chosen])
+
+
+def route(
+    routing_query: torch.Tensor,
+    index: RoutingIndex,
+    msa: MSAParams,
+    top_k: int,
+    tile_chunks: int = DEFAULT_TILE_CHUNKS,
+) -> Selection:
+    """One request's routing in one router layer."""
+    scores = chunk_scores(routing_query, index, msa, tile_chunks)
+    return select_documents(document_scores(scores, index, msa), index.doc_ids, top_k)
