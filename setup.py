@@ -8,7 +8,15 @@ as `vllm_msa.kernels` and `vllm_msa.patches`.
 
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import find_packages, setup
+
+# vllm_msa and its subpackages, plus the top-level kernels/ and patches/ mapped inside it.
+PACKAGES = [
+    "vllm_msa",
+    *(f"vllm_msa.{name}" for name in find_packages("vllm_msa")),
+    "vllm_msa.kernels",
+    "vllm_msa.patches",
+]
 
 setup(
     name="vllm-msa",
@@ -18,7 +26,7 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=["vllm_msa", "vllm_msa.bank", "vllm_msa.kernels", "vllm_msa.patches"],
+    packages=PACKAGES,
     package_dir={
         "vllm_msa": "vllm_msa",
         "vllm_msa.kernels": "kernels",
