@@ -9,6 +9,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from .bank.format import DEFAULT_SEGMENT_MB
 from .config import CHUNK_REDUCE_METHODS, HEAD_REDUCE_METHODS, QUERY_REDUCE_METHODS
 
 
@@ -49,7 +50,7 @@ def _add_bank_parsers(sub, with_engine_args: bool) -> None:
     )
     build.add_argument("--docs", required=True, help='JSONL file of {"id": int, "text": str}')
     build.add_argument("--out", required=True, help="bank directory to create (or resume)")
-    build.add_argument("--segment-mb", type=float, default=512,
+    build.add_argument("--segment-mb", type=float, default=DEFAULT_SEGMENT_MB,
                        help="bank data per resumable segment, MiB (default %(default)s)")
     build.add_argument("--no-progress", action="store_true")
     if with_engine_args:

@@ -58,11 +58,6 @@ class CaptureLayout:
     def kv_width(self) -> int:
         return self.num_layers * 2 * self.num_kv_heads * self.head_dim
 
-    @property
-    def width(self) -> int:
-        extra = len(self.router_layers) * self.num_kv_heads * self.head_dim
-        return self.kv_width + (extra if self.has_routing_keys else 0)
-
     def layer_kv(self, rows: torch.Tensor) -> torch.Tensor:
         """`[n, num_layers, 2, kv_heads, head_dim]`: K and V of every layer."""
         return rows[:, : self.kv_width].view(

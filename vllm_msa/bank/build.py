@@ -20,12 +20,10 @@ from tqdm.auto import tqdm
 from ..encoder import DOCUMENT_MODE, ENCODE_MODE_KEY, TEMPLATE_MODE
 from ..prompt import TEMPLATE_HEAD, document_text
 from .documents import Document, read_documents
-from .format import MANIFEST, BankError
+from .format import DEFAULT_SEGMENT_MB, MANIFEST, BankError
 from .model_info import ModelInfo, dtype_name, resolve_checkpoint
 from .reader import MemoryBank
 from .writer import BankWriter, EncodedDocument
-
-DEFAULT_SEGMENT_MB = 512
 
 # Engine settings the encoder needs; a caller's value for these is overridden.
 _ENCODER_ENGINE_ARGS = {

@@ -29,6 +29,7 @@ BUILD_STATE = "build-state.json"
 TEMPLATE_FILE = "template.safetensors"
 DOCUMENTS_FILE = "documents.jsonl"
 SEGMENTS_DIR = "segments"
+DEFAULT_SEGMENT_MB = 512  # bank data per resumable segment
 # Order of the three pooled tensors along dim 2 of the encoder's per-document output.
 POOLED_ORDER = ("keys", "values", "routing_keys")
 
