@@ -73,3 +73,7 @@ def register() -> None:
     for arch, path in MODEL_ARCHITECTURES.items():
         if arch not in supported:
             ModelRegistry.register_model(arch, path)
+
+    from .patches.model_config import install_model_config_hook
+
+    install_model_config_hook()

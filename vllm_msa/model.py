@@ -36,7 +36,9 @@ from vllm.model_executor.models.utils import (
     extract_layer_index,
     maybe_prefix,
 )
+from vllm.sequence import IntermediateTensors
 
+from .attention.runtime import MemoryRuntime, create_runtime, current_runtime
 from .config import MSAParams
 
 # Top-level training-only parameters of the reference model (InfoNCE temperature, BCE bias).
@@ -96,7 +98,8 @@ def attention_qkv(
 
 
 class MSADecoderLayer(Qwen3DecoderLayer):
-    """A Qwen3 decoder layer; in router layers its attention carries the router projections."""
+    """A Qwen3 decoder layer; in router layers its attention carries the router projections
+    and, when banks are attached, reads memory through the MSA router-attention op."""
 
     def __init__(self, config, cache_config=None, quant_config=None, prefix: str = "") -> None:
         super().__init__(
@@ -107,6 +110,33 @@ class MSADecoderLayer(Qwen3DecoderLayer):
         self.is_router_layer = msa.is_router_layer(self.layer_idx)
         if self.is_router_layer and msa.decouple_router:
             add_router_projections(self.self_attn, config.hidden_size, f"{prefix}.self_attn")
+        runtime = current_runtime()
+        self.reads_memory = self.is_router_layer and runtime is not None and bool(runtime.banks)
+        if self.reads_memory:
+            runtime.register_layer(self.self_attn.attn.layer_name, self.layer_idx,
+                                   self.self_attn)
+
+    def forward(
+        self,
+        positions: torch.Tensor,
+        hidden_states: torch.Tensor,
+        residual: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.reads_memory:
+            return super().forward(positions, hidden_states, residual)
+        # Qwen3DecoderLayer.forward with the attention call replaced by the MSA op.
+        if residual is None:
+            residual = hidden_states
+            hidden_states = self.input_layernorm(hidden_states)
+        else:
+            hidden_states, residual = self.input_layernorm(hidden_states, residual)
+        attn = self.self_attn
+        q, k, v = attention_qkv(attn, positions, hidden_states)
+        out = torch.empty_like(q)
+        torch.ops.vllm.msa_router_attention(q, k, v, hidden_states, out, attn.attn.layer_name)
+        hidden_states, _ = attn.o_proj(out)
+        hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
+        return self.mlp(hidden_states), residual
 
 
 class MSAModel(Qwen3Model):
@@ -139,6 +169,7 @@ class MSAForCausalLM(Qwen3ForCausalLM):
         self.msa = MSAParams.from_hf_config(config)
         self.vllm_config = vllm_config
         self.quant_config = vllm_config.quant_config
+        self.memory = create_memory_runtime(vllm_config, config, self.msa)
         self.model = MSAModel(vllm_config=vllm_config, prefix=maybe_prefix(prefix, "model"))
         if get_pp_group().is_last_rank:
             self.lm_head = ParallelLMHead(
@@ -154,5 +185,41 @@ class MSAForCausalLM(Qwen3ForCausalLM):
         self.logits_processor = LogitsProcessor(config.vocab_size)
         self.make_empty_intermediate_tensors = self.model.make_empty_intermediate_tensors
 
+    def forward(
+        self,
+        input_ids: torch.Tensor | None,
+        positions: torch.Tensor,
+        intermediate_tensors: IntermediateTensors | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor | IntermediateTensors:
+        if self.memory is not None and self.memory.rows:
+            positions = self.memory.offset_positions(positions)
+        return self.model(input_ids, positions, intermediate_tensors, inputs_embeds)
+
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         return AutoWeightsLoader(self).load_weights(drop_training_only_weights(weights))
+
+
+def create_memory_runtime(vllm_config: VllmConfig, config, msa: MSAParams
+                          ) -> MemoryRuntime | None:
+    """The worker's memory runtime (banks, staging, per-request state); None without banks.
+
+    Also installs the model-runner hook that feeds it each step's batch (`vllm_msa.patches`)
+    and registers the router-attention op.
+    """
+    from .patches.model_runner import install_model_runner_hook
+    from .serving.options import ServingConfig
+
+    if not ServingConfig.from_additional_config(vllm_config.additional_config).banks:
+        return None
+    from .attention import ops  # noqa: F401  (registers torch.ops.vllm.msa_router_attention)
+
+    head_dim = getattr(config, "head_dim", None) or (
+        config.hidden_size // config.num_attention_heads
+    )
+    runtime = create_runtime(
+        vllm_config, msa, num_heads=config.num_attention_heads,
+        num_kv_heads=config.num_key_value_heads, head_dim=head_dim,
+        device=torch.device(vllm_config.device_config.device))
+    install_model_runner_hook()
+    return runtime

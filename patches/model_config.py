@@ -1,0 +1,85 @@
+"""Engine set-up for MSA checkpoints: check the attached banks, pick the MSA scheduler, admit
+requests in the front end.
+
+What: registers a `VerifyAndUpdateConfig` for the `MSAForCausalLM` architecture in vLLM's
+`MODELS_CONFIG_MAP`, which `VllmConfig.__post_init__` runs (in the process that builds the
+engine's config: the `LLM` process or the API server) before the engine starts.
+Why: vLLM reads that map for its in-tree models only; there is no registration API. It is the
+one place that sees the whole config early enough to refuse a bad bank before any worker
+starts, and to set `scheduler_config.scheduler_cls`.
+Versions: vLLM 0.32.x and 0.33.x (`vllm.model_executor.models.config.MODELS_CONFIG_MAP`,
+`VerifyAndUpdateConfig.verify_and_update_config(vllm_config)`).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from . import require_vllm
+
+logger = logging.getLogger(__name__)
+
+ARCHITECTURE = "MSAForCausalLM"
+SCHEDULER = "vllm_msa.patches.scheduler.MSASchedulerSelector"
+CONNECTOR = "MSAConnector"
+CONNECTOR_MODULE = "vllm_msa.serving.connector"
+
+
+def verify_and_update_config(vllm_config: Any) -> None:
+    from vllm_msa.bank.model_info import ModelInfo
+    from vllm_msa.bank.reader import MemoryBank
+    from vllm_msa.serving.admission import Admission
+    from vllm_msa.serving.options import ServingConfig
+
+    from .input_processor import install_admission
+
+    serving = ServingConfig.from_additional_config(vllm_config.additional_config)
+    if not serving.banks:
+        return
+    model_config = vllm_config.model_config
+    info = ModelInfo.from_checkpoint(model_config.model, str(model_config.dtype))
+    banks = {}
+    for name, path in serving.banks.items():
+        bank = MemoryBank.open(path, info)  # missing, corrupt or mismatched: refused here
+        banks[name] = bank
+        tiers = bank.tier_bytes()
+        logger.info("MSA bank %r at %s: %d documents, %d tokens; device index %.1f MiB per "
+                    "worker, host K/V %.1f MiB", name, path, bank.num_documents,
+                    bank.num_tokens, tiers["gpu_index"] / 2**20, tiers["host_kv"] / 2**20)
+    scheduler = vllm_config.scheduler_config
+    if scheduler.scheduler_cls not in (None, SCHEDULER):
+        raise ValueError(
+            f"MSA serving needs its scheduler ({SCHEDULER}, which keeps routing spans in one "
+            f"step), but scheduler_cls={scheduler.scheduler_cls!r} was given")
+    scheduler.scheduler_cls = SCHEDULER
+    use_selection_connector(vllm_config)
+    install_admission(vllm_config, Admission(vllm_config, banks))
+
+
+def use_selection_connector(vllm_config: Any) -> None:
+    """Attach `MSAConnector` (the channel that returns selections) unless the user named it."""
+    from vllm.config import KVTransferConfig
+
+    current = vllm_config.kv_transfer_config
+    if current is not None and current.kv_connector not in (None, CONNECTOR):
+        raise ValueError(
+            f"MSA serving returns document selections through its KV connector ({CONNECTOR}); "
+            f"kv_connector={current.kv_connector!r} was given")
+    vllm_config.kv_transfer_config = KVTransferConfig(
+        kv_connector=CONNECTOR, kv_connector_module_path=CONNECTOR_MODULE, kv_role="kv_both")
+
+
+def install_model_config_hook() -> None:
+    require_vllm("the MSA engine set-up hook")
+    from vllm.model_executor.models.config import MODELS_CONFIG_MAP, VerifyAndUpdateConfig
+
+    if ARCHITECTURE in MODELS_CONFIG_MAP:
+        return
+
+    class MSAForCausalLMConfig(VerifyAndUpdateConfig):
+        @staticmethod
+        def verify_and_update_config(vllm_config: Any) -> None:
+            verify_and_update_config(vllm_config)
+
+    MODELS_CONFIG_MAP[ARCHITECTURE] = MSAForCausalLMConfig

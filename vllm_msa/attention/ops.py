@@ -1,0 +1,60 @@
+"""The router layers' attention as one custom op, opaque to torch.compile.
+
+Routing and staging are data-dependent (top-k, per-request host copies), so they cannot be
+traced; the op runs them eagerly, the way vLLM runs `unified_attention_with_output`.
+"""
+
+from __future__ import annotations
+
+import torch
+from vllm.forward_context import get_forward_context
+from vllm.utils.torch_utils import direct_register_custom_op
+
+from .runtime import current_runtime
+
+OP_NAME = "msa_router_attention"
+
+
+def msa_router_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    h: torch.Tensor,
+    output: torch.Tensor,
+    layer_name: str,
+) -> None:
+    """Local attention through the layer's own backend (which also writes the KV cache),
+    then, for requests with memory, local ⊕ memory attention in their rows."""
+    context = get_forward_context()
+    attn_layer = context.no_compile_layers[layer_name]
+    output.copy_(attn_layer(q, k, v).view(output.shape))
+    runtime = current_runtime()
+    if runtime is None or not runtime.rows:
+        return
+    metadata = context.attn_metadata
+    if isinstance(metadata, list):
+        metadata = metadata[0]
+    if isinstance(metadata, dict):
+        metadata = metadata.get(layer_name)
+    if metadata is None:
+        return
+    runtime.attend(layer_name, q, h, output, attn_layer, metadata)
+
+
+def msa_router_attention_fake(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    h: torch.Tensor,
+    output: torch.Tensor,
+    layer_name: str,
+) -> None:
+    return None
+
+
+direct_register_custom_op(
+    op_name=OP_NAME,
+    op_func=msa_router_attention,
+    mutates_args=["output"],
+    fake_impl=msa_router_attention_fake,
+)

@@ -1,0 +1,284 @@
+"""The worker side of MSA serving: banks, per-request memory state, and the router layers'
+attention (msa-spec §3).
+
+One `MemoryRuntime` lives in each worker process, created with the model. Per step the model
+runner hands it the batch rows in order (`begin_step`); the router layers' attention op then
+routes requests whose routing span is in this step, stages the selected documents' K̄/V̄ and
+merges memory attention into the platform backend's local attention. Requests without memory
+go through the platform backend untouched, so they compute exactly what Qwen3 computes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..bank.model_info import ModelInfo
+from ..bank.reader import MemoryBank
+from ..config import MSAParams
+from ..serving.options import RequestOptions, ServingConfig
+from .attend import attention_with_lse, gather_paged, paged_key_value
+from .routing import RoutingIndex, Selection, route
+from .staging import Staged, StagingPool
+from .tiers import ServedBank, local_kv_heads
+
+logger = logging.getLogger(__name__)
+
+_runtime: MemoryRuntime | None = None
+
+
+def current_runtime() -> MemoryRuntime | None:
+    return _runtime
+
+
+@dataclass
+class MemoryRequest:
+    """A request that reads a bank: its options, selection per layer and staged memory."""
+
+    req_id: str
+    options: RequestOptions
+    bank: ServedBank
+    selections: dict[int, Selection] = field(default_factory=dict)
+    staged: dict[int, Staged] = field(default_factory=dict)
+    reported: set[int] = field(default_factory=set)  # layers whose selection was reported
+
+
+@dataclass(frozen=True)
+class StepRow:
+    """One memory request's tokens in this step's flattened batch."""
+
+    request: MemoryRequest
+    batch_index: int  # row of the block table
+    token_start: int  # first of its tokens in the step
+    num_tokens: int
+    first_position: int  # index in the request's sequence of its first token in the step
+
+
+@dataclass(frozen=True)
+class RouterLayer:
+    layer_idx: int
+    attn: Any  # Qwen3Attention with router projections
+
+
+def routing_params(msa: MSAParams, score: str) -> MSAParams:
+    """`msa` with the scoring the server asked for: "auto" keeps the checkpoint's (msa-spec
+    §3), "cosine" normalises routing queries (keys are normalised at load) and does not scale,
+    "dot" scales the raw dot product by head_dim^-0.5."""
+    if score == "cosine":
+        return dataclasses.replace(msa, aux_loss_method="INFONCE", decouple_router=True)
+    if score == "dot":
+        return dataclasses.replace(msa, aux_loss_method="")
+    return msa
+
+
+class MemoryRuntime:
+    def __init__(self, vllm_config: Any, msa: MSAParams, *, num_heads: int, num_kv_heads: int,
+                 head_dim: int, device: torch.device) -> None:
+        from vllm.distributed import (
+            get_tensor_model_parallel_rank,
+            get_tensor_model_parallel_world_size,
+        )
+
+        self.msa = msa
+        self.serving = ServingConfig.from_additional_config(vllm_config.additional_config)
+        self.rope_offset = self.serving.configured_top_k(msa)
+        self.routing = routing_params(msa, self.serving.score)
+        self.num_heads = num_heads
+        self.head_dim = head_dim
+        self.device = device
+        self.tp_size = get_tensor_model_parallel_world_size()
+        self.kv_heads = local_kv_heads(num_kv_heads, get_tensor_model_parallel_rank(),
+                                       self.tp_size)
+        self.layers: dict[str, RouterLayer] = {}
+        self.requests: dict[str, MemoryRequest] = {}
+        self.rows: list[StepRow] = []
+        self._offsets: torch.Tensor | None = None
+        self.banks = self._open_banks(vllm_config)
+        local_kv = self.kv_heads.stop - self.kv_heads.start
+        self.pool = StagingPool.sized(
+            self.serving.staging_mib if self.banks else 1, local_kv, head_dim,
+            vllm_config.model_config.dtype, device)
+
+    def _open_banks(self, vllm_config: Any) -> dict[str, ServedBank]:
+        if not self.serving.banks:
+            return {}
+        model_config = vllm_config.model_config
+        info = ModelInfo.from_checkpoint(model_config.model, str(model_config.dtype))
+        banks = {}
+        for name, path in self.serving.banks.items():
+            bank = MemoryBank.open(path, info)
+            served = ServedBank.load(name, bank, self.device, self.kv_heads)
+            if self.serving.score == "cosine" and not info.normalized_routing_keys:
+                served.index = {
+                    layer: dataclasses.replace(
+                        idx, routing_keys=torch.nn.functional.normalize(
+                            idx.routing_keys.float(), dim=-1).to(idx.routing_keys.dtype))
+                    for layer, idx in served.index.items()
+                }
+            banks[name] = served
+        return banks
+
+    # ------------------------------------------------------------------ lifecycle
+    def register_layer(self, layer_name: str, layer_idx: int, attn: Any) -> None:
+        self.layers[layer_name] = RouterLayer(layer_idx, attn)
+
+    def finish(self, req_ids: Any) -> None:
+        """Forget finished or aborted requests and free their staged memory."""
+        for req_id in req_ids:
+            if self.requests.pop(req_id, None) is not None:
+                self.pool.release(req_id)
+
+    def preempt(self, req_ids: Any) -> None:
+        """Free a preempted request's staged memory; keep its selection for the recompute."""
+        for req_id in req_ids:
+            request = self.requests.get(req_id)
+            if request is not None:
+                request.staged.clear()
+                self.pool.release(req_id)
+
+    def begin_step(self, rows: list[tuple[str, dict | None, int, int, int, int]]) -> None:
+        """This step's batch: (req_id, extra_args, batch_index, token_start, num_tokens,
+        first_position) per scheduled request, in batch order."""
+        self.rows = []
+        offsets = None
+        for req_id, extra, batch_index, token_start, num_tokens, first_position in rows:
+            request = self.requests.get(req_id)
+            if request is None:
+                options = RequestOptions.from_extra_args(extra)
+                if options is None:
+                    continue
+                bank = self.banks.get(options.bank)
+                if bank is None:
+                    raise RuntimeError(f"request {req_id}: bank {options.bank!r} is not "
+                                       "attached to this worker")
+                request = MemoryRequest(req_id, options, bank)
+                self.requests[req_id] = request
+            start, end = request.options.span
+            if not request.selections and not (
+                first_position <= start and end <= first_position + num_tokens
+            ):
+                raise RuntimeError(
+                    f"request {req_id}: routing span [{start}, {end}) is not whole in this "
+                    f"step's tokens [{first_position}, {first_position + num_tokens}); the "
+                    "MSA scheduler should have prevented this")
+            self.rows.append(StepRow(request, batch_index, token_start, num_tokens,
+                                     first_position))
+            first = max(request.bank.template_len - first_position, 0)
+            if first < num_tokens:
+                if offsets is None:
+                    offsets = []
+                offsets.append((token_start + first, token_start + num_tokens))
+        self._offsets = offsets
+
+    def end_step(self) -> None:
+        self.rows = []
+        self._offsets = None
+
+    def offset_positions(self, positions: torch.Tensor) -> torch.Tensor:
+        """The global RoPE offset (msa-spec §3): memory requests' tokens after the template
+        head move by the configured top-k."""
+        if not self._offsets:
+            return positions
+        shifted = positions.clone()
+        for a, b in self._offsets:
+            shifted[a:b] += self.rope_offset
+        return shifted
+
+    # ------------------------------------------------------------------ attention
+    def routing_query(self, layer: RouterLayer, q: torch.Tensor, h: torch.Tensor,
+                      rows: slice) -> torch.Tensor:
+        """Qr of the routing-span tokens, all heads: [tokens, num_heads, head_dim]."""
+        if self.msa.decouple_router:
+            qr, _ = layer.attn.router_q_proj(h[rows])
+        else:
+            qr = q[rows]
+        if self.tp_size > 1:
+            from vllm.distributed import tensor_model_parallel_all_gather
+
+            qr = tensor_model_parallel_all_gather(qr.contiguous(), dim=-1)
+        return qr.view(qr.shape[0], self.num_heads, self.head_dim)
+
+    def select(self, layer: RouterLayer, row: StepRow, q: torch.Tensor, h: torch.Tensor
+               ) -> None:
+        request = row.request
+        start, end = request.options.span
+        span_rows = slice(row.token_start + start - row.first_position,
+                          row.token_start + end - row.first_position)
+        qr = self.routing_query(layer, q, h, span_rows)
+        index: RoutingIndex = request.bank.index[layer.layer_idx]
+        request.selections[layer.layer_idx] = route(qr, index, self.routing,
+                                                   request.options.top_k)
+
+    def staged_memory(self, layer_idx: int, request: MemoryRequest
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        staged = request.staged.get(layer_idx)
+        if staged is None:
+            chunks = request.bank.chunk_indices(
+                request.selections[layer_idx].doc_ids.tolist())
+            staged = self.pool.stage(request.req_id, request.bank.host_keys[layer_idx],
+                                     request.bank.host_values[layer_idx], chunks)
+            request.staged[layer_idx] = staged
+        return self.pool.read(staged)
+
+    def attend(self, layer_name: str, q: torch.Tensor, h: torch.Tensor, output: torch.Tensor,
+               attn_layer: Any, attn_metadata: Any) -> None:
+        """Overwrite memory requests' rows of `output` (the local attention) with local ⊕
+        memory attention. `q` [tokens, heads * hd] after RoPE; `h` the layer's normed input."""
+        from vllm.v1.attention.ops.merge_attn_states import merge_attn_states
+
+        layer = self.layers[layer_name]
+        hd = self.head_dim
+        heads = q.shape[-1] // hd
+        key_cache, value_cache = paged_key_value(
+            attn_layer.kv_cache, attn_layer.attn_backend.get_name(), hd)
+        for row in self.rows:
+            request = row.request
+            if layer.layer_idx not in request.selections:
+                self.select(layer, row, q, h)
+            # Template-head tokens attend locally only.
+            skip = max(request.bank.template_len - row.first_position, 0)
+            n = row.num_tokens - skip
+            if n <= 0:
+                continue
+            first = row.first_position + skip
+            tokens = slice(row.token_start + skip, row.token_start + row.num_tokens)
+            query = q[tokens].view(n, heads, hd)
+            seq_len = row.first_position + row.num_tokens
+            blocks = attn_metadata.block_table[row.batch_index]
+            keys = gather_paged(key_cache, blocks, seq_len)
+            values = gather_paged(value_cache, blocks, seq_len)
+            local, local_lse = attention_with_lse(query, keys, values, attn_layer.impl.scale,
+                                                  causal_offset=first)
+            mem_k, mem_v = self.staged_memory(layer.layer_idx, request)
+            memory, memory_lse = attention_with_lse(query, mem_k, mem_v,
+                                                    attn_layer.impl.scale, None)
+            merged = torch.empty_like(local)
+            merge_attn_states(merged, local, local_lse, memory, memory_lse)
+            output[tokens] = merged.view(n, -1).to(output.dtype)
+
+    # ------------------------------------------------------------------ reporting
+    def take_reports(self) -> dict[str, dict[str, Any]]:
+        """Selections made since the last call, for requests that asked for them."""
+        reports = {}
+        for req_id, request in self.requests.items():
+            if not request.options.return_selection:
+                continue
+            new = set(request.selections) - request.reported
+            if not new:
+                continue
+            request.reported |= new
+            reports[req_id] = {"bank": request.options.bank, "layers": {
+                str(layer): {"doc_ids": request.selections[layer].doc_ids.tolist(),
+                             "scores": request.selections[layer].scores.tolist()}
+                for layer in sorted(new)}}
+        return reports
+
+
+def create_runtime(vllm_config: Any, msa: MSAParams, **dims: Any) -> MemoryRuntime:
+    global _runtime
+    _runtime = MemoryRuntime(vllm_config, msa, **dims)
+    return _runtime

@@ -1,0 +1,1 @@
+"""MSA serving: engine options, front-end admission, the selection channel and HTTP routes."""

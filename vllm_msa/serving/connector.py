@@ -1,0 +1,103 @@
+"""`MSAConnector`: vLLM's KV-connector channel, used to hand each request's document
+selection back to the caller.
+
+MSA engines get it automatically (`--kv-transfer-config` stays free to name it explicitly).
+It moves no KV: the worker side reports the selections that router layers made in a step
+(`build_connector_worker_meta`, requests with `msa_return_selection` only), the scheduler side
+keeps them until the request finishes and returns them from `request_finished`, which vLLM
+puts in `RequestOutput.kv_transfer_params` (offline) and in the OpenAI response's
+`kv_transfer_params` (HTTP):
+
+    {"msa_selection": {"bank": NAME, "layers": {"18": {"doc_ids": [...], "scores": [...]}}}}
+
+Per layer, documents come best first (ties: smaller id), each with its document score as
+msa-spec §3 defines it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorWorkerMetadata,
+)
+
+SELECTION_KEY = "msa_selection"
+
+
+@dataclass
+class SelectionReport(KVConnectorWorkerMetadata):
+    """req_id -> {"bank": name, "layers": {layer: {"doc_ids", "scores"}}} made this step."""
+
+    selections: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def aggregate(self, other: KVConnectorWorkerMetadata) -> KVConnectorWorkerMetadata:
+        # Tensor-parallel ranks report identical selections; pipeline stages report their
+        # own router layers: merge layer by layer.
+        for req_id, report in getattr(other, "selections", {}).items():
+            mine = self.selections.setdefault(req_id, {"bank": report["bank"], "layers": {}})
+            mine["layers"].update(report["layers"])
+        return self
+
+
+class _NoMetadata(KVConnectorMetadata):
+    pass
+
+
+class MSAConnector(KVConnectorBase_V1):
+    def __init__(self, vllm_config: Any, role: Any, kv_cache_config: Any = None) -> None:
+        super().__init__(vllm_config, role, kv_cache_config)
+        self._selections: dict[str, dict[str, Any]] = {}
+
+    # ---------------------------------------------------------------- worker side
+    def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
+        return None
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        return None
+
+    def save_kv_layer(self, layer_name: str, kv_layer: Any, attn_metadata: Any,
+                      **kwargs: Any) -> None:
+        return None
+
+    def wait_for_save(self) -> None:
+        return None
+
+    def build_connector_worker_meta(self) -> SelectionReport | None:
+        from ..attention.runtime import current_runtime
+
+        runtime = current_runtime()
+        made = runtime.take_reports() if runtime is not None else {}
+        return SelectionReport(made) if made else None
+
+    # ---------------------------------------------------------------- scheduler side
+    def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int
+                                   ) -> tuple[int, bool]:
+        return 0, False
+
+    def update_state_after_alloc(self, request: Any, blocks: Any,
+                                 num_external_tokens: int) -> None:
+        return None
+
+    def build_connector_meta(self, scheduler_output: Any) -> KVConnectorMetadata:
+        return _NoMetadata()
+
+    def update_connector_output(self, connector_output: Any) -> None:
+        report = connector_output.kv_connector_worker_meta
+        if isinstance(report, SelectionReport):
+            for req_id, selection in report.selections.items():
+                kept = self._selections.setdefault(
+                    req_id, {"bank": selection["bank"], "layers": {}})
+                kept["layers"].update(selection["layers"])
+
+    def request_finished(self, request: Any, block_ids: list[int]
+                         ) -> tuple[bool, dict[str, Any] | None]:
+        selection = self._selections.pop(request.request_id, None)
+        if selection is None:
+            return False, None
+        selection["layers"] = dict(sorted(selection["layers"].items(), key=lambda kv:
+                                          int(kv[0])))
+        return False, {SELECTION_KEY: selection}

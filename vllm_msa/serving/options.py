@@ -1,0 +1,169 @@
+"""Serving options: the engine's `additional_config["msa"]` and each request's `msa_*` args.
+
+Engine-wide (`LLM(..., additional_config={"msa": {...}})` or
+`vllm serve CKPT --additional-config '{"msa": {...}}'`):
+
+- `banks`: {name: path} — the memory banks this engine serves (opened by every worker).
+- `default_bank`: the bank a request without `msa_bank` uses; absent means such a request
+  runs without memory (plain Qwen3).
+- `top_k`: overrides the checkpoint's top-k (`doc_top_k`/`top_k_docs`); it is also the global
+  RoPE offset (msa-spec §3).
+- `score`: "auto" (the released code: dot product, cosine for decoupled INFONCE), "dot" or
+  "cosine" (the paper's variant).
+- `staging_mib`: size of the device staging pool for selected documents' K̄/V̄.
+
+Per request (`SamplingParams.extra_args`, or `vllm_xargs` over HTTP): `msa_bank`, `msa_top_k`,
+`msa_return_selection`. The front end validates them and records the routing span it found
+in the prompt as `msa_span` (see `vllm_msa.prompt`), so workers and the scheduler never
+re-derive it.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..config import MSAParams
+
+SCORE_MODES = ("auto", "dot", "cosine")
+DEFAULT_STAGING_MIB = 256
+_BANK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+# Keys a request may set; `msa_span` is written by the front end, never by callers.
+REQUEST_KEYS = frozenset({"msa_bank", "msa_top_k", "msa_return_selection"})
+SPAN_KEY = "msa_span"
+
+
+class MSARequestError(ValueError):
+    """A request's MSA options are invalid (HTTP 400; the engine keeps serving)."""
+
+
+class MSAServingConfigError(ValueError):
+    """`additional_config["msa"]` is invalid: the engine refuses to start."""
+
+
+@dataclass(frozen=True)
+class ServingConfig:
+    banks: dict[str, str] = field(default_factory=dict)
+    default_bank: str | None = None
+    top_k: int | None = None
+    score: str = "auto"
+    staging_mib: int = DEFAULT_STAGING_MIB
+
+    @classmethod
+    def from_additional_config(cls, additional: Mapping[str, Any] | None) -> ServingConfig:
+        raw = (additional or {}).get("msa")
+        if raw is None:
+            return cls()
+        if not isinstance(raw, Mapping):
+            raise MSAServingConfigError('additional_config["msa"] must be a JSON object')
+        unknown = set(raw) - {"banks", "default_bank", "top_k", "score", "staging_mib"}
+        if unknown:
+            raise MSAServingConfigError(
+                f'additional_config["msa"]: unknown keys {sorted(unknown)}; allowed: banks, '
+                "default_bank, top_k, score, staging_mib"
+            )
+        banks = raw.get("banks") or {}
+        if not isinstance(banks, Mapping) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in banks.items()
+        ):
+            raise MSAServingConfigError('msa "banks" must map bank names to paths (strings)')
+        for name in banks:
+            if not _BANK_NAME.match(name):
+                raise MSAServingConfigError(
+                    f"bank name {name!r}: use letters, digits, '_', '.', '-' (max 64)"
+                )
+        default = raw.get("default_bank")
+        if default is not None and default not in banks:
+            raise MSAServingConfigError(
+                f"default_bank {default!r} is not one of the banks {sorted(banks)}"
+            )
+        top_k = raw.get("top_k")
+        if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool)
+                                  or top_k < 1):
+            raise MSAServingConfigError(f"msa top_k must be a positive integer, got {top_k!r}")
+        score = raw.get("score", "auto")
+        if score not in SCORE_MODES:
+            raise MSAServingConfigError(f"msa score must be one of {SCORE_MODES}, got {score!r}")
+        staging = raw.get("staging_mib", DEFAULT_STAGING_MIB)
+        if not isinstance(staging, int) or isinstance(staging, bool) or staging < 1:
+            raise MSAServingConfigError(f"msa staging_mib must be a positive integer, "
+                                        f"got {staging!r}")
+        return cls(dict(banks), default, top_k, score, staging)
+
+    def configured_top_k(self, msa: MSAParams) -> int:
+        """The top-k a request gets by default, and the global RoPE offset (msa-spec §3)."""
+        return self.top_k if self.top_k is not None else msa.top_k
+
+
+@dataclass(frozen=True)
+class RequestOptions:
+    """One request's validated MSA options (what the workers act on)."""
+
+    bank: str
+    top_k: int
+    span: tuple[int, int]
+    return_selection: bool
+
+    def to_extra_args(self) -> dict[str, Any]:
+        return {
+            "msa_bank": self.bank,
+            "msa_top_k": self.top_k,
+            SPAN_KEY: [self.span[0], self.span[1]],
+            "msa_return_selection": self.return_selection,
+        }
+
+    @classmethod
+    def from_extra_args(cls, extra: Mapping[str, Any] | None) -> RequestOptions | None:
+        """Options the front end already validated (None: the request has no memory)."""
+        if not extra or SPAN_KEY not in extra:
+            return None
+        start, end = extra[SPAN_KEY]
+        return cls(extra["msa_bank"], int(extra["msa_top_k"]), (int(start), int(end)),
+                   bool(extra.get("msa_return_selection", False)))
+
+
+def requested_bank(extra: Mapping[str, Any], serving: ServingConfig) -> str | None:
+    """The bank a request asks for (explicitly or by default); None means no memory."""
+    unknown = {k for k in extra if k.startswith("msa_")} - REQUEST_KEYS
+    if unknown:
+        raise MSARequestError(
+            f"unknown MSA options {sorted(unknown)}; allowed: {sorted(REQUEST_KEYS)}"
+        )
+    name = extra.get("msa_bank", serving.default_bank)
+    if name is None or name == "":
+        return None
+    if not isinstance(name, str):
+        raise MSARequestError(f"msa_bank must be a bank name (string), got {name!r}")
+    if name not in serving.banks:
+        known = ", ".join(sorted(serving.banks)) or "none are attached"
+        raise MSARequestError(f"unknown bank {name!r} (banks: {known})")
+    return name
+
+
+def parse_top_k(extra: Mapping[str, Any], default: int, num_documents: int) -> int:
+    raw = extra.get("msa_top_k")
+    if raw is None:
+        return default
+    if isinstance(raw, str) and raw.strip().isdigit():
+        raw = int(raw)  # vllm_xargs values may arrive as strings
+    if not isinstance(raw, int) or isinstance(raw, bool) or raw < 1:
+        raise MSARequestError(f"msa_top_k must be a positive integer, got {raw!r}")
+    if raw > num_documents:
+        raise MSARequestError(
+            f"msa_top_k {raw} is larger than the bank's {num_documents} documents"
+        )
+    return raw
+
+
+def parse_bool(extra: Mapping[str, Any], key: str) -> bool:
+    raw = extra.get(key, False)
+    if isinstance(raw, bool):
+        return raw
+    if isinstance(raw, int) and raw in (0, 1):
+        return bool(raw)
+    if isinstance(raw, str) and raw.lower() in ("true", "false", "1", "0"):
+        return raw.lower() in ("true", "1")
+    raise MSARequestError(f"{key} must be a boolean, got {raw!r}")
