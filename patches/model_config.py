@@ -14,6 +14,7 @@ Versions: vLLM 0.32.x and 0.33.x (`vllm.model_executor.models.config.MODELS_CONF
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 from . import require_vllm
@@ -54,6 +55,8 @@ def verify_and_update_config(vllm_config: Any) -> None:
             f"step), but scheduler_cls={scheduler.scheduler_cls!r} was given")
     scheduler.scheduler_cls = SCHEDULER
     use_selection_connector(vllm_config)
+    use_v1_model_runner()
+    keep_memory_attention_out_of_full_graphs(vllm_config)
     install_admission(vllm_config, Admission(vllm_config, banks))
 
 
@@ -68,6 +71,28 @@ def use_selection_connector(vllm_config: Any) -> None:
             f"kv_connector={current.kv_connector!r} was given")
     vllm_config.kv_transfer_config = KVTransferConfig(
         kv_connector=CONNECTOR, kv_connector_module_path=CONNECTOR_MODULE, kv_role="kv_both")
+
+
+def use_v1_model_runner() -> None:
+    """The memory runtime gets each step's batch from the V1 model runner (see
+    `patches/model_runner.py`); Model Runner V2's per-request hook is not wired yet, so MSA
+    engines select V1 (process-wide, inherited by the engine processes)."""
+    if os.environ.get("VLLM_USE_V2_MODEL_RUNNER", "0") not in ("0", "false", "False"):
+        raise ValueError("MSA serving runs on vLLM's V1 model runner for now; unset "
+                         "VLLM_USE_V2_MODEL_RUNNER")
+    os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
+
+
+def keep_memory_attention_out_of_full_graphs(vllm_config: Any) -> None:
+    """The router-attention op routes and stages in Python, so it must run on every step:
+    full CUDA graphs (which would replay it without its Python) are turned into piecewise
+    ones, and the model adds the op to the splitting ops (see `model.py`)."""
+    from vllm.config import CUDAGraphMode
+
+    compilation = vllm_config.compilation_config
+    if compilation.cudagraph_mode is not None and compilation.cudagraph_mode.has_full_cudagraphs():
+        logger.info("MSA: using piecewise CUDA graphs (memory attention runs outside them)")
+        compilation.cudagraph_mode = CUDAGraphMode.PIECEWISE
 
 
 def install_model_config_hook() -> None:

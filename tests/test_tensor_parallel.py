@@ -1,5 +1,7 @@
-"""Stage 1 with tensor parallelism: KV heads split across ranks (2 KV heads, TP 2) and
-replicated (1 KV head, TP 2) give the same bank as the reference."""
+"""Tensor parallelism: KV heads split across ranks (2 KV heads, TP 2) and replicated (1 KV
+head, TP 2). Stage 1 gives the same bank as the reference, and serving over it (routing query
+gathered across ranks, each rank attending to its own heads' memory) gives the reference's
+selections and logprobs."""
 
 from __future__ import annotations
 
@@ -7,7 +9,10 @@ import os
 
 import pytest
 from bank_checks import assert_bank_matches_reference, read_docs
-from conftest import ENGINE_DEFAULTS, SAMPLE_DOCS, has_gpu, shutdown_llm
+from conftest import ENGINE_DEFAULTS, SAMPLE_DOCS, has_gpu, running_llm, shutdown_llm
+from msa_reference import reference_answer
+from reference import ReferenceMSA
+from test_serving import MAX_TOKENS, bank_docs, check_against_reference, expected_prompt, sampling
 
 from vllm_msa.bank.build import build_bank, encoder_llm
 
@@ -51,3 +56,14 @@ def test_tp2_bank_matches_reference(kv_heads, checkpoints, tmp_path, one_core_pe
     finally:
         shutdown_llm(llm)
     assert_bank_matches_reference(bank, ckpt, read_docs(SAMPLE_DOCS), tokenizer, 1e-4)
+
+    with running_llm(model=str(ckpt), enforce_eager=True, tensor_parallel_size=2,
+                     additional_config={"msa": {"banks": {"docs": str(bank.path)}}}) as llm:
+        ids, span = expected_prompt(tokenizer, "Which river flooded the old mill?")
+        (output,) = llm.generate([{"prompt_token_ids": ids}],
+                                 [sampling(msa_bank="docs", msa_return_selection=True)],
+                                 use_tqdm=False)
+    ref = ReferenceMSA(ckpt)
+    expected = reference_answer(ref, ids, span, bank_docs(tokenizer, bank), top_k=4,
+                                rope_offset_k=4, template_len=span[0], max_tokens=MAX_TOKENS)
+    check_against_reference(output, expected, ref.router_layers)

@@ -9,22 +9,38 @@ from __future__ import annotations
 
 import torch
 
+# Backends whose paged cache we can read as plain K|V per token. vLLM 0.32/0.33 give every
+# backend a logical [blocks, kv_heads, block_size, 2*head_size] tensor; these keep each token's
+# K|V side by side. The CPU backend packs keys per ISA (the layout of its kernel), so requests
+# with memory keep their own K/V copy there (`SideKV`).
+READABLE_PAGED_BACKENDS = frozenset({"FLASH_ATTN", "TRITON_ATTN", "FLASHINFER"})
 
-def paged_key_value(kv_cache: torch.Tensor, backend_name: str, head_size: int
+
+def paged_key_value(kv_cache: torch.Tensor, head_size: int
                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Key and value caches as [num_blocks, block_size, num_kv_heads, head_size] views.
-
-    vLLM 0.32/0.33 give every backend a logical [blocks, kv_heads, block_size, 2*head_size]
-    tensor; GPU backends keep each token's K|V side by side, the CPU backend stores a block's
-    keys then its values per head (see `CPUAttentionBackendImpl.forward`).
-    """
-    if backend_name == "CPU_ATTN":
-        num_blocks, num_kv_heads, block_size, _ = kv_cache.shape
-        halves = kv_cache.view(num_blocks, num_kv_heads, 2 * block_size, head_size)
-        key, value = halves.chunk(2, dim=2)
-        return key.transpose(1, 2), value.transpose(1, 2)
+    """Key and value caches as [num_blocks, block_size, num_kv_heads, head_size] views."""
     key, value = kv_cache.transpose(1, 2).split(head_size, dim=-1)
     return key, value
+
+
+class SideKV:
+    """One request's K/V of one layer by position, for backends whose cache is opaque."""
+
+    def __init__(self, like: torch.Tensor) -> None:
+        self.keys = like.new_empty((0, *like.shape[1:]))
+        self.values = self.keys
+
+    def write(self, first_position: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        end = first_position + keys.shape[0]
+        if end > self.keys.shape[0]:
+            capacity = max(end, 2 * self.keys.shape[0])
+            grown_k = self.keys.new_empty((capacity, *self.keys.shape[1:]))
+            grown_v = self.values.new_empty((capacity, *self.values.shape[1:]))
+            grown_k[: self.keys.shape[0]] = self.keys
+            grown_v[: self.values.shape[0]] = self.values
+            self.keys, self.values = grown_k, grown_v
+        self.keys[first_position:end] = keys
+        self.values[first_position:end] = values
 
 
 def gather_paged(cache: torch.Tensor, block_ids: torch.Tensor, length: int) -> torch.Tensor:

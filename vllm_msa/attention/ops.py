@@ -38,7 +38,7 @@ def msa_router_attention(
         metadata = metadata.get(layer_name)
     if metadata is None:
         return
-    runtime.attend(layer_name, q, h, output, attn_layer, metadata)
+    runtime.attend(layer_name, q, k, v, h, output, attn_layer, metadata)
 
 
 def msa_router_attention_fake(

@@ -21,7 +21,13 @@ from ..bank.model_info import ModelInfo
 from ..bank.reader import MemoryBank
 from ..config import MSAParams
 from ..serving.options import RequestOptions, ServingConfig
-from .attend import attention_with_lse, gather_paged, paged_key_value
+from .attend import (
+    READABLE_PAGED_BACKENDS,
+    SideKV,
+    attention_with_lse,
+    gather_paged,
+    paged_key_value,
+)
 from .routing import RoutingIndex, Selection, route
 from .staging import Staged, StagingPool
 from .tiers import ServedBank, local_kv_heads
@@ -45,6 +51,7 @@ class MemoryRequest:
     selections: dict[int, Selection] = field(default_factory=dict)
     staged: dict[int, Staged] = field(default_factory=dict)
     reported: set[int] = field(default_factory=set)  # layers whose selection was reported
+    side_kv: dict[int, SideKV] = field(default_factory=dict)  # opaque-cache backends only
 
 
 @dataclass(frozen=True)
@@ -96,6 +103,7 @@ class MemoryRuntime:
         self.layers: dict[str, RouterLayer] = {}
         self.requests: dict[str, MemoryRequest] = {}
         self.rows: list[StepRow] = []
+        self.num_preempted = 0  # memory requests preempted so far (they keep their selection)
         self._offsets: torch.Tensor | None = None
         self.banks = self._open_banks(vllm_config)
         local_kv = self.kv_heads.stop - self.kv_heads.start
@@ -137,6 +145,7 @@ class MemoryRuntime:
         for req_id in req_ids:
             request = self.requests.get(req_id)
             if request is not None:
+                self.num_preempted += 1
                 request.staged.clear()
                 self.pool.release(req_id)
 
@@ -224,19 +233,37 @@ class MemoryRuntime:
             request.staged[layer_idx] = staged
         return self.pool.read(staged)
 
-    def attend(self, layer_name: str, q: torch.Tensor, h: torch.Tensor, output: torch.Tensor,
-               attn_layer: Any, attn_metadata: Any) -> None:
+    def local_key_value(self, layer_idx: int, row: StepRow, k: torch.Tensor, v: torch.Tensor,
+                        attn_layer: Any, attn_metadata: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """The request's own K/V [0, seq_len) in this layer, this step's tokens included."""
+        seq_len = row.first_position + row.num_tokens
+        if attn_layer.attn_backend.get_name() in READABLE_PAGED_BACKENDS:
+            key_cache, value_cache = paged_key_value(attn_layer.kv_cache, self.head_dim)
+            blocks = attn_metadata.block_table[row.batch_index]
+            return (gather_paged(key_cache, blocks, seq_len),
+                    gather_paged(value_cache, blocks, seq_len))
+        tokens = slice(row.token_start, row.token_start + row.num_tokens)
+        shape = (row.num_tokens, -1, self.head_dim)
+        side = row.request.side_kv.get(layer_idx)
+        if side is None:
+            side = row.request.side_kv[layer_idx] = SideKV(k[tokens].view(shape))
+        side.write(row.first_position, k[tokens].view(shape), v[tokens].view(shape))
+        return side.keys[:seq_len], side.values[:seq_len]
+
+    def attend(self, layer_name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               h: torch.Tensor, output: torch.Tensor, attn_layer: Any, attn_metadata: Any
+               ) -> None:
         """Overwrite memory requests' rows of `output` (the local attention) with local ⊕
-        memory attention. `q` [tokens, heads * hd] after RoPE; `h` the layer's normed input."""
+        memory attention. `q`, `k` after RoPE, `v`; `h` is the layer's normed input."""
         from vllm.v1.attention.ops.merge_attn_states import merge_attn_states
 
         layer = self.layers[layer_name]
         hd = self.head_dim
         heads = q.shape[-1] // hd
-        key_cache, value_cache = paged_key_value(
-            attn_layer.kv_cache, attn_layer.attn_backend.get_name(), hd)
         for row in self.rows:
             request = row.request
+            keys, values = self.local_key_value(layer.layer_idx, row, k, v, attn_layer,
+                                                attn_metadata)
             if layer.layer_idx not in request.selections:
                 self.select(layer, row, q, h)
             # Template-head tokens attend locally only.
@@ -247,10 +274,6 @@ class MemoryRuntime:
             first = row.first_position + skip
             tokens = slice(row.token_start + skip, row.token_start + row.num_tokens)
             query = q[tokens].view(n, heads, hd)
-            seq_len = row.first_position + row.num_tokens
-            blocks = attn_metadata.block_table[row.batch_index]
-            keys = gather_paged(key_cache, blocks, seq_len)
-            values = gather_paged(value_cache, blocks, seq_len)
             local, local_lse = attention_with_lse(query, keys, values, attn_layer.impl.scale,
                                                   causal_offset=first)
             mem_k, mem_v = self.staged_memory(layer.layer_idx, request)

@@ -1,0 +1,245 @@
+"""MSA over HTTP: the real OpenAI server (`python -m vllm.entrypoints.openai.api_server`, as
+`vllm serve` runs it) driven by a real client, compared with the independent reference.
+
+One server serves a bank ("docs") and plain requests; its step budget is small (96 tokens) so
+concurrent requests must share steps, which is where a routing span could be split.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+from conftest import SAMPLE_DOCS
+from msa_reference import reference_answer
+from reference import ReferenceMSA
+from test_serving import bank_docs, expected_prompt
+
+from vllm_msa.bank.build import build_bank
+
+pytestmark = pytest.mark.slow
+
+LOGPROB_TOL = 1e-3
+MAX_TOKENS = 5
+STEP_BUDGET = 96
+QUESTIONS = ["Which river flooded the old mill?", "Who repaired the lighthouse lamp?",
+             "What did the baker sell?", "Where was the treaty signed?"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(checkpoints, tmp_path_factory):
+    ckpt = checkpoints()
+    tmp = tmp_path_factory.mktemp("http")
+    bank = build_bank(ckpt, SAMPLE_DOCS, tmp / "docs", progress=False, dtype="float32",
+                      max_model_len=1024, gpu_memory_utilization=0.3)
+    port = free_port()
+    config = {"msa": {"banks": {"docs": str(bank.path)}}}
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(ckpt),
+           "--dtype", "float32", "--max-model-len", "1024", "--gpu-memory-utilization", "0.3",
+           "--enforce-eager", "--max-num-batched-tokens", str(STEP_BUDGET),
+           "--max-num-seqs", "8", "--port", str(port), "--additional-config",
+           json.dumps(config)]
+    env = {**os.environ, "VLLM_PLUGINS": "msa,msa_answer"}
+    log = open(tmp / "server.log", "w")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 240
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError("server exited:\n" + (tmp / "server.log").read_text()[-3000:])
+            try:
+                if httpx.get(base + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.time() > deadline:
+                raise RuntimeError("server did not start:\n" +
+                                   (tmp / "server.log").read_text()[-3000:])
+            time.sleep(1)
+        yield {"base": base, "ckpt": ckpt, "bank": bank, "log": tmp / "server.log"}
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def tokenizer(server):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(server["ckpt"]))
+
+
+@pytest.fixture(scope="module")
+def reference(server, tokenizer):
+    ref = ReferenceMSA(server["ckpt"])
+    docs = bank_docs(tokenizer, server["bank"])
+
+    def answer(ids, span, *, top_k=4, memory=True):
+        return reference_answer(ref, ids, span, docs if memory else None, top_k=top_k,
+                                rope_offset_k=4, template_len=3, max_tokens=MAX_TOKENS)
+
+    answer.router_layers = ref.router_layers
+    return answer
+
+
+def post(server, path, body, timeout=120):
+    return httpx.post(server["base"] + path, json=body, timeout=timeout)
+
+
+def completion(server, ids, **xargs):
+    body = {"model": str(server["ckpt"]), "prompt": ids, "max_tokens": MAX_TOKENS,
+            "temperature": 0, "logprobs": 1, "return_tokens_as_token_ids": True}
+    if xargs:
+        body["vllm_xargs"] = xargs
+    return post(server, "/v1/completions", body)
+
+
+def token_ids(choice) -> list[int]:
+    return [int(t.removeprefix("token_id:")) for t in choice["logprobs"]["tokens"]]
+
+
+def check_completion(response, expected, router_layers, with_selection=True):
+    assert response.status_code == 200, response.text
+    data = response.json()
+    choice = data["choices"][0]
+    assert token_ids(choice) == expected.tokens
+    for step, (token, logprob) in enumerate(zip(expected.tokens,
+                                                choice["logprobs"]["token_logprobs"],
+                                                strict=True)):
+        assert abs(logprob - expected.logprobs[step][token].item()) <= LOGPROB_TOL
+    if with_selection:
+        layers = data["kv_transfer_params"]["msa_selection"]["layers"]
+        assert {int(k) for k in layers} == set(router_layers)
+        for layer in router_layers:
+            assert sorted(layers[str(layer)]["doc_ids"]) == expected.selections[layer]
+
+
+def test_completions_with_bank_match_reference(server, tokenizer, reference):
+    # Four concurrent requests with a 96-token step budget: steps are shared, spans stay whole.
+    prompts = [expected_prompt(tokenizer, q) for q in QUESTIONS]
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        responses = list(pool.map(lambda p: completion(
+            server, p[0], msa_bank="docs", msa_return_selection=True), prompts))
+    for (ids, span), response in zip(prompts, responses, strict=True):
+        check_completion(response, reference(ids, span), reference.router_layers)
+
+
+def test_plain_and_top_k_requests(server, tokenizer, reference):
+    ids, span = expected_prompt(tokenizer, QUESTIONS[0])
+    check_completion(completion(server, ids), reference(ids, span, memory=False),
+                     reference.router_layers, with_selection=False)
+    check_completion(completion(server, ids, msa_bank="docs", msa_top_k=2,
+                                msa_return_selection="true"),
+                     reference(ids, span, top_k=2), reference.router_layers)
+
+
+def test_chat_completion_routes_on_last_user_message(server, tokenizer, reference):
+    messages = [{"role": "user", "content": QUESTIONS[1]}]
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    if isinstance(ids, dict):
+        ids = ids["input_ids"]
+    # The span is the user content: after the template head, up to <|im_end|>.
+    head = tokenizer.encode("<|im_start|>user\n", add_special_tokens=False)
+    assert ids[: len(head)] == head
+    span = (len(head), ids.index(tokenizer.convert_tokens_to_ids("<|im_end|>")))
+    expected = reference(ids, span)
+    body = {"model": str(server["ckpt"]), "messages": messages, "max_tokens": MAX_TOKENS,
+            "temperature": 0, "logprobs": True,
+            "vllm_xargs": {"msa_bank": "docs", "msa_return_selection": True}}
+    response = post(server, "/v1/chat/completions", body)
+    assert response.status_code == 200, response.text
+    data = response.json()
+    content = data["choices"][0]["logprobs"]["content"]
+    for step, item in enumerate(content):
+        token = expected.tokens[step]
+        assert abs(item["logprob"] - expected.logprobs[step][token].item()) <= LOGPROB_TOL
+    assert data["choices"][0]["message"]["content"] == tokenizer.decode(expected.tokens)
+    layers = data["kv_transfer_params"]["msa_selection"]["layers"]
+    for layer in reference.router_layers:
+        assert sorted(layers[str(layer)]["doc_ids"]) == expected.selections[layer]
+
+
+def test_streaming_equals_non_streaming(server, tokenizer):
+    ids, _ = expected_prompt(tokenizer, QUESTIONS[2])
+    full = completion(server, ids, msa_bank="docs").json()["choices"][0]["text"]
+    body = {"model": str(server["ckpt"]), "prompt": ids, "max_tokens": MAX_TOKENS,
+            "temperature": 0, "stream": True, "vllm_xargs": {"msa_bank": "docs"}}
+    text = ""
+    with httpx.stream("POST", server["base"] + "/v1/completions", json=body,
+                      timeout=120) as response:
+        assert response.status_code == 200
+        for line in response.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                text += json.loads(line[len("data: "):])["choices"][0]["text"]
+    assert text == full
+
+
+def test_answer_route(server, tokenizer, reference):
+    question = QUESTIONS[3]
+    ids, span = expected_prompt(tokenizer, question)
+    expected = reference(ids, span)
+    response = post(server, "/v1/msa/answer", {"bank": "docs", "question": question,
+                                               "max_tokens": MAX_TOKENS,
+                                               "return_selection": True})
+    assert response.status_code == 200, response.text
+    data = response.json()
+    assert data["text"] == tokenizer.decode(expected.tokens)
+    assert data["usage"] == {"prompt_tokens": len(ids), "completion_tokens": MAX_TOKENS}
+    for layer in reference.router_layers:
+        report = data["selection"]["layers"][str(layer)]
+        assert sorted(report["doc_ids"]) == expected.selections[layer]
+        assert len(report["scores"]) == len(report["doc_ids"])
+    # Without the flag, no selection.
+    plain = post(server, "/v1/msa/answer", {"bank": "docs", "question": question,
+                                            "max_tokens": 2}).json()
+    assert "selection" not in plain
+
+
+@pytest.mark.parametrize(("path", "body", "message"), [
+    ("/v1/msa/answer", {"bank": "nope", "question": "q?"}, "unknown bank 'nope'"),
+    ("/v1/msa/answer", {"bank": "docs"}, "question"),
+    ("/v1/msa/answer", {"bank": "docs", "question": "q?", "top_k": 99}, "larger than"),
+    ("/v1/msa/answer", {"bank": "docs", "question": "q?", "colour": 1}, "colour"),
+    ("/v1/msa/answer", {"bank": "docs", "question": "long " * 200}, "routing span ends"),
+    ("/v1/msa/answer", [1, 2], "JSON object"),
+    ("completions", {"msa_bank": "nope"}, "unknown bank"),
+    ("completions", {"msa_bank": "docs", "msa_top_k": "many"}, "msa_top_k"),
+    ("completions", {"msa_bank": "docs", "msa_top_k": 0}, "msa_top_k"),
+    ("completions", {"msa_bank": "docs", "msa_typo": 1}, "unknown MSA options"),
+    ("completions", {"msa_top_k": 2}, "uses no bank"),
+    ("completions", {"msa_bank": "docs", "msa_return_selection": "maybe"},
+     "msa_return_selection"),
+    ("raw-prompt", {"msa_bank": "docs"}, "template head"),
+])
+def test_bad_requests_get_400_and_server_stays_up(server, tokenizer, path, body, message):
+    if path in ("completions", "raw-prompt"):
+        ids = (expected_prompt(tokenizer, QUESTIONS[0])[0] if path == "completions"
+               else tokenizer.encode("no template here", add_special_tokens=False))
+        response = post(server, "/v1/completions", {
+            "model": str(server["ckpt"]), "prompt": ids, "max_tokens": 2,
+            "vllm_xargs": body})
+    else:
+        response = post(server, path, body)
+    assert response.status_code == 400, response.text
+    assert message in response.text
+    ok = post(server, "/v1/msa/answer", {"bank": "docs", "question": "Still there?",
+                                         "max_tokens": 1})
+    assert ok.status_code == 200, ok.text

@@ -1,0 +1,78 @@
+"""Engine features around MSA requests: preemption + recompute keeps the selection and the
+output, abort frees the staging area, requests whose spans compete for a small step budget
+are never split (chunked prefill)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from conftest import SAMPLE_DOCS, running_llm
+from test_serving import expected_prompt, staging_in_use
+
+from vllm_msa.bank.build import build_bank
+
+pytestmark = pytest.mark.slow
+os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
+
+QUESTIONS = ["Which river flooded the old mill?", "Who repaired the lighthouse lamp?",
+             "What did the baker sell?", "Where was the treaty signed?"]
+
+
+def preemptions(worker) -> int:
+    from vllm_msa.attention.runtime import current_runtime
+
+    return current_runtime().num_preempted
+
+
+@pytest.fixture(scope="module")
+def engine(checkpoints, tmp_path_factory):
+    ckpt = checkpoints()
+    bank = build_bank(ckpt, SAMPLE_DOCS, tmp_path_factory.mktemp("life") / "docs",
+                      progress=False, dtype="float32", max_model_len=1024,
+                      gpu_memory_utilization=0.3)
+    # 12 blocks of 32 tokens: four requests of ~140 tokens cannot all fit, so some are
+    # preempted and recomputed. A 64-token step budget makes concurrent prefills compete.
+    with running_llm(model=str(ckpt), enforce_eager=True, max_model_len=256, block_size=32,
+                     num_gpu_blocks_override=12, max_num_seqs=4, max_num_batched_tokens=64,
+                     additional_config={"msa": {"banks": {"docs": str(bank.path)}}}) as llm:
+        yield llm
+
+
+def params(max_tokens: int, **extra):
+    from vllm import SamplingParams
+
+    return SamplingParams(temperature=0.0, max_tokens=max_tokens, logprobs=1,
+                          ignore_eos=True, extra_args={"msa_bank": "docs", **extra})
+
+
+def test_preemption_and_shared_steps_keep_outputs(engine):
+    tokenizer = engine.get_tokenizer()
+    prompts = [{"prompt_token_ids": expected_prompt(tokenizer, q)[0]} for q in QUESTIONS]
+    sampling = params(85, msa_return_selection=True)
+    together = engine.generate(prompts, [sampling] * len(prompts), use_tqdm=False)
+    assert engine.collective_rpc(preemptions)[0] > 0, "the test did not cause preemption"
+    for prompt, batched in zip(prompts, together, strict=True):
+        (alone,) = engine.generate([prompt], [sampling], use_tqdm=False)
+        assert alone.kv_transfer_params == batched.kv_transfer_params
+        assert alone.outputs[0].token_ids == batched.outputs[0].token_ids
+        for a, b in zip(alone.outputs[0].logprobs, batched.outputs[0].logprobs, strict=True):
+            for token_id, logprob in a.items():
+                assert abs(logprob.logprob - b[token_id].logprob) <= 1e-4
+    assert engine.collective_rpc(staging_in_use) == [0]
+
+
+def test_abort_frees_staging(engine):
+    tokenizer = engine.get_tokenizer()
+    core = engine.llm_engine
+    prompt = {"prompt_token_ids": expected_prompt(tokenizer, QUESTIONS[0])[0]}
+    core.add_request("to-abort", prompt, params(150))
+    core.add_request("to-finish", prompt, params(3))
+    for _ in range(4):
+        core.step()
+    assert engine.collective_rpc(staging_in_use)[0] > 0
+    core.abort_request(["to-abort"])
+    while core.has_unfinished_requests():
+        core.step()
+    core.step()  # the worker hears of finished requests in the next scheduled step
+    assert engine.collective_rpc(staging_in_use) == [0]
