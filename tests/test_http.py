@@ -153,9 +153,8 @@ def test_plain_and_top_k_requests(server, tokenizer, reference):
 
 def test_chat_completion_routes_on_last_user_message(server, tokenizer, reference):
     messages = [{"role": "user", "content": QUESTIONS[1]}]
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-    if isinstance(ids, dict):
-        ids = ids["input_ids"]
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    ids = tokenizer.encode(text, add_special_tokens=False)
     # The span is the user content: after the template head, up to <|im_end|>.
     head = tokenizer.encode("<|im_start|>user\n", add_special_tokens=False)
     assert ids[: len(head)] == head

@@ -8,7 +8,7 @@ import os
 
 import pytest
 from conftest import SAMPLE_DOCS, running_llm
-from test_serving import expected_prompt, staging_in_use
+from test_serving import assert_staging_released, expected_prompt, staging_in_use
 
 from vllm_msa.bank.build import build_bank
 
@@ -59,7 +59,7 @@ def test_preemption_and_shared_steps_keep_outputs(engine):
         for a, b in zip(alone.outputs[0].logprobs, batched.outputs[0].logprobs, strict=True):
             for token_id, logprob in a.items():
                 assert abs(logprob.logprob - b[token_id].logprob) <= 1e-4
-    assert engine.collective_rpc(staging_in_use) == [0]
+    assert_staging_released(engine)
 
 
 def test_abort_frees_staging(engine):
@@ -74,5 +74,4 @@ def test_abort_frees_staging(engine):
     core.abort_request(["to-abort"])
     while core.has_unfinished_requests():
         core.step()
-    core.step()  # the worker hears of finished requests in the next scheduled step
-    assert engine.collective_rpc(staging_in_use) == [0]
+    assert_staging_released(engine)

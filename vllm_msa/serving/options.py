@@ -36,8 +36,16 @@ REQUEST_KEYS = frozenset({"msa_bank", "msa_top_k", "msa_return_selection"})
 SPAN_KEY = "msa_span"
 
 
-class MSARequestError(ValueError):
-    """A request's MSA options are invalid (HTTP 400; the engine keeps serving)."""
+try:  # vLLM maps its client errors to HTTP 400 (and re-raises them unwrapped offline).
+    from vllm.exceptions import VLLMValidationError as _ClientError
+    _ERROR_BASES: tuple[type, ...] = (_ClientError, ValueError)
+except ImportError:  # pragma: no cover - vLLM is optional for bank tools
+    _ERROR_BASES = (ValueError,)
+
+
+class MSARequestError(*_ERROR_BASES):
+    """A request's MSA options are invalid: a ValueError offline, HTTP 400 over HTTP; the
+    engine keeps serving."""
 
 
 class MSAServingConfigError(ValueError):
