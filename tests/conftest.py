@@ -87,3 +87,35 @@ def checkpoints(tmp_path_factory):
         return made[spec]
 
     return get
+
+
+SMALL_BANK_DOC_IDS = (2, 5, 11)  # fewer documents than the tiny checkpoints' top-k (4)
+
+
+def build_banks(ckpt: Path, out: Path, small: bool = False) -> dict:
+    """Banks of `ckpt` built by the real stage-1 engine (one encoder for all of them):
+    "docs" (the 24 sample documents) and, with `small`, "small" (three of them)."""
+    import json
+
+    from vllm_msa.bank.build import build_bank, encoder_llm
+
+    sources = {"docs": SAMPLE_DOCS}
+    if small:
+        lines = [json.loads(x) for x in SAMPLE_DOCS.read_text().splitlines() if x.strip()]
+        path = out / "small.jsonl"
+        out.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(json.dumps(d) + "\n" for d in lines
+                                if d["id"] in SMALL_BANK_DOC_IDS))
+        sources["small"] = path
+    llm = encoder_llm(ckpt, **ENGINE_DEFAULTS)
+    try:
+        return {name: build_bank(ckpt, docs, out / name, llm=llm, progress=False)
+                for name, docs in sources.items()}
+    finally:
+        shutdown_llm(llm)
+
+
+@pytest.fixture(scope="session")
+def default_banks(checkpoints, tmp_path_factory):
+    """The default tiny checkpoint's banks, shared by every serving test module."""
+    return build_banks(checkpoints(), tmp_path_factory.mktemp("default-banks"), small=True)

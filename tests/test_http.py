@@ -17,12 +17,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-from conftest import SAMPLE_DOCS
 from msa_reference import reference_answer
 from reference import ReferenceMSA
 from test_serving import bank_docs, expected_prompt
-
-from vllm_msa.bank.build import build_bank
 
 pytestmark = pytest.mark.slow
 
@@ -40,11 +37,10 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(checkpoints, tmp_path_factory):
+def server(checkpoints, default_banks, tmp_path_factory):
     ckpt = checkpoints()
     tmp = tmp_path_factory.mktemp("http")
-    bank = build_bank(ckpt, SAMPLE_DOCS, tmp / "docs", progress=False, dtype="float32",
-                      max_model_len=1024, gpu_memory_utilization=0.3)
+    bank = default_banks["docs"]
     port = free_port()
     config = {"msa": {"banks": {"docs": str(bank.path)}}}
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(ckpt),

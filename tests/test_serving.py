@@ -13,17 +13,13 @@ the first engine.
 
 from __future__ import annotations
 
-import json
 import os
 import time
-from pathlib import Path
 
 import pytest
-from conftest import SAMPLE_DOCS, running_llm
+from conftest import build_banks, running_llm
 from msa_reference import reference_answer
 from reference import ReferenceMSA, wrap_document
-
-from vllm_msa.bank.build import build_bank
 
 pytestmark = pytest.mark.slow
 # `collective_rpc` with a function (the staging-pool check) needs pickled callables.
@@ -54,29 +50,16 @@ COMBOS = {
 CASES = [(group, combo) for group in GROUPS for combo in COMBOS[group]]
 
 
-def small_docs(tmp: Path, ids: list[int]) -> Path:
-    lines = [json.loads(x) for x in SAMPLE_DOCS.read_text().splitlines() if x.strip()]
-    path = tmp / "small.jsonl"
-    path.write_text("".join(json.dumps(d) + "\n" for d in lines if d["id"] in ids))
-    return path
-
-
 @pytest.fixture(scope="module")
-def built(checkpoints, tmp_path_factory):
-    """Per group: the base checkpoint and its banks (built once by the real encoder)."""
-    out = {}
+def built(checkpoints, default_banks, tmp_path_factory):
+    """Per group: the base checkpoint's spec and its banks (built by the real encoder). The
+    "gqa" group is the default checkpoint, whose banks include "small" (3 documents, fewer
+    than top-k)."""
+    out = {"gqa": {"spec": GROUPS["gqa"], "banks": default_banks}}
     for group, spec in GROUPS.items():
-        ckpt = checkpoints(**spec)
-        tmp = tmp_path_factory.mktemp(group)
-        banks = {"docs": build_bank(ckpt, SAMPLE_DOCS, tmp / "docs", progress=False,
-                                    dtype="float32", max_model_len=1024,
-                                    gpu_memory_utilization=0.3)}
-        if group == "gqa":
-            # Three documents: smaller than the checkpoint's top-k (4).
-            banks["small"] = build_bank(ckpt, small_docs(tmp, [2, 5, 11]), tmp / "small",
-                                        progress=False, dtype="float32", max_model_len=1024,
-                                        gpu_memory_utilization=0.3)
-        out[group] = {"spec": spec, "banks": banks}
+        if group != "gqa":
+            banks = build_banks(checkpoints(**spec), tmp_path_factory.mktemp(group))
+            out[group] = {"spec": spec, "banks": banks}
     return out
 
 

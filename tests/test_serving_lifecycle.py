@@ -7,10 +7,8 @@ from __future__ import annotations
 import os
 
 import pytest
-from conftest import SAMPLE_DOCS, running_llm
+from conftest import running_llm
 from test_serving import assert_staging_released, expected_prompt, staging_in_use
-
-from vllm_msa.bank.build import build_bank
 
 pytestmark = pytest.mark.slow
 os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
@@ -26,11 +24,9 @@ def preemptions(worker) -> int:
 
 
 @pytest.fixture(scope="module")
-def engine(checkpoints, tmp_path_factory):
+def engine(checkpoints, default_banks):
     ckpt = checkpoints()
-    bank = build_bank(ckpt, SAMPLE_DOCS, tmp_path_factory.mktemp("life") / "docs",
-                      progress=False, dtype="float32", max_model_len=1024,
-                      gpu_memory_utilization=0.3)
+    bank = default_banks["docs"]
     # 12 blocks of 32 tokens: four requests of ~140 tokens cannot all fit, so some are
     # preempted and recomputed. A 64-token step budget makes concurrent prefills compete.
     with running_llm(model=str(ckpt), enforce_eager=True, max_model_len=256, block_size=32,
