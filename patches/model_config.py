@@ -85,14 +85,20 @@ def use_v1_model_runner() -> None:
 
 def keep_memory_attention_out_of_full_graphs(vllm_config: Any) -> None:
     """The router-attention op routes and stages in Python, so it must run on every step:
-    full CUDA graphs (which would replay it without its Python) are turned into piecewise
-    ones, and the model adds the op to the splitting ops (see `model.py`)."""
-    from vllm.config import CUDAGraphMode
+    it becomes a graph-splitting op like vLLM's attention ops (added to
+    `CompilationConfig._attention_ops`, which vLLM turns into `splitting_ops` later in config
+    set-up, or to an explicit `splitting_ops`). CUDA graphs are then piecewise only: a full
+    graph would replay the op without its Python; `MSAConnector` asks vLLM for that
+    (`requires_piecewise_for_cudagraph`) once the graph mode is resolved."""
+    from vllm.config.compilation import CompilationConfig
 
+    from vllm_msa.attention.ops import OP_QUALNAME
+
+    if OP_QUALNAME not in CompilationConfig._attention_ops:
+        CompilationConfig._attention_ops.append(OP_QUALNAME)
     compilation = vllm_config.compilation_config
-    if compilation.cudagraph_mode is not None and compilation.cudagraph_mode.has_full_cudagraphs():
-        logger.info("MSA: using piecewise CUDA graphs (memory attention runs outside them)")
-        compilation.cudagraph_mode = CUDAGraphMode.PIECEWISE
+    if compilation.splitting_ops is not None and OP_QUALNAME not in compilation.splitting_ops:
+        compilation.splitting_ops.append(OP_QUALNAME)
 
 
 def install_model_config_hook() -> None:

@@ -9,8 +9,16 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 
 __version__ = "0.1.0"
+
+# Installed, `kernels/` and `patches/` live inside this package (setup.py maps them there). Run
+# from a source checkout (e.g. `python -m pytest` in the repo root, which puts the checkout
+# ahead of the installed copy), they are the checkout's top-level folders: look there too.
+_SOURCE_ROOT = Path(__file__).resolve().parent.parent
+if (_SOURCE_ROOT / "setup.py").is_file() and (_SOURCE_ROOT / "patches" / "__init__.py").is_file():
+    __path__.append(str(_SOURCE_ROOT))
 
 SUPPORTED_VLLM = ">=0.32,<0.34"
 

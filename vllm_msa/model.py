@@ -193,7 +193,7 @@ class MSAForCausalLM(Qwen3ForCausalLM):
         inputs_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor | IntermediateTensors:
         if self.memory is not None and self.memory.rows:
-            positions = self.memory.offset_positions(positions)
+            self.memory.offset_positions(positions)
         return self.model(input_ids, positions, intermediate_tensors, inputs_embeds)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
@@ -212,12 +212,7 @@ def create_memory_runtime(vllm_config: VllmConfig, config, msa: MSAParams
 
     if not ServingConfig.from_additional_config(vllm_config.additional_config).banks:
         return None
-    from .attention.ops import OP_NAME  # registers torch.ops.vllm.msa_router_attention
-
-    # Compiled graphs are split at the op, so it runs eagerly (with its Python) every step.
-    splitting = vllm_config.compilation_config.splitting_ops
-    if splitting is not None and f"vllm::{OP_NAME}" not in splitting:
-        splitting.append(f"vllm::{OP_NAME}")
+    from .attention import ops  # noqa: F401  (registers torch.ops.vllm.msa_router_attention)
 
     head_dim = getattr(config, "head_dim", None) or (
         config.hidden_size // config.num_attention_heads

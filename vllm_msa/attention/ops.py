@@ -13,6 +13,7 @@ from vllm.utils.torch_utils import direct_register_custom_op
 from .runtime import current_runtime
 
 OP_NAME = "msa_router_attention"
+OP_QUALNAME = f"vllm::{OP_NAME}"
 
 
 def msa_router_attention(

@@ -26,7 +26,8 @@ class RoutingIndex:
     @classmethod
     def from_bank(cls, bank, layer: int, device: torch.device | str = "cpu") -> RoutingIndex:
         counts = bank.doc_num_chunks
-        doc_index = torch.repeat_interleave(torch.arange(len(counts)), counts)
+        doc_index = torch.repeat_interleave(torch.arange(len(counts), device=counts.device),
+                                            counts)
         return cls(
             routing_keys=bank.layer(layer).routing_keys.to(device),
             chunk_doc_index=doc_index.to(device),

@@ -117,18 +117,23 @@ class MemoryRuntime:
         model_config = vllm_config.model_config
         info = ModelInfo.from_checkpoint(model_config.model, str(model_config.dtype))
         banks = {}
-        for name, path in self.serving.banks.items():
-            bank = MemoryBank.open(path, info)
-            served = ServedBank.load(name, bank, self.device, self.kv_heads)
-            if self.serving.score == "cosine" and not info.normalized_routing_keys:
-                served.index = {
-                    layer: dataclasses.replace(
-                        idx, routing_keys=torch.nn.functional.normalize(
-                            idx.routing_keys.float(), dim=-1).to(idx.routing_keys.dtype))
-                    for layer, idx in served.index.items()
-                }
-            banks[name] = served
+        # The model is built under vLLM's default-device context; bank tables are host data.
+        with torch.device("cpu"):
+            for name, path in self.serving.banks.items():
+                banks[name] = self._open_bank(name, path, info)
         return banks
+
+    def _open_bank(self, name: str, path: str, info: ModelInfo) -> ServedBank:
+        bank = MemoryBank.open(path, info)
+        served = ServedBank.load(name, bank, self.device, self.kv_heads)
+        if self.serving.score == "cosine" and not info.normalized_routing_keys:
+            served.index = {
+                layer: dataclasses.replace(
+                    idx, routing_keys=torch.nn.functional.normalize(
+                        idx.routing_keys.float(), dim=-1).to(idx.routing_keys.dtype))
+                for layer, idx in served.index.items()
+            }
+        return served
 
     # ------------------------------------------------------------------ lifecycle
     def register_layer(self, layer_name: str, layer_idx: int, attn: Any) -> None:
@@ -187,15 +192,13 @@ class MemoryRuntime:
         self.rows = []
         self._offsets = None
 
-    def offset_positions(self, positions: torch.Tensor) -> torch.Tensor:
-        """The global RoPE offset (msa-spec §3): memory requests' tokens after the template
-        head move by the configured top-k."""
-        if not self._offsets:
-            return positions
-        shifted = positions.clone()
-        for a, b in self._offsets:
-            shifted[a:b] += self.rope_offset
-        return shifted
+    def offset_positions(self, positions: torch.Tensor) -> None:
+        """The global RoPE offset (msa-spec §3), in place: memory requests' tokens after the
+        template head move by the configured top-k. In place because compiled CUDA-graph
+        pieces read positions from the runner's buffer, whatever tensor the model is given;
+        the runner rewrites that buffer every step."""
+        for a, b in self._offsets or ():
+            positions[a:b] += self.rope_offset
 
     # ------------------------------------------------------------------ attention
     def routing_query(self, layer: RouterLayer, q: torch.Tensor, h: torch.Tensor,

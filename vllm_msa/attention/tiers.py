@@ -85,5 +85,6 @@ class ServedBank:
         parts = []
         for doc_id in sorted(doc_ids):
             i = self.doc_position[doc_id]
-            parts.append(torch.arange(self.chunk_offsets[i], self.chunk_offsets[i + 1]))
-        return torch.cat(parts) if parts else torch.empty(0, dtype=torch.int64)
+            parts.append(torch.arange(self.chunk_offsets[i], self.chunk_offsets[i + 1],
+                                      device="cpu"))
+        return torch.cat(parts) if parts else torch.empty(0, dtype=torch.int64, device="cpu")

@@ -52,6 +52,12 @@ class MSAConnector(KVConnectorBase_V1):
         super().__init__(vllm_config, role, kv_cache_config)
         self._selections: dict[str, dict[str, Any]] = {}
 
+    @classmethod
+    def requires_piecewise_for_cudagraph(cls, extra_config: dict[str, Any]) -> bool:
+        # Memory attention routes and stages in Python between graph pieces; a full CUDA
+        # graph would replay it without that Python.
+        return True
+
     # ---------------------------------------------------------------- worker side
     def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
         return None
