@@ -38,6 +38,9 @@ GROUPS = {
                     "all", "pooling": 3, "seed": 2},
 }
 SERVER_SCORE = {"gqa": "auto", "mqa-cosine": "cosine", "no-decouple": "auto"}
+# One run overrides the checkpoint's scoring with plain dot products (its INFONCE routing
+# queries are then not normalised).
+DOT_CASE = ("no-decouple", ("max", "mean", "max"))
 # Each group serves four reduce combinations; together they are all twelve.
 COMBOS = {
     "gqa": [("mean", "max", "max"), ("max", "mean", "mean"), ("mean", "last", "mean"),
@@ -121,10 +124,12 @@ def test_answers_match_reference(built, checkpoints, group, combo):
             "chunk_reduce": chunk}
     ckpt = checkpoints(**spec)
     banks = built[group]["banks"]
-    score = SERVER_SCORE[group]
+    score = "dot" if (group, combo) == DOT_CASE else SERVER_SCORE[group]
     ref = ReferenceMSA(ckpt)
-    with running_llm(model=str(ckpt), enforce_eager=True, additional_config={"msa": {
-            "banks": {name: str(b.path) for name, b in banks.items()}, "score": score}}) as llm:
+    # 32-token blocks: prompts span full blocks, so prefix caching has something to reuse.
+    with running_llm(model=str(ckpt), enforce_eager=True, block_size=32, additional_config={
+            "msa": {"banks": {name: str(b.path) for name, b in banks.items()},
+                    "score": score}}) as llm:
         tokenizer = llm.get_tokenizer()
         prompts, cases = [], []
         for question in QUESTIONS:
@@ -158,6 +163,10 @@ def test_answers_match_reference(built, checkpoints, group, combo):
             # Mixed batch == each request alone.
             for prompt, param, batched in zip(prompts, params, outputs, strict=True):
                 (alone,) = llm.generate([prompt], [param], use_tqdm=False)
+                # Prefix caching: plain requests reuse blocks; a memory request never does
+                # (its KV depends on its selection), not even an identical one's.
+                uses_memory = bool(param.extra_args)
+                assert (alone.num_cached_tokens == 0) == uses_memory, alone.num_cached_tokens
                 assert alone.outputs[0].token_ids == batched.outputs[0].token_ids
                 for a, b in zip(alone.outputs[0].logprobs, batched.outputs[0].logprobs,
                                 strict=True):

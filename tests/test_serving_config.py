@@ -1,0 +1,63 @@
+"""Engine start-up with banks attached: a missing, unfinished, corrupt or mismatched bank, or a
+bad `additional_config["msa"]`, stops `LLM(...)` before any engine process starts, with the
+reason."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+from conftest import ENGINE_DEFAULTS
+
+pytestmark = pytest.mark.slow
+
+
+def start(ckpt, msa: dict):
+    from vllm import LLM
+
+    return LLM(model=str(ckpt), enforce_eager=True, additional_config={"msa": msa},
+               **ENGINE_DEFAULTS)
+
+
+@pytest.fixture
+def bank_copy(default_banks, tmp_path):
+    path = tmp_path / "copy"
+    shutil.copytree(default_banks["docs"].path, path)
+    return path
+
+
+def test_missing_bank(checkpoints, tmp_path):
+    with pytest.raises(Exception, match="no bank at"):
+        start(checkpoints(), {"banks": {"docs": str(tmp_path / "nowhere")}})
+
+
+def test_unfinished_bank(checkpoints, bank_copy):
+    (bank_copy / "manifest.json").unlink()
+    (bank_copy / "build-state.json").write_text("{}")
+    with pytest.raises(Exception, match="unfinished bank build"):
+        start(checkpoints(), {"banks": {"docs": str(bank_copy)}})
+
+
+def test_corrupt_bank(checkpoints, bank_copy):
+    segment = next((bank_copy / "segments").iterdir())
+    segment.write_bytes(segment.read_bytes()[:-100])
+    with pytest.raises(Exception, match="truncated or replaced"):
+        start(checkpoints(), {"banks": {"docs": str(bank_copy)}})
+
+
+def test_bank_of_another_model(checkpoints, default_banks):
+    other = checkpoints(kv_heads=1)
+    with pytest.raises(Exception, match="num_kv_heads: bank has 2, model has 1"):
+        start(other, {"banks": {"docs": str(default_banks["docs"].path)}})
+
+
+@pytest.mark.parametrize(("msa", "message"), [
+    ({"banks": {"docs": "x"}, "default_bank": "other"}, "default_bank 'other'"),
+    ({"banks": {"../up": "x"}}, "bank name"),
+    ({"banks": {"docs": "x"}, "score": "l2"}, "score must be one of"),
+    ({"banks": {"docs": "x"}, "top_k": 0}, "top_k must be a positive integer"),
+    ({"bankz": {}}, "unknown keys"),
+])
+def test_bad_serving_config(checkpoints, msa, message):
+    with pytest.raises(Exception, match=message):
+        start(checkpoints(), msa)
