@@ -2,6 +2,7 @@
 # Run on the lent GPU machine after `bash .gpu/unpack.sh` (see ../shared/gpu/README.md):
 #   bash benchmarks/gpu.sh tests   # the whole test suite on the GPU (GPU-marked tests included)
 #   bash benchmarks/gpu.sh bench   # the stage-1 benchmark, MSA-4B shape
+#   bash benchmarks/gpu.sh serving # answering over a bank vs plain vLLM, MSA-4B shape
 # Logs and result files go to $OUT (the device tool brings them back).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -20,5 +21,10 @@ case "${1:-tests}" in
         shift || true
         python3 benchmarks/bank_build.py --shape msa-4b --docs 2000 --doc-tokens 500 \
             --json "$OUT/bank_build-msa-4b.json" "$@" 2>&1 | tee "$OUT/bench.log"
+        ;;
+    serving)
+        shift || true
+        python3 benchmarks/serving.py --shape msa-4b --docs 2000 --doc-tokens 500 \
+            --questions 256 --json "$OUT/serving-msa-4b.json" "$@" 2>&1 | tee "$OUT/serving.log"
         ;;
 esac
