@@ -1,14 +1,17 @@
-"""Engine set-up for MSA checkpoints: check the attached banks, pick the MSA scheduler, admit
-requests in the front end.
+"""Engine set-up for MSA checkpoints with banks: check the banks, pick the MSA scheduler and
+the selection connector, select the V1 model runner, make the memory-attention op a graph
+split point, admit requests in the front end.
 
 What: registers a `VerifyAndUpdateConfig` for the `MSAForCausalLM` architecture in vLLM's
 `MODELS_CONFIG_MAP`, which `VllmConfig.__post_init__` runs (in the process that builds the
 engine's config: the `LLM` process or the API server) before the engine starts.
 Why: vLLM reads that map for its in-tree models only; there is no registration API. It is the
 one place that sees the whole config early enough to refuse a bad bank before any worker
-starts, and to set `scheduler_config.scheduler_cls`.
+starts, and to set the scheduler, connector and compilation choices vLLM resolves later.
+`CompilationConfig._attention_ops` (a class-level list) gains the memory-attention op.
 Versions: vLLM 0.32.x and 0.33.x (`vllm.model_executor.models.config.MODELS_CONFIG_MAP`,
-`VerifyAndUpdateConfig.verify_and_update_config(vllm_config)`).
+`VerifyAndUpdateConfig.verify_and_update_config(vllm_config)`,
+`CompilationConfig._attention_ops`).
 """
 
 from __future__ import annotations
