@@ -54,30 +54,28 @@ def card_name() -> str:
     return f"CPU ({platform.processor() or platform.machine()})"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def common_arguments(description: str) -> argparse.ArgumentParser:
+    """The options every benchmark here shares (checkpoint, documents, output)."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--shape", choices=SHAPES, default="tiny")
     parser.add_argument("--model", help="an existing MSA checkpoint (default: a random one)")
     parser.add_argument("--docs", type=int, default=64)
     parser.add_argument("--doc-tokens", type=int, default=200)
     parser.add_argument("--work", default="/tmp/vllm-msa-bench")
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.85)
-    parser.add_argument("--skip-compiled", action="store_true")
     parser.add_argument("--json", help="write results here (default benchmarks/results/...)")
-    args = parser.parse_args()
-    # This process runs torch work (checkpoint generation) before starting engines: forking it
-    # afterwards can deadlock, so vLLM's engine processes are spawned.
-    os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
+    return parser
 
+
+def prepare(args: argparse.Namespace) -> tuple[Path, Path, dict]:
+    """(work dir, checkpoint, engine settings); writes a random checkpoint of `--shape` when
+    no `--model` is given. Engine processes are spawned: this process has run torch work by
+    then, and forking it can deadlock."""
     import torch
-    import vllm
-    from vllm import LLM, SamplingParams
 
-    import vllm_msa
-    from vllm_msa.bank.build import build_bank, encoder_llm
-    from vllm_msa.prompt import document_text
     from vllm_msa.tiny import TinySpec, make_tiny_checkpoint
 
+    os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     ckpt = Path(args.model) if args.model else work / f"ckpt-{args.shape}"
@@ -85,12 +83,46 @@ def main() -> None:
         t = time.perf_counter()
         make_tiny_checkpoint(ckpt, TinySpec(**SHAPES[args.shape]))
         print(f"random {args.shape} checkpoint written in {time.perf_counter() - t:.0f} s")
-    docs = work / "docs.jsonl"
-    make_docs(docs, args.docs, args.doc_tokens)
     engine = {"max_model_len": 4096, "gpu_memory_utilization": args.gpu_memory_utilization,
               "seed": 0}
     if not torch.cuda.is_available():
         engine["dtype"] = "float32"
+    return work, ckpt, engine
+
+
+def write_result(result: dict, args: argparse.Namespace) -> None:
+    """Stamp `result` with versions and the command; write it (default benchmarks/results/)."""
+    import torch
+    import vllm
+
+    import vllm_msa
+
+    result["versions"] = {"vllm": vllm.__version__, "torch": torch.__version__,
+                          "vllm_msa": vllm_msa.__version__}
+    result["command"] = " ".join([Path(sys.executable).name, *sys.argv])
+    card = result["card"]
+    path = Path(args.json) if args.json else (
+        Path(__file__).parent / "results"
+        / f"{result['benchmark']}-{args.shape}-{card.split()[-1].lower().replace('(', '')}.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nwrote {path}")
+
+
+def main() -> None:
+    parser = common_arguments(__doc__.splitlines()[0])
+    parser.add_argument("--skip-compiled", action="store_true")
+    args = parser.parse_args()
+    work, ckpt, engine = prepare(args)
+
+    import torch
+    from vllm import LLM, SamplingParams
+
+    from vllm_msa.bank.build import build_bank, encoder_llm
+    from vllm_msa.prompt import document_text
+
+    docs = work / "docs.jsonl"
+    make_docs(docs, args.docs, args.doc_tokens)
     rows = []
 
     def shutdown(llm) -> None:
@@ -142,13 +174,9 @@ def main() -> None:
         print(f"{r['mode']:<45} {r['seconds']:>9.2f} {r['tokens_per_s']:>12,.0f} "
               f"{r['relative_to_plain_eager']:>14.2f}x")
 
-    card = card_name()
     result = {
         "benchmark": "bank_build",
-        "card": card,
-        "versions": {"vllm": vllm.__version__, "torch": torch.__version__,
-                     "vllm_msa": vllm_msa.__version__},
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "card": card_name(),
         "shape": args.shape,
         "documents": args.docs,
         "tokens": tokens,
@@ -158,12 +186,7 @@ def main() -> None:
         "goal": 0.8,
         "achieved": rows[0]["relative_to_plain_eager"],
     }
-    path = Path(args.json) if args.json else (
-        Path(__file__).parent / "results"
-        / f"bank_build-{args.shape}-{card.split()[-1].lower().replace('(', '')}.json")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\nwrote {path}")
+    write_result(result, args)
 
 
 if __name__ == "__main__":

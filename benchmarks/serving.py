@@ -10,15 +10,10 @@ layer's attention). Prints a table and writes the numbers (card, versions, comma
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import random
-import sys
 import time
-from pathlib import Path
 
-from bank_build import SHAPES, WORDS, card_name, make_docs
+from bank_build import WORDS, card_name, common_arguments, make_docs, prepare, write_result
 
 
 def questions(n: int, words: int, seed: int = 1) -> list[str]:
@@ -27,41 +22,22 @@ def questions(n: int, words: int, seed: int = 1) -> list[str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shape", choices=SHAPES, default="tiny")
-    parser.add_argument("--model", help="an existing MSA checkpoint (default: a random one)")
+    parser = common_arguments(__doc__.splitlines()[0])
     parser.add_argument("--bank", help="an existing bank of --model (default: build one)")
-    parser.add_argument("--docs", type=int, default=64)
-    parser.add_argument("--doc-tokens", type=int, default=200)
     parser.add_argument("--questions", type=int, default=64)
     parser.add_argument("--question-words", type=int, default=12)
     parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--work", default="/tmp/vllm-msa-bench")
-    parser.add_argument("--gpu-memory-utilization", type=float, default=0.85)
     parser.add_argument("--eager-only", action="store_true")
-    parser.add_argument("--json", help="write results here (default benchmarks/results/...)")
     args = parser.parse_args()
-    os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
+    work, ckpt, engine = prepare(args)
 
     import torch
-    import vllm
     from vllm import LLM, SamplingParams
 
-    import vllm_msa
     from vllm_msa.bank import MemoryBank
     from vllm_msa.bank.build import build_bank
     from vllm_msa.prompt import build_prompt
-    from vllm_msa.tiny import TinySpec, make_tiny_checkpoint
 
-    work = Path(args.work)
-    work.mkdir(parents=True, exist_ok=True)
-    ckpt = Path(args.model) if args.model else work / f"ckpt-{args.shape}"
-    if not args.model and not (ckpt / "model.safetensors").exists():
-        make_tiny_checkpoint(ckpt, TinySpec(**SHAPES[args.shape]))
-    engine = {"max_model_len": 4096, "gpu_memory_utilization": args.gpu_memory_utilization,
-              "seed": 0}
-    if not torch.cuda.is_available():
-        engine["dtype"] = "float32"
     if args.bank:
         bank = MemoryBank.open(args.bank, ckpt)
     else:
@@ -111,21 +87,12 @@ def main() -> None:
     result = {
         "benchmark": "serving",
         "card": card,
-        "versions": {"vllm": vllm.__version__, "torch": torch.__version__,
-                     "vllm_msa": vllm_msa.__version__},
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "shape": args.shape,
         "bank": {"documents": bank.num_documents, "tokens": bank.num_tokens,
                  "chunks": bank.num_chunks, "bytes": bank.tier_bytes()},
         "rows": rows,
     }
-    path = Path(args.json) if args.json else (
-        Path(__file__).parent / "results"
-        / f"serving-{args.shape}-{card.split()[-1].lower().replace('(', '')}.json")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\nwrote {path}")
-
+    write_result(result, args)
 
 if __name__ == "__main__":
     main()
