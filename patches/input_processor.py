@@ -19,6 +19,12 @@ _admissions: dict[int, Any] = {}
 _installed = False
 
 
+def admission_for(vllm_config: Any) -> Any | None:
+    """The admission installed for an engine's config (None: the engine serves no bank)."""
+    config, admission = _admissions.get(id(vllm_config), (None, None))
+    return admission if config is vllm_config else None
+
+
 def install_admission(vllm_config: Any, admission: Any) -> None:
     """Admit requests of engines built from `vllm_config` with `admission`."""
     global _installed

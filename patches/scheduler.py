@@ -1,4 +1,5 @@
-"""Never split an MSA request's prefill inside its routing span.
+"""Never split an MSA request's prefill inside its routing span; hand each step's document
+selections to the connector before that step's finished requests are released.
 
 What: scheduler subclasses whose `_reserve_prefill_lookahead` (the hook both the running and
 the waiting paths of `Scheduler.schedule` call on every prefill chunk, where 0 means "not this
@@ -8,7 +9,13 @@ chunked prefill off. The front end refuses spans longer than the per-step budget
 request is eventually scheduled.
 Why: routing needs the routing query of every span token, and every span token already
 attends to the selected memory (msa-spec §3), so the span is computed in one step.
-Versions: vLLM 0.32.x and 0.33.x (`Scheduler._reserve_prefill_lookahead`).
+
+Also: `update_from_output` first gives the step's worker reports to `MSAConnector`. vLLM frees
+requests that finish in a step (calling the connector's `request_finished`, which returns the
+selection) before it passes the step's connector output on; a request routed and finished in
+the same step (one generated token) would otherwise come back without its selection.
+Versions: vLLM 0.32.x and 0.33.x (`Scheduler._reserve_prefill_lookahead`,
+`Scheduler.update_from_output` freeing finished requests before `_update_from_kv_xfer_finished`).
 """
 
 from __future__ import annotations
@@ -28,10 +35,17 @@ def routing_span_end(request: Any) -> int | None:
     extra = params.extra_args if params is not None else None
     if not extra or "msa_span" not in extra:
         return None
-    return int(extra["msa_span"][1])
+    return int(extra["msa_span"][-1][1])  # sorted [start, end) routing ranges
 
 
-class _KeepRoutingSpanWhole:
+class _MSASchedulerMixin:
+    def update_from_output(self, scheduler_output, model_runner_output):
+        output = model_runner_output.kv_connector_output
+        take = getattr(self.connector, "take_selection_reports", None)
+        if output is not None and take is not None:
+            take(output)
+        return super().update_from_output(scheduler_output, model_runner_output)
+
     def _reserve_prefill_lookahead(self, request, num_computed_tokens, num_new_tokens):
         num_new_tokens = super()._reserve_prefill_lookahead(
             request, num_computed_tokens, num_new_tokens)
@@ -42,11 +56,11 @@ class _KeepRoutingSpanWhole:
         return num_new_tokens
 
 
-class MSAScheduler(_KeepRoutingSpanWhole, Scheduler):
+class MSAScheduler(_MSASchedulerMixin, Scheduler):
     pass
 
 
-class MSAAsyncScheduler(_KeepRoutingSpanWhole, AsyncScheduler):
+class MSAAsyncScheduler(_MSASchedulerMixin, AsyncScheduler):
     pass
 
 

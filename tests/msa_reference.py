@@ -9,6 +9,7 @@ and never imports the code under test.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
 import torch
@@ -151,7 +152,7 @@ class _Request:
 
     ref: ReferenceMSA
     bank: dict[int, BankLayer] | None
-    span: tuple[int, int]
+    span: list[tuple[int, int]]  # routing token ranges, in order
     routing: RoutingConfig | None
     selections: dict[int, list[int]] = field(default_factory=dict)
     scores: dict[int, list[float]] = field(default_factory=dict)
@@ -170,12 +171,12 @@ class _Request:
 
     def _route(self, layer: int, x: Tensor, q: Tensor) -> None:
         ref, cfg, bl = self.ref, self.routing, self.bank[layer]
-        lo, hi = self.span
+        rows = torch.tensor([i for lo, hi in self.span for i in range(lo, hi)])
         if ref.decouple:
             w = ref.w[f"model.layers.{layer}.self_attn.router_q_proj.0.weight"]
-            qr = (x[lo:hi] @ w.T).view(hi - lo, ref.heads, ref.head_dim)
+            qr = (x[rows] @ w.T).view(len(rows), ref.heads, ref.head_dim)
         else:
-            qr = q[lo:hi]
+            qr = q[rows]
         keys = bl.routing_keys
         if cfg.score == "cosine":
             qr, keys = _l2(qr), _l2(keys)
@@ -230,30 +231,37 @@ def forward_logits(ref: ReferenceMSA, token_ids: list[int], positions: Tensor,
 
 
 # -- public entry point ------------------------------------------------------------------------
-def reference_answer(ref: ReferenceMSA, prompt_ids: list[int], span: tuple[int, int],
+def reference_answer(ref: ReferenceMSA, prompt_ids: list[int],
+                     span: tuple[int, int] | list[tuple[int, int]],
                      docs: list[tuple[int, list[int]]] | None, *, top_k: int,
                      rope_offset_k: int, template_len: int, max_tokens: int,
                      head_reduce: str = "mean", query_reduce: str = "max",
-                     chunk_reduce: str = "max", score: str = "auto") -> ReferenceAnswer:
+                     chunk_reduce: str = "max", score: str = "auto",
+                     forced: list[int] | None = None) -> ReferenceAnswer:
     """Selections, scores, greedy tokens and logprobs of one request (spec §3).
 
-    docs=None is the plugin's no-bank path: plain causal Qwen3 at positions 0..n-1, no offset.
-    docs=[] or top_k=0 keeps the MSA layout (offset positions) with an empty memory.
+    `span` is the routing span [lo, hi) or a list of such ranges (their tokens, in order, form
+    the routing query). docs=None is the plugin's no-bank path: plain causal Qwen3 at
+    positions 0..n-1, no offset. docs=[] or top_k=0 keeps the MSA layout (offset positions)
+    with an empty memory. `forced` replaces the greedy choice by these tokens (logprobs are
+    still the model's), for outputs scripted through the engine.
     """
+    ranges = [tuple(span)] if isinstance(span[0], int) else [tuple(r) for r in span]
     if docs is None:
         request, template_len, rope_offset_k = None, 0, 0
     else:
-        if not template_len <= span[0] < span[1] <= len(prompt_ids):
+        bounds = [template_len, *(x for r in ranges for x in r), len(prompt_ids)]
+        if any(b < a for a, b in itertools.pairwise(bounds)) or any(a == b for a, b in ranges):
             raise ValueError(f"bad span {span} for template_len {template_len}")
         routing = RoutingConfig(top_k, head_reduce, query_reduce, chunk_reduce, score)
-        request = _Request(ref, encode_bank(ref, docs), span, routing)
+        request = _Request(ref, encode_bank(ref, docs), ranges, routing)
     tokens = list(prompt_ids)
     generated, logprobs = [], []
-    for _ in range(max_tokens):
+    for step in range(max_tokens):
         positions = request_positions(len(tokens), template_len, rope_offset_k)
         row = forward_logits(ref, tokens, positions, template_len, request)[-1]
         logprobs.append(row.log_softmax(-1))
-        generated.append(int(row.argmax()))
+        generated.append(int(row.argmax()) if forced is None else forced[step])
         tokens.append(generated[-1])
     if request is not None and max_tokens == 0:  # still route, so selections are reported
         positions = request_positions(len(tokens), template_len, rope_offset_k)

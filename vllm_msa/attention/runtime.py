@@ -171,7 +171,7 @@ class MemoryRuntime:
                                        "attached to this worker")
                 request = MemoryRequest(req_id, options, bank)
                 self.requests[req_id] = request
-            start, end = request.options.span
+            start, end = request.options.span_start, request.options.span_end
             if not request.selections and not (
                 first_position <= start and end <= first_position + num_tokens
             ):
@@ -202,7 +202,7 @@ class MemoryRuntime:
 
     # ------------------------------------------------------------------ attention
     def routing_query(self, layer: RouterLayer, q: torch.Tensor, h: torch.Tensor,
-                      rows: slice) -> torch.Tensor:
+                      rows: slice | torch.Tensor) -> torch.Tensor:
         """Qr of the routing-span tokens, all heads: [tokens, num_heads, head_dim]."""
         if self.msa.decouple_router:
             qr, _ = layer.attn.router_q_proj(h[rows])
@@ -217,9 +217,13 @@ class MemoryRuntime:
     def select(self, layer: RouterLayer, row: StepRow, q: torch.Tensor, h: torch.Tensor
                ) -> None:
         request = row.request
-        start, end = request.options.span
-        span_rows = slice(row.token_start + start - row.first_position,
-                          row.token_start + end - row.first_position)
+        shift = row.token_start - row.first_position  # request token i is step row i + shift
+        ranges = request.options.ranges
+        if len(ranges) == 1:
+            span_rows: slice | torch.Tensor = slice(ranges[0][0] + shift, ranges[0][1] + shift)
+        else:
+            span_rows = torch.cat([torch.arange(a + shift, b + shift, device=q.device)
+                                   for a, b in ranges])
         qr = self.routing_query(layer, q, h, span_rows)
         index: RoutingIndex = request.bank.index[layer.layer_idx]
         request.selections[layer.layer_idx] = route(qr, index, self.routing,

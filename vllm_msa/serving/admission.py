@@ -21,6 +21,7 @@ from .options import (
     RequestOptions,
     ServingConfig,
     parse_bool,
+    parse_routing,
     parse_top_k,
     requested_bank,
 )
@@ -40,6 +41,7 @@ class Admission:
         self.default_top_k = self.serving.configured_top_k(self.msa)
         self.banks = {name: BankFacts(b.num_documents, b.template_ids)
                       for name, b in banks.items()}
+        self.opened = dict(banks)  # document texts, for Memory Interleave's appends
         scheduler = vllm_config.scheduler_config
         budget = scheduler.max_num_batched_tokens
         if scheduler.long_prefill_token_threshold and scheduler.long_prefill_token_threshold > 0:
@@ -72,17 +74,24 @@ class Admission:
         top_k = parse_top_k(extra, min(self.default_top_k, facts.num_documents),
                             facts.num_documents)
         return_selection = parse_bool(extra, "msa_return_selection")
-        try:
-            span = find_routing_span(request.prompt_token_ids or [], facts.template_ids,
-                                     self.end_id(tokenizer))
-        except ValueError as e:
-            raise MSARequestError(str(e)) from None
-        if span[1] > self.step_budget:
+        prompt = list(request.prompt_token_ids or [])
+        template = facts.template_ids
+        ranges = parse_routing(extra, len(template), len(prompt))
+        if ranges is not None and prompt[: len(template)] != list(template):
+            raise MSARequestError("the prompt does not start with the MSA template head")
+        if ranges is None:
+            try:
+                ranges = (find_routing_span(prompt, template, self.end_id(tokenizer)),)
+            except ValueError as e:
+                raise MSARequestError(str(e)) from None
+        end = ranges[-1][1]
+        if end > self.step_budget:
             raise MSARequestError(
-                f"the routing span ends at token {span[1]}, but the engine schedules at most "
-                f"{self.step_budget} tokens per step and routing needs the whole span in one "
-                "step; shorten the question or raise --max-num-batched-tokens")
-        options = RequestOptions(bank, top_k, span, return_selection)
+                f"the routing span ends at token {end}, but the engine schedules at most "
+                f"{self.step_budget} tokens per step and routing needs every token up to the "
+                "span's end in one step; shorten the question or raise "
+                "--max-num-batched-tokens")
+        options = RequestOptions(bank, top_k, ranges, return_selection)
         extra.update(options.to_extra_args())
         params.extra_args = extra
         request.cache_salt = f"{request.cache_salt or ''}|msa:{uuid.uuid4().hex}"

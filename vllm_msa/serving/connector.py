@@ -33,6 +33,7 @@ class SelectionReport(KVConnectorWorkerMetadata):
     """req_id -> {"bank": name, "layers": {layer: {"doc_ids", "scores"}}} made this step."""
 
     selections: dict[str, dict[str, Any]] = field(default_factory=dict)
+    taken: bool = False  # already handed to the scheduler-side connector
 
     def aggregate(self, other: KVConnectorWorkerMetadata) -> KVConnectorWorkerMetadata:
         # Tensor-parallel ranks report identical selections; pipeline stages report their
@@ -92,8 +93,15 @@ class MSAConnector(KVConnectorBase_V1):
         return _NoMetadata()
 
     def update_connector_output(self, connector_output: Any) -> None:
+        self.take_selection_reports(connector_output)
+
+    def take_selection_reports(self, connector_output: Any) -> None:
+        """Keep a step's selections until their requests finish. The MSA scheduler calls this
+        before vLLM frees the step's finished requests; vLLM's own call comes later and finds
+        the report already taken."""
         report = connector_output.kv_connector_worker_meta
-        if isinstance(report, SelectionReport):
+        if isinstance(report, SelectionReport) and not report.taken:
+            report.taken = True
             for req_id, selection in report.selections.items():
                 kept = self._selections.setdefault(
                     req_id, {"bank": selection["bank"], "layers": {}})

@@ -13,9 +13,11 @@ Engine-wide (`LLM(..., additional_config={"msa": {...}})` or
 - `staging_mib`: size of the device staging pool for selected documents' K̄/V̄.
 
 Per request (`SamplingParams.extra_args`, or `vllm_xargs` over HTTP): `msa_bank`, `msa_top_k`,
-`msa_return_selection`. The front end validates them and records the routing span it found
-in the prompt as `msa_span` (see `vllm_msa.prompt`), so workers and the scheduler never
-re-derive it.
+`msa_return_selection`, and `msa_routing` — explicit routing token ranges `[[start, end], ...]`
+for prompts whose routing query is not one contiguous user text (Memory Interleave's re-routing
+rounds: the question plus the latest retrieved texts). The front end validates them and records
+the routing ranges (found in the prompt, see `vllm_msa.prompt`, or given) as `msa_span`, so
+workers and the scheduler never re-derive them.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ DEFAULT_STAGING_MIB = 256
 _BANK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 # Keys a request may set; `msa_span` is written by the front end, never by callers.
-REQUEST_KEYS = frozenset({"msa_bank", "msa_top_k", "msa_return_selection"})
+REQUEST_KEYS = frozenset({"msa_bank", "msa_top_k", "msa_return_selection", "msa_routing"})
 SPAN_KEY = "msa_span"
 
 
@@ -112,14 +114,23 @@ class RequestOptions:
 
     bank: str
     top_k: int
-    span: tuple[int, int]
+    ranges: tuple[tuple[int, int], ...]  # routing tokens: sorted, disjoint [start, end) ranges
     return_selection: bool
+
+    @property
+    def span_start(self) -> int:
+        return self.ranges[0][0]
+
+    @property
+    def span_end(self) -> int:
+        """One past the last routing token: routing happens in the step that computes it."""
+        return self.ranges[-1][1]
 
     def to_extra_args(self) -> dict[str, Any]:
         return {
             "msa_bank": self.bank,
             "msa_top_k": self.top_k,
-            SPAN_KEY: [self.span[0], self.span[1]],
+            SPAN_KEY: [[a, b] for a, b in self.ranges],
             "msa_return_selection": self.return_selection,
         }
 
@@ -128,8 +139,8 @@ class RequestOptions:
         """Options the front end already validated (None: the request has no memory)."""
         if not extra or SPAN_KEY not in extra:
             return None
-        start, end = extra[SPAN_KEY]
-        return cls(extra["msa_bank"], int(extra["msa_top_k"]), (int(start), int(end)),
+        ranges = tuple((int(a), int(b)) for a, b in extra[SPAN_KEY])
+        return cls(extra["msa_bank"], int(extra["msa_top_k"]), ranges,
                    bool(extra.get("msa_return_selection", False)))
 
 
@@ -175,3 +186,35 @@ def parse_bool(extra: Mapping[str, Any], key: str) -> bool:
     if isinstance(raw, str) and raw.lower() in ("true", "false", "1", "0"):
         return raw.lower() in ("true", "1")
     raise MSARequestError(f"{key} must be a boolean, got {raw!r}")
+
+
+def parse_routing(extra: Mapping[str, Any], template_len: int, prompt_len: int
+                  ) -> tuple[tuple[int, int], ...] | None:
+    """Explicit routing ranges (`msa_routing`), checked against the prompt; None if absent."""
+    raw = extra.get("msa_routing")
+    if raw is None:
+        return None
+    if isinstance(raw, str):  # vllm_xargs values may arrive as JSON strings
+        import json
+
+        try:
+            raw = json.loads(raw)
+        except ValueError:
+            raise MSARequestError(f"msa_routing must be a list of [start, end] token ranges, "
+                                  f"got {raw!r}") from None
+    shape_ok = isinstance(raw, (list, tuple)) and len(raw) > 0 and all(
+        isinstance(r, (list, tuple)) and len(r) == 2
+        and all(isinstance(x, int) and not isinstance(x, bool) for x in r) for r in raw)
+    if not shape_ok:
+        raise MSARequestError(
+            f"msa_routing must be a non-empty list of [start, end] token ranges, got {raw!r}")
+    ranges = tuple((int(a), int(b)) for a, b in raw)
+    previous_end = template_len
+    for a, b in ranges:
+        if a < previous_end or b <= a or b > prompt_len:
+            raise MSARequestError(
+                f"msa_routing {[list(r) for r in ranges]}: ranges must be non-empty, sorted, "
+                f"disjoint, after the {template_len}-token template head and inside the "
+                f"{prompt_len}-token prompt")
+        previous_end = b
+    return ranges
