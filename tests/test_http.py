@@ -2,7 +2,10 @@
 `vllm serve` runs it) driven by a real client, compared with the independent reference.
 
 One server serves a bank ("docs") and plain requests; its step budget is small (96 tokens) so
-concurrent requests must share steps, which is where a routing span could be split.
+concurrent requests must share steps, which is where a routing span could be split. It also
+loads the scripted-outputs logits processor (tests/scripted_outputs.py) for the Memory
+Interleave route; the 96-token budget is what stops retrieval there when appended documents
+would make the routing span too long for one step.
 """
 
 from __future__ import annotations
@@ -17,8 +20,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
+from interleave_reference import simulate
 from msa_reference import reference_answer
 from reference import ReferenceMSA
+from scripted_outputs import KEY
 from test_serving import bank_docs, expected_prompt
 
 pytestmark = pytest.mark.slow
@@ -47,8 +52,10 @@ def server(checkpoints, default_banks, tmp_path_factory):
            "--dtype", "float32", "--max-model-len", "1024", "--gpu-memory-utilization", "0.3",
            "--enforce-eager", "--max-num-batched-tokens", str(STEP_BUDGET),
            "--max-num-seqs", "8", "--port", str(port), "--additional-config",
-           json.dumps(config)]
-    env = {**os.environ, "VLLM_PLUGINS": "msa,msa_answer"}
+           json.dumps(config), "--logits-processors", "scripted_outputs:ScriptedOutputs"]
+    tests = os.path.dirname(os.path.abspath(__file__))
+    path = os.pathsep.join(p for p in (tests, os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "VLLM_PLUGINS": "msa,msa_answer", "PYTHONPATH": path}
     log = open(tmp / "server.log", "w")  # noqa: SIM115 - closed below
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
@@ -192,7 +199,7 @@ def test_answer_route(server, tokenizer, reference):
     ids, span = expected_prompt(tokenizer, question)
     expected = reference(ids, span)
     response = post(server, "/v1/msa/answer", {"bank": "docs", "question": question,
-                                               "max_tokens": MAX_TOKENS,
+                                               "max_tokens": MAX_TOKENS, "interleave": False,
                                                "return_selection": True})
     assert response.status_code == 200, response.text
     data = response.json()
@@ -204,8 +211,15 @@ def test_answer_route(server, tokenizer, reference):
         assert len(report["scores"]) == len(report["doc_ids"])
     # Without the flag, no selection.
     plain = post(server, "/v1/msa/answer", {"bank": "docs", "question": question,
-                                            "max_tokens": 2}).json()
+                                            "max_tokens": 2, "interleave": False}).json()
     assert "selection" not in plain
+    # A request routed and finished in the same step still reports its selection.
+    one = post(server, "/v1/msa/answer", {"bank": "docs", "question": question,
+                                          "max_tokens": 1, "interleave": False,
+                                          "return_selection": True}).json()
+    for layer in reference.router_layers:
+        assert sorted(one["selection"]["layers"][str(layer)]["doc_ids"]) == \
+            expected.selections[layer]
 
 
 @pytest.mark.parametrize(("path", "body", "message"), [
@@ -215,6 +229,12 @@ def test_answer_route(server, tokenizer, reference):
     ("/v1/msa/answer", {"bank": "docs", "question": "q?", "colour": 1}, "colour"),
     ("/v1/msa/answer", {"bank": "docs", "question": "long " * 200}, "routing span ends"),
     ("/v1/msa/answer", [1, 2], "JSON object"),
+    ("/v1/msa/answer", {"bank": "docs", "question": "q?", "stop": ["x"]}, "stop"),
+    ("/v1/msa/answer", {"bank": "docs", "question": "q?", "vllm_xargs": {"msa_bank": "x"}},
+     "vllm_xargs may not set msa_bank"),
+    ("/v1/msa/answer", {"bank": "docs", "question": "q?", "interleave": False,
+                        "stream": True}, "stream"),
+    ("/v1/msa/answer", {"bank": "docs", "question": "q?", "max_rounds": 0}, "max_rounds"),
     ("completions", {"msa_bank": "nope"}, "unknown bank"),
     ("completions", {"msa_bank": "docs", "msa_top_k": "many"}, "msa_top_k"),
     ("completions", {"msa_bank": "docs", "msa_top_k": 0}, "msa_top_k"),
@@ -238,3 +258,97 @@ def test_bad_requests_get_400_and_server_stays_up(server, tokenizer, path, body,
     ok = post(server, "/v1/msa/answer", {"bank": "docs", "question": "Still there?",
                                          "max_tokens": 1})
     assert ok.status_code == 200, ok.text
+
+
+# -- Memory Interleave -------------------------------------------------------------------------
+INTERLEAVE = {
+    # unknown ids -> a bare delimiter -> round 2 routes on the question alone -> answer
+    "unknown ids": ("Which river flooded the old mill?", [
+        "[404]<|object_ref_end|>", "<End-of-Retrieve>",
+        "The answer to the question is: the Amazon<|im_end|>"]),
+    # a known id: its text would end the routing span beyond the 96-token step budget, so
+    # retrieval stops and the model answers
+    "context": ("Who repaired the lighthouse lamp?", [
+        "[3]<|object_ref_end|>", "The answer to the question is: Marie<|im_end|>"]),
+    "direct answer": ("Where was the treaty signed?", [
+        "The answer to the question is: Paris<|im_end|>"]),
+}
+
+
+def interleave_body(server, tokenizer, question, texts, **extra):
+    bank = server["bank"]
+    outputs = [tokenizer.encode(t, add_special_tokens=False) for t in texts]
+    expected = simulate(tokenizer, question, {d: bank.text(d) for d in bank.doc_ids}, outputs,
+                        budget=STEP_BUDGET, max_len=1024)
+    script = {str(len(step.prompt)): step.output for step in expected.steps}
+    body = {"bank": "docs", "question": question, "return_selection": True,
+            "vllm_xargs": {KEY: script}, **extra}
+    return body, expected
+
+
+def check_interleave(data, expected, tokenizer) -> None:
+    assert data["error"] is None, data["error"]
+    assert len(data["steps"]) == len(expected.steps)
+    for got, want in zip(data["steps"], expected.steps, strict=True):
+        assert got["prompt_tokens"] == len(want.prompt)
+        assert [tuple(r) for r in got["routing"]] == want.routing
+        assert got["text"] == tokenizer.decode(want.output, skip_special_tokens=False)
+        assert (got["round"], got["phase"], got["outcome"]) == \
+            (want.round, want.phase, want.outcome)
+        assert (got["doc_ids"], got["unknown_ids"], got["dropped_ids"]) == \
+            (want.doc_ids, want.unknown_ids, want.dropped_ids)
+    assert data["stopped_by"] == expected.stopped_by
+    assert data["answer"] == expected.answer
+
+
+def test_interleave_route_concurrent(server, tokenizer):
+    cases = [interleave_body(server, tokenizer, q, t) for q, t in INTERLEAVE.values()]
+    with ThreadPoolExecutor(len(cases)) as pool:
+        responses = list(pool.map(lambda c: post(server, "/v1/msa/answer", c[0]), cases))
+    for response, (_, expected) in zip(responses, cases, strict=True):
+        assert response.status_code == 200, response.text
+        check_interleave(response.json(), expected, tokenizer)
+    unknown, context, direct = (r.json() for r in responses)
+    assert unknown["steps"][0]["unknown_ids"] == [404]
+    assert context["stopped_by"] == "context" and context["retrieved_doc_ids"] == []
+    assert direct["answer"] == "Paris" and direct["rounds"] == 1
+    # The re-routing round routes on the question alone: the float64 pipeline, given the same
+    # prompt and that one range, selects the same documents.
+    ref = ReferenceMSA(server["ckpt"])
+    step = cases[0][1].steps[1]
+    want = reference_answer(ref, step.prompt, step.routing, bank_docs(tokenizer, server["bank"]),
+                            top_k=4, rope_offset_k=4, template_len=3, max_tokens=0)
+    layers = unknown["steps"][1]["selection"]["layers"]
+    for layer in ref.router_layers:
+        assert sorted(layers[str(layer)]["doc_ids"]) == want.selections[layer]
+
+
+def test_interleave_streaming(server, tokenizer):
+    question, texts = INTERLEAVE["unknown ids"]
+    body, expected = interleave_body(server, tokenizer, question, texts, stream=True)
+    events = []
+    with httpx.stream("POST", server["base"] + "/v1/msa/answer", json=body,
+                      timeout=120) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in response.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "data: [DONE]"
+    events = [json.loads(line[len("data: "):]) for line in lines[:-1]]
+    result = events[-1]
+    assert result["type"] == "result"
+    check_interleave(result, expected, tokenizer)
+    # Steps are announced as they finish, in order, each after its own text deltas.
+    steps = [e for e in events if e["type"] == "step"]
+    assert [(s["round"], s["phase"]) for s in steps] == \
+        [(s.round, s.phase) for s in expected.steps]
+    text, announced = "", 0
+    for event in events[:-1]:
+        if event["type"] == "delta":
+            text += event["text"]
+        else:
+            assert event == {"type": "step", **result["steps"][announced]}
+            assert text == event["text"]
+            text, announced = "", announced + 1
+    unstreamed = post(server, "/v1/msa/answer", {**body, "stream": False}).json()
+    assert {k: v for k, v in unstreamed.items() if k != "id"} == \
+        {k: v for k, v in result.items() if k not in ("id", "type")}

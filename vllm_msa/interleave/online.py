@@ -70,6 +70,7 @@ class InterleaveRun:
             else:
                 (outputs, first), pending = pending, None
             step = conversation.steps[-1]
+            streamed = ""
             tokens: list[int] = []
             logprobs: list[Any] = []
             final = None
@@ -80,6 +81,7 @@ class InterleaveRun:
                         tokens += completion.token_ids
                         logprobs += completion.logprobs or []
                         if emit is not None and completion.text:
+                            streamed += completion.text
                             await emit({"type": "delta", "round": step.round,
                                         "phase": step.phase, "text": completion.text})
                     else:
@@ -94,6 +96,10 @@ class InterleaveRun:
             conversation.advance(tokens, completion.finish_reason, selection,
                                  logprobs or None)
             if emit is not None:
+                # vLLM's text leaves out stop tokens; the step's text (all its tokens) has them.
+                if step.text.startswith(streamed) and len(step.text) > len(streamed):
+                    await emit({"type": "delta", "round": step.round, "phase": step.phase,
+                                "text": step.text[len(streamed):]})
                 await emit({"type": "step", **step.to_json()})
         return conversation.result()
 
