@@ -1,12 +1,14 @@
-"""The `vllm-msa` command line: tiny checkpoints and memory banks (build, info, verify)."""
+"""The `vllm-msa` command line: tiny checkpoints and memory banks (build, synth, info, verify)."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
+import math
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from .bank.format import DEFAULT_SEGMENT_MB
@@ -60,6 +62,28 @@ def _add_bank_parsers(sub, with_engine_args: bool) -> None:
     else:
         build.add_argument("--model", required=True)
 
+    synth = bsub.add_parser(
+        "synth",
+        help="write a bank of random tensors shaped for a model (capacity planning, speed work)",
+        description="Write a synthetic bank: the real format (loads and serves with --model's "
+        "checkpoint) filled with random K/V/routing keys and placeholder texts, without "
+        "encoding. Prints the predicted size first. Interrupted runs resume when re-run.",
+    )
+    synth.add_argument("--model", required=True, help="checkpoint the bank is shaped for")
+    synth.add_argument("--tokens", required=True, type=_count,
+                       help="total memory tokens, e.g. 1000000, 100M, 1.5G")
+    synth.add_argument("--doc-tokens", required=True, type=_count,
+                       help="tokens per document (the last one gets the remainder)")
+    synth.add_argument("--out", required=True, help="bank directory to create (or resume)")
+    synth.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                       help="dtype the model will be served in (default: its config)")
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--segment-mb", type=_positive_float, default=DEFAULT_SEGMENT_MB,
+                       help="bank data per resumable segment, MiB (default %(default)s)")
+    synth.add_argument("--dry-run", action="store_true",
+                       help="print the predicted bank and write nothing")
+    synth.add_argument("--no-progress", action="store_true")
+
     info = bsub.add_parser("info", help="what a bank holds and where it will sit")
     info.add_argument("bank")
     info.add_argument("--json", action="store_true", help="machine-readable output")
@@ -68,6 +92,33 @@ def _add_bank_parsers(sub, with_engine_args: bool) -> None:
     verify.add_argument("bank")
     verify.add_argument("--model", help="checkpoint the bank must match")
     verify.add_argument("--dtype", help="dtype the model will be served in (default: its config)")
+
+
+_SUFFIXES = {"k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
+
+
+def _count(text: str) -> int:
+    """A positive integer, optionally with a decimal suffix: 4096, 100M, 1.5G."""
+    scale = _SUFFIXES.get(text[-1:].lower(), 1)
+    try:
+        value = float(text[:-1] if scale > 1 else text) * scale
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a count such as 4096 or 100M, got {text!r}"
+        ) from None
+    if not math.isfinite(value) or value != int(value) or value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}")
+    return int(value)
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text!r}")
+    return value
 
 
 def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
@@ -122,6 +173,7 @@ def bank_summary(bank) -> dict[str, Any]:
             "on_disk": sum(f["bytes"] for f in bank.manifest["files"].values()),
         },
         "model_fingerprint": info.fingerprint,
+        "synthetic": "synthetic" in (bank.manifest.get("source") or {}),
     }
 
 
@@ -142,6 +194,8 @@ def _print_info(s: dict[str, Any]) -> None:
         ("on disk", _human(b["on_disk"])),
         ("model fingerprint", s["model_fingerprint"]),
     ]
+    if s.get("synthetic"):
+        rows.insert(2, ("content", "SYNTHETIC: random tensors, placeholder texts (bank synth)"))
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{width}}  {v}")
@@ -165,6 +219,8 @@ def _run(args: argparse.Namespace) -> int:
                           progress=not args.no_progress, **_engine_kwargs(args))
         _print_info(bank_summary(bank))
         return 0
+    if args.bank_cmd == "synth":
+        return _synth(args)
     if args.bank_cmd == "info":
         summary = bank_summary(MemoryBank.open(args.bank))
         if args.json:
@@ -183,6 +239,26 @@ def _run(args: argparse.Namespace) -> int:
         print(f"OK {bank.path}: {len(bank.manifest['files'])} files intact{fit}")
         return 0
     raise AssertionError(args)
+
+
+def _synth(args: argparse.Namespace) -> int:
+    from .bank import MemoryBank
+    from .bank.synth import plan_synth, synth_bank
+
+    plan = plan_synth(args.model, args.tokens, args.doc_tokens, dtype=args.dtype,
+                      seed=args.seed, segment_mb=args.segment_mb)
+    last = plan.doc_num_tokens(plan.num_documents - 1)
+    shorter = f", the last one {last:,}" if last != plan.doc_tokens else ""
+    print(f"predicted bank: {plan.num_documents:,} synthetic documents of "
+          f"{plan.doc_tokens:,} tokens{shorter}")
+    _print_info(bank_summary(MemoryBank(Path(args.out), plan.predicted_manifest())))
+    if args.dry_run:
+        return 0
+    sys.stdout.flush()
+    bank = synth_bank(plan, args.out, progress=not args.no_progress)
+    print()
+    _print_info(bank_summary(bank))
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,6 +47,17 @@ class EncodedDocument:
     id: int
     num_tokens: int
     pooled: torch.Tensor
+
+
+@dataclass(frozen=True)
+class PreparedSegment:
+    """A run of documents serialised and hashed but not yet on disk (`prepare_segment`)."""
+
+    data: bytes
+    documents: int
+    chunks: int
+    tokens: int
+    sha256: str
 
 
 class BankExistsError(BankError):
@@ -103,28 +114,82 @@ class BankWriter:
         if not docs:
             return
         pooled = torch.cat([d.pooled for d in docs])  # [chunks, R, 3, kv, hd]
+        layers = {
+            layer: {name: pooled[:, r, i] for i, name in enumerate(POOLED_ORDER)}
+            for r, layer in enumerate(self.model.router_layers)
+        }
+        self.add_pooled_segment([d.id for d in docs], [d.num_tokens for d in docs],
+                                [d.pooled.shape[0] for d in docs], layers)
+
+    def add_pooled_segment(
+        self,
+        doc_ids: Sequence[int],
+        doc_num_tokens: Sequence[int],
+        doc_num_chunks: Sequence[int],
+        layers: Mapping[int, Mapping[str, torch.Tensor]],
+    ) -> None:
+        """Durably append the next run of documents given as whole-run tensors.
+
+        `layers[L][name]` (every router layer L, every name in `POOLED_ORDER`) is
+        [sum(doc_num_chunks), kv, hd] in the bank dtype. Producers that already hold per-layer
+        tensors (the synthetic generator) use this, or its two halves, directly and skip
+        `add_segment`'s per-document concatenation; every path writes identical segments.
+        """
+        if doc_ids:
+            self.commit_segment(
+                self.prepare_segment(doc_ids, doc_num_tokens, doc_num_chunks, layers)
+            )
+
+    def prepare_segment(
+        self,
+        doc_ids: Sequence[int],
+        doc_num_tokens: Sequence[int],
+        doc_num_chunks: Sequence[int],
+        layers: Mapping[int, Mapping[str, torch.Tensor]],
+    ) -> PreparedSegment:
+        """Check, serialise and hash a run of documents (see `add_pooled_segment`).
+
+        Touches no writer state, so several runs may be prepared in parallel threads (the
+        CPU-bound part of writing); `commit_segment` then appends them one by one, in order.
+        """
+        if not doc_ids:
+            raise ValueError("a segment needs at least one document")
+        if not len(doc_ids) == len(doc_num_tokens) == len(doc_num_chunks):
+            raise ValueError("doc_ids, doc_num_tokens and doc_num_chunks differ in length")
+        num_chunks = sum(doc_num_chunks)
+        shape = (num_chunks, self.model.num_kv_heads, self.model.head_dim)
+        dtype = getattr(torch, self.model.dtype)
         tensors: dict[str, torch.Tensor] = {}
-        for r, layer in enumerate(self.model.router_layers):
-            for i, name in enumerate(POOLED_ORDER):
-                tensors[layer_key(layer, name)] = pooled[:, r, i].contiguous()
-        num_chunks = [d.pooled.shape[0] for d in docs]
-        tensors["chunk_doc_ids"] = torch.repeat_interleave(
-            torch.tensor([d.id for d in docs], dtype=torch.int64),
-            torch.tensor(num_chunks, dtype=torch.int64),
-        )
-        tensors["doc_ids"] = torch.tensor([d.id for d in docs], dtype=torch.int64)
-        tensors["doc_num_chunks"] = torch.tensor(num_chunks, dtype=torch.int64)
-        tensors["doc_num_tokens"] = torch.tensor([d.num_tokens for d in docs], dtype=torch.int64)
+        for layer in self.model.router_layers:
+            for name in POOLED_ORDER:
+                t = layers[layer][name]
+                if tuple(t.shape) != shape or t.dtype != dtype:
+                    raise ValueError(
+                        f"layer {layer} {name}: got {tuple(t.shape)} {t.dtype}, the bank "
+                        f"needs {shape} {dtype}"
+                    )
+                tensors[layer_key(layer, name)] = t.contiguous()
+        ids = torch.tensor(list(doc_ids), dtype=torch.int64)
+        chunks = torch.tensor(list(doc_num_chunks), dtype=torch.int64)
+        tensors["chunk_doc_ids"] = torch.repeat_interleave(ids, chunks)
+        tensors["doc_ids"] = ids
+        tensors["doc_num_chunks"] = chunks
+        tensors["doc_num_tokens"] = torch.tensor(list(doc_num_tokens), dtype=torch.int64)
         data = save(tensors)
+        return PreparedSegment(data, len(doc_ids), num_chunks, sum(doc_num_tokens),
+                               hashlib.sha256(data).hexdigest())
+
+    def commit_segment(self, segment: PreparedSegment) -> None:
+        """Durably append a prepared run as the next segment (in bank order)."""
         name = segment_name(len(self.segments))
-        write_atomic(self.out / name, data)
+        write_atomic(self.out / name, segment.data)
         self.segments.append({
             "file": name,
-            "documents": len(docs),
-            "chunks": sum(num_chunks),
-            "tokens": sum(d.num_tokens for d in docs),
-            "sha256": hashlib.sha256(data).hexdigest(),
-            "bytes": len(data),
+            "documents": segment.documents,
+            "chunks": segment.chunks,
+            "tokens": segment.tokens,
+            "sha256": segment.sha256,
+            "bytes": len(segment.data),
         })
         self._save_state()
 
@@ -153,26 +218,37 @@ class BankWriter:
                  for seg in self.segments}
         for name, data in ((TEMPLATE_FILE, template_data), (DOCUMENTS_FILE, docs_data)):
             files[name] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
-        manifest = {
-            "format": FORMAT_NAME,
-            "format_version": FORMAT_VERSION,
-            "created_by": f"vllm-msa {__version__}",
-            "model": self.model.to_json(),
-            "source": self.source,
-            "counts": {
-                "documents": self.num_done_documents,
-                "chunks": sum(seg["chunks"] for seg in self.segments),
-                "tokens": sum(seg["tokens"] for seg in self.segments),
-                "template_tokens": len(template_ids),
-            },
-            "segments": [
-                {k: seg[k] for k in ("file", "documents", "chunks", "tokens")}
-                for seg in self.segments
-            ],
-            "files": files,
-        }
+        manifest = build_manifest(self.model, self.source, self.segments, files,
+                                  len(template_ids))
         write_json_atomic(self.out / MANIFEST, manifest)
         (self.out / BUILD_STATE).unlink(missing_ok=True)
         for stale in (self.out / SEGMENTS_DIR).glob("*.tmp"):
             stale.unlink(missing_ok=True)
 
+
+def build_manifest(
+    model: ModelInfo,
+    source: dict[str, Any],
+    segments: Sequence[dict[str, Any]],
+    files: dict[str, dict[str, Any]],
+    template_tokens: int,
+) -> dict[str, Any]:
+    """The manifest of a bank with these segments and files (`finish()` commits it; the
+    synthetic generator's dry run shows a predicted one through `bank info`'s summary)."""
+    return {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "created_by": f"vllm-msa {__version__}",
+        "model": model.to_json(),
+        "source": source,
+        "counts": {
+            "documents": sum(seg["documents"] for seg in segments),
+            "chunks": sum(seg["chunks"] for seg in segments),
+            "tokens": sum(seg["tokens"] for seg in segments),
+            "template_tokens": template_tokens,
+        },
+        "segments": [
+            {k: seg[k] for k in ("file", "documents", "chunks", "tokens")} for seg in segments
+        ],
+        "files": files,
+    }
