@@ -70,7 +70,7 @@ class MemoryBank:
             if (path / BUILD_STATE).exists():
                 raise BankError(
                     f"{path} is an unfinished bank build (no {MANIFEST}); re-run the same "
-                    "`vllm-msa bank build` command to finish it"
+                    "`vllm-msa bank build` (or `bank synth`) command to finish it"
                 )
             raise BankError(f"{path} is not a bank: {MANIFEST} is missing")
         manifest = read_json(path / MANIFEST, "bank manifest")
