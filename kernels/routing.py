@@ -1,0 +1,508 @@
+"""Fused, batched MSA routing (msa-spec §3) in Triton: R requests against one router layer.
+
+Semantics are exactly `vllm_msa.attention.routing.route`, run for every request of a batch:
+
+    s(t, h, c) = q[t, h] . key[c, h // (H / KV)]     (q L2-normalised for cosine, times scale)
+    S(c)       = reduce_t reduce_h s(t, h, c)        (head: mean | max; query: max | mean | last)
+    score(d)   = max | mean of S over the document's chunks
+    selection  = top-k documents by score, ties to the smaller document id, all if fewer than k
+
+Layout of the work (one router layer, one call):
+
+1. `_chunk_scores_kernel`: the grid runs over tiles of BLOCK_C chunks. The routing tokens of
+   all requests form one stream, cut into blocks of BLOCK_T tokens that may span requests. A
+   program walks the token blocks and, for each, the KV heads: it loads the key tile
+   [BLOCK_C, head_dim] of a KV head and multiplies it with the query heads that share it
+   (`tl.dot`, bf16 inputs and fp32 accumulation on tensor cores; IEEE fp32 for fp32 keys).
+   Heads are reduced in registers, then each block's columns are reduced into the requests
+   they belong to (a request's running max/sum carries over to the next block; its S(c) is
+   stored when it ends). So the [tokens, heads, chunks] score tensor never exists anywhere;
+   only S(c) per request ([R, C] fp32: 4 bytes per chunk and request, against 2 * KV * D
+   bytes of key per chunk) is written. The key tiles come from HBM once per call: with one
+   token block (up to BLOCK_T tokens in all) they are read exactly once; further blocks re-read
+   the program's tile while it is hot in L2. With head_reduce "mean" the query heads of a group
+   are summed before the kernel (mean_h q_h . k_kv(h) = sum_kv (sum_g q_kv,g / H) . k_kv:
+   linear), which divides the tensor-core work by the group size; "max" needs every head.
+2. `_document_keys_kernel`: chunk scores -> document scores (max | mean over the document's
+   contiguous chunks, in chunk order, so identical documents get bit-identical scores; means
+   divide with IEEE rounding, like torch) -> one int64 sort key per document: the
+   order-preserving int32 image of the fp32 score in the high half and (N - 1 - rank of the
+   document id) in the low half, so the largest keys are the best documents with ties going
+   to the smaller id. Each program of BLOCK_N documents hands up its TOP largest keys
+   (TOP = k rounded up to a power of two, for k <= 64; else every key), and
+3. `torch.topk` over those candidates is the whole selection (exact tie rule, no sort of N);
+   ids and scores are decoded from the chosen keys (the keys hold the scores' bits).
+
+Triton's import is guarded (this module imports on CPU-only machines): without Triton, or
+without a GPU outside Triton's interpreter, `route_batched` runs `route_batched_reference`,
+the plain-torch loop over `route`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import itertools
+import os
+from dataclasses import dataclass
+
+import torch
+
+from vllm_msa.attention.routing import RoutingIndex, Selection, route
+from vllm_msa.config import MSAParams
+
+try:  # pragma: no cover - depends on the environment
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover
+    triton = None
+    tl = None
+
+HAS_TRITON = triton is not None
+# Triton's CPU interpreter (TRITON_INTERPRET=1) runs the kernels on CPU tensors; it cannot
+# multiply bf16 operands, so under it the kernel upcasts them to fp32 first (exact products:
+# a bf16 x bf16 product fits in fp32), which computes the same function.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """Tile sizes of `_chunk_scores_kernel`; `None` fields are chosen from the inputs."""
+
+    block_c: int | None = None  # chunks per program
+    block_t: int | None = None  # at most this many routing tokens per block (power of two)
+    num_warps: int | None = None
+    num_stages: int | None = None
+    block_n: int = 1024  # documents per program of the document kernel
+
+
+# Per-block candidates are used for top-k up to this (else keys for every document + topk).
+MAX_BLOCK_TOP = 64
+
+
+def default_config(keys_dtype: torch.dtype, head_max: bool = False) -> KernelConfig:
+    """Tiles by keys dtype and head reduce. Measured on an H100 for the MSA-4B shape
+    (benchmarks/results/routing-*.json, "sweep"); where a default does not fit a shape's
+    shared memory, `route_batched` shrinks it (stages, then token and chunk blocks)."""
+    if keys_dtype == torch.float32:  # tests / fp32 banks: fp32 tiles are twice the bytes
+        return KernelConfig(block_c=64, block_t=64, num_warps=4, num_stages=2)
+    if head_max:  # every query head of a group is a tile of its own: fewer stages fit
+        return KernelConfig(block_c=128, block_t=64, num_warps=8, num_stages=2)
+    return KernelConfig(block_c=128, block_t=128, num_warps=8, num_stages=3)
+
+
+@dataclass(frozen=True)
+class PreparedRoutingIndex:
+    """A `RoutingIndex` plus what the kernels need of it, computed once per bank layer."""
+
+    index: RoutingIndex
+    keys: torch.Tensor  # [C, KV, D], contiguous
+    doc_start: torch.Tensor  # [N + 1] int64: document d's chunks are doc_start[d]:doc_start[d+1]
+    tiebreak: torch.Tensor  # [N] int64: N - 1 - (rank of the document id): larger wins a tie
+    ids_by_tiebreak: torch.Tensor  # [N] int64: the document id of each tiebreak value
+
+
+def prepare_index(index: RoutingIndex | PreparedRoutingIndex) -> PreparedRoutingIndex:
+    """Document offsets and id ranks of `index` (its chunks must be grouped by document, in
+    bank order, as `RoutingIndex.from_bank` makes them)."""
+    if isinstance(index, PreparedRoutingIndex):
+        return index
+    keys = index.routing_keys.contiguous()
+    docs = index.chunk_doc_index.to(device=keys.device, dtype=torch.int64)
+    n = index.num_documents
+    if docs.numel() > 1 and bool((docs[1:] < docs[:-1]).any()):
+        raise ValueError("routing index: a document's chunks must be contiguous, in bank order")
+    counts = torch.bincount(docs, minlength=n)
+    doc_start = torch.zeros(n + 1, dtype=torch.int64, device=keys.device)
+    torch.cumsum(counts, 0, out=doc_start[1:])
+    doc_ids = index.doc_ids.to(device=keys.device, dtype=torch.int64)
+    by_id = torch.argsort(doc_ids, stable=True)
+    rank = torch.empty(n, dtype=torch.int64, device=keys.device)
+    rank[by_id] = torch.arange(n, device=keys.device)
+    return PreparedRoutingIndex(index=index, keys=keys, doc_start=doc_start,
+                                tiebreak=(n - 1) - rank, ids_by_tiebreak=doc_ids[by_id].flip(0))
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _chunk_scores_kernel(
+        q_ptr,  # [T_total, QH, D]: prepared queries (normalised, scaled, maybe head-folded)
+        k_ptr,  # [C, KV, D]
+        cu_ptr,  # [R + 1] int32: request r's routing tokens are cu[r]:cu[r + 1] of q
+        out_ptr,  # [R, C] fp32: S(c) per request
+        num_chunks,
+        num_requests,
+        num_tokens,
+        stride_qt,
+        stride_qh,
+        stride_kc,
+        stride_kh,
+        stride_or,
+        KV_HEADS: tl.constexpr,
+        Q_PER_KV: tl.constexpr,  # query heads (of q) per KV head: 1 when folded
+        HEAD_DIM: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+        BLOCK_T: tl.constexpr,
+        HEAD_MAX: tl.constexpr,
+        QUERY_MEAN: tl.constexpr,
+        DOT_PRECISION: tl.constexpr,
+        UPCAST: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        offs_c = pid.to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
+        mask_c = offs_c < num_chunks
+        offs_d = tl.arange(0, HEAD_DIM)
+        offs_t = tl.arange(0, BLOCK_T)
+        k_tile = k_ptr + offs_c[:, None] * stride_kc + offs_d[None, :]
+        out_row = out_ptr + offs_c  # advanced a row per finished request (64-bit steps)
+        # The open request: the tokens of all requests form one stream, cut into blocks of
+        # BLOCK_T that may span requests; each block's scores go to the requests it covers.
+        r = tl.full([], 0, tl.int32)
+        r_start = tl.load(cu_ptr)
+        r_end = tl.load(cu_ptr + 1)
+        if QUERY_MEAN:
+            best = tl.zeros([BLOCK_C], dtype=tl.float32)
+        else:
+            best = tl.full([BLOCK_C], float("-inf"), dtype=tl.float32)
+        for t0 in range(0, num_tokens, BLOCK_T):
+            toks = t0 + offs_t
+            q_tile = q_ptr + toks[:, None] * stride_qt + offs_d[None, :]
+            mask_t = toks < num_tokens
+            if HEAD_MAX:
+                acc = tl.full([BLOCK_C, BLOCK_T], float("-inf"), dtype=tl.float32)
+            else:
+                acc = tl.zeros([BLOCK_C, BLOCK_T], dtype=tl.float32)
+            for j in range(KV_HEADS):
+                k = tl.load(k_tile + j * stride_kh, mask=mask_c[:, None], other=0.0)
+                if UPCAST:
+                    k = k.to(tl.float32)
+                for g in tl.static_range(Q_PER_KV):
+                    q = tl.load(q_tile + (j * Q_PER_KV + g) * stride_qh,
+                                mask=mask_t[:, None], other=0.0)
+                    if UPCAST:
+                        q = q.to(tl.float32)
+                    if HEAD_MAX:
+                        s = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
+                        acc = tl.maximum(acc, s)
+                    else:
+                        acc = tl.dot(k, tl.trans(q), acc, input_precision=DOT_PRECISION)
+            t1 = t0 + BLOCK_T
+            more = r < num_requests
+            while more:
+                cols = (toks >= r_start) & (toks < r_end)
+                if QUERY_MEAN:
+                    best += tl.sum(tl.where(cols[None, :], acc, 0.0), axis=1)
+                else:
+                    best = tl.maximum(
+                        best, tl.max(tl.where(cols[None, :], acc, float("-inf")), axis=1))
+                done = r_end <= t1
+                if done:  # the request ends in this block: store S(c), open the next one
+                    if QUERY_MEAN:
+                        n = tl.full([BLOCK_C], 0, tl.int32) + (r_end - r_start)
+                        best = tl.math.div_rn(best, n.to(tl.float32))
+                    tl.store(out_row, best, mask=mask_c)
+                    out_row += stride_or
+                    r += 1
+                    r_start = r_end
+                    r_end = tl.load(cu_ptr + r + 1, mask=r < num_requests, other=0)
+                    if QUERY_MEAN:
+                        best = tl.zeros([BLOCK_C], dtype=tl.float32)
+                    else:
+                        best = tl.full([BLOCK_C], float("-inf"), dtype=tl.float32)
+                more = done & (r < num_requests) & (r_start < t1)
+
+    @triton.jit
+    def _document_keys_kernel(
+        chunk_ptr,  # [R, C] fp32
+        doc_start_ptr,  # [N + 1] int64
+        tiebreak_ptr,  # [N] int64
+        key_ptr,  # out: [R, N] int64 (TOP == 0) or [R, cdiv(N, BLOCK_N), TOP] candidates
+        num_docs,
+        stride_cr,
+        stride_kr,
+        BLOCK_N: tl.constexpr,
+        TOP: tl.constexpr,
+        CHUNK_MEAN: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        r = tl.program_id(1).to(tl.int64)
+        offs = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask = offs < num_docs
+        start = tl.load(doc_start_ptr + offs, mask=mask, other=0)
+        count = tl.load(doc_start_ptr + offs + 1, mask=mask, other=0) - start
+        row = chunk_ptr + r * stride_cr + start
+        if CHUNK_MEAN:
+            acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        else:
+            acc = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
+        # Each document's chunks in chunk order (bit-identical results for identical docs).
+        for i in range(0, tl.max(count, axis=0)):
+            m = i < count
+            v = tl.load(row + i, mask=m, other=0.0)
+            if CHUNK_MEAN:  # noqa: SIM108 (a constexpr branch)
+                acc = tl.where(m, acc + v, acc)
+            else:
+                acc = tl.where(m, tl.maximum(acc, v), acc)
+        if CHUNK_MEAN:  # a document without chunks keeps 0, as scatter_reduce leaves it
+            acc = tl.where(count > 0,
+                           tl.math.div_rn(acc, tl.maximum(count, 1).to(tl.float32)), 0.0)
+        acc = tl.where(acc == 0.0, 0.0, acc)  # -0.0 -> +0.0: zeros tie, as they compare
+        bits = acc.to(tl.int32, bitcast=True)
+        ordered = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # int order == float order
+        tiebreak = tl.load(tiebreak_ptr + offs, mask=mask, other=0)
+        key = (ordered.to(tl.int64) << 32) | tiebreak
+        if TOP == 0:
+            tl.store(key_ptr + r * stride_kr + offs, key, mask=mask)
+        else:  # this block's TOP largest keys, largest first (keys are distinct)
+            key = tl.where(mask, key, -(2**63))
+            out = key_ptr + r * stride_kr + pid * TOP
+            for i in tl.static_range(TOP):
+                m = tl.max(key, axis=0)
+                tl.store(out + i, m)
+                key = tl.where(key == m, -(2**63), key)
+
+
+def _token_ranges(cu_tokens, num_tokens: int) -> list[int]:
+    cu = [int(x) for x in (cu_tokens.tolist() if torch.is_tensor(cu_tokens) else cu_tokens)]
+    if len(cu) < 2 or cu[0] != 0 or cu[-1] != num_tokens:
+        raise ValueError(f"cu_tokens must run from 0 to {num_tokens} (the routing tokens), "
+                         f"got {cu}")
+    if any(b <= a for a, b in itertools.pairwise(cu)):
+        raise ValueError("routing needs at least one routing-span token")
+    return cu
+
+
+def _top_ks(top_k, num_requests: int) -> list[int]:
+    if isinstance(top_k, int):
+        ks = [top_k] * num_requests
+    else:
+        ks = [int(k) for k in (top_k.tolist() if torch.is_tensor(top_k) else top_k)]
+    if len(ks) != num_requests or any(k < 1 for k in ks):
+        raise ValueError(f"top_k: expected {num_requests} values >= 1, got {ks}")
+    return ks
+
+
+def route_batched_reference(
+    qr_all: torch.Tensor,
+    cu_tokens,
+    index: RoutingIndex | PreparedRoutingIndex,
+    msa: MSAParams,
+    top_k,
+) -> list[Selection]:
+    """The plain-torch path: `route` for each request in turn."""
+    if isinstance(index, PreparedRoutingIndex):
+        index = index.index
+    cu = _token_ranges(cu_tokens, qr_all.shape[0])
+    ks = _top_ks(top_k, len(cu) - 1)
+    return [route(qr_all[a:b], index, msa, k)
+            for a, b, k in zip(cu, cu[1:], ks, strict=False)]
+
+
+def kernel_supported(qr_all: torch.Tensor, keys: torch.Tensor) -> bool:
+    """Whether `route_batched` runs the Triton kernels for these inputs."""
+    d = keys.shape[-1]
+    return (HAS_TRITON and (keys.is_cuda or INTERPRET) and keys.dtype in KERNEL_DTYPES
+            and d >= 16 and d & (d - 1) == 0 and qr_all.device == keys.device
+            and qr_all.shape[1] % keys.shape[1] == 0)
+
+
+def _int_tensor(values: list[int], device: torch.device, dtype=torch.int32) -> torch.Tensor:
+    """A small host list on `device` without a blocking copy (pinned, non_blocking)."""
+    if torch.device(device).type != "cuda":
+        return torch.tensor(values, dtype=dtype, device=device)
+    return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
+
+
+def prepare_queries(qr_all: torch.Tensor, cu: list[int], num_kv_heads: int, msa: MSAParams,
+                    dtype: torch.dtype) -> tuple[torch.Tensor, list[int], bool]:
+    """Queries as the kernel reads them: fp32 normalise (cosine) and scale as `chunk_scores`
+    does; with head_reduce "mean" each group's heads summed (fp32) and divided by num_heads;
+    rounded once to the keys' dtype. With query_reduce "last" only each request's last token
+    is kept. Returns (q [T, QH, D] contiguous, its cu offsets, head_max)."""
+    if msa.query_reduce == "last":
+        last = _int_tensor([e - 1 for e in cu[1:]], qr_all.device, torch.int64)
+        qr_all, cu = qr_all.index_select(0, last), list(range(len(cu)))
+    t, num_heads, d = qr_all.shape
+    scale = msa.routing_scale(d)
+    head_max = msa.head_reduce == "max"
+    if msa.normalize_routing:
+        q = torch.nn.functional.normalize(qr_all.float(), p=2, dim=-1).mul_(scale)
+        if not head_max:
+            q = q.reshape(t, num_kv_heads, -1, d).sum(2).mul_(1.0 / num_heads)
+    elif head_max:
+        q = qr_all.float() * scale  # not in place: .float() of fp32 input is the input
+    else:  # sum the group's heads in fp32, then one multiply by scale / num_heads
+        q = qr_all.reshape(t, num_kv_heads, -1, d).sum(2, dtype=torch.float32)
+        q = q.mul_(scale / num_heads)
+    return q.to(dtype).contiguous(), cu, head_max
+
+
+def _is_explicit(config: KernelConfig | None) -> bool:
+    return config is not None and None not in (config.block_c, config.block_t,
+                                               config.num_warps, config.num_stages)
+
+
+@functools.lru_cache(maxsize=256)
+def resolve_config(config: KernelConfig | None, keys_dtype: torch.dtype,
+                   head_max: bool = False) -> KernelConfig:
+    """`config` with its `None` fields taken from `default_config`."""
+    auto = default_config(keys_dtype, head_max)
+    if config is None:
+        return auto
+    return KernelConfig(**{f: getattr(auto, f) if getattr(config, f) is None
+                           else getattr(config, f) for f in KernelConfig.__dataclass_fields__})
+
+
+def _smaller(cfg: KernelConfig) -> KernelConfig | None:
+    """The next smaller tiles to try when `cfg` does not fit (out of shared memory)."""
+    if cfg.num_stages > 1:
+        return dataclasses.replace(cfg, num_stages=cfg.num_stages - 1)
+    if cfg.block_t > 16:
+        return dataclasses.replace(cfg, block_t=cfg.block_t // 2)
+    if cfg.block_c > 16:
+        return dataclasses.replace(cfg, block_c=cfg.block_c // 2)
+    return None
+
+
+_FITTED: dict[tuple, KernelConfig] = {}  # (config, shape key) -> tiles that fit
+
+
+def chunk_scores_batched(
+    qr_all: torch.Tensor,
+    cu_tokens,
+    index: RoutingIndex | PreparedRoutingIndex,
+    msa: MSAParams,
+    config: KernelConfig | None = None,
+) -> torch.Tensor:
+    """S(c) for every request and chunk: [R, C] fp32 (the fused kernel)."""
+    prep = prepare_index(index)
+    cu = _token_ranges(cu_tokens, qr_all.shape[0])
+    return _chunk_scores(qr_all, cu, prep, msa, config)
+
+
+def _chunk_scores(qr_all, cu, prep: PreparedRoutingIndex, msa: MSAParams,
+                  config: KernelConfig | None) -> torch.Tensor:
+    keys = prep.keys
+    num_chunks, kv, d = keys.shape
+    q, cu, head_max = prepare_queries(qr_all, cu, kv, msa, keys.dtype)
+    num_requests, num_tokens = len(cu) - 1, q.shape[0]
+    out = torch.empty(num_requests, num_chunks, dtype=torch.float32, device=keys.device)
+    if num_chunks == 0:
+        return out
+    cu_dev = _int_tensor(cu, keys.device)
+    cfg = resolve_config(config, keys.dtype, head_max)
+    shape_key = (cfg, keys.dtype, head_max, q.shape[1] // kv, d, keys.device)
+    cfg = _FITTED.get(shape_key, cfg)
+    while True:
+        block_t = min(cfg.block_t, max(16, triton.next_power_of_2(num_tokens)))
+        try:
+            _chunk_scores_kernel[(triton.cdiv(num_chunks, cfg.block_c),)](
+                q, keys, cu_dev, out,
+                num_chunks, num_requests, num_tokens,
+                q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), out.stride(0),
+                KV_HEADS=kv, Q_PER_KV=q.shape[1] // kv, HEAD_DIM=d,
+                BLOCK_C=cfg.block_c, BLOCK_T=block_t,
+                HEAD_MAX=head_max, QUERY_MEAN=msa.query_reduce == "mean",
+                DOT_PRECISION="ieee" if keys.dtype == torch.float32 else "tf32",
+                UPCAST=INTERPRET and keys.dtype != torch.float32,
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            )
+        except Exception as e:  # Triton's OutOfResources: shrink defaults, never explicit
+            smaller = _smaller(cfg)
+            if type(e).__name__ != "OutOfResources" or _is_explicit(config) or smaller is None:
+                raise
+            cfg = smaller
+            continue
+        _FITTED[shape_key] = cfg
+        return out
+
+
+def document_keys_batched(chunk: torch.Tensor, prep: PreparedRoutingIndex, msa: MSAParams,
+                          top: int = 0, block_n: int = 1024) -> torch.Tensor:
+    """Sort keys of the documents from [R, C] chunk scores: [R, N] int64 (top == 0), or each
+    block of `block_n` documents' `top` largest keys, [R, cdiv(N, block_n) * top]. A key is
+    the order-preserving int32 image of the fp32 document score (high half) and the
+    document's tiebreak (low half); `decode_keys` turns keys back into ids and scores."""
+    num_requests = chunk.shape[0]
+    n = prep.tiebreak.shape[0]
+    width = n if top == 0 else triton.cdiv(n, block_n) * top
+    keys = torch.empty(num_requests, width, dtype=torch.int64, device=chunk.device)
+    if n:
+        _document_keys_kernel[(triton.cdiv(n, block_n), num_requests)](
+            chunk, prep.doc_start, prep.tiebreak, keys, n, chunk.stride(0), keys.stride(0),
+            BLOCK_N=block_n, TOP=top, CHUNK_MEAN=msa.chunk_reduce == "mean",
+            num_warps=8 if block_n >= 1024 else 4,
+        )
+    return keys
+
+
+def decode_keys(keys: torch.Tensor, prep: PreparedRoutingIndex) -> tuple[torch.Tensor,
+                                                                           torch.Tensor]:
+    """(document ids, fp32 scores) of sort keys (exact: the keys hold the scores' bits)."""
+    ids = prep.ids_by_tiebreak[keys & 0xFFFFFFFF]
+    high = (keys >> 32).to(torch.int32)
+    return ids, torch.where(high < 0, high ^ 0x7FFFFFFF, high).view(torch.float32)
+
+
+def route_batched(
+    qr_all: torch.Tensor,
+    cu_tokens,
+    index: RoutingIndex | PreparedRoutingIndex,
+    msa: MSAParams,
+    top_k,
+    config: KernelConfig | None = None,
+) -> list[Selection]:
+    """Routing of R requests in one router layer: one `Selection` per request.
+
+    qr_all: [T_total, num_heads, head_dim] fp32/bf16, the routing-span tokens of all requests
+    concatenated; cu_tokens: [R + 1] offsets into it (a list, or an int tensor, read on the
+    host); top_k: an int or one per request. Pass a `prepare_index(index)` to skip
+    re-deriving the document offsets on every call. Nothing here waits for the GPU. Falls back
+    to `route_batched_reference` where the kernels cannot run.
+    """
+    keys = index.keys if isinstance(index, PreparedRoutingIndex) else index.routing_keys
+    if not kernel_supported(qr_all, keys):
+        return route_batched_reference(qr_all, cu_tokens, index, msa, top_k)
+    prep = prepare_index(index)
+    cu = _token_ranges(cu_tokens, qr_all.shape[0])
+    ks = _top_ks(top_k, len(cu) - 1)
+    block_n = (config or KernelConfig()).block_n
+    n = prep.tiebreak.shape[0]
+    k_top = min(max(ks), n)
+    if k_top == 0:
+        empty = torch.empty(0, dtype=torch.int64, device=keys.device)
+        return [Selection(doc_ids=empty, scores=empty.float()) for _ in ks]
+    chunk = _chunk_scores(qr_all, cu, prep, msa, config)
+    # Blocks of documents hand up their top candidates (a power of two, few compiled
+    # variants); topk over those. Past MAX_BLOCK_TOP, keys of every document.
+    top = max(1, triton.next_power_of_2(k_top))
+    top = 0 if top > min(MAX_BLOCK_TOP, block_n) else top
+    sort_keys = document_keys_batched(chunk, prep, msa, top, block_n)
+    best = torch.topk(sort_keys, k_top, dim=1, largest=True, sorted=True).values
+    ids, scores = decode_keys(best, prep)
+    return [Selection(doc_ids=i if k >= k_top else i[:k], scores=s if k >= k_top else s[:k])
+            for i, s, k in zip(ids.unbind(0), scores.unbind(0), ks, strict=True)]
+
+
+def routing_flops(num_tokens: int, num_heads: int, num_chunks: int, head_dim: int) -> float:
+    """2 * T * H * C * D: the multiply-adds of every (token, head, chunk) score."""
+    return 2.0 * num_tokens * num_heads * num_chunks * head_dim
+
+
+__all__ = [
+    "HAS_TRITON",
+    "KernelConfig",
+    "PreparedRoutingIndex",
+    "chunk_scores_batched",
+    "decode_keys",
+    "document_keys_batched",
+    "kernel_supported",
+    "prepare_index",
+    "prepare_queries",
+    "route_batched",
+    "route_batched_reference",
+    "routing_flops",
+]
