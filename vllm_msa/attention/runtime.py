@@ -28,7 +28,7 @@ from .attend import (
     gather_paged,
     paged_key_value,
 )
-from .routing import RoutingIndex, Selection, route
+from .routing import Selection
 from .staging import Staged, StagingPool
 from .tiers import ServedBank, local_kv_heads
 
@@ -202,7 +202,7 @@ class MemoryRuntime:
 
     # ------------------------------------------------------------------ attention
     def routing_query(self, layer: RouterLayer, q: torch.Tensor, h: torch.Tensor,
-                      rows: slice | torch.Tensor) -> torch.Tensor:
+                      rows: torch.Tensor) -> torch.Tensor:
         """Qr of the routing-span tokens, all heads: [tokens, num_heads, head_dim]."""
         if self.msa.decouple_router:
             qr, _ = layer.attn.router_q_proj(h[rows])
@@ -214,20 +214,30 @@ class MemoryRuntime:
             qr = tensor_model_parallel_all_gather(qr.contiguous(), dim=-1)
         return qr.view(qr.shape[0], self.num_heads, self.head_dim)
 
-    def select(self, layer: RouterLayer, row: StepRow, q: torch.Tensor, h: torch.Tensor
-               ) -> None:
-        request = row.request
-        shift = row.token_start - row.first_position  # request token i is step row i + shift
-        ranges = request.options.ranges
-        if len(ranges) == 1:
-            span_rows: slice | torch.Tensor = slice(ranges[0][0] + shift, ranges[0][1] + shift)
-        else:
-            span_rows = torch.cat([torch.arange(a + shift, b + shift, device=q.device)
-                                   for a, b in ranges])
-        qr = self.routing_query(layer, q, h, span_rows)
-        index: RoutingIndex = request.bank.index[layer.layer_idx]
-        request.selections[layer.layer_idx] = route(qr, index, self.routing,
-                                                   request.options.top_k)
+    def select_pending(self, layer: RouterLayer, q: torch.Tensor, h: torch.Tensor) -> None:
+        """Route every request whose routing span is in this step and that has no selection
+        in this layer yet: per bank, one batched routing call (the index is read once for all
+        of them; `vllm_msa.kernels.routing`, plain torch where Triton cannot run)."""
+        from ..kernels.routing import route_batched
+
+        pending: dict[str, list[StepRow]] = {}
+        for row in self.rows:
+            if layer.layer_idx not in row.request.selections:
+                pending.setdefault(row.request.bank.name, []).append(row)
+        for rows in pending.values():
+            token_rows, cu = [], [0]
+            for row in rows:
+                shift = row.token_start - row.first_position  # request token i -> step row
+                for a, b in row.request.options.ranges:
+                    token_rows.append(torch.arange(a + shift, b + shift))
+                cu.append(cu[-1] + sum(b - a for a, b in row.request.options.ranges))
+            index = torch.cat(token_rows).to(q.device, non_blocking=True)
+            qr = self.routing_query(layer, q, h, index)
+            bank = rows[0].request.bank
+            selections = route_batched(qr, cu, bank.prepared_index(layer.layer_idx),
+                                       self.routing, [r.request.options.top_k for r in rows])
+            for row, selection in zip(rows, selections, strict=True):
+                row.request.selections[layer.layer_idx] = selection
 
     def staged_memory(self, layer_idx: int, request: MemoryRequest
                       ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -267,12 +277,11 @@ class MemoryRuntime:
         layer = self.layers[layer_name]
         hd = self.head_dim
         heads = q.shape[-1] // hd
+        self.select_pending(layer, q, h)
         for row in self.rows:
             request = row.request
             keys, values = self.local_key_value(layer.layer_idx, row, k, v, attn_layer,
                                                 attn_metadata)
-            if layer.layer_idx not in request.selections:
-                self.select(layer, row, q, h)
             # Template-head tokens attend locally only.
             skip = max(request.bank.template_len - row.first_position, 0)
             n = row.num_tokens - skip

@@ -9,7 +9,8 @@ rank attends with.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -37,6 +38,7 @@ class ServedBank:
     host_values: dict[int, torch.Tensor]
     doc_position: dict[int, int]  # doc id -> position in bank order
     chunk_offsets: list[int]  # bank order: document i owns chunks offsets[i]:offsets[i+1]
+    _prepared: dict[int, Any] = field(default_factory=dict)
 
     @classmethod
     def load(cls, name: str, bank: MemoryBank, device: torch.device, kv_heads: slice
@@ -66,6 +68,16 @@ class ServedBank:
             bank.num_tokens, tiers["gpu_index"] / 2**20, tiers["host_kv"] / 2**20,
             "pinned" if pin else "plain memory")
         return served
+
+    def prepared_index(self, layer: int) -> Any:
+        """The layer's routing index with what the batched routing kernel derives from it
+        (document offsets, tie-break ranks), computed once."""
+        prepared = self._prepared.get(layer)
+        if prepared is None:
+            from ..kernels.routing import prepare_index
+
+            prepared = self._prepared[layer] = prepare_index(self.index[layer])
+        return prepared
 
     @property
     def template_len(self) -> int:
