@@ -266,6 +266,28 @@ def _on_stream(stream: torch.cuda.Stream, current: torch.cuda.Stream) -> Any:
     return contextlib.nullcontext() if stream == current else torch.cuda.stream(stream)
 
 
+def _check_destination_rows(rows: torch.Tensor, dst_rows: torch.Tensor | None,
+                            dst_k: torch.Tensor, dst_v: torch.Tensor) -> None:
+    if dst_rows is not None:
+        _check_rows(dst_rows, dst_k.shape[0], "dst_rows")
+        if dst_rows.numel() != rows.numel():
+            raise ValueError("fetch: dst_rows and rows differ in length")
+    elif rows.numel() > min(dst_k.shape[0], dst_v.shape[0]):
+        raise ValueError(f"fetch: {rows.numel()} rows do not fit destinations of "
+                         f"{dst_k.shape[0]} rows")
+
+
+def _work_stream(stream: torch.cuda.Stream | None, wait: bool
+                 ) -> tuple[torch.cuda.Stream, torch.cuda.Stream]:
+    """(the stream to work on, the current one); the former waits for the latter if asked."""
+    current = torch.cuda.current_stream()
+    if stream is None:
+        return current, current
+    if wait and stream != current:
+        stream.wait_stream(current)
+    return stream, current
+
+
 @functools.cache
 def _shape(row_bytes: int, block_rows: int, tile_bytes: int
            ) -> tuple[torch.dtype, int, int, int]:
@@ -297,19 +319,10 @@ def gather_rows(src_k: torch.Tensor, src_v: torch.Tensor, rows: torch.Tensor,
     _check(src_k, src_v, dst_k, dst_v, pinned=False)
     _check_rows(rows, src_k.shape[0], "rows")
     n = rows.numel()
-    if dst_rows is not None:
-        _check_rows(dst_rows, dst_k.shape[0], "dst_rows")
-        if dst_rows.numel() != n:
-            raise ValueError("fetch: dst_rows and rows differ in length")
-    elif n > dst_k.shape[0] or n > dst_v.shape[0]:
-        raise ValueError(f"fetch: {n} rows do not fit destinations of {dst_k.shape[0]} rows")
+    _check_destination_rows(rows, dst_rows, dst_k, dst_v)
     device = dst_k.device
     with _on_device(device):
-        current = torch.cuda.current_stream()
-        if stream is None:
-            stream = current
-        elif wait and stream != current:
-            stream.wait_stream(current)
+        stream, current = _work_stream(stream, wait)
         event = torch.cuda.Event()
         keep: list[torch.Tensor] = []
         with _on_stream(stream, current):
@@ -408,20 +421,11 @@ def copy_runs(src_k: torch.Tensor, src_v: torch.Tensor, rows: torch.Tensor,
     _check_rows(rows, src_k.shape[0], "rows")
     if dst_rows is not None:
         dst_rows = dst_rows.cpu()
-        _check_rows(dst_rows, dst_k.shape[0], "dst_rows")
-        if dst_rows.numel() != rows.numel():
-            raise ValueError("fetch: dst_rows and rows differ in length")
-    elif rows.numel() > min(dst_k.shape[0], dst_v.shape[0]):
-        raise ValueError(f"fetch: {rows.numel()} rows do not fit destinations of "
-                         f"{dst_k.shape[0]} rows")
+    _check_destination_rows(rows, dst_rows, dst_k, dst_v)
     device = dst_k.device
     src_start, dst_start, length = row_runs(rows, dst_rows)
     with _on_device(device):
-        current = torch.cuda.current_stream()
-        if stream is None:
-            stream = current
-        elif wait and stream != current:
-            stream.wait_stream(current)
+        stream, current = _work_stream(stream, wait)
         event = torch.cuda.Event()
         if length.numel():
             with _on_stream(stream, current):
