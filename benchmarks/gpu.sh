@@ -3,6 +3,7 @@
 #   bash benchmarks/gpu.sh tests   # the whole test suite on the GPU (GPU-marked tests included)
 #   bash benchmarks/gpu.sh bench   # the stage-1 benchmark, MSA-4B shape
 #   bash benchmarks/gpu.sh serving # answering over a bank vs plain vLLM, MSA-4B shape
+#   bash benchmarks/gpu.sh serve   # TTFT / decode over synthetic 1M and 10M-token banks vs plain
 # Logs and result files go to $OUT (the device tool brings them back).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -26,5 +27,10 @@ case "${1:-tests}" in
         shift || true
         python3 benchmarks/serving.py --shape msa-4b --docs 2000 --doc-tokens 500 \
             --questions 256 --json "$OUT/serving-msa-4b.json" "$@" 2>&1 | tee "$OUT/serving.log"
+        ;;
+    serve)
+        shift || true
+        python3 benchmarks/serve.py --shape msa-4b --bank-tokens 1M,10M --batches 1,8,64 \
+            --json "$OUT/serve-msa-4b.json" "$@" 2>&1 | tee "$OUT/serve.log"
         ;;
 esac

@@ -1,0 +1,168 @@
+"""Time to first token and decode speed with memory, over synthetic banks of several sizes,
+against plain vLLM on the same prompts and engine settings, in one run.
+
+Banks come from `vllm-msa bank synth` (the real format, random contents: speed does not depend
+on what the documents say). Per engine and batch size B: TTFT = the wall time of B requests
+generating one token (prefill, routing, staging); decode tokens/s = B * (N - 1) / (time of the
+same requests generating N tokens - TTFT). The HBM floor of routing is one read of every
+router layer's routing keys at the device-copy bandwidth measured here before the engines
+start; "TTFT overhead / floor" charges all of MSA's extra prefill time (routing, staging,
+memory attention) to routing, so it bounds routing's share from above.
+
+    python benchmarks/serve.py --shape msa-4b --bank-tokens 1M,10M --batches 1,8,64
+    python benchmarks/serve.py --shape tiny --bank-tokens 20k --batches 1,4 --decode-tokens 8
+"""
+
+from __future__ import annotations
+
+import time
+
+from bank_build import card_name, common_arguments, prepare, write_result
+from serving import questions
+
+
+def parse_count(text: str) -> int:
+    scale = {"k": 10**3, "m": 10**6, "g": 10**9}
+    text = text.strip().lower()
+    if text[-1:] in scale:
+        return int(float(text[:-1]) * scale[text[-1]])
+    return int(text)
+
+
+def copy_bandwidth(num_bytes: int) -> float | None:
+    """Device-to-device copy bandwidth (bytes read + written per second), or None on CPU."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    num_bytes = min(num_bytes, 4 << 30)
+    src = torch.empty(num_bytes, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    reps = 10
+    for _ in range(reps):
+        dst.copy_(src)
+    end.record()
+    torch.cuda.synchronize()
+    seconds = start.elapsed_time(end) / 1e3 / reps
+    del src, dst
+    torch.cuda.empty_cache()
+    return 2 * num_bytes / seconds
+
+
+def measure(ckpt, engine: dict, bank_path: str | None, batches: list[int], decode: int,
+            prompts_text: list[str], staging_mib: int, eager: bool) -> list[dict]:
+    from vllm import LLM, SamplingParams
+
+    from vllm_msa.prompt import build_prompt
+
+    extra = {}
+    if bank_path:
+        extra["additional_config"] = {"msa": {"banks": {"b": bank_path},
+                                              "staging_mib": staging_mib}}
+    llm = LLM(model=str(ckpt), enforce_eager=eager, max_num_seqs=max(batches), **engine,
+              **extra)
+    tokenizer = llm.get_tokenizer()
+    prompts = [build_prompt(tokenizer, q) for q in prompts_text]
+    xargs = {"msa_bank": "b"} if bank_path else None
+
+    def run(n: int, max_tokens: int) -> float:
+        params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True,
+                                extra_args=xargs)
+        t = time.perf_counter()
+        llm.generate(prompts[:n], params, use_tqdm=False)
+        return time.perf_counter() - t
+
+    rows = []
+    try:
+        run(max(batches), 4)  # warm-up: JIT, allocator, graphs
+        for b in batches:
+            ttft = min(run(b, 1) for _ in range(2))
+            total = min(run(b, decode) for _ in range(2))
+            rows.append({"batch": b, "ttft_s": ttft, "total_s": total,
+                         "decode_tokens_per_s": b * (decode - 1) / max(total - ttft, 1e-9)})
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+    return rows
+
+
+def main() -> None:
+    parser = common_arguments(__doc__.splitlines()[0])
+    parser.set_defaults(doc_tokens=512)
+    parser.add_argument("--bank-tokens", default="1M,10M",
+                        help="comma-separated bank sizes in tokens (suffixes k, M, G)")
+    parser.add_argument("--batches", default="1,8,64")
+    parser.add_argument("--decode-tokens", type=int, default=64)
+    parser.add_argument("--question-words", type=int, default=12)
+    parser.add_argument("--staging-mib", type=int, default=2048)
+    parser.add_argument("--eager", action="store_true", help="enforce_eager for every engine")
+    args = parser.parse_args()
+    work, ckpt, engine = prepare(args)
+
+    from vllm_msa.bank.synth import plan_synth, synth_bank
+
+    batches = [int(b) for b in args.batches.split(",")]
+    sizes = [parse_count(s) for s in args.bank_tokens.split(",")]
+    texts = questions(max(batches), args.question_words)
+    banks = {}
+    for size in sizes:
+        t = time.perf_counter()
+        plan = plan_synth(ckpt, size, args.doc_tokens, dtype=engine.get("dtype"))
+        banks[size] = synth_bank(plan, work / f"synth-{args.shape}-{size}", progress=False)
+        print(f"synthetic bank of {size:,} tokens ready in {time.perf_counter() - t:.0f} s")
+    index_bytes = {size: bank.tier_bytes()["gpu_index"] for size, bank in banks.items()}
+    bandwidth = copy_bandwidth(max(index_bytes.values()) // 18)
+
+    runs = {"plain vLLM": measure(ckpt, engine, None, batches, args.decode_tokens, texts,
+                                  args.staging_mib, args.eager)}
+    for size, bank in banks.items():
+        runs[f"MSA, {size:,}-token bank"] = measure(
+            ckpt, engine, str(bank.path), batches, args.decode_tokens, texts, args.staging_mib,
+            args.eager)
+
+    card = card_name()
+    plain = {r["batch"]: r for r in runs["plain vLLM"]}
+    print(f"\n{card}, {args.shape} shape, {args.decode_tokens} tokens per request; device "
+          f"copy {bandwidth / 1e12 if bandwidth else 0:.2f} TB/s\n")
+    print(f"{'engine':<28} {'batch':>5} {'TTFT ms':>9} {'decode tok/s':>13} {'vs plain':>9} "
+          f"{'TTFT overhead / floor':>22}")
+    rows = []
+    for name, results in runs.items():
+        size = next((s for s in sizes if name == f"MSA, {s:,}-token bank"), None)
+        floor = index_bytes[size] / bandwidth if size and bandwidth else None
+        for r in results:
+            base = plain[r["batch"]]
+            r = {**r, "engine": name, "bank_tokens": size,
+                 "decode_vs_plain": r["decode_tokens_per_s"] / base["decode_tokens_per_s"],
+                 "routing_floor_s": floor,
+                 "ttft_overhead_vs_floor": (r["ttft_s"] - base["ttft_s"]) / floor
+                 if floor else None}
+            rows.append(r)
+            ratio = f"{r['ttft_overhead_vs_floor']:.1f}x" if floor else "-"
+            print(f"{name:<28} {r['batch']:>5} {r['ttft_s'] * 1e3:>9.1f} "
+                  f"{r['decode_tokens_per_s']:>13,.0f} {r['decode_vs_plain']:>8.2f}x "
+                  f"{ratio:>22}")
+    largest = f"MSA, {max(sizes):,}-token bank"
+    headline = [r for r in rows if r["engine"] == largest and r["batch"] == max(batches)]
+    result = {
+        "benchmark": "serve",
+        "card": card,
+        "shape": args.shape,
+        "copy_bandwidth_bytes_per_s": bandwidth,
+        "banks": {str(s): {"tokens": b.num_tokens, "documents": b.num_documents,
+                           "bytes": b.tier_bytes()} for s, b in banks.items()},
+        "decode_tokens": args.decode_tokens,
+        "rows": rows,
+        "goal_metric": f"decode tokens/s with memory / plain vLLM, batch {max(batches)}, "
+                       f"largest bank ({max(sizes):,} tokens)",
+        "goal": 0.9,
+        "achieved": headline[0]["decode_vs_plain"] if headline else None,
+    }
+    write_result(result, args)
+
+
+if __name__ == "__main__":
+    main()
