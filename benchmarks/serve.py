@@ -84,6 +84,8 @@ def measure(ckpt, engine: dict, bank_path: str | None, batches: list[int], decod
             total = min(run(b, decode) for _ in range(2))
             rows.append({"batch": b, "ttft_s": ttft, "total_s": total,
                          "decode_tokens_per_s": b * (decode - 1) / max(total - ttft, 1e-9)})
+            print(f"  [{'MSA' if bank_path else 'plain'}] batch {b}: TTFT {ttft * 1e3:.1f} ms, "
+                  f"{decode} tokens in {total:.2f} s", flush=True)
     finally:
         llm.llm_engine.engine_core.shutdown()
     return rows
