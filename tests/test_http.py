@@ -243,6 +243,8 @@ def test_answer_route(server, tokenizer, reference):
     ("completions", {"msa_bank": "docs", "msa_return_selection": "maybe"},
      "msa_return_selection"),
     ("raw-prompt", {"msa_bank": "docs"}, "template head"),
+    ("completions", {"msa_bank": "docs", "msa_routing": "[[1, 5]]"}, "msa_routing"),
+    ("completions", {"msa_bank": "docs", "msa_routing": "[[3, 9999]]"}, "msa_routing"),
 ])
 def test_bad_requests_get_400_and_server_stays_up(server, tokenizer, path, body, message):
     if path in ("completions", "raw-prompt"):

@@ -1,0 +1,40 @@
+"""Request options that need no engine: explicit routing ranges (`msa_routing`) and their
+round trip through `extra_args`."""
+
+from __future__ import annotations
+
+import pytest
+
+from vllm_msa.serving.options import MSARequestError, RequestOptions, parse_routing
+
+
+@pytest.mark.parametrize(("raw", "expected"), [
+    ([[3, 10]], ((3, 10),)),
+    ([[3, 10], [12, 20]], ((3, 10), (12, 20))),
+    ("[[5, 6], [6, 9]]", ((5, 6), (6, 9))),  # vllm_xargs may carry it as a JSON string
+    (None, None),
+])
+def test_valid_routing(raw, expected):
+    extra = {} if raw is None else {"msa_routing": raw}
+    assert parse_routing(extra, template_len=3, prompt_len=20) == expected
+
+
+@pytest.mark.parametrize("raw", [
+    [[2, 10]],            # inside the template head
+    [[3, 21]],            # past the prompt
+    [[5, 5]],             # empty
+    [[8, 10], [3, 5]],    # not sorted
+    [[3, 10], [9, 12]],   # overlapping
+    [],                   # no range
+    [[3]], [["3", "9"]], [[True, 9]], "oops", 7,
+])
+def test_invalid_routing(raw):
+    with pytest.raises(MSARequestError, match="msa_routing"):
+        parse_routing({"msa_routing": raw}, template_len=3, prompt_len=20)
+
+
+def test_options_round_trip():
+    options = RequestOptions("docs", 4, ((3, 10), (12, 20)), True)
+    again = RequestOptions.from_extra_args(options.to_extra_args())
+    assert again == options
+    assert (again.span_start, again.span_end) == (3, 20)
