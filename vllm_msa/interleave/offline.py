@@ -35,6 +35,9 @@ def answer(
     `max_tokens=...`, `max_retrieval_tokens=...`) bound each question's loop.
     `sampling_params` (one for all, or one per question) gives the sampling settings of every
     step (greedy by default); the loop sets lengths and stops itself.
+
+    It drives `llm.llm_engine` directly (like `LLM.generate`, it expects to be the engine's
+    only user while it runs).
     """
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind

@@ -135,7 +135,10 @@ async def answer_interleaved(req: AnswerRequest, engine: Any
         try:
             while (event := await queue.get()) is not None:
                 yield _sse(event)
-            yield _sse({"type": "result", **body(task.result())})
+            if task.exception() is not None:  # the status line is gone: report in-band
+                yield _sse({"type": "error", "message": str(task.exception())})
+            else:
+                yield _sse({"type": "result", **body(task.result())})
             yield "data: [DONE]\n\n"
         finally:
             if not task.done():  # the client went away: stop the engine work
