@@ -239,16 +239,21 @@ class MemoryRuntime:
             for row, selection in zip(rows, selections, strict=True):
                 row.request.selections[layer.layer_idx] = selection
 
-    def staged_memory(self, layer_idx: int, request: MemoryRequest
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
-        staged = request.staged.get(layer_idx)
-        if staged is None:
-            chunks = request.bank.chunk_indices(
-                request.selections[layer_idx].doc_ids.tolist())
-            staged = self.pool.stage(request.req_id, request.bank.host_keys[layer_idx],
-                                     request.bank.host_values[layer_idx], chunks)
-            request.staged[layer_idx] = staged
-        return self.pool.read(staged)
+    def stage_pending(self, layer_idx: int) -> None:
+        """Stage this layer's selected documents for every request in the step that has none
+        staged yet (just routed, or back from preemption): per bank, one copy."""
+        pending: dict[str, list[MemoryRequest]] = {}
+        for row in self.rows:
+            if layer_idx not in row.request.staged:
+                pending.setdefault(row.request.bank.name, []).append(row.request)
+        for requests in pending.values():
+            bank = requests[0].bank
+            chunks = [(r.req_id, bank.chunk_indices(r.selections[layer_idx].doc_ids.tolist()))
+                      for r in requests]
+            staged = self.pool.stage_many(bank.host_keys[layer_idx],
+                                          bank.host_values[layer_idx], chunks)
+            for request, entry in zip(requests, staged, strict=True):
+                request.staged[layer_idx] = entry
 
     def local_key_value(self, layer_idx: int, row: StepRow, k: torch.Tensor, v: torch.Tensor,
                         attn_layer: Any, attn_metadata: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -278,6 +283,7 @@ class MemoryRuntime:
         hd = self.head_dim
         heads = q.shape[-1] // hd
         self.select_pending(layer, q, h)
+        self.stage_pending(layer.layer_idx)
         for row in self.rows:
             request = row.request
             keys, values = self.local_key_value(layer.layer_idx, row, k, v, attn_layer,
@@ -292,7 +298,7 @@ class MemoryRuntime:
             query = q[tokens].view(n, heads, hd)
             local, local_lse = attention_with_lse(query, keys, values, attn_layer.impl.scale,
                                                   causal_offset=first)
-            mem_k, mem_v = self.staged_memory(layer.layer_idx, request)
+            mem_k, mem_v = self.pool.read(request.staged[layer.layer_idx])
             memory, memory_lse = attention_with_lse(query, mem_k, mem_v,
                                                     attn_layer.impl.scale, None)
             merged = torch.empty_like(local)

@@ -57,22 +57,43 @@ class StagingPool:
     def stage(self, owner: str, host_keys: torch.Tensor, host_values: torch.Tensor,
               chunks: torch.Tensor) -> Staged:
         """Copy host chunks `chunks` into slots owned by `owner`."""
-        n = chunks.numel()
-        if n > len(self._free):
-            self.overflows += 1
-            if self.overflows == 1:
-                logger.warning(
-                    "MSA staging pool full (%d slots); staging outside it. Raise "
-                    "additional_config msa.staging_mib for steady throughput.", self.num_slots)
-            keys = self.keys.new_empty((n, *self.keys.shape[1:]))
-            values = torch.empty_like(keys)
-            self._copy(host_keys, host_values, chunks, keys, values, None)
-            return Staged(private=(keys, values))
-        slots = [self._free.pop() for _ in range(n)]
-        self._owned.setdefault(owner, []).extend(slots)
-        index = torch.tensor(slots, dtype=torch.int64, device=self.keys.device)
-        self._copy(host_keys, host_values, chunks, self.keys, self.values, index)
-        return Staged(slots=index)
+        return self.stage_many(host_keys, host_values, [(owner, chunks)])[0]
+
+    def stage_many(self, host_keys: torch.Tensor, host_values: torch.Tensor,
+                   requests: list[tuple[str, torch.Tensor]]) -> list[Staged]:
+        """Stage several requests' chunks of one layer (same host tensors) with one copy:
+        a host->device gather moves a whole step's selections at once far faster than one
+        small copy per request."""
+        staged: list[Staged | None] = [None] * len(requests)
+        rows, slots, spans = [], [], []
+        for i, (owner, chunks) in enumerate(requests):
+            n = chunks.numel()
+            if n > len(self._free):
+                staged[i] = self._stage_private(host_keys, host_values, chunks)
+                continue
+            taken = [self._free.pop() for _ in range(n)]
+            self._owned.setdefault(owner, []).extend(taken)
+            spans.append((i, len(slots), len(slots) + n))
+            rows.append(chunks)
+            slots.extend(taken)
+        if spans:
+            index = torch.tensor(slots, dtype=torch.int64, device=self.keys.device)
+            self._copy(host_keys, host_values, torch.cat(rows), self.keys, self.values, index)
+            for i, a, b in spans:
+                staged[i] = Staged(slots=index[a:b])
+        return staged  # type: ignore[return-value]
+
+    def _stage_private(self, host_keys: torch.Tensor, host_values: torch.Tensor,
+                       chunks: torch.Tensor) -> Staged:
+        self.overflows += 1
+        if self.overflows == 1:
+            logger.warning(
+                "MSA staging pool full (%d slots); staging outside it. Raise "
+                "additional_config msa.staging_mib for steady throughput.", self.num_slots)
+        keys = self.keys.new_empty((chunks.numel(), *self.keys.shape[1:]))
+        values = torch.empty_like(keys)
+        self._copy(host_keys, host_values, chunks, keys, values, None)
+        return Staged(private=(keys, values))
 
     @staticmethod
     def _copy(host_keys: torch.Tensor, host_values: torch.Tensor, chunks: torch.Tensor,
