@@ -42,6 +42,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from host_timing import host_microseconds  # benchmarks/ (the script's folder)
 from vllm_msa.kernels import fetch
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -293,14 +294,7 @@ def host_overhead(runner: Runner, rows: torch.Tensor, calls: int = 300) -> dict:
     }
     out = {}
     for name, fn in cases.items():
-        for _ in range(20):
-            fn()
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        out[name] = (time.perf_counter() - t0) / calls * 1e6
-        torch.cuda.synchronize()
+        out[name] = host_microseconds(fn, calls, warmup=20)
         print(f"  host {name}: {out[name]:.1f} µs/call", flush=True)
     return out
 

@@ -34,6 +34,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # a source checkout: vllm_msa (and vllm_msa.kernels) from here
 
+from host_timing import host_microseconds  # noqa: E402  (benchmarks/, the script's folder)
 from vllm_msa.kernels.routing import (  # noqa: E402
     KernelConfig,
     chunk_scores_batched,
@@ -370,14 +371,7 @@ def host_costs(q, cu, prepared, msa, calls: int = 50) -> dict[str, float]:
     }
     out = {}
     for name, fn in stages.items():
-        for _ in range(3):
-            fn()
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        out[name] = (time.perf_counter() - t) / calls * 1e6
-        torch.cuda.synchronize()
+        out[name] = host_microseconds(fn, calls, warmup=3)
     return out
 
 
