@@ -20,13 +20,7 @@ import time
 from bank_build import card_name, common_arguments, prepare, write_result
 from serving import questions
 
-
-def parse_count(text: str) -> int:
-    scale = {"k": 10**3, "m": 10**6, "g": 10**9}
-    text = text.strip().lower()
-    if text[-1:] in scale:
-        return int(float(text[:-1]) * scale[text[-1]])
-    return int(text)
+from vllm_msa.cli import parse_count
 
 
 def copy_bandwidth(num_bytes: int) -> float | None:

@@ -70,9 +70,9 @@ def _add_bank_parsers(sub, with_engine_args: bool) -> None:
         "encoding. Prints the predicted size first. Interrupted runs resume when re-run.",
     )
     synth.add_argument("--model", required=True, help="checkpoint the bank is shaped for")
-    synth.add_argument("--tokens", required=True, type=_count,
+    synth.add_argument("--tokens", required=True, type=parse_count,
                        help="total memory tokens, e.g. 1000000, 100M, 1.5G")
-    synth.add_argument("--doc-tokens", required=True, type=_count,
+    synth.add_argument("--doc-tokens", required=True, type=parse_count,
                        help="tokens per document (the last one gets the remainder)")
     synth.add_argument("--out", required=True, help="bank directory to create (or resume)")
     synth.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
@@ -97,7 +97,7 @@ def _add_bank_parsers(sub, with_engine_args: bool) -> None:
 _SUFFIXES = {"k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
 
 
-def _count(text: str) -> int:
+def parse_count(text: str) -> int:
     """A positive integer, optionally with a decimal suffix: 4096, 100M, 1.5G."""
     scale = _SUFFIXES.get(text[-1:].lower(), 1)
     try:

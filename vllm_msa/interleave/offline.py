@@ -7,6 +7,7 @@ other questions' steps keep running.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import uuid
 from collections.abc import Sequence
@@ -44,7 +45,7 @@ def answer(
 
     single = isinstance(questions, str)
     questions = [questions] if single else list(questions)
-    limits = InterleaveLimits(**{**_fields(limits or InterleaveLimits()), **limit_overrides})
+    limits = dataclasses.replace(limits or InterleaveLimits(), **limit_overrides)
     if sampling_params is None or isinstance(sampling_params, SamplingParams):
         bases = [sampling_params or SamplingParams(temperature=0.0)] * len(questions)
     else:
@@ -97,10 +98,3 @@ def answer(
             engine.abort_request(list(running))
         raise
     return [c.result() for c in conversations]
-
-
-def _fields(limits: InterleaveLimits) -> dict[str, int]:
-    return {name: getattr(limits, name) for name in
-            ("max_rounds", "max_retrieved_docs", "max_tokens", "max_retrieval_tokens")}
-
-

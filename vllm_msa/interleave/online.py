@@ -32,6 +32,7 @@ class InterleaveRun:
         self.base = base
         self.bank = bank
         self.top_k = top_k
+        self.stream = stream
         self.kind = RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY
         self.request_ids: list[str] = []
 
@@ -77,7 +78,7 @@ class InterleaveRun:
             try:
                 async for output in _chain(first, outputs):
                     completion = output.outputs[0]
-                    if self.kind.name == "DELTA":
+                    if self.stream:
                         tokens += completion.token_ids
                         logprobs += completion.logprobs or []
                         if emit is not None and completion.text:
