@@ -4,6 +4,10 @@
 #   bash benchmarks/gpu.sh bench   # the stage-1 benchmark, MSA-4B shape
 #   bash benchmarks/gpu.sh serving # answering over a bank vs plain vLLM, MSA-4B shape
 #   bash benchmarks/gpu.sh serve   # TTFT / decode over synthetic 1M and 10M-token banks vs plain
+#   bash benchmarks/gpu.sh attention  # one router layer's memory attention: Triton vs FA
+#   bash benchmarks/gpu.sh memory  # GPU / pinned host memory of 1M, 10M, 25M-token banks vs
+#                                  # `bank info` (25M: ~44 GB on disk, ~1-2 min to synthesize; a
+#                                  # 50M-token bank, ~88 GB, exceeds the machine's 64 GiB disk)
 # Logs and result files go to $OUT (the device tool brings them back).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -32,5 +36,15 @@ case "${1:-tests}" in
         shift || true
         python3 benchmarks/serve.py --shape msa-4b --bank-tokens 1M,10M --batches 1,8,64 \
             --json "$OUT/serve-msa-4b.json" "$@" 2>&1 | tee "$OUT/serve.log"
+        ;;
+    attention)
+        shift || true
+        python3 benchmarks/memory_attention.py --json "$OUT/memory_attention.json" "$@" 2>&1 \
+            | tee "$OUT/memory_attention.log"
+        ;;
+    memory)
+        shift || true
+        python3 benchmarks/memory.py --shape msa-4b --bank-tokens 1M,10M,25M \
+            --json "$OUT/memory-msa-4b.json" "$@" 2>&1 | tee "$OUT/memory.log"
         ;;
 esac

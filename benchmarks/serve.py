@@ -11,11 +11,18 @@ memory attention) to routing, so it bounds routing's share from above.
 
     python benchmarks/serve.py --shape msa-4b --bank-tokens 1M,10M --batches 1,8,64
     python benchmarks/serve.py --shape tiny --bank-tokens 20k --batches 1,4 --decode-tokens 8
+
+A 4B engine starts in about a minute (compile + CUDA graphs), so on a machine with a per-call
+time limit run the engines one call at a time with `--engines plain`, `--engines 1M`, ...:
+each run adds its engines to `--partial` (in the work directory) and writes the table and
+result of everything measured so far.
 """
 
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
 
 from bank_build import card_name, common_arguments, prepare, write_result
 from serving import questions
@@ -95,6 +102,10 @@ def main() -> None:
     parser.add_argument("--question-words", type=int, default=12)
     parser.add_argument("--staging-mib", type=int, default=2048)
     parser.add_argument("--eager", action="store_true", help="enforce_eager for every engine")
+    parser.add_argument("--engines", help="run only these: 'plain' and/or bank sizes "
+                        "(default: plain and every --bank-tokens size)")
+    parser.add_argument("--partial", help="engine results kept across runs (default: "
+                        "<work>/serve-<shape>-partial.json)")
     args = parser.parse_args()
     work, ckpt, engine = prepare(args)
 
@@ -102,6 +113,8 @@ def main() -> None:
 
     batches = [int(b) for b in args.batches.split(",")]
     sizes = [parse_count(s) for s in args.bank_tokens.split(",")]
+    wanted = ({"plain", *sizes} if not args.engines else
+              {e if e == "plain" else parse_count(e) for e in args.engines.split(",")})
     texts = questions(max(batches), args.question_words)
     banks = {}
     for size in sizes:
@@ -110,14 +123,23 @@ def main() -> None:
         banks[size] = synth_bank(plan, work / f"synth-{args.shape}-{size}", progress=False)
         print(f"synthetic bank of {size:,} tokens ready in {time.perf_counter() - t:.0f} s")
     index_bytes = {size: bank.tier_bytes()["gpu_index"] for size, bank in banks.items()}
-    bandwidth = copy_bandwidth(max(index_bytes.values()) // 18)
+    partial_path = Path(args.partial or work / f"serve-{args.shape}-partial.json")
+    partial = json.loads(partial_path.read_text()) if partial_path.exists() else {}
+    bandwidth = partial.get("bandwidth") or copy_bandwidth(max(index_bytes.values()) // 18)
+    runs = partial.get("runs", {})
 
-    runs = {"plain vLLM": measure(ckpt, engine, None, batches, args.decode_tokens, texts,
-                                  args.staging_mib, args.eager)}
+    if "plain" in wanted:
+        runs["plain vLLM"] = measure(ckpt, engine, None, batches, args.decode_tokens, texts,
+                                     args.staging_mib, args.eager)
     for size, bank in banks.items():
-        runs[f"MSA, {size:,}-token bank"] = measure(
-            ckpt, engine, str(bank.path), batches, args.decode_tokens, texts, args.staging_mib,
-            args.eager)
+        if size in wanted:
+            runs[f"MSA, {size:,}-token bank"] = measure(
+                ckpt, engine, str(bank.path), batches, args.decode_tokens, texts,
+                args.staging_mib, args.eager)
+    partial_path.write_text(json.dumps({"bandwidth": bandwidth, "runs": runs}, indent=1))
+    if "plain vLLM" not in runs:
+        print(f"no plain-vLLM run yet (run --engines plain); kept results in {partial_path}")
+        return
 
     card = card_name()
     plain = {r["batch"]: r for r in runs["plain vLLM"]}
@@ -128,6 +150,8 @@ def main() -> None:
     rows = []
     for name, results in runs.items():
         size = next((s for s in sizes if name == f"MSA, {s:,}-token bank"), None)
+        if name != "plain vLLM" and size is None:
+            continue  # measured in an earlier run with other --bank-tokens
         floor = index_bytes[size] / bandwidth if size and bandwidth else None
         for r in results:
             base = plain[r["batch"]]
@@ -141,7 +165,8 @@ def main() -> None:
             print(f"{name:<28} {r['batch']:>5} {r['ttft_s'] * 1e3:>9.1f} "
                   f"{r['decode_tokens_per_s']:>13,.0f} {r['decode_vs_plain']:>8.2f}x "
                   f"{ratio:>22}")
-    largest = f"MSA, {max(sizes):,}-token bank"
+    measured = [s for s in sizes if f"MSA, {s:,}-token bank" in runs]
+    largest = f"MSA, {max(measured, default=0):,}-token bank"
     headline = [r for r in rows if r["engine"] == largest and r["batch"] == max(batches)]
     result = {
         "benchmark": "serve",
@@ -149,11 +174,11 @@ def main() -> None:
         "shape": args.shape,
         "copy_bandwidth_bytes_per_s": bandwidth,
         "banks": {str(s): {"tokens": b.num_tokens, "documents": b.num_documents,
-                           "bytes": b.tier_bytes()} for s, b in banks.items()},
+                           "bytes": b.tier_bytes()} for s, b in banks.items() if s in measured},
         "decode_tokens": args.decode_tokens,
         "rows": rows,
         "goal_metric": f"decode tokens/s with memory / plain vLLM, batch {max(batches)}, "
-                       f"largest bank ({max(sizes):,} tokens)",
+                       f"largest bank ({max(measured, default=0):,} tokens)",
         "goal": 0.9,
         "achieved": headline[0]["decode_vs_plain"] if headline else None,
     }

@@ -92,9 +92,10 @@ def checkpoints(tmp_path_factory):
 SMALL_BANK_DOC_IDS = (2, 5, 11)  # fewer documents than the tiny checkpoints' top-k (4)
 
 
-def build_banks(ckpt: Path, out: Path, small: bool = False) -> dict:
+def build_banks(ckpt: Path, out: Path, small: bool = False, dtype: str = "float32") -> dict:
     """Banks of `ckpt` built by the real stage-1 engine (one encoder for all of them):
-    "docs" (the 24 sample documents) and, with `small`, "small" (three of them)."""
+    "docs" (the 24 sample documents) and, with `small`, "small" (three of them); `dtype` is
+    the engine's (a bank serves models of its own dtype)."""
     import json
 
     from vllm_msa.bank.build import build_bank, encoder_llm
@@ -107,7 +108,7 @@ def build_banks(ckpt: Path, out: Path, small: bool = False) -> dict:
         path.write_text("".join(json.dumps(d) + "\n" for d in lines
                                 if d["id"] in SMALL_BANK_DOC_IDS))
         sources["small"] = path
-    llm = encoder_llm(ckpt, **ENGINE_DEFAULTS)
+    llm = encoder_llm(ckpt, **{**ENGINE_DEFAULTS, "dtype": dtype})
     try:
         return {name: build_bank(ckpt, docs, out / name, llm=llm, progress=False)
                 for name, docs in sources.items()}

@@ -71,3 +71,20 @@ def test_abort_frees_staging(engine):
     while core.has_unfinished_requests():
         core.step()
     assert_staging_released(engine)
+
+
+def pool_slots(worker) -> int:
+    from vllm_msa.attention.runtime import current_runtime
+
+    return current_runtime().pool.num_slots
+
+
+def test_default_staging_pool_holds_a_full_batch(engine, default_banks):
+    """Without `staging_mib` the pool fits max_num_seqs (4) requests, each staging the top-k
+    (4) largest documents in every router layer — computed here from the bank itself."""
+    from vllm_msa.bank.reader import MemoryBank
+
+    bank = MemoryBank.open(default_banks["docs"].path)
+    largest = sorted(bank.doc_num_chunks.tolist(), reverse=True)[:4]
+    layers = len(bank.model_info.router_layers)
+    assert engine.collective_rpc(pool_slots) == [4 * layers * sum(largest)]

@@ -28,6 +28,7 @@ from .attend import (
     gather_paged,
     paged_key_value,
 )
+from .fused import FusedAttention
 from .routing import Selection
 from .staging import Staged, StagingPool
 from .tiers import ServedBank, local_kv_heads
@@ -105,11 +106,20 @@ class MemoryRuntime:
         self.rows: list[StepRow] = []
         self.num_preempted = 0  # memory requests preempted so far (they keep their selection)
         self._offsets: torch.Tensor | None = None
+        self.fused = FusedAttention()
         self.banks = self._open_banks(vllm_config)
         local_kv = self.kv_heads.stop - self.kv_heads.start
-        self.pool = StagingPool.sized(
-            self.serving.staging_mib if self.banks else 1, local_kv, head_dim,
-            vllm_config.model_config.dtype, device)
+        dtype = vllm_config.model_config.dtype
+        if not self.banks:
+            self.pool = StagingPool(1, local_kv, head_dim, dtype, device)
+        elif self.serving.staging_mib is not None:
+            self.pool = StagingPool.sized(self.serving.staging_mib, local_kv, head_dim, dtype,
+                                          device)
+        else:
+            self.pool = StagingPool.for_batch(
+                vllm_config.scheduler_config.max_num_seqs * len(msa.router_layers)
+                * max(bank.worst_case_chunks(self.rope_offset) for bank in self.banks.values()),
+                local_kv, head_dim, dtype, device)
 
     def _open_banks(self, vllm_config: Any) -> dict[str, ServedBank]:
         if not self.serving.banks:
@@ -158,6 +168,7 @@ class MemoryRuntime:
         """This step's batch: (req_id, extra_args, batch_index, token_start, num_tokens,
         first_position) per scheduled request, in batch order."""
         self.rows = []
+        self.fused.reset()
         offsets = None
         for req_id, extra, batch_index, token_start, num_tokens, first_position in rows:
             request = self.requests.get(req_id)
@@ -190,6 +201,7 @@ class MemoryRuntime:
 
     def end_step(self) -> None:
         self.rows = []
+        self.fused.reset()
         self._offsets = None
 
     def offset_positions(self, positions: torch.Tensor) -> None:
@@ -276,7 +288,8 @@ class MemoryRuntime:
                h: torch.Tensor, output: torch.Tensor, attn_layer: Any, attn_metadata: Any
                ) -> None:
         """Overwrite memory requests' rows of `output` (the local attention) with local ⊕
-        memory attention. `q`, `k` after RoPE, `v`; `h` is the layer's normed input."""
+        memory attention. `q`, `k` after RoPE, `v`; `h` is the layer's normed input. On a GPU
+        with flash-attention: batched (`fused.py`); elsewhere one request at a time in torch."""
         from vllm.v1.attention.ops.merge_attn_states import merge_attn_states
 
         layer = self.layers[layer_name]
@@ -284,6 +297,10 @@ class MemoryRuntime:
         heads = q.shape[-1] // hd
         self.select_pending(layer, q, h)
         self.stage_pending(layer.layer_idx)
+        if self.fused.usable(self.rows, layer.layer_idx, q, attn_layer, self.pool):
+            self.fused.run(self.rows, layer.layer_idx, q, output, attn_layer, attn_metadata,
+                           self.pool, hd)
+            return
         for row in self.rows:
             request = row.request
             keys, values = self.local_key_value(layer.layer_idx, row, k, v, attn_layer,

@@ -1,6 +1,8 @@
 """The device staging pool: where the selected documents' K̄/V̄ live while a request runs.
 
-Sized once at start (`staging_mib`), in slots of one chunk's K̄ and V̄ for one layer. A request
+Sized once at start, in slots of one chunk's K̄ and V̄ for one layer: by default for a full
+batch (`max_num_seqs` requests x router layers x the top-k largest documents' chunks), or
+`staging_mib`. A request
 takes slots when a router layer selects its documents and gives all of them back when it
 finishes, is aborted or is preempted. A request that does not fit in what is free gets a
 private allocation instead (logged): slower to manage, never wrong.
@@ -18,6 +20,8 @@ from dataclasses import dataclass
 import torch
 
 logger = logging.getLogger(__name__)
+
+AUTO_CAP_MIB = 4096  # the default pool's ceiling (a full batch at worst case, up to this)
 
 
 @dataclass(frozen=True)
@@ -42,6 +46,22 @@ class StagingPool:
               device: torch.device) -> StagingPool:
         slot_bytes = 2 * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
         return cls(max(1, mib * 2**20 // slot_bytes), num_kv_heads, head_dim, dtype, device)
+
+    @classmethod
+    def for_batch(cls, slots: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
+                  device: torch.device, cap_mib: int = AUTO_CAP_MIB) -> StagingPool:
+        """A pool of `slots` slots (every request of a full batch at its worst case), capped
+        at `cap_mib`: past that, requests beyond the pool are staged privately (logged)."""
+        slot_bytes = 2 * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+        cap = cap_mib * 2**20 // slot_bytes
+        if slots > cap:
+            logger.info("MSA staging pool: a full batch at worst case needs %.0f MiB; capped "
+                        "at %d MiB (set additional_config msa.staging_mib to choose)",
+                        slots * slot_bytes / 2**20, cap_mib)
+        pool = cls(max(1, min(slots, cap)), num_kv_heads, head_dim, dtype, device)
+        logger.info("MSA staging pool: %d slots (%.0f MiB)", pool.num_slots,
+                    pool.num_slots * slot_bytes / 2**20)
+        return pool
 
     @property
     def num_slots(self) -> int:

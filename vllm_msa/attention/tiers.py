@@ -8,6 +8,7 @@ rank attends with.
 
 from __future__ import annotations
 
+import itertools
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,6 +30,32 @@ def local_kv_heads(total: int, tp_rank: int, tp_size: int) -> slice:
     return slice(head, head + 1)
 
 
+def host_tier(tensor: torch.Tensor, pin: bool) -> torch.Tensor:
+    """`tensor` as the host tier keeps it: contiguous, and page-locked when a GPU reads it.
+
+    Page-locking registers an exact-size copy with `cudaHostRegister` (mapped, so kernels read
+    it through UVA) rather than `Tensor.pin_memory()`: torch's pinned allocator rounds every
+    block up to a power of two, up to 2x the host RAM for a large bank's per-layer tensors.
+    Registered memory stays registered for the life of the process (banks are never closed
+    while serving)."""
+    tensor = tensor.contiguous()
+    if not pin:
+        return tensor
+    copy = torch.empty(tensor.shape, dtype=tensor.dtype)
+    copy.copy_(tensor)
+    nbytes = copy.numel() * copy.element_size()
+    flags = 1 | 2  # cudaHostRegisterPortable | cudaHostRegisterMapped
+    err = torch.cuda.cudart().cudaHostRegister(copy.data_ptr(), nbytes, flags)
+    if int(getattr(err, "value", err)) != 0 or not copy.is_pinned():
+        logger.warning("cudaHostRegister failed (%s); pinning through torch's allocator", err)
+        return tensor.pin_memory()
+    _REGISTERED.append(copy)
+    return copy
+
+
+_REGISTERED: list[torch.Tensor] = []  # registered host tensors: kept alive, never freed
+
+
 @dataclass
 class ServedBank:
     name: str
@@ -45,13 +72,17 @@ class ServedBank:
              ) -> ServedBank:
         pin = device.type == "cuda"
         index, keys, values = {}, {}, {}
+        # One chunk -> document map for every layer (bank order is the same in all of them).
+        shared = RoutingIndex.from_bank(bank, bank.router_layers[0], "cpu", with_keys=False)
+        doc_index, doc_ids = shared.chunk_doc_index.to(device), shared.doc_ids.to(device)
         for layer in bank.router_layers:
-            tensors = bank.layer(layer)
-            index[layer] = RoutingIndex.from_bank(bank, layer, device)
-            k = tensors.keys[:, kv_heads].contiguous()
-            v = tensors.values[:, kv_heads].contiguous()
-            keys[layer] = k.pin_memory() if pin else k
-            values[layer] = v.pin_memory() if pin else v
+            # Read without caching: the bank's copy would double host memory for the life of
+            # the server (the device and pinned copies below are what serving reads).
+            tensors = bank.layer(layer, cache=False)
+            index[layer] = RoutingIndex(tensors.routing_keys.to(device), doc_index, doc_ids)
+            keys[layer] = host_tier(tensors.keys[:, kv_heads], pin)
+            values[layer] = host_tier(tensors.values[:, kv_heads], pin)
+            del tensors
         served = cls(
             name=name,
             bank=bank,
@@ -91,6 +122,11 @@ class ServedBank:
     def max_document_chunks(self) -> int:
         return max(b - a for a, b in zip(self.chunk_offsets, self.chunk_offsets[1:],
                                          strict=False))
+
+    def worst_case_chunks(self, top_k: int) -> int:
+        """Most chunks one request can stage in one layer: its top-k largest documents."""
+        sizes = sorted((b - a for a, b in itertools.pairwise(self.chunk_offsets)), reverse=True)
+        return sum(sizes[:top_k])
 
     def chunk_indices(self, doc_ids: list[int]) -> torch.Tensor:
         """Bank-order chunk indices of the given documents, ascending doc id then chunk."""

@@ -168,16 +168,19 @@ class MemoryBank:
     def _concat(self, key: str) -> torch.Tensor:
         return torch.cat([self._read(seg["file"], key) for seg in self.manifest["segments"]])
 
-    def layer(self, layer: int) -> BankLayer:
-        """Routing keys K̄r, keys K̄ and values V̄ of router layer `layer` (loaded on first use)."""
+    def layer(self, layer: int, cache: bool = True) -> BankLayer:
+        """Routing keys K̄r, keys K̄ and values V̄ of router layer `layer` (loaded on first use;
+        `cache=False` reads without keeping them, for callers that copy them elsewhere)."""
         if layer not in self.model_info.router_layers:
             raise KeyError(f"layer {layer} is not a router layer of this bank "
                            f"(router layers: {self.router_layers})")
-        if layer not in self._layers:
-            self._layers[layer] = BankLayer(
-                **{name: self._concat(layer_key(layer, name)) for name in POOLED_ORDER}
-            )
-        return self._layers[layer]
+        if layer in self._layers:
+            return self._layers[layer]
+        tensors = BankLayer(
+            **{name: self._concat(layer_key(layer, name)) for name in POOLED_ORDER})
+        if cache:
+            self._layers[layer] = tensors
+        return tensors
 
     @cached_property
     def chunk_doc_ids(self) -> torch.Tensor:

@@ -10,7 +10,9 @@ Engine-wide (`LLM(..., additional_config={"msa": {...}})` or
   RoPE offset (msa-spec §3).
 - `score`: "auto" (the released code: dot product, cosine for decoupled INFONCE), "dot" or
   "cosine" (the paper's variant).
-- `staging_mib`: size of the device staging pool for selected documents' K̄/V̄.
+- `staging_mib`: size of the device staging pool for selected documents' K̄/V̄; by default
+  sized for `max_num_seqs` requests each holding the configured top-k largest documents of
+  every router layer (capped at 4 GiB, logged).
 
 Per request (`SamplingParams.extra_args`, or `vllm_xargs` over HTTP): `msa_bank`, `msa_top_k`,
 `msa_return_selection`, and `msa_routing` — explicit routing token ranges `[[start, end], ...]`
@@ -30,7 +32,6 @@ from typing import Any
 from ..config import MSAParams
 
 SCORE_MODES = ("auto", "dot", "cosine")
-DEFAULT_STAGING_MIB = 256
 _BANK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 # Keys a request may set; `msa_span` is written by the front end, never by callers.
@@ -60,7 +61,7 @@ class ServingConfig:
     default_bank: str | None = None
     top_k: int | None = None
     score: str = "auto"
-    staging_mib: int = DEFAULT_STAGING_MIB
+    staging_mib: int | None = None  # None: sized from the batch and the banks
 
     @classmethod
     def from_additional_config(cls, additional: Mapping[str, Any] | None) -> ServingConfig:
@@ -97,8 +98,9 @@ class ServingConfig:
         score = raw.get("score", "auto")
         if score not in SCORE_MODES:
             raise MSAServingConfigError(f"msa score must be one of {SCORE_MODES}, got {score!r}")
-        staging = raw.get("staging_mib", DEFAULT_STAGING_MIB)
-        if not isinstance(staging, int) or isinstance(staging, bool) or staging < 1:
+        staging = raw.get("staging_mib")
+        if staging is not None and (not isinstance(staging, int) or isinstance(staging, bool)
+                                    or staging < 1):
             raise MSAServingConfigError(f"msa staging_mib must be a positive integer, "
                                         f"got {staging!r}")
         return cls(dict(banks), default, top_k, score, staging)
