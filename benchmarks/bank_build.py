@@ -90,7 +90,7 @@ def prepare(args: argparse.Namespace) -> tuple[Path, Path, dict]:
     return work, ckpt, engine
 
 
-def write_result(result: dict, args: argparse.Namespace) -> None:
+def write_result(result: dict, args: argparse.Namespace) -> Path:
     """Stamp `result` with versions and the command; write it (default benchmarks/results/)."""
     import torch
     import vllm
@@ -107,6 +107,7 @@ def write_result(result: dict, args: argparse.Namespace) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"\nwrote {path}")
+    return path
 
 
 def main() -> None:

@@ -48,6 +48,13 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
+def fa_version() -> int:
+    """The flash-attention version vLLM's backend uses on this card (3 on Hopper)."""
+    from vllm.v1.attention.backends.fa_utils import get_flash_attn_version
+
+    return get_flash_attn_version()
+
+
 def timed(fn, reps: int) -> float:
     """Median CUDA-event milliseconds of fn() from an idle GPU."""
     for _ in range(3):
@@ -113,7 +120,7 @@ class Case:
             q=self.query, k=self.key_cache, v=self.value_cache, max_seqlen_q=self.queries,
             cu_seqlens_q=self.cu_q, max_seqlen_k=self.max_seq, seqused_k=self.seq_lens,
             softmax_scale=self.scale, causal=True, block_table=self.block_table,
-            return_softmax_lse=lse)
+            return_softmax_lse=lse, fa_version=fa_version())
 
     def batch(self):
         from vllm_msa.kernels.memory_attention import MemoryBatch
@@ -142,7 +149,7 @@ class Case:
         return flash_attn_varlen_func(
             q=self.query, k=k, v=v, max_seqlen_q=self.queries, cu_seqlens_q=self.cu_q,
             max_seqlen_k=self.cu_s_list[1], cu_seqlens_k=self.cu_s, softmax_scale=self.scale,
-            causal=False, return_softmax_lse=True)
+            causal=False, return_softmax_lse=True, fa_version=fa_version())
 
     def fa_memory(self) -> None:
         from vllm.v1.attention.ops.merge_attn_states import merge_attn_states
@@ -268,7 +275,8 @@ def main() -> None:
     result = {
         "benchmark": "memory_attention", "card": card,
         "versions": {"torch": torch.__version__, "cuda": torch.version.cuda,
-                     "triton": triton.__version__, "vllm": vllm.__version__},
+                     "triton": triton.__version__, "vllm": vllm.__version__,
+                     "flash_attn": fa_version()},
         "command": "python3 " + " ".join(sys.argv),
         "shape": {"heads": HEADS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM,
                   "dtype": "bfloat16", "block_size": BLOCK, "context": args.context,

@@ -92,6 +92,35 @@ def measure(ckpt, engine: dict, bank_path: str | None, batches: list[int], decod
     return rows
 
 
+def plot(result: dict, path: Path) -> str:
+    """Decode tokens/s and TTFT per batch size, plain vLLM next to each bank."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed: no plot"
+    engines = list(dict.fromkeys(r["engine"] for r in result["rows"]))
+    batches = sorted({r["batch"] for r in result["rows"]})
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    width = 0.8 / len(engines)
+    for j, engine in enumerate(engines):
+        rows = {r["batch"]: r for r in result["rows"] if r["engine"] == engine}
+        xs = [i + j * width for i in range(len(batches))]
+        axes[0].bar(xs, [rows[b]["decode_tokens_per_s"] for b in batches], width, label=engine)
+        axes[1].bar(xs, [rows[b]["ttft_s"] * 1e3 for b in batches], width, label=engine)
+    for ax, label in zip(axes, ("decode tokens/s", "time to first token, ms"), strict=True):
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(batches))])
+        ax.set_xticklabels([f"batch {b}" for b in batches])
+        ax.set_ylabel(label)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"MSA-4B shape serving vs plain vLLM, {result['card']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return f"plot: {path}"
+
+
 def main() -> None:
     parser = common_arguments(__doc__.splitlines()[0])
     parser.set_defaults(doc_tokens=512)
@@ -182,7 +211,8 @@ def main() -> None:
         "goal": 0.9,
         "achieved": headline[0]["decode_vs_plain"] if headline else None,
     }
-    write_result(result, args)
+    path = write_result(result, args)
+    print(plot(result, path.with_suffix(".png")))
 
 
 if __name__ == "__main__":
