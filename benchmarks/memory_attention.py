@@ -28,10 +28,10 @@ import re
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
+from host_timing import host_microseconds
 
 HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128  # Qwen3-4B / MSA-4B attention
 BLOCK = 16
@@ -190,20 +190,9 @@ def run_case(case: Case, reps: int, bw: float) -> dict:
     row["fa_only_ms"] = timed(case.fa_only, reps)
     if case.requests * case.queries <= 512:
         row["torch_ms"] = timed(case.torch_loop, max(5, reps // 10))
-    row["host_fused_us"] = host_us(lambda: case.fused(batch))
-    row["host_fa_memory_us"] = host_us(case.fa_memory)
+    row["host_fused_us"] = host_microseconds(lambda: case.fused(batch), calls=200, warmup=1)
+    row["host_fa_memory_us"] = host_microseconds(case.fa_memory, calls=200, warmup=1)
     return row
-
-
-def host_us(fn, calls: int = 200) -> float:
-    fn()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    elapsed = time.perf_counter() - start
-    torch.cuda.synchronize()
-    return elapsed / calls * 1e6
 
 
 def plot(result: dict, path: Path) -> str:
