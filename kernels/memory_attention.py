@@ -70,6 +70,14 @@ class MemoryBatch:
         return len(self.cu_query) - 1
 
     @classmethod
+    def from_buffers(cls, slots: torch.Tensor, tiles: torch.Tensor, block_m: int = 1
+                     ) -> MemoryBatch:
+        """A batch described only by device buffers (for CUDA-graph capture: the kernel
+        reads `tiles` and `slots` at replay). Kernel path only: the torch fallback needs the
+        host lists."""
+        return cls([], [], slots, tiles, block_m)
+
+    @classmethod
     def build(cls, cu_query: list[int], cu_slots: list[int], slots: torch.Tensor,
               block_m: int | None = None) -> MemoryBatch:
         if len(cu_query) != len(cu_slots):

@@ -57,14 +57,36 @@ def verify_and_update_config(vllm_config: Any) -> None:
             f"MSA serving needs its scheduler ({SCHEDULER}, which keeps routing spans in one "
             f"step), but scheduler_cls={scheduler.scheduler_cls!r} was given")
     scheduler.scheduler_cls = SCHEDULER
-    use_selection_connector(vllm_config)
+    use_selection_connector(vllm_config, full_decode_graphs(vllm_config, serving))
     use_v1_model_runner()
-    keep_memory_attention_out_of_full_graphs(vllm_config)
+    split_graphs_at_memory_attention(vllm_config)
     install_admission(vllm_config, Admission(vllm_config, banks))
 
 
-def use_selection_connector(vllm_config: Any) -> None:
-    """Attach `MSAConnector` (the channel that returns selections) unless the user named it."""
+def full_decode_graphs(vllm_config: Any, serving: Any) -> bool:
+    """Whether decode steps may replay full CUDA graphs with memory attention inside
+    (`vllm_msa/attention/decode_graphs.py`): it needs vLLM's flash-attention backend (its LSE
+    output and metadata) on a card where that is the default, fp16/bf16, no speculative
+    decoding, and the user not asking for piecewise graphs."""
+    import torch
+    from vllm.platforms import current_platform
+
+    if serving.decode_graphs != "auto" or not current_platform.is_cuda():
+        return False
+    if vllm_config.model_config.dtype not in (torch.float16, torch.bfloat16):
+        return False
+    if getattr(vllm_config, "speculative_config", None) is not None:
+        return False
+    backend = getattr(getattr(vllm_config, "attention_config", None), "backend", None)
+    if backend is not None and getattr(backend, "name", str(backend)) != "FLASH_ATTN":
+        return False
+    capability = current_platform.get_device_capability()
+    return capability is not None and capability.major in (8, 9)
+
+
+def use_selection_connector(vllm_config: Any, full_graphs: bool = False) -> None:
+    """Attach `MSAConnector` (the channel that returns selections) unless the user named it;
+    `full_graphs` tells it whether decode may run as full CUDA graphs."""
     from vllm.config import KVTransferConfig
 
     current = vllm_config.kv_transfer_config
@@ -73,7 +95,8 @@ def use_selection_connector(vllm_config: Any) -> None:
             f"MSA serving returns document selections through its KV connector ({CONNECTOR}); "
             f"kv_connector={current.kv_connector!r} was given")
     vllm_config.kv_transfer_config = KVTransferConfig(
-        kv_connector=CONNECTOR, kv_connector_module_path=CONNECTOR_MODULE, kv_role="kv_both")
+        kv_connector=CONNECTOR, kv_connector_module_path=CONNECTOR_MODULE, kv_role="kv_both",
+        kv_connector_extra_config={"full_decode_graphs": full_graphs})
 
 
 def use_v1_model_runner() -> None:
@@ -86,7 +109,7 @@ def use_v1_model_runner() -> None:
     os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
 
 
-def keep_memory_attention_out_of_full_graphs(vllm_config: Any) -> None:
+def split_graphs_at_memory_attention(vllm_config: Any) -> None:
     """The router-attention op routes and stages in Python, so it must run on every step:
     it becomes a graph-splitting op like vLLM's attention ops (added to
     `CompilationConfig._attention_ops`, which vLLM turns into `splitting_ops` later in config

@@ -60,10 +60,60 @@ def worker_attention(worker, mode: str | None = None) -> int:
     return current_runtime().fused.calls
 
 
-def test_bf16_fused_attention_matches_torch_path(checkpoints, tmp_path_factory):
-    """bf16 on flash-attention, vLLM's default execution: memory requests take the fused path
-    (flash-attention with LSE + the Triton memory kernel); the same requests through the
-    plain-torch path, in the same engine, give the same tokens and logprobs.
+@pytest.fixture(scope="module")
+def bf16_bank(checkpoints, tmp_path_factory):
+    return build_banks(checkpoints(), tmp_path_factory.mktemp("bf16-banks"),
+                       dtype="bfloat16")["docs"]
+
+
+def bf16_requests(tokenizer):
+    prompts = [expected_prompt(tokenizer, q) for q in QUESTIONS]
+    memory = [({"prompt_token_ids": ids}, sampling(msa_bank="docs")) for ids, _ in prompts]
+    plain = ({"prompt_token_ids": prompts[0][0]}, sampling())
+    return prompts, memory, plain
+
+
+def generate(llm, requests):
+    return llm.generate([r[0] for r in requests], [r[1] for r in requests], use_tqdm=False)
+
+
+def bf16_error(ref, prompt, output) -> float:
+    """This engine's own bf16 error: a plain request's logprobs vs float64 on its tokens."""
+    ids, span = prompt
+    out = output.outputs[0]
+    expected = reference_answer(ref, ids, span, None, top_k=4, rope_offset_k=4,
+                                template_len=span[0], max_tokens=len(out.token_ids),
+                                forced=list(out.token_ids))
+    tol = max(abs(lp.logprob - expected.logprobs[step][token_id].item())
+              for step, top in enumerate(out.logprobs) for token_id, lp in top.items())
+    assert 0 < tol < 0.5, tol  # a real bf16 engine: some error, not garbage
+    return tol
+
+
+def assert_same_outputs(first, second, tol: float) -> None:
+    """Same tokens and logprobs within `tol`; tokens may part only at a near-tie (top-2
+    logprobs within 2 tol), after which the sequences are not compared."""
+    compared = 0
+    for a, b in zip(first, second, strict=True):
+        for step, (ta, tb) in enumerate(zip(a.outputs[0].token_ids, b.outputs[0].token_ids,
+                                            strict=True)):
+            top_a, top_b = a.outputs[0].logprobs[step], b.outputs[0].logprobs[step]
+            for token_id in top_a.keys() & top_b.keys():
+                assert abs(top_a[token_id].logprob - top_b[token_id].logprob) <= tol, \
+                    (step, token_id, tol)
+                compared += 1
+            if ta != tb:
+                best = sorted((lp.logprob for lp in top_a.values()), reverse=True)
+                assert best[0] - best[1] <= 2 * tol, (step, best[:2], tol)
+                break
+    assert compared >= len(first) * NUM_LOGPROBS
+
+
+def test_bf16_fused_attention_matches_torch_path(checkpoints, bf16_bank):
+    """bf16 on flash-attention (piecewise graphs, so every step runs the op's Python):
+    memory requests take the fused path (flash-attention with LSE + the Triton memory
+    kernel); the same requests through the plain-torch path, in the same engine, give the
+    same tokens and logprobs.
 
     Tolerance, derived in the same run: both paths read identical bf16 inputs (cache, staged
     bank, queries) and differ only in where they round (the fused path rounds the local
@@ -73,52 +123,60 @@ def test_bf16_fused_attention_matches_torch_path(checkpoints, tmp_path_factory):
     bounds it. Tokens must agree up to a position whose top-2 logprobs are closer than that.
     """
     ckpt = checkpoints()
-    bank = build_banks(ckpt, tmp_path_factory.mktemp("bf16-banks"), dtype="bfloat16")["docs"]
     ref = ReferenceMSA(ckpt)
     with running_llm(model=str(ckpt), dtype="bfloat16", enable_prefix_caching=False,
-                     additional_config={"msa": {"banks": {"docs": str(bank.path)}}}) as llm:
-        tokenizer = llm.get_tokenizer()
-        prompts = [expected_prompt(tokenizer, q) for q in QUESTIONS]
-        memory = [({"prompt_token_ids": ids}, sampling(msa_bank="docs"))
-                  for ids, _ in prompts]
-        plain = ({"prompt_token_ids": prompts[0][0]}, sampling())
-
-        def generate(requests):
-            return llm.generate([r[0] for r in requests], [r[1] for r in requests],
-                                use_tqdm=False)
-
+                     additional_config={"msa": {"banks": {"docs": str(bf16_bank.path)},
+                                                "decode_graphs": "piecewise"}}) as llm:
+        prompts, memory, plain = bf16_requests(llm.get_tokenizer())
         before = llm.collective_rpc(worker_attention)[0]
-        fused = generate([*memory, plain])
+        fused = generate(llm, [*memory, plain])
         assert llm.collective_rpc(worker_attention)[0] > before, "fused path did not run"
         llm.collective_rpc(worker_attention, args=("torch",))
         try:
             calls = llm.collective_rpc(worker_attention)[0]
-            torch_path = generate(memory)
+            torch_path = generate(llm, memory)
             assert llm.collective_rpc(worker_attention)[0] == calls
         finally:
             llm.collective_rpc(worker_attention, args=("fused",))
+        assert_same_outputs(fused[:-1], torch_path, bf16_error(ref, prompts[0], fused[-1]))
 
-        # This engine's bf16 error: the plain request vs float64 on its own tokens.
-        plain_out = fused[-1].outputs[0]
-        expected = reference_answer(ref, prompts[0][0], prompts[0][1], None, top_k=4,
-                                    rope_offset_k=4, template_len=prompts[0][1][0],
-                                    max_tokens=len(plain_out.token_ids),
-                                    forced=list(plain_out.token_ids))
-        tol = max(abs(lp.logprob - expected.logprobs[step][token_id].item())
-                  for step, top in enumerate(plain_out.logprobs) for token_id, lp in top.items())
-        assert 0 < tol < 0.5, tol  # a real bf16 engine: some error, not garbage
 
-        compared = 0
-        for a, b in zip(fused[:-1], torch_path, strict=True):
-            for step, (ta, tb) in enumerate(zip(a.outputs[0].token_ids, b.outputs[0].token_ids,
-                                                strict=True)):
-                top_a, top_b = a.outputs[0].logprobs[step], b.outputs[0].logprobs[step]
-                for token_id in top_a.keys() & top_b.keys():
-                    assert abs(top_a[token_id].logprob - top_b[token_id].logprob) <= tol, \
-                        (step, token_id, tol)
-                    compared += 1
-                if ta != tb:  # allowed only at a near-tie, and the sequences part there
-                    best = sorted((lp.logprob for lp in top_a.values()), reverse=True)
-                    assert best[0] - best[1] <= 2 * tol, (step, best[:2], tol)
-                    break
-        assert compared >= len(memory) * NUM_LOGPROBS
+def worker_graphs(worker, mode: str | None = None) -> tuple[int, int] | None:
+    """In the worker: optionally force decode graphs ("piecewise" / "auto"); return (router
+    layers captured in full graphs, steps replayed as full graphs with memory buffers)."""
+    import os
+
+    from vllm_msa.attention.runtime import current_runtime
+
+    if mode is not None:
+        os.environ["VLLM_MSA_DECODE_GRAPHS"] = mode
+    graphs = current_runtime().graphs
+    return None if graphs is None else (graphs.captured, graphs.replays)
+
+
+def test_full_decode_graphs_match_piecewise(checkpoints, bf16_bank):
+    """vLLM's default FULL_AND_PIECEWISE graphs with memory: decode steps of memory requests
+    (batched with a plain one) replay full CUDA graphs whose memory attention reads the
+    per-step buffers; the same requests with decode forced onto piecewise graphs (the op's
+    Python every step) give the same tokens and logprobs, within this engine's own bf16
+    error (as above: the two paths differ only in flash-attention's split schedule)."""
+    ckpt = checkpoints()
+    ref = ReferenceMSA(ckpt)
+    with running_llm(model=str(ckpt), dtype="bfloat16", enable_prefix_caching=False,
+                     additional_config={"msa": {"banks": {"docs": str(bf16_bank.path)}}}
+                     ) as llm:
+        prompts, memory, plain = bf16_requests(llm.get_tokenizer())
+        captured, replays = llm.collective_rpc(worker_graphs)[0]
+        assert captured > 0, "no full graph captured memory attention"
+        graphs = generate(llm, [*memory, plain])
+        assert llm.collective_rpc(worker_graphs)[0][1] > replays, "no full-graph decode step"
+        llm.collective_rpc(worker_graphs, args=("piecewise",))
+        try:
+            replays = llm.collective_rpc(worker_graphs)[0][1]
+            piecewise = generate(llm, [*memory, plain])
+            assert llm.collective_rpc(worker_graphs)[0][1] == replays
+        finally:
+            llm.collective_rpc(worker_graphs, args=("auto",))
+        tol = bf16_error(ref, prompts[0], graphs[-1])
+        assert_same_outputs(graphs, piecewise, tol)
+        assert_staging_released(llm)

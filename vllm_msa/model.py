@@ -192,8 +192,8 @@ class MSAForCausalLM(Qwen3ForCausalLM):
         intermediate_tensors: IntermediateTensors | None = None,
         inputs_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor | IntermediateTensors:
-        if self.memory is not None and self.memory.rows:
-            self.memory.offset_positions(positions)
+        # (The memory runtime's RoPE offset is applied to `positions` by the runner hook,
+        # before a full CUDA graph would replay this without Python.)
         return self.model(input_ids, positions, intermediate_tensors, inputs_embeds)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:

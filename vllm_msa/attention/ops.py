@@ -1,12 +1,14 @@
 """The router layers' attention as one custom op, opaque to torch.compile.
 
 Routing and staging are data-dependent (top-k, per-request host copies), so they cannot be
-traced; the op runs them eagerly, the way vLLM runs `unified_attention_with_output`.
+traced; the op runs them eagerly, the way vLLM runs `unified_attention_with_output`. Inside
+a full decode graph's capture it records the buffer-driven path instead (decode_graphs.py).
 """
 
 from __future__ import annotations
 
 import torch
+from vllm.config import CUDAGraphMode
 from vllm.forward_context import get_forward_context
 from vllm.utils.torch_utils import direct_register_custom_op
 
@@ -30,7 +32,11 @@ def msa_router_attention(
     attn_layer = context.no_compile_layers[layer_name]
     output.copy_(attn_layer(q, k, v).view(output.shape))
     runtime = current_runtime()
-    if runtime is None or not runtime.rows:
+    if runtime is None:
+        return
+    full_graph = (runtime.graphs is not None
+                  and context.cudagraph_runtime_mode == CUDAGraphMode.FULL)
+    if not full_graph and not runtime.rows:
         return
     metadata = context.attn_metadata
     if isinstance(metadata, list):
@@ -38,6 +44,10 @@ def msa_router_attention(
     if isinstance(metadata, dict):
         metadata = metadata.get(layer_name)
     if metadata is None:
+        return
+    if full_graph:  # capture / warm-up of a full decode graph: no Python at replay
+        runtime.graphs.attend(runtime.layers[layer_name].layer_idx, q, output, attn_layer,
+                              metadata, runtime.pool, runtime.head_dim)
         return
     runtime.attend(layer_name, q, k, v, h, output, attn_layer, metadata)
 

@@ -28,6 +28,7 @@ from .attend import (
     gather_paged,
     paged_key_value,
 )
+from .decode_graphs import DecodeGraphs
 from .fused import FusedAttention
 from .routing import Selection
 from .staging import Staged, StagingPool
@@ -107,6 +108,7 @@ class MemoryRuntime:
         self.num_preempted = 0  # memory requests preempted so far (they keep their selection)
         self._offsets: torch.Tensor | None = None
         self.fused = FusedAttention()
+        self.eager_step = False  # this step routes or stages: no full CUDA graph
         self.banks = self._open_banks(vllm_config)
         local_kv = self.kv_heads.stop - self.kv_heads.start
         dtype = vllm_config.model_config.dtype
@@ -120,6 +122,19 @@ class MemoryRuntime:
                 vllm_config.scheduler_config.max_num_seqs * len(msa.router_layers)
                 * max(bank.worst_case_chunks(self.rope_offset) for bank in self.banks.values()),
                 local_kv, head_dim, dtype, device)
+        self.graphs = self._decode_graphs(vllm_config, device) if self.banks else None
+
+    def _decode_graphs(self, vllm_config: Any, device: torch.device) -> DecodeGraphs | None:
+        """Buffers for memory attention inside full decode graphs, when vLLM will capture
+        them (decided at engine set-up: patches/model_config.py `full_decode_graphs`)."""
+        extra = getattr(vllm_config.kv_transfer_config, "kv_connector_extra_config", None) or {}
+        compilation = vllm_config.compilation_config
+        if not (extra.get("full_decode_graphs")
+                and compilation.cudagraph_mode.has_full_cudagraphs()):
+            return None
+        rows = max(compilation.max_cudagraph_capture_size or 0,
+                   vllm_config.scheduler_config.max_num_seqs)
+        return DecodeGraphs(list(self.msa.router_layers), rows, self.pool.num_slots, device)
 
     def _open_banks(self, vllm_config: Any) -> dict[str, ServedBank]:
         if not self.serving.banks:
@@ -164,9 +179,24 @@ class MemoryRuntime:
                 request.staged.clear()
                 self.pool.release(req_id)
 
-    def begin_step(self, rows: list[tuple[str, dict | None, int, int, int, int]]) -> None:
+    def needs_eager_step(self, requests: Any) -> bool:
+        """Whether any of these (req_id, extra_args) routes or stages in this step, which
+        only the op's Python can do: such a step must not replay a full CUDA graph."""
+        layers = len(self.msa.router_layers)
+        for req_id, extra in requests:
+            request = self.requests.get(req_id)
+            if request is None:
+                if RequestOptions.from_extra_args(extra) is not None:
+                    return True
+            elif len(request.staged) < layers:
+                return True
+        return False
+
+    def begin_step(self, rows: list[tuple[str, dict | None, int, int, int, int]],
+                   full_graph: bool = False) -> None:
         """This step's batch: (req_id, extra_args, batch_index, token_start, num_tokens,
-        first_position) per scheduled request, in batch order."""
+        first_position) per scheduled request, in batch order. `full_graph`: the step
+        replays a full CUDA graph, whose memory attention reads buffers set here."""
         self.rows = []
         self.fused.reset()
         offsets = None
@@ -198,6 +228,12 @@ class MemoryRuntime:
                     offsets = []
                 offsets.append((token_start + first, token_start + num_tokens))
         self._offsets = offsets
+        if full_graph and self.graphs is not None:
+            layers = self.msa.router_layers
+            if any(layer not in row.request.staged for row in self.rows for layer in layers):
+                raise RuntimeError("a full CUDA graph step with a request that routes or "
+                                   "stages; the runner hook should have prevented it")
+            self.graphs.prepare(self.rows, self.pool.version)
 
     def end_step(self) -> None:
         self.rows = []

@@ -40,6 +40,7 @@ class StagingPool:
         self._free = list(range(num_slots - 1, -1, -1))
         self._owned: dict[str, list[int]] = {}
         self.overflows = 0
+        self.version = 0  # bumped whenever slots are taken or given back
 
     @classmethod
     def sized(cls, mib: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
@@ -84,6 +85,7 @@ class StagingPool:
         """Stage several requests' chunks of one layer (same host tensors) with one copy:
         a host->device gather moves a whole step's selections at once far faster than one
         small copy per request."""
+        self.version += 1
         staged: list[Staged | None] = [None] * len(requests)
         rows, slots, spans = [], [], []
         for i, (owner, chunks) in enumerate(requests):
@@ -138,4 +140,5 @@ class StagingPool:
         return self.keys.index_select(0, staged.slots), self.values.index_select(0, staged.slots)
 
     def release(self, owner: str) -> None:
+        self.version += 1
         self._free.extend(self._owned.pop(owner, ()))

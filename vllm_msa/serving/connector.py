@@ -55,9 +55,10 @@ class MSAConnector(KVConnectorBase_V1):
 
     @classmethod
     def requires_piecewise_for_cudagraph(cls, extra_config: dict[str, Any]) -> bool:
-        # Memory attention routes and stages in Python between graph pieces; a full CUDA
-        # graph would replay it without that Python.
-        return True
+        # Routing and staging run in Python between graph pieces. Decode steps can replay
+        # full graphs when the GPU path supports it (set at engine set-up, see
+        # patches/model_config.py: full_decode_graphs); otherwise piecewise only.
+        return not (extra_config or {}).get("full_decode_graphs", False)
 
     # ---------------------------------------------------------------- worker side
     def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:

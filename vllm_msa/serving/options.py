@@ -10,6 +10,8 @@ Engine-wide (`LLM(..., additional_config={"msa": {...}})` or
   RoPE offset (msa-spec §3).
 - `score`: "auto" (the released code: dot product, cosine for decoupled INFONCE), "dot" or
   "cosine" (the paper's variant).
+- `decode_graphs`: "auto" (default: decode steps replay full CUDA graphs, memory attention
+  included, where the GPU path supports it — flash-attention, fp16/bf16) or "piecewise".
 - `staging_mib`: size of the device staging pool for selected documents' K̄/V̄; by default
   sized for `max_num_seqs` requests each holding the configured top-k largest documents of
   every router layer (capped at 4 GiB, logged).
@@ -32,6 +34,7 @@ from typing import Any
 from ..config import MSAParams
 
 SCORE_MODES = ("auto", "dot", "cosine")
+DECODE_GRAPH_MODES = ("auto", "piecewise")
 _BANK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 # Keys a request may set; `msa_span` is written by the front end, never by callers.
@@ -62,6 +65,7 @@ class ServingConfig:
     top_k: int | None = None
     score: str = "auto"
     staging_mib: int | None = None  # None: sized from the batch and the banks
+    decode_graphs: str = "auto"  # "auto": full CUDA graphs for decode where supported
 
     @classmethod
     def from_additional_config(cls, additional: Mapping[str, Any] | None) -> ServingConfig:
@@ -70,11 +74,12 @@ class ServingConfig:
             return cls()
         if not isinstance(raw, Mapping):
             raise MSAServingConfigError('additional_config["msa"] must be a JSON object')
-        unknown = set(raw) - {"banks", "default_bank", "top_k", "score", "staging_mib"}
+        unknown = set(raw) - {"banks", "default_bank", "top_k", "score", "staging_mib",
+                              "decode_graphs"}
         if unknown:
             raise MSAServingConfigError(
                 f'additional_config["msa"]: unknown keys {sorted(unknown)}; allowed: banks, '
-                "default_bank, top_k, score, staging_mib"
+                "default_bank, top_k, score, staging_mib, decode_graphs"
             )
         banks = raw.get("banks") or {}
         if not isinstance(banks, Mapping) or not all(
@@ -103,7 +108,11 @@ class ServingConfig:
                                     or staging < 1):
             raise MSAServingConfigError(f"msa staging_mib must be a positive integer, "
                                         f"got {staging!r}")
-        return cls(dict(banks), default, top_k, score, staging)
+        decode_graphs = raw.get("decode_graphs", "auto")
+        if decode_graphs not in DECODE_GRAPH_MODES:
+            raise MSAServingConfigError(f"msa decode_graphs must be one of "
+                                        f"{DECODE_GRAPH_MODES}, got {decode_graphs!r}")
+        return cls(dict(banks), default, top_k, score, staging, decode_graphs)
 
     def configured_top_k(self, msa: MSAParams) -> int:
         """The top-k a request gets by default, and the global RoPE offset (msa-spec §3)."""
