@@ -106,7 +106,9 @@ class MemoryRuntime:
         self.requests: dict[str, MemoryRequest] = {}
         self.rows: list[StepRow] = []
         self.num_preempted = 0  # memory requests preempted so far (they keep their selection)
-        self._offsets: torch.Tensor | None = None
+        self._offsets: list[tuple[int, int]] | None = None
+        self._offset_key: tuple | None = None
+        self._offset_delta: torch.Tensor | None = None
         self.fused = FusedAttention()
         self.eager_step = False  # this step routes or stages: no full CUDA graph
         self.banks = self._open_banks(vllm_config)
@@ -245,8 +247,18 @@ class MemoryRuntime:
         template head move by the configured top-k. In place because compiled CUDA-graph
         pieces read positions from the runner's buffer, whatever tensor the model is given;
         the runner rewrites that buffer every step."""
-        for a, b in self._offsets or ():
-            positions[a:b] += self.rope_offset
+        if not self._offsets:
+            return
+        # One add per step with a cached per-token delta (steady decode reuses it), not one
+        # small kernel per request.
+        key = (positions.shape[0], positions.device, tuple(self._offsets))
+        if key != self._offset_key:
+            delta = torch.zeros(positions.shape[0], dtype=positions.dtype)
+            for a, b in self._offsets:
+                delta[a:b] = self.rope_offset
+            self._offset_delta = delta.to(positions.device)
+            self._offset_key = key
+        positions.add_(self._offset_delta)
 
     # ------------------------------------------------------------------ attention
     def routing_query(self, layer: RouterLayer, q: torch.Tensor, h: torch.Tensor,
@@ -296,8 +308,15 @@ class MemoryRuntime:
                 pending.setdefault(row.request.bank.name, []).append(row.request)
         for requests in pending.values():
             bank = requests[0].bank
-            chunks = [(r.req_id, bank.chunk_indices(r.selections[layer_idx].doc_ids.tolist()))
-                      for r in requests]
+            # One device->host read for the whole bank's selections of this layer.
+            ids = [r.selections[layer_idx].doc_ids for r in requests]
+            flat = torch.cat(ids).tolist()
+            lists, start = [], 0
+            for d in ids:
+                lists.append(flat[start:start + d.numel()])
+                start += d.numel()
+            chunks = list(zip((r.req_id for r in requests), bank.chunk_indices_many(lists),
+                              strict=True))
             staged = self.pool.stage_many(bank.host_keys[layer_idx],
                                           bank.host_values[layer_idx], chunks)
             for request, entry in zip(requests, staged, strict=True):

@@ -8,11 +8,13 @@ rank attends with.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from ..bank.reader import MemoryBank
@@ -130,9 +132,23 @@ class ServedBank:
 
     def chunk_indices(self, doc_ids: list[int]) -> torch.Tensor:
         """Bank-order chunk indices of the given documents, ascending doc id then chunk."""
-        parts = []
-        for doc_id in sorted(doc_ids):
-            i = self.doc_position[doc_id]
-            parts.append(torch.arange(self.chunk_offsets[i], self.chunk_offsets[i + 1],
-                                      device="cpu"))
-        return torch.cat(parts) if parts else torch.empty(0, dtype=torch.int64, device="cpu")
+        return self.chunk_indices_many([doc_ids])[0]
+
+    def chunk_indices_many(self, doc_id_lists: list[list[int]]) -> list[torch.Tensor]:
+        """`chunk_indices` of several requests' documents, vectorised (a step stages up to
+        max_num_seqs requests per layer: one arange per document cost milliseconds)."""
+        offsets = self._offsets_array
+        out = []
+        for doc_ids in doc_id_lists:
+            pos = np.fromiter((self.doc_position[d] for d in sorted(doc_ids)), dtype=np.int64,
+                              count=len(doc_ids))
+            starts = offsets[pos]
+            counts = offsets[pos + 1] - starts
+            # Document j's chunks start at output index ends[j] - counts[j].
+            base = np.repeat(starts - (np.cumsum(counts) - counts), counts)
+            out.append(torch.from_numpy(base + np.arange(base.shape[0], dtype=np.int64)))
+        return out
+
+    @functools.cached_property
+    def _offsets_array(self) -> np.ndarray:
+        return np.asarray(self.chunk_offsets, dtype=np.int64)
