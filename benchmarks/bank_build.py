@@ -14,12 +14,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import shutil
 import sys
 import time
 from pathlib import Path
+
+from report import card_name
 
 SHAPES = {
     # MSA-4B: Qwen3-4B with 18 router layers (msa-spec §1).
@@ -41,17 +42,6 @@ def make_docs(path: Path, n: int, approx_tokens: int, seed: int = 0) -> None:
         for i in range(n):
             words = [rng.choice(WORDS) for _ in range(approx_tokens)]
             f.write(json.dumps({"id": i, "text": " ".join(words)}) + "\n")
-
-
-def card_name() -> str:
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            return torch.cuda.get_device_name(0)
-    except ImportError:
-        pass
-    return f"CPU ({platform.processor() or platform.machine()})"
 
 
 def common_arguments(description: str) -> argparse.ArgumentParser:

@@ -31,9 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -43,6 +41,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from host_timing import host_microseconds  # benchmarks/ (the script's folder)
+from report import card_name, card_slug, nvidia_smi, pyplot
 from vllm_msa.kernels import fetch
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -69,15 +68,6 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--no-overlap", action="store_true", help="skip the overlap section")
     p.add_argument("--json", help="output path (default benchmarks/results/fetch-<card>.json)")
     return p.parse_args()
-
-
-def nvidia_smi(query: str) -> str:
-    try:
-        out = subprocess.run(["nvidia-smi", f"--query-gpu={query}", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=30, check=True)
-        return out.stdout.strip().splitlines()[0]
-    except (OSError, subprocess.SubprocessError, IndexError):
-        return ""
 
 
 # ------------------------------------------------------------------ bank and selections
@@ -300,12 +290,8 @@ def host_overhead(runner: Runner, rows: torch.Tensor, calls: int = 300) -> dict:
 
 
 def plot(result: dict, path: Path) -> str:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return "matplotlib is not installed: no plot"
     configs = result["configs"]
     methods = [m for m in ("gather", "gather-dev", "memcpy")
@@ -331,7 +317,7 @@ def main() -> None:
     args = parse_args()
     if not torch.cuda.is_available():
         sys.exit("benchmarks/fetch.py needs a CUDA GPU")
-    card = nvidia_smi("name") or torch.cuda.get_device_name(0)
+    card = card_name()
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     requests = [int(x) for x in args.requests.split(",")]
     print(f"{card}, {sms} SMs, PCIe gen {nvidia_smi('pcie.link.gen.current')} "
@@ -433,7 +419,7 @@ def main() -> None:
 
     out = Path(args.json) if args.json else (
         Path(__file__).parent / "results"
-        / f"fetch-{re.sub(r'[^a-z0-9]+', '-', card.lower()).strip('-')}.json")
+        / f"fetch-{card_slug(card)}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")  # written now, and again below
 

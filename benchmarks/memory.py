@@ -39,7 +39,6 @@ import gc
 import importlib
 import importlib.metadata
 import json
-import re
 import shutil
 import sys
 import tempfile
@@ -48,7 +47,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from bank_build import card_name, common_arguments, prepare
+from bank_build import common_arguments, prepare
+from report import card_name, card_slug, pyplot
 
 from vllm_msa.cli import parse_count
 
@@ -348,12 +348,8 @@ def capacity_line(cap: dict[str, Any]) -> str:
 
 
 def plot(rows: list[dict[str, Any]], path: Path, card: str, shape: str) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         print("matplotlib not available: no plot")
         return
     done = sorted((r for r in rows if "skipped" not in r), key=lambda r: r["bank_tokens"])
@@ -399,12 +395,6 @@ def versions() -> dict[str, str | None]:
             except ImportError:
                 out[name] = None
     return out
-
-
-def card_slug() -> str:
-    if not torch.cuda.is_available():
-        return "cpu"
-    return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(0).lower()).strip("-")
 
 
 # ----------------------------------------------------------------------------- main
@@ -466,7 +456,7 @@ def main() -> None:
         "rss_max_abs_deviation": rss,
     }
     path = Path(args.json) if args.json else (
-        Path(__file__).parent / "results" / f"memory-{card_slug()}.json")
+        Path(__file__).parent / "results" / f"memory-{card_slug(card)}.json")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {path}")

@@ -24,14 +24,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
 import torch
 from host_timing import host_microseconds
+from report import card_name, card_slug, pyplot
 
 HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128  # Qwen3-4B / MSA-4B attention
 BLOCK = 16
@@ -196,12 +195,8 @@ def run_case(case: Case, reps: int, bw: float) -> dict:
 
 
 def plot(result: dict, path: Path) -> str:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return "matplotlib is not installed: no plot"
     rows = result["rows"]
     names = [("floor_ms", "HBM floor"), ("plain_ms", "plain FA (no memory)"),
@@ -221,17 +216,6 @@ def plot(result: dict, path: Path) -> str:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     return f"plot: {path}"
-
-
-def card_name() -> str:
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=10).stdout.strip()
-        if out:
-            return out.splitlines()[0]
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return torch.cuda.get_device_name(0)
 
 
 def main() -> None:
@@ -278,8 +262,8 @@ def main() -> None:
         "goal": 1.0,
         "achieved": head["fused_ms"] / head["fa_memory_ms"],
     }
-    slug = re.sub(r"[^a-z0-9]+", "-", card.lower()).strip("-")
-    out = Path(args.json or Path(__file__).parent / "results" / f"memory_attention-{slug}.json")
+    out = Path(args.json or Path(__file__).parent / "results"
+               / f"memory_attention-{card_slug(card)}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(plot(result, out.with_suffix(".png")))

@@ -22,9 +22,7 @@ import dataclasses
 import itertools
 import json
 import math
-import re
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -35,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # a source checkout: vllm_msa (and vllm_msa.kernels) from here
 
 from host_timing import host_microseconds  # noqa: E402  (benchmarks/, the script's folder)
+from report import card_name, card_slug, pyplot  # noqa: E402
 from vllm_msa.kernels.routing import (  # noqa: E402
     KernelConfig,
     chunk_scores_batched,
@@ -59,19 +58,6 @@ SWEEP = [  # (block_c, num_warps, num_stages, most routing tokens per block)
     (128, 8, 3, 64), (128, 8, 4, 64), (128, 4, 3, 64), (64, 4, 4, 64), (128, 8, 2, 64),
     (128, 8, 3, 128), (128, 8, 2, 128), (64, 4, 3, 128), (128, 4, 2, 64), (64, 4, 2, 64),
 ]
-
-
-def card_name() -> str:
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=30, check=True).stdout
-        return out.splitlines()[0].strip()
-    except (OSError, subprocess.SubprocessError, IndexError):
-        return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
-
-
-def slug(name: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
 def median_ms(fn, reps: int, warmup: int) -> float:
@@ -239,7 +225,7 @@ def main() -> None:
         "achieved": achieved,
         "seconds": time.time() - started,
     }
-    path = Path(args.json) if args.json else Path(args.out_dir) / f"routing-{slug(card)}.json"
+    path = Path(args.json) if args.json else Path(args.out_dir) / f"routing-{card_slug(card)}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=2) + "\n")
 
@@ -394,12 +380,8 @@ def sweep(call, head_mode, n, size, args, sweeps) -> tuple:
 
 
 def plot(results: list[dict], path: Path, card: str) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         print("matplotlib not available: no plot")
         return
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))

@@ -24,7 +24,8 @@ import json
 import time
 from pathlib import Path
 
-from bank_build import card_name, common_arguments, prepare, write_result
+from bank_build import common_arguments, prepare, write_result
+from report import card_name, pyplot
 from serving import questions
 
 from vllm_msa.cli import parse_count
@@ -94,12 +95,8 @@ def measure(ckpt, engine: dict, bank_path: str | None, batches: list[int], decod
 
 def plot(result: dict, path: Path) -> str:
     """Decode tokens/s and TTFT per batch size, plain vLLM next to each bank."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return "matplotlib is not installed: no plot"
     engines = list(dict.fromkeys(r["engine"] for r in result["rows"]))
     batches = sorted({r["batch"] for r in result["rows"]})

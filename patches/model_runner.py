@@ -25,27 +25,23 @@ from . import require_vllm
 _installed = False
 
 
-def batch_rows(runner: Any) -> list[tuple[str, dict | None, int, int, int, int]]:
-    """(req_id, extra_args, batch_index, token_start, num_tokens, first_position) per row."""
-    batch = runner.input_batch
-    starts = runner.query_start_loc.np
-    rows = []
-    for i, req_id in enumerate(batch.req_ids[: batch.num_reqs]):
-        params = runner.requests[req_id].sampling_params
-        extra = params.extra_args if params is not None else None
-        rows.append((req_id, extra, i, int(starts[i]), int(starts[i + 1] - starts[i]),
-                     int(batch.num_computed_tokens_cpu[i])))
-    return rows
-
-
 def batch_requests(runner: Any) -> list[tuple[str, dict | None]]:
-    """(req_id, extra_args) of the step's requests (known once `_update_states` ran)."""
+    """(req_id, extra_args) of the step's requests, in batch order (known once
+    `_update_states` ran)."""
     batch = runner.input_batch
     out = []
     for req_id in batch.req_ids[: batch.num_reqs]:
         params = runner.requests[req_id].sampling_params
         out.append((req_id, params.extra_args if params is not None else None))
     return out
+
+
+def batch_rows(runner: Any) -> list[tuple[str, dict | None, int, int, int, int]]:
+    """(req_id, extra_args, batch_index, token_start, num_tokens, first_position) per row."""
+    starts = runner.query_start_loc.np
+    computed = runner.input_batch.num_computed_tokens_cpu
+    return [(req_id, extra, i, int(starts[i]), int(starts[i + 1] - starts[i]), int(computed[i]))
+            for i, (req_id, extra) in enumerate(batch_requests(runner))]
 
 
 def install_model_runner_hook() -> None:

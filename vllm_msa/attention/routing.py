@@ -24,19 +24,17 @@ class RoutingIndex:
     doc_ids: torch.Tensor  # [num_documents] int64, bank order
 
     @classmethod
-    def from_bank(cls, bank, layer: int, device: torch.device | str = "cpu",
-                  with_keys: bool = True) -> RoutingIndex:
-        """The index of `layer`; with_keys=False leaves the routing keys empty (for the
-        chunk -> document map alone)."""
+    def from_bank(cls, bank, layer: int, device: torch.device | str = "cpu") -> RoutingIndex:
+        return cls(bank.layer(layer).routing_keys.to(device), *cls.document_map(bank, device))
+
+    @staticmethod
+    def document_map(bank, device: torch.device | str = "cpu"
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(chunk_doc_index, doc_ids): the same for every router layer of a bank."""
         counts = bank.doc_num_chunks
-        doc_index = torch.repeat_interleave(torch.arange(len(counts), device=counts.device),
-                                            counts)
-        keys = bank.layer(layer).routing_keys if with_keys else torch.empty(0)
-        return cls(
-            routing_keys=keys.to(device),
-            chunk_doc_index=doc_index.to(device),
-            doc_ids=torch.tensor(bank.doc_ids, dtype=torch.int64, device=device),
-        )
+        doc_index = torch.repeat_interleave(torch.arange(len(counts)), counts)
+        return (doc_index.to(device),
+                torch.tensor(bank.doc_ids, dtype=torch.int64, device=device))
 
     @property
     def num_documents(self) -> int:

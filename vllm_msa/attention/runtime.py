@@ -310,11 +310,7 @@ class MemoryRuntime:
             bank = requests[0].bank
             # One device->host read for the whole bank's selections of this layer.
             ids = [r.selections[layer_idx].doc_ids for r in requests]
-            flat = torch.cat(ids).tolist()
-            lists, start = [], 0
-            for d in ids:
-                lists.append(flat[start:start + d.numel()])
-                start += d.numel()
+            lists = [d.tolist() for d in torch.cat(ids).cpu().split([d.numel() for d in ids])]
             chunks = list(zip((r.req_id for r in requests), bank.chunk_indices_many(lists),
                               strict=True))
             staged = self.pool.stage_many(bank.host_keys[layer_idx],

@@ -42,10 +42,15 @@ class StagingPool:
         self.overflows = 0
         self.version = 0  # bumped whenever slots are taken or given back
 
+    @staticmethod
+    def slot_bytes(num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+        """One slot: a chunk's K̄ and V̄ for one layer."""
+        return 2 * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+
     @classmethod
     def sized(cls, mib: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
               device: torch.device) -> StagingPool:
-        slot_bytes = 2 * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+        slot_bytes = cls.slot_bytes(num_kv_heads, head_dim, dtype)
         return cls(max(1, mib * 2**20 // slot_bytes), num_kv_heads, head_dim, dtype, device)
 
     @classmethod
@@ -53,7 +58,7 @@ class StagingPool:
                   device: torch.device, cap_mib: int = AUTO_CAP_MIB) -> StagingPool:
         """A pool of `slots` slots (every request of a full batch at its worst case), capped
         at `cap_mib`: past that, requests beyond the pool are staged privately (logged)."""
-        slot_bytes = 2 * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+        slot_bytes = cls.slot_bytes(num_kv_heads, head_dim, dtype)
         cap = cap_mib * 2**20 // slot_bytes
         if slots > cap:
             logger.info("MSA staging pool: a full batch at worst case needs %.0f MiB; capped "

@@ -75,8 +75,7 @@ class ServedBank:
         pin = device.type == "cuda"
         index, keys, values = {}, {}, {}
         # One chunk -> document map for every layer (bank order is the same in all of them).
-        shared = RoutingIndex.from_bank(bank, bank.router_layers[0], "cpu", with_keys=False)
-        doc_index, doc_ids = shared.chunk_doc_index.to(device), shared.doc_ids.to(device)
+        doc_index, doc_ids = RoutingIndex.document_map(bank, device)
         for layer in bank.router_layers:
             # Read without caching: the bank's copy would double host memory for the life of
             # the server (the device and pinned copies below are what serving reads).
@@ -119,11 +118,6 @@ class ServedBank:
     @property
     def num_documents(self) -> int:
         return len(self.chunk_offsets) - 1
-
-    @property
-    def max_document_chunks(self) -> int:
-        return max(b - a for a, b in zip(self.chunk_offsets, self.chunk_offsets[1:],
-                                         strict=False))
 
     def worst_case_chunks(self, top_k: int) -> int:
         """Most chunks one request can stage in one layer: its top-k largest documents."""

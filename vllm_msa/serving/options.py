@@ -35,6 +35,7 @@ from ..config import MSAParams
 
 SCORE_MODES = ("auto", "dot", "cosine")
 DECODE_GRAPH_MODES = ("auto", "piecewise")
+ENGINE_KEYS = ("banks", "default_bank", "top_k", "score", "staging_mib", "decode_graphs")
 _BANK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 # Keys a request may set; `msa_span` is written by the front end, never by callers.
@@ -74,12 +75,11 @@ class ServingConfig:
             return cls()
         if not isinstance(raw, Mapping):
             raise MSAServingConfigError('additional_config["msa"] must be a JSON object')
-        unknown = set(raw) - {"banks", "default_bank", "top_k", "score", "staging_mib",
-                              "decode_graphs"}
+        unknown = set(raw) - set(ENGINE_KEYS)
         if unknown:
             raise MSAServingConfigError(
-                f'additional_config["msa"]: unknown keys {sorted(unknown)}; allowed: banks, '
-                "default_bank, top_k, score, staging_mib, decode_graphs"
+                f'additional_config["msa"]: unknown keys {sorted(unknown)}; allowed: '
+                + ", ".join(ENGINE_KEYS)
             )
         banks = raw.get("banks") or {}
         if not isinstance(banks, Mapping) or not all(
