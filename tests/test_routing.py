@@ -117,3 +117,29 @@ def test_index_from_a_bank(checkpoints, tmp_path):
     chunk_docs = bank.chunk_doc_ids.tolist()
     ids, _ = naive_route(qr, index.routing_keys, chunk_docs, bank.doc_ids, msa, 2)
     assert got.doc_ids.tolist() == ids
+
+
+def test_served_bank_keeps_one_copy(checkpoints, tmp_path):
+    """Serving a bank holds each layer's K̄/V̄ once (the reader keeps no copy of its own) and
+    one chunk -> document map for all router layers; what it holds equals the bank."""
+    from test_bank_format import encoded_docs, template, write_bank
+
+    from vllm_msa.attention.tiers import ServedBank
+    from vllm_msa.bank import MemoryBank, ModelInfo
+
+    info = ModelInfo.from_checkpoint(checkpoints(), "float32")
+    write_bank(tmp_path / "bank", info, encoded_docs(info), template(info))
+    bank = MemoryBank.open(tmp_path / "bank")
+    heads = slice(0, info.num_kv_heads)
+    served = ServedBank.load("b", bank, torch.device("cpu"), heads)
+    assert bank._layers == {}  # nothing cached by the reader
+    first, *rest = (served.index[layer] for layer in bank.router_layers)
+    assert all(i.chunk_doc_index is first.chunk_doc_index for i in rest)
+    fresh = MemoryBank.open(tmp_path / "bank")
+    for layer in bank.router_layers:
+        want = fresh.layer(layer)
+        assert torch.equal(served.host_keys[layer], want.keys[:, heads])
+        assert torch.equal(served.host_values[layer], want.values[:, heads])
+        assert torch.equal(served.index[layer].routing_keys, want.routing_keys)
+        assert torch.equal(first.doc_ids[served.index[layer].chunk_doc_index],
+                           fresh.chunk_doc_ids)
