@@ -142,27 +142,38 @@ def main() -> None:
     wanted = ({"plain", *sizes} if not args.engines else
               {e if e == "plain" else parse_count(e) for e in args.engines.split(",")})
     texts = questions(max(batches), args.question_words)
-    banks = {}
-    for size in sizes:
-        t = time.perf_counter()
-        plan = plan_synth(ckpt, size, args.doc_tokens, dtype=engine.get("dtype"))
-        banks[size] = synth_bank(plan, work / f"synth-{args.shape}-{size}", progress=False)
-        print(f"synthetic bank of {size:,} tokens ready in {time.perf_counter() - t:.0f} s")
-    index_bytes = {size: bank.tier_bytes()["gpu_index"] for size, bank in banks.items()}
     partial_path = Path(args.partial or work / f"serve-{args.shape}-partial.json")
     partial = json.loads(partial_path.read_text()) if partial_path.exists() else {}
-    bandwidth = partial.get("bandwidth") or copy_bandwidth(max(index_bytes.values()) // 18)
+    # Only the banks this call serves are written: a bank near the machine's capacity fills
+    # its disk (delete the others' directories first); earlier calls' banks are described
+    # by what they recorded.
+    described = {int(size): info for size, info in partial.get("banks", {}).items()}
+    banks = {}
+    for size in sizes:
+        if size not in wanted:
+            continue
+        t = time.perf_counter()
+        plan = plan_synth(ckpt, size, args.doc_tokens, dtype=engine.get("dtype"))
+        bank = synth_bank(plan, work / f"synth-{args.shape}-{size}", progress=False)
+        banks[size] = str(bank.path)
+        described[size] = {"tokens": bank.num_tokens, "documents": bank.num_documents,
+                           "bytes": bank.tier_bytes()}
+        print(f"synthetic bank of {size:,} tokens ready in {time.perf_counter() - t:.0f} s")
+    index_bytes = {size: info["bytes"]["gpu_index"] for size, info in described.items()}
+    bandwidth = partial.get("bandwidth") or copy_bandwidth(
+        max(index_bytes.values(), default=1 << 30) // 18)
     runs = partial.get("runs", {})
 
     if "plain" in wanted:
         runs["plain vLLM"] = measure(ckpt, engine, None, batches, args.decode_tokens, texts,
                                      args.staging_mib, args.eager)
-    for size, bank in banks.items():
-        if size in wanted:
-            runs[f"MSA, {size:,}-token bank"] = measure(
-                ckpt, engine, str(bank.path), batches, args.decode_tokens, texts,
-                args.staging_mib, args.eager)
-    partial_path.write_text(json.dumps({"bandwidth": bandwidth, "runs": runs}, indent=1))
+    for size, path in banks.items():
+        runs[f"MSA, {size:,}-token bank"] = measure(
+            ckpt, engine, path, batches, args.decode_tokens, texts, args.staging_mib,
+            args.eager)
+    partial_path.write_text(json.dumps({"bandwidth": bandwidth, "runs": runs,
+                                        "banks": {str(s): d for s, d in described.items()}},
+                                       indent=1))
     if "plain vLLM" not in runs:
         print(f"no plain-vLLM run yet (run --engines plain); kept results in {partial_path}")
         return
@@ -199,8 +210,7 @@ def main() -> None:
         "card": card,
         "shape": args.shape,
         "copy_bandwidth_bytes_per_s": bandwidth,
-        "banks": {str(s): {"tokens": b.num_tokens, "documents": b.num_documents,
-                           "bytes": b.tier_bytes()} for s, b in banks.items() if s in measured},
+        "banks": {str(s): described[s] for s in measured},
         "decode_tokens": args.decode_tokens,
         "rows": rows,
         "goal_metric": f"decode tokens/s with memory / plain vLLM, batch {max(batches)}, "

@@ -196,6 +196,7 @@ def _gather_kernel() -> Any:
             r = blk * BLOCK_R + r_in
             rmask = r < n_rows
             src_row = tl.load(rows + r, mask=rmask, other=0).to(tl.int64)
+            rmask = rmask & (src_row >= 0)  # a negative row is a hole: nothing to copy
             if SCATTER:
                 dst_row = tl.load(dst_rows + r, mask=rmask, other=0).to(tl.int64)
             else:
@@ -312,7 +313,8 @@ def gather_rows(src_k: torch.Tensor, src_v: torch.Tensor, rows: torch.Tensor,
     rows (and dst_rows): int64 `[n]`, any order, repeats allowed. On the host they are
     range-checked and read by the kernel through UVA (pageable ones are pinned first; a
     caller's pinned tensor must stay unchanged until the event completes); on the device they
-    are trusted (an out-of-range row is a device fault).
+    are trusted (an out-of-range row is a device fault) and a negative row is skipped (a
+    hole in a reservation the device filled without the host knowing its size).
     dst_k, dst_v: device `[M, ...]` contiguous, same row shape and dtype, M >= n (M > every
     `dst_rows` entry). Launch shape: `GatherConfig` unless given (`max_programs=None`: one
     program per block of rows)."""

@@ -60,26 +60,33 @@ class MemoryBatch:
     """
 
     cu_query: list[int]  # request r owns query rows cu_query[r]:cu_query[r+1]
-    cu_slots: list[int]  # and slots[cu_slots[r]:cu_slots[r+1]]
+    cu_slots: list[int]  # and slots[cu_slots[r]:cu_slots[r+1]] (a reservation, see counts)
     slots: torch.Tensor  # [total slots] int32/int64, device
-    tiles: torch.Tensor  # [tiles, 4] int32: query row start, rows, slot start, slot end
+    # [tiles, 5] int32: query row start, rows, slot start, slot end, and the index into
+    # `counts` of the number of those slots in use (-1: all of them)
+    tiles: torch.Tensor
     block_m: int  # query tokens per tile
+    # [requests] int, device: slots in use of each request's reservation, when the device
+    # decided it (staging writes it without the host waiting); None: every slot is used
+    counts: torch.Tensor | None = None
 
     @property
     def num_requests(self) -> int:
         return len(self.cu_query) - 1
 
     @classmethod
-    def from_buffers(cls, slots: torch.Tensor, tiles: torch.Tensor, block_m: int = 1
-                     ) -> MemoryBatch:
+    def from_buffers(cls, slots: torch.Tensor, tiles: torch.Tensor, block_m: int = 1,
+                     counts: torch.Tensor | None = None) -> MemoryBatch:
         """A batch described only by device buffers (for CUDA-graph capture: the kernel
-        reads `tiles` and `slots` at replay). Kernel path only: the torch fallback needs the
-        host lists."""
-        return cls([], [], slots, tiles, block_m)
+        reads `tiles`, `slots` and `counts` at replay). Kernel path only: the torch fallback
+        needs the host lists."""
+        return cls([], [], slots, tiles, block_m, counts)
 
     @classmethod
     def build(cls, cu_query: list[int], cu_slots: list[int], slots: torch.Tensor,
-              block_m: int | None = None) -> MemoryBatch:
+              block_m: int | None = None, counts: torch.Tensor | None = None) -> MemoryBatch:
+        """Tiles of `block_m` query rows per request. With `counts`, request r attends over
+        only the first counts[r] of its slots (read by the kernel on the device)."""
         if len(cu_query) != len(cu_slots):
             raise ValueError("cu_query and cu_slots must describe the same requests")
         longest = max((b - a for a, b in itertools.pairwise(cu_query)), default=1)
@@ -89,10 +96,12 @@ class MemoryBatch:
         for r in range(len(cu_query) - 1):
             for start in range(cu_query[r], cu_query[r + 1], block_m):
                 tiles.append((start, min(block_m, cu_query[r + 1] - start),
-                              cu_slots[r], cu_slots[r + 1]))
-        table = torch.tensor(tiles or [(0, 0, 0, 0)], dtype=torch.int32)
+                              cu_slots[r], cu_slots[r + 1], -1 if counts is None else r))
+        table = torch.tensor(tiles or [(0, 0, 0, 0, -1)], dtype=torch.int32)
+        if slots.is_cuda:
+            table = table.pin_memory()  # a truly asynchronous upload
         return cls(list(cu_query), list(cu_slots), slots,
-                   table.to(slots.device, non_blocking=True), block_m)
+                   table.to(slots.device, non_blocking=True), block_m, counts)
 
 
 def memory_attention_reference(
@@ -106,9 +115,13 @@ def memory_attention_reference(
     out = query.new_zeros((num_rows, num_heads, head_dim), dtype=torch.float32)
     lse = query.new_full((num_heads, num_rows), float("-inf"), dtype=torch.float32)
     slots = batch.slots.long()
+    counts = None if batch.counts is None else batch.counts.tolist()
     for r in range(batch.num_requests):
         rows = slice(batch.cu_query[r], batch.cu_query[r + 1])
-        mine = slots[batch.cu_slots[r]:batch.cu_slots[r + 1]]
+        end = batch.cu_slots[r + 1]
+        if counts is not None:
+            end = min(end, batch.cu_slots[r] + counts[r])
+        mine = slots[batch.cu_slots[r]:end]
         if mine.numel() == 0 or rows.stop == rows.start:
             continue
         k = pool_keys[mine].float().repeat_interleave(group, dim=1)  # [n, H, D]
@@ -187,8 +200,9 @@ def memory_attention(
     rows_pad = max(16, _pow2(block_m * group_pad))
     head_pad = _pow2(head_dim)
     grid = (batch.tiles.shape[0], num_kv)
+    counts = batch.counts if batch.counts is not None else batch.tiles  # unused if None
     _memory_attention_kernel[grid](
-        query, pool_keys, pool_values, batch.slots, batch.tiles,
+        query, pool_keys, pool_values, batch.slots, batch.tiles, counts,
         local_out, local_lse, out, out_rows_arg, lse_arg,
         query.stride(0), query.stride(1),
         pool_keys.stride(0), pool_keys.stride(1),
@@ -201,7 +215,7 @@ def memory_attention(
         HEAD_DIM=head_dim, HEAD_PAD=head_pad, GROUP=group, GROUP_PAD=group_pad,
         BLOCK_M=block_m, ROWS=rows_pad, BLOCK_N=block_n,
         HAS_LOCAL=local is not None, HAS_ROWS=has_rows, HAS_LSE=out_lse is not None,
-        UPCAST=INTERPRET or query.dtype == torch.float32,
+        HAS_COUNTS=batch.counts is not None, UPCAST=INTERPRET or query.dtype == torch.float32,
         num_warps=4 if rows_pad <= 16 else 8, num_stages=2,
     )
     return out, out_lse
@@ -211,7 +225,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _memory_attention_kernel(
-        q_ptr, k_ptr, v_ptr, slots_ptr, tiles_ptr,
+        q_ptr, k_ptr, v_ptr, slots_ptr, tiles_ptr, counts_ptr,
         lo_ptr, llse_ptr, out_ptr, rows_ptr, olse_ptr,
         stride_qt, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh,
         stride_lot, stride_loh, stride_llh, stride_llt,
@@ -220,14 +234,18 @@ if HAS_TRITON:
         HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr, GROUP: tl.constexpr,
         GROUP_PAD: tl.constexpr, BLOCK_M: tl.constexpr, ROWS: tl.constexpr,
         BLOCK_N: tl.constexpr, HAS_LOCAL: tl.constexpr, HAS_ROWS: tl.constexpr,
-        HAS_LSE: tl.constexpr, UPCAST: tl.constexpr,
+        HAS_LSE: tl.constexpr, HAS_COUNTS: tl.constexpr, UPCAST: tl.constexpr,
     ):
         tile = tl.program_id(0)
         kv_head = tl.program_id(1)
-        row0 = tl.load(tiles_ptr + tile * 4)
-        num_tok = tl.load(tiles_ptr + tile * 4 + 1)
-        slot_lo = tl.load(tiles_ptr + tile * 4 + 2)
-        slot_hi = tl.load(tiles_ptr + tile * 4 + 3)
+        row0 = tl.load(tiles_ptr + tile * 5)
+        num_tok = tl.load(tiles_ptr + tile * 5 + 1)
+        slot_lo = tl.load(tiles_ptr + tile * 5 + 2)
+        slot_hi = tl.load(tiles_ptr + tile * 5 + 3)
+        if HAS_COUNTS:
+            count_idx = tl.load(tiles_ptr + tile * 5 + 4)
+            used = tl.load(counts_ptr + tl.maximum(count_idx, 0)).to(tl.int32)
+            slot_hi = tl.where(count_idx >= 0, tl.minimum(slot_hi, slot_lo + used), slot_hi)
 
         r = tl.arange(0, ROWS)
         tok = r // GROUP_PAD  # token within the tile

@@ -30,13 +30,14 @@ class Row:
 
 def make_rows() -> list[Row]:
     """Three memory requests at batch rows 0, 2 and 3 (row 1 is a plain request), each with
-    its own slots per layer."""
+    its own slot reservation per layer, partly used."""
     rows = []
     for i, (batch_row, counts) in enumerate([(0, (2, 3)), (2, (4, 1)), (3, (1, 2))]):
         request = Request(f"r{i}")
         for layer, n in zip(LAYERS, counts, strict=True):
             request.staged[layer] = Staged(slots=torch.arange(100 * i + 10 * layer,
-                                                              100 * i + 10 * layer + n))
+                                                              100 * i + 10 * layer + n),
+                                           count=torch.tensor([n - i % 2]))
         rows.append(Row(request, batch_row))
     return rows
 
@@ -51,11 +52,13 @@ def test_buffers_describe_the_batch():
         for row in rows:
             slots = row.request.staged[layer].slots
             lo, hi = start, start + slots.numel()
-            assert tiles[row.token_start] == [row.token_start, 1, lo, hi]
+            # the tile reads its count of staged chunks at counts[layer, its row]
+            assert tiles[row.token_start] == [row.token_start, 1, lo, hi, row.token_start]
             assert graphs.slots[i, lo:hi].tolist() == slots.tolist()
+            assert graphs.counts[i, row.token_start] == row.request.staged[layer].count
             start = hi
         for empty in (1, 4, 5):  # the plain row and padding: no memory, output left alone
-            assert tiles[empty] == [0, 0, 0, 0]
+            assert tiles[empty] == [0, 0, 0, 0, -1]
 
 
 def test_buffers_follow_batch_changes_only():
@@ -66,8 +69,8 @@ def test_buffers_follow_batch_changes_only():
     graphs.prepare(rows, pool_version=1)  # same batch, same staging: nothing rewritten
     assert (graphs.slots == -1).all()
     graphs.prepare(rows[1:], pool_version=1)  # a request left: rewritten, its tile emptied
-    assert graphs.tiles[0, 0].tolist() == [0, 0, 0, 0]
-    assert graphs.tiles[0, 2].tolist() == [2, 1, 0, 4]
+    assert graphs.tiles[0, 0].tolist() == [0, 0, 0, 0, -1]
+    assert graphs.tiles[0, 2].tolist() == [2, 1, 0, 4, 2]
     graphs.slots.fill_(-1)
     graphs.prepare(rows[1:], pool_version=2)  # restaged (pool changed): rewritten
     assert graphs.slots[0, :4].tolist() == rows[1].request.staged[3].slots.tolist()

@@ -227,6 +227,60 @@ def test_scatters_into_output_rows_only():
     assert (output[untouched] == 7.0).all()
 
 
+def with_reservations(case, extra):
+    """The batch as staging builds it: each request reserves `extra` more slots than it
+    fills (they hold other pool rows: here, other requests' memory), and a device tensor says
+    how many of its slots are filled."""
+    from vllm_msa.kernels.memory_attention import MemoryBatch
+
+    others = torch.randperm(case["pool_k"].shape[0], generator=gen("junk"))[:extra]
+    cu, parts = [0], []
+    for req in case["reqs"]:
+        parts += [req["slots"], others]
+        cu.append(cu[-1] + req["slots"].numel() + extra)
+    counts = torch.tensor([r["slots"].numel() for r in case["reqs"]], device=DEVICE)
+    return MemoryBatch.build(case["cu_q"], cu, torch.cat(parts).to(torch.int32).to(DEVICE),
+                             counts=counts)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("requests", [[(1, 5, 6), (1, 2, 9), (1, 4, 1)],
+                                      [(1, 5, 6), (20, 2, 9), (3, 4, 1)]],
+                         ids=["decode", "prefill"])
+def test_counts_limit_requests_to_their_filled_slots(requests, dtype):
+    """Only the first counts[r] slots of a request's reservation are attended: the rest of
+    it is never read, whatever it holds (staging reserves the worst case up front)."""
+    from vllm_msa.kernels.memory_attention import memory_attention
+
+    case = make_case(requests=requests, group=4, kv=2, head_dim=64, dtype=dtype, seed=11)
+    local_out, local_lse, _, _ = local_and_expected(case)
+    local_rounded = local_out.to(dtype)
+    want = merged_expectation(case, local_rounded.double(), local_lse)
+    query = torch.cat([r["q"] for r in case["reqs"]]).to(DEVICE)
+    got, _ = memory_attention(query, case["pool_k"].to(DEVICE), case["pool_v"].to(DEVICE),
+                              with_reservations(case, extra=5), case["scale"],
+                              local=(local_rounded.to(DEVICE), local_lse.float().to(DEVICE)))
+    got = got.double().cpu()
+    assert ((got - want).abs() <= tolerance(case, want, dtype)).all(), \
+        (got - want).abs().max().item()
+
+
+def test_reference_honours_counts():
+    from vllm_msa.kernels.memory_attention import memory_attention_reference
+
+    case = make_case(requests=[(2, 5, 9), (1, 3, 4)], group=2, kv=2, head_dim=32,
+                     dtype=torch.float32, seed=6)
+    local_out, local_lse, want, _ = local_and_expected(case)
+    batch = with_reservations(case, extra=3)
+    got, _ = memory_attention_reference(torch.cat([r["q"] for r in case["reqs"]]).to(DEVICE),
+                                        case["pool_k"].to(DEVICE), case["pool_v"].to(DEVICE),
+                                        batch, case["scale"],
+                                        local=(local_out.float().to(DEVICE),
+                                               local_lse.float().to(DEVICE)))
+    assert torch.allclose(got.double().cpu(), want, rtol=1e-5, atol=1e-5)
+
+
 def test_reference_matches_joint_softmax():
     """The module's own torch fallback (used where Triton cannot run) is also exact."""
     from vllm_msa.kernels.memory_attention import MemoryBatch, memory_attention_reference

@@ -141,9 +141,10 @@ def test_bf16_fused_attention_matches_torch_path(checkpoints, bf16_bank):
         assert_same_outputs(fused[:-1], torch_path, bf16_error(ref, prompts[0], fused[-1]))
 
 
-def worker_graphs(worker, mode: str | None = None) -> tuple[int, int] | None:
+def worker_graphs(worker, mode: str | None = None) -> tuple[int, int, int] | None:
     """In the worker: optionally force decode graphs ("piecewise" / "auto"); return (router
-    layers captured in full graphs, steps replayed as full graphs with memory buffers)."""
+    layers captured in full graphs, steps replayed as full graphs with memory buffers,
+    captured router layers whose local pass ran once instead of the backend's too)."""
     import os
 
     from vllm_msa.attention.runtime import current_runtime
@@ -151,7 +152,7 @@ def worker_graphs(worker, mode: str | None = None) -> tuple[int, int] | None:
     if mode is not None:
         os.environ["VLLM_MSA_DECODE_GRAPHS"] = mode
     graphs = current_runtime().graphs
-    return None if graphs is None else (graphs.captured, graphs.replays)
+    return None if graphs is None else (graphs.captured, graphs.replays, graphs.single_local)
 
 
 def test_full_decode_graphs_match_piecewise(checkpoints, bf16_bank):
@@ -166,8 +167,9 @@ def test_full_decode_graphs_match_piecewise(checkpoints, bf16_bank):
                      additional_config={"msa": {"banks": {"docs": str(bf16_bank.path)}}}
                      ) as llm:
         prompts, memory, plain = bf16_requests(llm.get_tokenizer())
-        captured, replays = llm.collective_rpc(worker_graphs)[0]
+        captured, replays, single_local = llm.collective_rpc(worker_graphs)[0]
         assert captured > 0, "no full graph captured memory attention"
+        assert single_local == captured, "a full graph ran the backend's attention as well"
         graphs = generate(llm, [*memory, plain])
         assert llm.collective_rpc(worker_graphs)[0][1] > replays, "no full-graph decode step"
         llm.collective_rpc(worker_graphs, args=("piecewise",))

@@ -8,8 +8,9 @@ fixed buffers:
   own metadata tensors (query_start_loc, seq_lens, block_table, scheduler metadata), which the
   runner refreshes in place before every replay — the same call the backend makes, plus LSE;
 * memory attention + LSE merge (`kernels/memory_attention.py`) over `tiles` / `slots`
-  buffers here: one tile per batch row (its token, 1 if it reads memory else 0, and its
-  slot range), one slot list per router layer. `prepare` rewrites them before a replay when
+  buffers here: one tile per batch row (its token, 1 if it reads memory else 0, its
+  reserved slot range and where its count of staged chunks is), one slot list and one
+  count list per router layer. `prepare` rewrites them before a replay when
   the batch's requests or their staged memory changed; plain rows and padding are empty tiles,
   so the kernel leaves their (backend-computed) output alone.
 
@@ -24,17 +25,23 @@ from typing import Any
 
 import torch
 
+from .uploads import upload
+
 
 class DecodeGraphs:
     def __init__(self, router_layers: list[int], max_rows: int, max_slots: int,
                  device: torch.device) -> None:
         self.position = {layer: i for i, layer in enumerate(router_layers)}
-        self.tiles = torch.zeros(len(router_layers), max_rows, 4, dtype=torch.int32,
+        self.tiles = torch.zeros(len(router_layers), max_rows, 5, dtype=torch.int32,
                                  device=device)
         self.slots = torch.zeros(len(router_layers), max(max_slots, 1), dtype=torch.int32,
                                  device=device)
+        # Chunks staged per row (tile i reads counts[layer, i]); written on the device.
+        self.counts = torch.zeros(len(router_layers), max_rows, dtype=torch.int64,
+                                  device=device)
         self._key: tuple | None = None
         self.captured = 0  # router-layer calls captured or warmed (tests check it ran)
+        self.single_local = 0  # of those, with the local pass computed once (no backend's)
         self.replays = 0  # steps that replayed a full graph with these buffers
 
     @property
@@ -49,25 +56,32 @@ class DecodeGraphs:
             return
         if any(row.token_start >= self.max_rows for row in rows):
             raise RuntimeError("a decode row beyond the captured batch size")
-        tiles = [[[0, 0, 0, 0] for _ in range(self.max_rows)] for _ in self.position]
+        tiles = [[[0, 0, 0, 0, -1] for _ in range(self.max_rows)] for _ in self.position]
+        row_index = upload([row.token_start for row in rows], self.counts.device)
         for layer, i in self.position.items():
-            start, parts = 0, []
+            start, parts, counts = 0, [], []
             for row in rows:
-                slots = row.request.staged[layer].slots
-                n = slots.numel()
-                tiles[i][row.token_start] = [row.token_start, row.num_tokens, start, start + n]
-                parts.append(slots)
+                staged = row.request.staged[layer]
+                n = staged.slots.numel()
+                tiles[i][row.token_start] = [row.token_start, row.num_tokens, start, start + n,
+                                             row.token_start]
+                parts.append(staged.slots)
+                counts.append(staged.count)
                 start += n
             if parts:
                 if start > self.slots.shape[1]:
                     raise RuntimeError("staged slots exceed the decode-graph slot buffer")
                 self.slots[i, :start].copy_(torch.cat(parts))  # device to device
-        self.tiles.copy_(torch.tensor(tiles, dtype=torch.int32))
+                self.counts[i].index_copy_(0, row_index, torch.cat(counts))
+        self.tiles.copy_(upload(tiles, self.tiles.device, torch.int32))
         self._key = key
 
     def attend(self, layer_idx: int, q: torch.Tensor, output: torch.Tensor, attn_layer: Any,
-               metadata: Any, pool: Any, head_dim: int) -> None:
-        """Local (flash-attention, LSE) then memory + merge for every row of the step."""
+               metadata: Any, pool: Any, head_dim: int, local_in_output: bool = False
+               ) -> None:
+        """Local (flash-attention, LSE) then memory + merge for every row of the step.
+        `local_in_output`: the backend's attention did not run; the local pass writes every
+        row's output (rows without memory keep it) and the merge overwrites it in place."""
         from vllm.vllm_flash_attn import flash_attn_varlen_func
 
         from ..kernels.memory_attention import MemoryBatch, memory_attention
@@ -83,8 +97,9 @@ class DecodeGraphs:
         query = q[:n].view(n, heads, head_dim)
         key_cache, value_cache = paged_key_value(attn_layer.kv_cache, head_dim)
         impl = attn_layer.impl
+        rows = output[:n].view(n, heads, head_dim)
         local_out, local_lse = flash_attn_varlen_func(
-            q=query, k=key_cache, v=value_cache,
+            q=query, k=key_cache, v=value_cache, out=rows if local_in_output else None,
             max_seqlen_q=metadata.max_query_len, cu_seqlens_q=metadata.query_start_loc,
             max_seqlen_k=metadata.max_seq_len, seqused_k=metadata.seq_lens,
             softmax_scale=impl.scale, causal=True, block_table=metadata.block_table,
@@ -92,7 +107,9 @@ class DecodeGraphs:
             num_splits=metadata.max_num_splits, fa_version=impl.vllm_flash_attn_version,
         )
         i = self.position[layer_idx]
-        batch = MemoryBatch.from_buffers(self.slots[i], self.tiles[i, :n], block_m=1)
+        batch = MemoryBatch.from_buffers(self.slots[i], self.tiles[i, :n], block_m=1,
+                                         counts=self.counts[i])
         memory_attention(query, pool.keys, pool.values, batch, impl.scale,
-                         local=(local_out, local_lse), out=output[:n].view(n, heads, head_dim))
+                         local=(local_out, local_lse), out=rows)
         self.captured += 1
+        self.single_local += local_in_output

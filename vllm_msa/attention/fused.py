@@ -24,6 +24,8 @@ from typing import Any
 
 import torch
 
+from .uploads import ranges, upload
+
 FUSED_BACKENDS = frozenset({"FLASH_ATTN"})
 
 
@@ -54,21 +56,20 @@ class StepPlan:
             if n <= 0:
                 continue
             row_ids.append(i)
-            spans.append(torch.arange(row.token_start + skip, row.token_start + row.num_tokens))
+            spans.append((row.token_start + skip, row.token_start + row.num_tokens))
             cu.append(cu[-1] + n)
             lens.append(row.first_position + row.num_tokens)
             batch_rows.append(row.batch_index)
         if not row_ids:
             return None
         device = block_table.device
-        as_dev = lambda xs: torch.tensor(xs, dtype=torch.int32).to(device, non_blocking=True)  # noqa: E731
         return cls(
             row_ids=tuple(row_ids),
-            q_rows=torch.cat(spans).to(device, non_blocking=True),
+            q_rows=upload(ranges(spans), device),
             cu_query=cu,
-            cu_query_dev=as_dev(cu),
-            seq_lens=as_dev(lens),
-            block_table=block_table.index_select(0, as_dev(batch_rows)),
+            cu_query_dev=upload(cu, device, torch.int32),
+            seq_lens=upload(lens, device, torch.int32),
+            block_table=block_table.index_select(0, upload(batch_rows, device)),
             max_query=max(b - a for a, b in itertools.pairwise(cu)),
             max_seq=max(lens),
         )
@@ -96,7 +97,10 @@ class FusedAttention:
                 and all(row.request.staged[layer_idx].slots is not None for row in rows))
 
     def run(self, rows: list[Any], layer_idx: int, q: torch.Tensor, output: torch.Tensor,
-            attn_layer: Any, attn_metadata: Any, pool: Any, head_dim: int) -> None:
+            attn_layer: Any, attn_metadata: Any, pool: Any, head_dim: int,
+            staged: torch.cuda.Event | None = None) -> None:
+        """`staged`: the end of this layer's fetch on its side stream; the local pass runs
+        meanwhile and the memory attention waits for it."""
         from vllm.vllm_flash_attn import flash_attn_varlen_func
 
         from ..kernels.memory_attention import memory_attention
@@ -119,8 +123,10 @@ class FusedAttention:
             softmax_scale=scale, causal=True, block_table=plan.block_table,
             return_softmax_lse=True, fa_version=attn_layer.impl.vllm_flash_attn_version,
         )
-        memory_attention(query, pool.keys, pool.values,
-                         self._memory_batch(rows, plan, layer_idx, q.device), scale,
+        if staged is not None:  # slot lists and counts were written on the fetch's stream
+            torch.cuda.current_stream().wait_event(staged)
+        batch = self._memory_batch(rows, plan, layer_idx, q.device)
+        memory_attention(query, pool.keys, pool.values, batch, scale,
                          local=(local_out, local_lse), out=output.view(-1, heads, head_dim),
                          out_rows=plan.q_rows)
         self.calls += 1
@@ -139,8 +145,8 @@ class FusedAttention:
         cu_slots = [0]
         for s in staged:
             cu_slots.append(cu_slots[-1] + s.slots.numel())
-        batch = MemoryBatch.build(plan.cu_query, cu_slots,
-                                  torch.cat([s.slots for s in staged]).to(device))
+        batch = MemoryBatch.build(plan.cu_query, cu_slots, torch.cat([s.slots for s in staged]),
+                                  counts=torch.cat([s.count for s in staged]))
         # The key holds ids of Staged objects; keeping them referenced keeps the ids unique.
         self._batches[layer_idx] = (key, staged, batch)
         return batch

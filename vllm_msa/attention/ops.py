@@ -12,6 +12,7 @@ from vllm.config import CUDAGraphMode
 from vllm.forward_context import get_forward_context
 from vllm.utils.torch_utils import direct_register_custom_op
 
+from ..patches.kv_cache_write import write_kv_cache
 from .runtime import current_runtime
 
 OP_NAME = "msa_router_attention"
@@ -30,24 +31,27 @@ def msa_router_attention(
     then, for requests with memory, local ⊕ memory attention in their rows."""
     context = get_forward_context()
     attn_layer = context.no_compile_layers[layer_name]
-    output.copy_(attn_layer(q, k, v).view(output.shape))
     runtime = current_runtime()
-    if runtime is None:
-        return
-    full_graph = (runtime.graphs is not None
-                  and context.cudagraph_runtime_mode == CUDAGraphMode.FULL)
-    if not full_graph and not runtime.rows:
-        return
     metadata = context.attn_metadata
     if isinstance(metadata, list):
         metadata = metadata[0]
     if isinstance(metadata, dict):
         metadata = metadata.get(layer_name)
-    if metadata is None:
+    if (runtime is not None and runtime.graphs is not None and metadata is not None
+            and context.cudagraph_runtime_mode == CUDAGraphMode.FULL):
+        # Capture / warm-up of a full decode graph (no Python at replay): the local pass
+        # with its LSE is computed once, for every row, by the graph's own call.
+        layer_idx = runtime.layers[layer_name].layer_idx
+        if write_kv_cache(attn_layer, k, v):
+            runtime.graphs.attend(layer_idx, q, output, attn_layer, metadata, runtime.pool,
+                                  runtime.head_dim, local_in_output=True)
+            return
+        output.copy_(attn_layer(q, k, v).view(output.shape))
+        runtime.graphs.attend(layer_idx, q, output, attn_layer, metadata, runtime.pool,
+                              runtime.head_dim)
         return
-    if full_graph:  # capture / warm-up of a full decode graph: no Python at replay
-        runtime.graphs.attend(runtime.layers[layer_name].layer_idx, q, output, attn_layer,
-                              metadata, runtime.pool, runtime.head_dim)
+    output.copy_(attn_layer(q, k, v).view(output.shape))
+    if runtime is None or not runtime.rows or metadata is None:
         return
     runtime.attend(layer_name, q, k, v, h, output, attn_layer, metadata)
 

@@ -10,8 +10,10 @@ go through the platform backend untouched, so they compute exactly what Qwen3 co
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,9 +32,11 @@ from .attend import (
 )
 from .decode_graphs import DecodeGraphs
 from .fused import FusedAttention
+from .profiling import phase
 from .routing import Selection
 from .staging import Staged, StagingPool
 from .tiers import ServedBank, local_kv_heads
+from .uploads import ranges, upload
 
 logger = logging.getLogger(__name__)
 
@@ -111,6 +115,7 @@ class MemoryRuntime:
         self._offset_delta: torch.Tensor | None = None
         self.fused = FusedAttention()
         self.eager_step = False  # this step routes or stages: no full CUDA graph
+        self._stream: torch.cuda.Stream | None = None  # fetches (see _fetch_stream)
         self.banks = self._open_banks(vllm_config)
         local_kv = self.kv_heads.stop - self.kv_heads.start
         dtype = vllm_config.model_config.dtype
@@ -285,38 +290,60 @@ class MemoryRuntime:
             if layer.layer_idx not in row.request.selections:
                 pending.setdefault(row.request.bank.name, []).append(row)
         for rows in pending.values():
-            token_rows, cu = [], [0]
+            spans, cu = [], [0]
             for row in rows:
                 shift = row.token_start - row.first_position  # request token i -> step row
-                for a, b in row.request.options.ranges:
-                    token_rows.append(torch.arange(a + shift, b + shift))
+                spans.extend((a + shift, b + shift) for a, b in row.request.options.ranges)
                 cu.append(cu[-1] + sum(b - a for a, b in row.request.options.ranges))
-            index = torch.cat(token_rows).to(q.device, non_blocking=True)
-            qr = self.routing_query(layer, q, h, index)
+            qr = self.routing_query(layer, q, h, upload(ranges(spans), q.device))
             bank = rows[0].request.bank
             selections = route_batched(qr, cu, bank.prepared_index(layer.layer_idx),
                                        self.routing, [r.request.options.top_k for r in rows])
             for row, selection in zip(rows, selections, strict=True):
                 row.request.selections[layer.layer_idx] = selection
 
-    def stage_pending(self, layer_idx: int) -> None:
+    def stage_pending(self, layer_idx: int) -> torch.cuda.Event | None:
         """Stage this layer's selected documents for every request in the step that has none
-        staged yet (just routed, or back from preemption): per bank, one copy."""
+        staged yet (just routed, or back from preemption): per bank, one copy, queued on the
+        device without the host waiting for routing's result. On a GPU the copy runs on a
+        side stream, overlapping the local attention; the returned event marks its end
+        (the memory attention waits for it)."""
         pending: dict[str, list[MemoryRequest]] = {}
         for row in self.rows:
             if layer_idx not in row.request.staged:
                 pending.setdefault(row.request.bank.name, []).append(row.request)
-        for requests in pending.values():
-            bank = requests[0].bank
-            # One device->host read for the whole bank's selections of this layer.
-            ids = [r.selections[layer_idx].doc_ids for r in requests]
-            lists = [d.tolist() for d in torch.cat(ids).cpu().split([d.numel() for d in ids])]
-            chunks = list(zip((r.req_id for r in requests), bank.chunk_indices_many(lists),
-                              strict=True))
-            staged = self.pool.stage_many(bank.host_keys[layer_idx],
-                                          bank.host_values[layer_idx], chunks)
-            for request, entry in zip(requests, staged, strict=True):
-                request.staged[layer_idx] = entry
+        if not pending:
+            return None
+        stream = self._fetch_stream()
+        if stream is not None:
+            stream.wait_stream(torch.cuda.current_stream())  # routing's result
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            for requests in pending.values():
+                bank = requests[0].bank
+                ids = [r.selections[layer_idx].doc_ids for r in requests]
+                doc_ids = (torch.stack(ids) if len({d.numel() for d in ids}) == 1 else
+                           torch.nn.utils.rnn.pad_sequence(ids, batch_first=True,
+                                                           padding_value=-1))
+                starts, counts = bank.selected_chunks(doc_ids)
+                staged = self.pool.stage_documents(
+                    bank.host_keys[layer_idx], bank.host_values[layer_idx], starts, counts,
+                    [(r.req_id, bank.worst_case_chunks(r.options.top_k)) for r in requests])
+                for request, entry in zip(requests, staged, strict=True):
+                    request.staged[layer_idx] = entry
+        if stream is None:
+            return None
+        done = torch.cuda.Event()
+        done.record(stream)
+        return done
+
+    def _fetch_stream(self) -> torch.cuda.Stream | None:
+        """The side stream host->device fetches run on (GPU only; VLLM_MSA_FETCH_STREAM=0
+        keeps them on the compute stream, for comparisons)."""
+        if self.device.type != "cuda" or os.environ.get("VLLM_MSA_FETCH_STREAM", "1") == "0":
+            return None
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(self.device)
+        return self._stream
 
     def local_key_value(self, layer_idx: int, row: StepRow, k: torch.Tensor, v: torch.Tensor,
                         attn_layer: Any, attn_metadata: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -341,20 +368,34 @@ class MemoryRuntime:
         """Overwrite memory requests' rows of `output` (the local attention) with local ⊕
         memory attention. `q`, `k` after RoPE, `v`; `h` is the layer's normed input. On a GPU
         with flash-attention: batched (`fused.py`); elsewhere one request at a time in torch."""
-        from vllm.v1.attention.ops.merge_attn_states import merge_attn_states
-
         layer = self.layers[layer_name]
         hd = self.head_dim
+        with phase("msa.route"):
+            self.select_pending(layer, q, h)
+        with phase("msa.fetch"):
+            staged = self.stage_pending(layer.layer_idx)
+        with phase("msa.attention"):
+            if self.fused.usable(self.rows, layer.layer_idx, q, attn_layer, self.pool):
+                self.fused.run(self.rows, layer.layer_idx, q, output, attn_layer,
+                               attn_metadata, self.pool, hd, staged)
+                return
+            if staged is not None:
+                torch.cuda.current_stream().wait_event(staged)
+            self._attend_per_request(layer.layer_idx, q, k, v, output, attn_layer,
+                                     attn_metadata)
+
+    def _attend_per_request(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor,
+                            v: torch.Tensor, output: torch.Tensor, attn_layer: Any,
+                            attn_metadata: Any) -> None:
+        """The plain-torch path: local and memory attention of one request at a time, merged
+        by vLLM's merge_attn_states."""
+        from vllm.v1.attention.ops.merge_attn_states import merge_attn_states
+
+        hd = self.head_dim
         heads = q.shape[-1] // hd
-        self.select_pending(layer, q, h)
-        self.stage_pending(layer.layer_idx)
-        if self.fused.usable(self.rows, layer.layer_idx, q, attn_layer, self.pool):
-            self.fused.run(self.rows, layer.layer_idx, q, output, attn_layer, attn_metadata,
-                           self.pool, hd)
-            return
         for row in self.rows:
             request = row.request
-            keys, values = self.local_key_value(layer.layer_idx, row, k, v, attn_layer,
+            keys, values = self.local_key_value(layer_idx, row, k, v, attn_layer,
                                                 attn_metadata)
             # Template-head tokens attend locally only.
             skip = max(request.bank.template_len - row.first_position, 0)
@@ -366,7 +407,7 @@ class MemoryRuntime:
             query = q[tokens].view(n, heads, hd)
             local, local_lse = attention_with_lse(query, keys, values, attn_layer.impl.scale,
                                                   causal_offset=first)
-            mem_k, mem_v = self.pool.read(request.staged[layer.layer_idx])
+            mem_k, mem_v = self.pool.read(request.staged[layer_idx])
             memory, memory_lse = attention_with_lse(query, mem_k, mem_v,
                                                     attn_layer.impl.scale, None)
             merged = torch.empty_like(local)

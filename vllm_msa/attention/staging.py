@@ -3,9 +3,10 @@
 Sized once at start, in slots of one chunk's K̄ and V̄ for one layer: by default for a full
 batch (`max_num_seqs` requests x router layers x the top-k largest documents' chunks), or
 `staging_mib`. A request
-takes slots when a router layer selects its documents and gives all of them back when it
-finishes, is aborted or is preempted. A request that does not fit in what is free gets a
-private allocation instead (logged): slower to manage, never wrong.
+takes slots when a router layer selects its documents — as many as its top-k largest
+documents could need, since the host does not wait to learn what routing chose — and gives
+all of them back when it finishes, is aborted or is preempted. A request that does not fit in
+what is free gets a private allocation instead (logged): slower to manage, never wrong.
 
 On a GPU with pinned host K̄/V̄ the selected rows move with one Triton launch per layer that
 reads host memory directly (`vllm_msa.kernels.fetch.gather_rows`: ~0.9x the pinned copy
@@ -17,7 +18,10 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+
+from .uploads import upload
 
 logger = logging.getLogger(__name__)
 
@@ -26,10 +30,34 @@ AUTO_CAP_MIB = 4096  # the default pool's ceiling (a full batch at worst case, u
 
 @dataclass(frozen=True)
 class Staged:
-    """Where one request's memory for one layer sits: pool slots, or a private copy."""
+    """Where one request's memory for one layer sits: pool slots, or a private copy.
 
-    slots: torch.Tensor | None = None  # [chunks] int64 on the device
-    private: tuple[torch.Tensor, torch.Tensor] | None = None
+    Slots are reserved for the request's worst case (its top-k largest documents) before the
+    host knows what routing chose; `count` (a device scalar) says how many of them, from the
+    first, hold its documents' chunks."""
+
+    slots: torch.Tensor | None = None  # [reserved] int64 on the device
+    private: tuple[torch.Tensor, torch.Tensor] | None = None  # [reserved, kv, hd] each
+    count: torch.Tensor | None = None  # [1] int64 on the device: chunks staged
+
+    def used(self) -> int:
+        """How many chunks are staged (reads the device: for the plain-torch path)."""
+        return int(self.count.item())
+
+
+def chunk_rows(starts: torch.Tensor, counts: torch.Tensor, width: int
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The chunks of each row's documents, concatenated: starts/counts [R, K] (document j of
+    request r owns chunks starts[r, j] + 0..counts[r, j]) -> (rows [R, width] int64, -1 past
+    the request's last chunk; chunks per request [R]). Device ops only."""
+    num, k = starts.shape
+    ends = counts.cumsum(1)
+    position = torch.arange(width, device=starts.device).expand(num, width).contiguous()
+    doc = torch.searchsorted(ends, position, right=True)  # the document holding `position`
+    inside = doc < k
+    doc.clamp_(max=k - 1)
+    rows = starts.gather(1, doc) + position - (ends - counts).gather(1, doc)
+    return torch.where(inside, rows, -1), ends[:, -1]
 
 
 class StagingPool:
@@ -80,69 +108,76 @@ class StagingPool:
     def owners(self) -> list[str]:
         return sorted(self._owned)
 
-    def stage(self, owner: str, host_keys: torch.Tensor, host_values: torch.Tensor,
-              chunks: torch.Tensor) -> Staged:
-        """Copy host chunks `chunks` into slots owned by `owner`."""
-        return self.stage_many(host_keys, host_values, [(owner, chunks)])[0]
-
-    def stage_many(self, host_keys: torch.Tensor, host_values: torch.Tensor,
-                   requests: list[tuple[str, torch.Tensor]]) -> list[Staged]:
-        """Stage several requests' chunks of one layer (same host tensors) with one copy:
-        a host->device gather moves a whole step's selections at once far faster than one
-        small copy per request."""
+    def stage_documents(self, host_keys: torch.Tensor, host_values: torch.Tensor,
+                        starts: torch.Tensor, counts: torch.Tensor,
+                        requests: list[tuple[str, int]]) -> list[Staged]:
+        """Stage one layer's selected documents of several requests (same bank) with one
+        copy: `starts`/`counts` [R, K] from `ServedBank.selected_chunks`, `requests` the
+        (owner, slots to reserve) of each row. The host never learns how many chunks routing
+        chose: each request reserves its worst case, and the device writes how many it used
+        (`Staged.count`), so staging queues behind routing without a host-device wait."""
         self.version += 1
-        staged: list[Staged | None] = [None] * len(requests)
-        rows, slots, spans = [], [], []
-        for i, (owner, chunks) in enumerate(requests):
-            n = chunks.numel()
-            if n > len(self._free):
-                staged[i] = self._stage_private(host_keys, host_values, chunks)
+        widths = [width for _, width in requests]
+        rows, used = chunk_rows(starts, counts, max(widths, default=0))
+        table = np.full((len(requests), rows.shape[1]), -1, dtype=np.int64)
+        private = []
+        for i, (owner, width) in enumerate(requests):
+            if width > len(self._free):
+                private.append(i)
                 continue
-            taken = [self._free.pop() for _ in range(n)]
+            taken = self._free[len(self._free) - width:]
+            del self._free[len(self._free) - width:]
             self._owned.setdefault(owner, []).extend(taken)
-            spans.append((i, len(slots), len(slots) + n))
-            rows.append(chunks)
-            slots.extend(taken)
-        if spans:
-            index = torch.tensor(slots, dtype=torch.int64, device=self.keys.device)
-            self._copy(host_keys, host_values, torch.cat(rows), self.keys, self.values, index)
-            for i, a, b in spans:
-                staged[i] = Staged(slots=index[a:b])
-        return staged  # type: ignore[return-value]
+            table[i, :width] = taken
+        slots = upload(table, self.keys.device)
+        if len(private) < len(requests):
+            pooled = rows if not private else rows.index_fill(
+                0, upload(private, rows.device), -1)
+            self._copy(host_keys, host_values, pooled.flatten(), self.keys, self.values,
+                       slots.flatten())
+        staged = [Staged(slots=slots[i, :width], count=used[i:i + 1])
+                  for i, width in enumerate(widths)]
+        for i in private:
+            staged[i] = self._stage_private(host_keys, host_values, rows[i, :widths[i]],
+                                            used[i:i + 1])
+        return staged
 
     def _stage_private(self, host_keys: torch.Tensor, host_values: torch.Tensor,
-                       chunks: torch.Tensor) -> Staged:
+                       rows: torch.Tensor, count: torch.Tensor) -> Staged:
         self.overflows += 1
         if self.overflows == 1:
             logger.warning(
                 "MSA staging pool full (%d slots); staging outside it. Raise "
                 "additional_config msa.staging_mib for steady throughput.", self.num_slots)
-        keys = self.keys.new_empty((chunks.numel(), *self.keys.shape[1:]))
+        keys = self.keys.new_empty((rows.numel(), *self.keys.shape[1:]))
         values = torch.empty_like(keys)
-        self._copy(host_keys, host_values, chunks, keys, values, None)
-        return Staged(private=(keys, values))
+        self._copy(host_keys, host_values, rows, keys, values, None)
+        return Staged(private=(keys, values), count=count)
 
     @staticmethod
-    def _copy(host_keys: torch.Tensor, host_values: torch.Tensor, chunks: torch.Tensor,
+    def _copy(host_keys: torch.Tensor, host_values: torch.Tensor, rows: torch.Tensor,
               keys: torch.Tensor, values: torch.Tensor, slots: torch.Tensor | None) -> None:
-        """keys[slots] = host_keys[chunks] (and values), on the current stream."""
+        """keys[slots] = host_keys[rows] (and values), skipping rows < 0 and slots < 0, on the
+        current stream."""
         if keys.is_cuda and host_keys.is_pinned() and host_values.is_pinned():
             from ..kernels.fetch import gather_rows
 
-            gather_rows(host_keys, host_values, chunks, keys, values, dst_rows=slots)
+            gather_rows(host_keys, host_values, rows, keys, values, dst_rows=slots)
             return
+        keep = rows >= 0 if slots is None else (rows >= 0) & (slots >= 0)
+        index = torch.nonzero(keep).flatten()  # plain-torch path: may wait for the device
+        source = rows.index_select(0, index).to(host_keys.device)
+        target = index if slots is None else slots.index_select(0, index)
         for src, dst in ((host_keys, keys), (host_values, values)):
-            rows = src.index_select(0, chunks).to(dst.device, non_blocking=True)
-            if slots is None:
-                dst.copy_(rows)
-            else:
-                dst.index_copy_(0, slots, rows)
+            dst.index_copy_(0, target, src.index_select(0, source).to(dst.device))
 
     def read(self, staged: Staged) -> tuple[torch.Tensor, torch.Tensor]:
         """The staged K̄ and V̄, each [chunks, kv_heads, head_dim]."""
+        n = staged.used()
         if staged.private is not None:
-            return staged.private
-        return self.keys.index_select(0, staged.slots), self.values.index_select(0, staged.slots)
+            return staged.private[0][:n], staged.private[1][:n]
+        slots = staged.slots[:n]
+        return self.keys.index_select(0, slots), self.values.index_select(0, slots)
 
     def release(self, owner: str) -> None:
         self.version += 1

@@ -9,7 +9,6 @@ rank attends with.
 from __future__ import annotations
 
 import functools
-import itertools
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,6 +18,7 @@ import torch
 
 from ..bank.reader import MemoryBank
 from .routing import RoutingIndex
+from .uploads import ranges
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +68,7 @@ class ServedBank:
     doc_position: dict[int, int]  # doc id -> position in bank order
     chunk_offsets: list[int]  # bank order: document i owns chunks offsets[i]:offsets[i+1]
     _prepared: dict[int, Any] = field(default_factory=dict)
+    _tables: dict[torch.device, tuple] = field(default_factory=dict)
 
     @classmethod
     def load(cls, name: str, bank: MemoryBank, device: torch.device, kv_heads: slice
@@ -121,8 +122,7 @@ class ServedBank:
 
     def worst_case_chunks(self, top_k: int) -> int:
         """Most chunks one request can stage in one layer: its top-k largest documents."""
-        sizes = sorted((b - a for a, b in itertools.pairwise(self.chunk_offsets)), reverse=True)
-        return sum(sizes[:top_k])
+        return int(self._sizes_descending[:top_k].sum())
 
     def chunk_indices(self, doc_ids: list[int]) -> torch.Tensor:
         """Bank-order chunk indices of the given documents, ascending doc id then chunk."""
@@ -136,13 +136,40 @@ class ServedBank:
         for doc_ids in doc_id_lists:
             pos = np.fromiter((self.doc_position[d] for d in sorted(doc_ids)), dtype=np.int64,
                               count=len(doc_ids))
-            starts = offsets[pos]
-            counts = offsets[pos + 1] - starts
-            # Document j's chunks start at output index ends[j] - counts[j].
-            base = np.repeat(starts - (np.cumsum(counts) - counts), counts)
-            out.append(torch.from_numpy(base + np.arange(base.shape[0], dtype=np.int64)))
+            out.append(torch.from_numpy(ranges(list(zip(offsets[pos], offsets[pos + 1],
+                                                        strict=True)))))
         return out
+
+    def selected_chunks(self, doc_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(first chunk, number of chunks) of each selected document, in bank order: doc_ids
+        [R, K] (-1: no document) -> two [R, K] int64, each row in ascending document id (the
+        order `chunk_indices` stages in). Device ops only, so the host never waits for the
+        routing that produced `doc_ids`."""
+        sorted_ids, by_rank, offsets = self._device_tables(doc_ids.device)
+        ids = doc_ids.sort(dim=1).values
+        rank = torch.searchsorted(sorted_ids, ids).clamp_(max=sorted_ids.numel() - 1)
+        position = by_rank[rank]
+        starts = offsets[position]
+        counts = torch.where(ids >= 0, offsets[position + 1] - starts, 0)
+        return starts, counts
+
+    def _device_tables(self, device: torch.device
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(document ids ascending, their positions in bank order, chunk offsets) on
+        `device`, built once."""
+        tables = self._tables.get(device)
+        if tables is None:
+            ids = torch.tensor(self.bank.doc_ids, dtype=torch.int64)
+            sorted_ids, by_rank = ids.sort()
+            tables = self._tables[device] = (
+                sorted_ids.to(device), by_rank.to(device),
+                torch.from_numpy(self._offsets_array).to(device))
+        return tables
 
     @functools.cached_property
     def _offsets_array(self) -> np.ndarray:
         return np.asarray(self.chunk_offsets, dtype=np.int64)
+
+    @functools.cached_property
+    def _sizes_descending(self) -> np.ndarray:
+        return -np.sort(-np.diff(self._offsets_array))

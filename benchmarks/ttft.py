@@ -1,0 +1,221 @@
+"""Routing's share of the time to first token: GPU time of each router-layer phase of a
+prefill step with memory (routing; host->device fetch; memory attention with its local pass)
+against routing's physical floors, all measured in the same run.
+
+The engine runs in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0) so torch.profiler sees its
+kernels; the runtime marks its phases (VLLM_MSA_PROFILE_RANGES=1) and every kernel counts
+towards the phase whose range launched it (on whichever stream it ran). Floors of one step's
+routing, all router layers together:
+  HBM      one read of every layer's routing keys at the device-copy bandwidth measured here;
+  compute  2·T·H'·C·D multiply-adds (T routing tokens of the batch, C chunks, D head_dim; H'
+           the KV heads when heads are mean-reduced, since a group's queries are summed before
+           the dot product, else all query heads) at the bf16 matmul rate measured here.
+Batch 1 is memory-bound (the issue's goal: routing <= 1.2x the HBM floor); large batches are
+compute-bound, so the table shows both floors. "serial": the same TTFT with the fetch kept on
+the compute stream (VLLM_MSA_FETCH_STREAM=0) instead of its side stream.
+
+    python benchmarks/ttft.py --shape msa-4b --bank-tokens 10M --batches 1,8,64
+    python benchmarks/ttft.py --shape tiny --bank-tokens 20k --batches 1,4   # CPU smoke run
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # before vLLM is imported
+os.environ["VLLM_MSA_PROFILE_RANGES"] = "1"
+
+from bank_build import common_arguments, prepare, write_result
+from report import card_name, pyplot
+from serve import copy_bandwidth
+from serving import questions
+
+from vllm_msa.cli import parse_count
+
+PHASES = {"msa.route": "route", "msa.fetch": "fetch", "msa.attention": "attention"}
+
+
+def matmul_rate() -> float | None:
+    """bf16 dense matmul rate (FLOP/s) of this GPU, or None on CPU."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    n = 8192
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn_like(a)
+    for _ in range(3):
+        a @ b
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    reps = 20
+    for _ in range(reps):
+        a @ b
+    end.record()
+    torch.cuda.synchronize()
+    return 2 * n**3 * reps / (start.elapsed_time(end) / 1e3)
+
+
+def gpu_time_by_phase(prof) -> dict[str, float]:
+    """Seconds of device time per phase, plus "total" (every kernel and copy of the step)."""
+    times = dict.fromkeys(PHASES.values(), 0.0)
+    total = 0.0
+    for event in prof.events():
+        if event.device_type.name == "CUDA":
+            total += event.device_time / 1e6
+        elif event.name in PHASES:
+            times[PHASES[event.name]] += event.device_time_total / 1e6
+    times["total"] = total
+    return times
+
+
+def plot(result: dict, path: Path) -> str:
+    plt = pyplot()
+    if plt is None:
+        return "matplotlib is not installed: no plot"
+    rows = result["rows"]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    xs = range(len(rows))
+    bottom = [0.0] * len(rows)
+    for key in ("route", "fetch", "attention", "other"):
+        values = [r[f"gpu_{key}_s"] * 1e3 for r in rows]
+        ax.bar(xs, values, 0.6, bottom=bottom, label=key)
+        bottom = [b + v for b, v in zip(bottom, values, strict=True)]
+    ax.plot(xs, [r["ttft_s"] * 1e3 for r in rows], "ko-", label="TTFT (wall)")
+    ax.plot(xs, [r["routing_floor_hbm_s"] * 1e3 for r in rows], "r_", markersize=30,
+            label="routing HBM floor")
+    ax.plot(xs, [r["routing_floor_compute_s"] * 1e3 for r in rows], "m_", markersize=30,
+            label="routing compute floor")
+    ax.set_xticks(list(xs))
+    ax.set_xticklabels([f"batch {r['batch']}" for r in rows])
+    ax.set_ylabel("ms (GPU time of one prefill step)")
+    ax.legend(fontsize=7)
+    ax.set_title(f"Prefill with a {result['bank_tokens']:,}-token bank, {result['card']}",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return f"plot: {path}"
+
+
+def main() -> None:
+    parser = common_arguments(__doc__.splitlines()[0])
+    parser.set_defaults(doc_tokens=512)
+    parser.add_argument("--bank-tokens", default="10M")
+    parser.add_argument("--batches", default="1,8,64")
+    parser.add_argument("--question-words", type=int, default=12)
+    args = parser.parse_args()
+    work, ckpt, engine = prepare(args)
+
+    from torch.profiler import ProfilerActivity, profile
+    from transformers import AutoConfig
+    from vllm import LLM, SamplingParams
+    from vllm_msa.kernels.routing import routing_flops
+
+    import vllm_msa
+    from vllm_msa.bank.synth import plan_synth, synth_bank
+    from vllm_msa.config import MSAParams
+    from vllm_msa.prompt import build_prompt, find_routing_span
+
+    size = parse_count(args.bank_tokens)
+    t = time.perf_counter()
+    bank = synth_bank(plan_synth(ckpt, size, args.doc_tokens, dtype=engine.get("dtype")),
+                      work / f"synth-{args.shape}-{size}", progress=False)
+    print(f"synthetic bank of {size:,} tokens ready in {time.perf_counter() - t:.0f} s")
+    index_bytes = bank.tier_bytes()["gpu_index"]
+    layers = len(bank.router_layers)
+    bandwidth = copy_bandwidth(index_bytes // layers)
+    rate = matmul_rate()
+    vllm_msa.register()  # AutoConfig knows "msa" checkpoints
+    config = AutoConfig.from_pretrained(ckpt)
+    msa = MSAParams.from_hf_config(config)
+    batches = [int(b) for b in args.batches.split(",")]
+
+    llm = LLM(model=str(ckpt), max_num_seqs=max(batches), **engine,
+              additional_config={"msa": {"banks": {"b": str(bank.path)}}})
+    tokenizer = llm.get_tokenizer()
+    prompts = [build_prompt(tokenizer, q)
+               for q in questions(max(batches), args.question_words)]
+    end_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    spans = [find_routing_span(p["prompt_token_ids"], bank.template_ids, end_id)
+             for p in prompts]
+    params = SamplingParams(temperature=0.0, max_tokens=1, extra_args={"msa_bank": "b"})
+
+    def ttft(n: int) -> float:
+        t = time.perf_counter()
+        llm.generate(prompts[:n], params, use_tqdm=False)
+        return time.perf_counter() - t
+
+    heads = config.num_attention_heads
+    kv_heads = config.num_key_value_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    scored_heads = kv_heads if msa.head_reduce == "mean" else heads
+    chunks = bank.num_chunks
+    rows = []
+    try:
+        ttft(max(batches))  # warm-up: JIT, allocator, graphs
+        for b in batches:
+            wall = min(ttft(b) for _ in range(3))
+            os.environ["VLLM_MSA_FETCH_STREAM"] = "0"  # the fetch on the compute stream
+            serial = min(ttft(b) for _ in range(3))
+            os.environ["VLLM_MSA_FETCH_STREAM"] = "1"
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                ttft(b)
+            gpu = gpu_time_by_phase(prof)
+            tokens = sum(e - s for s, e in spans[:b])
+            hbm = index_bytes / bandwidth if bandwidth else None
+            compute = (routing_flops(tokens, scored_heads, chunks, head_dim) * layers / rate
+                       if rate else None)
+            other = gpu["total"] - gpu["route"] - gpu["fetch"] - gpu["attention"]
+            row = {"batch": b, "routing_tokens": tokens, "ttft_s": wall,
+                   "ttft_fetch_not_overlapped_s": serial,
+                   "gpu_total_s": gpu["total"], "gpu_route_s": gpu["route"],
+                   "gpu_fetch_s": gpu["fetch"], "gpu_attention_s": gpu["attention"],
+                   "gpu_other_s": other, "routing_floor_hbm_s": hbm,
+                   "routing_floor_compute_s": compute,
+                   "route_vs_hbm_floor": gpu["route"] / hbm if hbm else None,
+                   "route_vs_binding_floor": gpu["route"] / max(hbm, compute)
+                   if hbm and compute else None}
+            rows.append(row)
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+
+    card = card_name()
+    print(f"\n{card}, {args.shape} shape, {size:,}-token bank ({layers} router layers, "
+          f"index {index_bytes / 1e9:.2f} GB); device copy "
+          f"{(bandwidth or 0) / 1e12:.2f} TB/s, bf16 matmul {(rate or 0) / 1e12:.0f} TFLOP/s\n")
+    print(f"{'batch':>5} {'TTFT ms':>8} {'serial':>7} {'GPU ms':>7} {'route':>7} {'fetch':>7} "
+          f"{'attn':>7} {'other':>7} {'HBM floor':>9} {'FLOP floor':>10} "
+          f"{'route/HBM':>9} {'route/binding':>13}")
+    ms = lambda x: f"{x * 1e3:.2f}" if x is not None else "-"  # noqa: E731
+    ratio = lambda x: f"{x:.2f}x" if x is not None else "-"  # noqa: E731
+    for r in rows:
+        print(f"{r['batch']:>5} {ms(r['ttft_s']):>8} {ms(r['ttft_fetch_not_overlapped_s']):>7} "
+              f"{ms(r['gpu_total_s']):>7} "
+              f"{ms(r['gpu_route_s']):>7} {ms(r['gpu_fetch_s']):>7} "
+              f"{ms(r['gpu_attention_s']):>7} {ms(r['gpu_other_s']):>7} "
+              f"{ms(r['routing_floor_hbm_s']):>9} {ms(r['routing_floor_compute_s']):>10} "
+              f"{ratio(r['route_vs_hbm_floor']):>9} {ratio(r['route_vs_binding_floor']):>13}")
+    first = rows[0] if rows else {}
+    result = {
+        "benchmark": "ttft",
+        "card": card,
+        "shape": args.shape,
+        "bank_tokens": size,
+        "index_bytes": index_bytes,
+        "router_layers": layers,
+        "copy_bandwidth_bytes_per_s": bandwidth,
+        "matmul_flops_per_s": rate,
+        "rows": rows,
+        "goal_metric": f"GPU time of routing in one prefill step / HBM floor (one read of the "
+                       f"index), batch {first.get('batch')}, {size:,}-token bank",
+        "goal": 1.2,
+        "achieved": first.get("route_vs_hbm_floor"),
+    }
+    path = write_result(result, args)
+    print(plot(result, path.with_suffix(".png")))
+
+
+if __name__ == "__main__":
+    main()
