@@ -102,6 +102,7 @@ class PreparedRoutingIndex:
     doc_start: torch.Tensor  # [N + 1] int64: document d's chunks are doc_start[d]:doc_start[d+1]
     tiebreak: torch.Tensor  # [N] int64: N - 1 - (rank of the document id): larger wins a tie
     ids_by_tiebreak: torch.Tensor  # [N] int64: the document id of each tiebreak value
+    positions_by_tiebreak: torch.Tensor  # [N] int64: the bank position of each tiebreak value
 
 
 def prepare_index(index: RoutingIndex | PreparedRoutingIndex) -> PreparedRoutingIndex:
@@ -122,7 +123,8 @@ def prepare_index(index: RoutingIndex | PreparedRoutingIndex) -> PreparedRouting
     rank = torch.empty(n, dtype=torch.int64, device=keys.device)
     rank[by_id] = torch.arange(n, device=keys.device)
     return PreparedRoutingIndex(index=index, keys=keys, doc_start=doc_start,
-                                tiebreak=(n - 1) - rank, ids_by_tiebreak=doc_ids[by_id].flip(0))
+                                tiebreak=(n - 1) - rank, ids_by_tiebreak=doc_ids[by_id].flip(0),
+                                positions_by_tiebreak=by_id.flip(0))
 
 
 if HAS_TRITON:
@@ -447,6 +449,57 @@ def decode_keys(keys: torch.Tensor, prep: PreparedRoutingIndex) -> tuple[torch.T
     return ids, torch.where(high < 0, high ^ 0x7FFFFFFF, high).view(torch.float32)
 
 
+@dataclass(frozen=True)
+class RoutedBatch:
+    """One layer's routing of R requests, left on the device as the top-k sort keys: staging
+    reads them there (`kernels/stage.py`); ids and scores are decoded only when asked for."""
+
+    keys: torch.Tensor  # [R, k_top] int64, best first
+    ks: list[int]  # each request's own k (<= k_top)
+    prep: PreparedRoutingIndex
+
+    @functools.cached_property
+    def decoded(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return decode_keys(self.keys, self.prep)
+
+    def selection(self, row: int) -> Selection:
+        ids, scores = self.decoded
+        k = self.ks[row]
+        return Selection(doc_ids=ids[row, :k], scores=scores[row, :k])
+
+
+def route_batched_keys(
+    qr_all: torch.Tensor,
+    cu_tokens,
+    index: RoutingIndex | PreparedRoutingIndex,
+    msa: MSAParams,
+    top_k,
+    config: KernelConfig | None = None,
+) -> RoutedBatch | None:
+    """`route_batched` without decoding: the top-k sort keys of every request, or None where
+    the kernels cannot run. Nothing here waits for the GPU."""
+    keys = index.keys if isinstance(index, PreparedRoutingIndex) else index.routing_keys
+    if not kernel_supported(qr_all, keys):
+        return None
+    prep = prepare_index(index)
+    cu = _token_ranges(cu_tokens, qr_all.shape[0])
+    ks = _top_ks(top_k, len(cu) - 1)
+    block_n = (config or KernelConfig()).block_n
+    n = prep.tiebreak.shape[0]
+    k_top = min(max(ks), n)
+    if k_top == 0:
+        return RoutedBatch(torch.empty(len(ks), 0, dtype=torch.int64, device=keys.device),
+                           [0] * len(ks), prep)
+    chunk = _chunk_scores(qr_all, cu, prep, msa, config)
+    # Blocks of documents hand up their top candidates (a power of two, few compiled
+    # variants); topk over those. Past MAX_BLOCK_TOP, keys of every document.
+    top = max(1, triton.next_power_of_2(k_top))
+    top = 0 if top > min(MAX_BLOCK_TOP, block_n) else top
+    sort_keys = document_keys_batched(chunk, prep, msa, top, block_n)
+    best = torch.topk(sort_keys, k_top, dim=1, largest=True, sorted=True).values
+    return RoutedBatch(best, [min(k, k_top) for k in ks], prep)
+
+
 def route_batched(
     qr_all: torch.Tensor,
     cu_tokens,
@@ -463,28 +516,10 @@ def route_batched(
     re-deriving the document offsets on every call. Nothing here waits for the GPU. Falls back
     to `route_batched_reference` where the kernels cannot run.
     """
-    keys = index.keys if isinstance(index, PreparedRoutingIndex) else index.routing_keys
-    if not kernel_supported(qr_all, keys):
+    routed = route_batched_keys(qr_all, cu_tokens, index, msa, top_k, config)
+    if routed is None:
         return route_batched_reference(qr_all, cu_tokens, index, msa, top_k)
-    prep = prepare_index(index)
-    cu = _token_ranges(cu_tokens, qr_all.shape[0])
-    ks = _top_ks(top_k, len(cu) - 1)
-    block_n = (config or KernelConfig()).block_n
-    n = prep.tiebreak.shape[0]
-    k_top = min(max(ks), n)
-    if k_top == 0:
-        empty = torch.empty(0, dtype=torch.int64, device=keys.device)
-        return [Selection(doc_ids=empty, scores=empty.float()) for _ in ks]
-    chunk = _chunk_scores(qr_all, cu, prep, msa, config)
-    # Blocks of documents hand up their top candidates (a power of two, few compiled
-    # variants); topk over those. Past MAX_BLOCK_TOP, keys of every document.
-    top = max(1, triton.next_power_of_2(k_top))
-    top = 0 if top > min(MAX_BLOCK_TOP, block_n) else top
-    sort_keys = document_keys_batched(chunk, prep, msa, top, block_n)
-    best = torch.topk(sort_keys, k_top, dim=1, largest=True, sorted=True).values
-    ids, scores = decode_keys(best, prep)
-    return [Selection(doc_ids=i if k >= k_top else i[:k], scores=s if k >= k_top else s[:k])
-            for i, s, k in zip(ids.unbind(0), scores.unbind(0), ks, strict=True)]
+    return [routed.selection(r) for r in range(len(routed.ks))]
 
 
 def routing_flops(num_tokens: int, num_heads: int, num_chunks: int, head_dim: int) -> float:
@@ -496,6 +531,7 @@ __all__ = [
     "HAS_TRITON",
     "KernelConfig",
     "PreparedRoutingIndex",
+    "RoutedBatch",
     "chunk_scores_batched",
     "decode_keys",
     "document_keys_batched",
@@ -503,6 +539,7 @@ __all__ = [
     "prepare_index",
     "prepare_queries",
     "route_batched",
+    "route_batched_keys",
     "route_batched_reference",
     "routing_flops",
 ]

@@ -28,6 +28,11 @@ class Row:
     num_tokens: int = 1
 
 
+def staged(slots: torch.Tensor, used: int) -> Staged:
+    """A reservation of `slots`, `used` of them filled."""
+    return Staged(slots[None], 0, slots.numel(), torch.tensor([used]))
+
+
 def make_rows() -> list[Row]:
     """Three memory requests at batch rows 0, 2 and 3 (row 1 is a plain request), each with
     its own slot reservation per layer, partly used."""
@@ -35,9 +40,8 @@ def make_rows() -> list[Row]:
     for i, (batch_row, counts) in enumerate([(0, (2, 3)), (2, (4, 1)), (3, (1, 2))]):
         request = Request(f"r{i}")
         for layer, n in zip(LAYERS, counts, strict=True):
-            request.staged[layer] = Staged(slots=torch.arange(100 * i + 10 * layer,
-                                                              100 * i + 10 * layer + n),
-                                           count=torch.tensor([n - i % 2]))
+            request.staged[layer] = staged(torch.arange(100 * i + 10 * layer,
+                                                        100 * i + 10 * layer + n), n - i % 2)
         rows.append(Row(request, batch_row))
     return rows
 
@@ -82,9 +86,9 @@ def test_only_fully_staged_steps_may_replay_full_graphs():
 
     runtime = MemoryRuntime.__new__(MemoryRuntime)
     runtime.msa = type("MSA", (), {"router_layers": LAYERS})()
-    staged = Request("staged", {layer: Staged(slots=torch.arange(2)) for layer in LAYERS})
-    half = Request("half", {LAYERS[0]: Staged(slots=torch.arange(2))})  # e.g. preempted
-    runtime.requests = {"staged": staged, "half": half}
+    full = Request("staged", {layer: staged(torch.arange(2), 2) for layer in LAYERS})
+    half = Request("half", {LAYERS[0]: staged(torch.arange(2), 2)})  # e.g. preempted
+    runtime.requests = {"staged": full, "half": half}
     admitted = {"msa_bank": "docs", "msa_top_k": 4, SPAN_KEY: [[1, 5]]}  # as the front end
     plain, new = ("plain", None), ("new", admitted)
     assert not runtime.needs_eager_step([("staged", admitted), plain])

@@ -142,11 +142,21 @@ class FusedAttention:
         cached = self._batches.get(layer_idx)
         if cached is not None and cached[0] == key:
             return cached[2]
-        cu_slots = [0]
-        for s in staged:
-            cu_slots.append(cu_slots[-1] + s.slots.numel())
-        batch = MemoryBatch.build(plan.cu_query, cu_slots, torch.cat([s.slots for s in staged]),
-                                  counts=torch.cat([s.count for s in staged]))
+        table = staged[0].table
+        if (table is not None and table.shape[0] == len(staged)
+                and all(s.table is table and s.row == i for i, s in enumerate(staged))):
+            # Staged together in this order (a prefill step): the reservation table itself is
+            # the slot list, each request's range a whole row (counts bound what is read).
+            width = table.shape[1]
+            batch = MemoryBatch.build(plan.cu_query, [i * width for i in range(len(staged) + 1)],
+                                      table.view(-1), counts=staged[0].counts)
+        else:
+            cu_slots = [0]
+            for s in staged:
+                cu_slots.append(cu_slots[-1] + s.width)
+            batch = MemoryBatch.build(plan.cu_query, cu_slots,
+                                      torch.cat([s.slots for s in staged]),
+                                      counts=torch.cat([s.count for s in staged]))
         # The key holds ids of Staged objects; keeping them referenced keeps the ids unique.
         self._batches[layer_idx] = (key, staged, batch)
         return batch

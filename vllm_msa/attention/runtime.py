@@ -54,10 +54,27 @@ class MemoryRequest:
     req_id: str
     options: RequestOptions
     bank: ServedBank
-    selections: dict[int, Selection] = field(default_factory=dict)
+    selections: dict[int, Selection | RoutedSelection] = field(default_factory=dict)
     staged: dict[int, Staged] = field(default_factory=dict)
     reported: set[int] = field(default_factory=set)  # layers whose selection was reported
     side_kv: dict[int, SideKV] = field(default_factory=dict)  # opaque-cache backends only
+
+
+@dataclass(frozen=True)
+class RoutedSelection:
+    """A request's selection in one layer as routing left it: row `row` of a batch of top-k
+    sort keys on the device. Staging reads the keys; ids and scores decode on first use."""
+
+    batch: Any  # vllm_msa.kernels.routing.RoutedBatch
+    row: int
+
+    @property
+    def doc_ids(self) -> torch.Tensor:
+        return self.batch.selection(self.row).doc_ids
+
+    @property
+    def scores(self) -> torch.Tensor:
+        return self.batch.selection(self.row).scores
 
 
 @dataclass(frozen=True)
@@ -283,7 +300,7 @@ class MemoryRuntime:
         """Route every request whose routing span is in this step and that has no selection
         in this layer yet: per bank, one batched routing call (the index is read once for all
         of them; `vllm_msa.kernels.routing`, plain torch where Triton cannot run)."""
-        from ..kernels.routing import route_batched
+        from ..kernels.routing import route_batched, route_batched_keys
 
         pending: dict[str, list[StepRow]] = {}
         for row in self.rows:
@@ -296,9 +313,13 @@ class MemoryRuntime:
                 spans.extend((a + shift, b + shift) for a, b in row.request.options.ranges)
                 cu.append(cu[-1] + sum(b - a for a, b in row.request.options.ranges))
             qr = self.routing_query(layer, q, h, upload(ranges(spans), q.device))
-            bank = rows[0].request.bank
-            selections = route_batched(qr, cu, bank.prepared_index(layer.layer_idx),
-                                       self.routing, [r.request.options.top_k for r in rows])
+            index = rows[0].request.bank.prepared_index(layer.layer_idx)
+            top_ks = [r.request.options.top_k for r in rows]
+            routed = route_batched_keys(qr, cu, index, self.routing, top_ks)
+            if routed is None:  # no Triton here: plain torch, decoded selections
+                selections = route_batched(qr, cu, index, self.routing, top_ks)
+            else:  # left on the device as sort keys, for the staging kernel
+                selections = [RoutedSelection(routed, i) for i in range(len(rows))]
             for row, selection in zip(rows, selections, strict=True):
                 row.request.selections[layer.layer_idx] = selection
 
@@ -320,14 +341,11 @@ class MemoryRuntime:
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
             for requests in pending.values():
                 bank = requests[0].bank
-                ids = [r.selections[layer_idx].doc_ids for r in requests]
-                doc_ids = (torch.stack(ids) if len({d.numel() for d in ids}) == 1 else
-                           torch.nn.utils.rnn.pad_sequence(ids, batch_first=True,
-                                                           padding_value=-1))
-                starts, counts = bank.selected_chunks(doc_ids)
-                staged = self.pool.stage_documents(
-                    bank.host_keys[layer_idx], bank.host_values[layer_idx], starts, counts,
-                    [(r.req_id, bank.worst_case_chunks(r.options.top_k)) for r in requests])
+                widths = [(r.req_id, bank.worst_case_chunks(r.options.top_k))
+                          for r in requests]
+                staged = self._stage_routed(bank, layer_idx, requests, widths)
+                if staged is None:
+                    staged = self._stage_selected(bank, layer_idx, requests, widths)
                 for request, entry in zip(requests, staged, strict=True):
                     request.staged[layer_idx] = entry
         if stream is None:
@@ -335,6 +353,34 @@ class MemoryRuntime:
         done = torch.cuda.Event()
         done.record(stream)
         return done
+
+    def _stage_routed(self, bank: ServedBank, layer_idx: int,
+                      requests: list[MemoryRequest], widths: list[tuple[str, int]]
+                      ) -> list[Staged] | None:
+        """One staging launch straight from routing's sort keys, when these requests were
+        routed together in this step (the usual prefill) and the pool holds them all."""
+        selections = [r.selections[layer_idx] for r in requests]
+        first = selections[0]
+        if not (isinstance(first, RoutedSelection) and self.pool.keys.is_cuda
+                and bank.host_keys[layer_idx].is_pinned()
+                and len(first.batch.ks) == len(requests)
+                and all(isinstance(s, RoutedSelection) and s.batch is first.batch
+                        and s.row == i for i, s in enumerate(selections))):
+            return None
+        return self.pool.stage_routed(bank.host_keys[layer_idx], bank.host_values[layer_idx],
+                                      first.batch, widths, bank.max_document_chunks)
+
+    def _stage_selected(self, bank: ServedBank, layer_idx: int,
+                        requests: list[MemoryRequest], widths: list[tuple[str, int]]
+                        ) -> list[Staged]:
+        """Staging from decoded document ids (device ops, then one copy): requests back from
+        preemption, steps mixing them, pool overflow, CPU."""
+        ids = [r.selections[layer_idx].doc_ids for r in requests]
+        doc_ids = (torch.stack(ids) if len({d.numel() for d in ids}) == 1 else
+                   torch.nn.utils.rnn.pad_sequence(ids, batch_first=True, padding_value=-1))
+        starts, counts = bank.selected_chunks(doc_ids)
+        return self.pool.stage_documents(bank.host_keys[layer_idx],
+                                         bank.host_values[layer_idx], starts, counts, widths)
 
     def _fetch_stream(self) -> torch.cuda.Stream | None:
         """The side stream host->device fetches run on (GPU only; VLLM_MSA_FETCH_STREAM=0

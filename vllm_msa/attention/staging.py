@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -33,16 +34,28 @@ class Staged:
     """Where one request's memory for one layer sits: pool slots, or a private copy.
 
     Slots are reserved for the request's worst case (its top-k largest documents) before the
-    host knows what routing chose; `count` (a device scalar) says how many of them, from the
-    first, hold its documents' chunks."""
+    host knows what routing chose, for all requests staged together as the rows of one table;
+    `counts` (on the device) says how many of its slots, from the first, hold chunks."""
 
-    slots: torch.Tensor | None = None  # [reserved] int64 on the device
-    private: tuple[torch.Tensor, torch.Tensor] | None = None  # [reserved, kv, hd] each
-    count: torch.Tensor | None = None  # [1] int64 on the device: chunks staged
+    table: torch.Tensor | None  # [R, W] int64 slots of the requests staged together (-1: none)
+    row: int  # this request's row of `table` / `counts`
+    width: int  # its reservation
+    counts: torch.Tensor  # [R] int64 on the device: chunks staged per row
+    private: tuple[torch.Tensor, torch.Tensor] | None = None  # [width, kv, hd] each
+
+    @property
+    def slots(self) -> torch.Tensor | None:
+        """[width] int64: the reserved pool slots (None for a private copy)."""
+        return None if self.table is None else self.table[self.row, :self.width]
+
+    @property
+    def count(self) -> torch.Tensor:
+        """[1] int64 on the device: how many chunks are staged."""
+        return self.counts[self.row:self.row + 1]
 
     def used(self) -> int:
         """How many chunks are staged (reads the device: for the plain-torch path)."""
-        return int(self.count.item())
+        return int(self.counts[self.row].item())
 
 
 def chunk_rows(starts: torch.Tensor, counts: torch.Tensor, width: int
@@ -57,7 +70,7 @@ def chunk_rows(starts: torch.Tensor, counts: torch.Tensor, width: int
     inside = doc < k
     doc.clamp_(max=k - 1)
     rows = starts.gather(1, doc) + position - (ends - counts).gather(1, doc)
-    return torch.where(inside, rows, -1), ends[:, -1]
+    return torch.where(inside, rows, -1), ends[:, -1].contiguous()
 
 
 class StagingPool:
@@ -135,15 +148,41 @@ class StagingPool:
                 0, upload(private, rows.device), -1)
             self._copy(host_keys, host_values, pooled.flatten(), self.keys, self.values,
                        slots.flatten())
-        staged = [Staged(slots=slots[i, :width], count=used[i:i + 1])
-                  for i, width in enumerate(widths)]
+        staged = [Staged(slots, i, width, used) for i, width in enumerate(widths)]
         for i in private:
-            staged[i] = self._stage_private(host_keys, host_values, rows[i, :widths[i]],
-                                            used[i:i + 1])
+            staged[i] = self._stage_private(host_keys, host_values, rows[i, :widths[i]], i,
+                                            used)
         return staged
 
+    def stage_routed(self, host_keys: torch.Tensor, host_values: torch.Tensor, routed: Any,
+                     requests: list[tuple[str, int]], max_doc_chunks: int
+                     ) -> list[Staged] | None:
+        """`stage_documents` straight from routing's sort keys (`RoutedBatch`, one row per
+        request) with one kernel launch (`vllm_msa.kernels.stage`); None, with nothing
+        reserved, when the requests do not all fit in the pool."""
+        from ..kernels.stage import stage_routed
+
+        widths = [width for _, width in requests]
+        if sum(widths) > len(self._free):
+            return None
+        self.version += 1
+        table = np.full((len(requests), max(widths, default=0)), -1, dtype=np.int64)
+        for i, (owner, width) in enumerate(requests):
+            taken = self._free[len(self._free) - width:]
+            del self._free[len(self._free) - width:]
+            self._owned.setdefault(owner, []).extend(taken)
+            table[i, :width] = taken
+        device = self.keys.device
+        slots = upload(table, device)
+        counts = torch.empty(len(requests), dtype=torch.int64, device=device)
+        prep = routed.prep
+        stage_routed(host_keys, host_values, self.keys, self.values, routed.keys,
+                     upload(routed.ks, device, torch.int32), prep.positions_by_tiebreak,
+                     prep.doc_start, slots, counts, max_doc_chunks)
+        return [Staged(slots, i, width, counts) for i, width in enumerate(widths)]
+
     def _stage_private(self, host_keys: torch.Tensor, host_values: torch.Tensor,
-                       rows: torch.Tensor, count: torch.Tensor) -> Staged:
+                       rows: torch.Tensor, row: int, counts: torch.Tensor) -> Staged:
         self.overflows += 1
         if self.overflows == 1:
             logger.warning(
@@ -152,7 +191,7 @@ class StagingPool:
         keys = self.keys.new_empty((rows.numel(), *self.keys.shape[1:]))
         values = torch.empty_like(keys)
         self._copy(host_keys, host_values, rows, keys, values, None)
-        return Staged(private=(keys, values), count=count)
+        return Staged(None, row, rows.numel(), counts, private=(keys, values))
 
     @staticmethod
     def _copy(host_keys: torch.Tensor, host_values: torch.Tensor, rows: torch.Tensor,

@@ -120,6 +120,11 @@ class ServedBank:
     def num_documents(self) -> int:
         return len(self.chunk_offsets) - 1
 
+    @functools.cached_property
+    def max_document_chunks(self) -> int:
+        """The largest document, in chunks."""
+        return int(self._sizes_descending[0]) if self._sizes_descending.size else 0
+
     def worst_case_chunks(self, top_k: int) -> int:
         """Most chunks one request can stage in one layer: its top-k largest documents."""
         return int(self._sizes_descending[:top_k].sum())
