@@ -84,9 +84,16 @@ class MemoryBatch:
 
     @classmethod
     def build(cls, cu_query: list[int], cu_slots: list[int], slots: torch.Tensor,
-              block_m: int | None = None, counts: torch.Tensor | None = None) -> MemoryBatch:
+              block_m: int | None = None, counts: torch.Tensor | None = None,
+              cache: dict | None = None) -> MemoryBatch:
         """Tiles of `block_m` query rows per request. With `counts`, request r attends over
-        only the first counts[r] of its slots (read by the kernel on the device)."""
+        only the first counts[r] of its slots (read by the kernel on the device). `cache`:
+        a dict kept by the caller where tile tables are reused for the same layout (the
+        router layers of one step share it)."""
+        key = (tuple(cu_query), tuple(cu_slots), block_m, counts is not None, slots.device)
+        if cache is not None and key in cache:
+            table, block_m = cache[key]
+            return cls(list(cu_query), list(cu_slots), slots, table, block_m, counts)
         if len(cu_query) != len(cu_slots):
             raise ValueError("cu_query and cu_slots must describe the same requests")
         longest = max((b - a for a, b in itertools.pairwise(cu_query)), default=1)
@@ -100,8 +107,10 @@ class MemoryBatch:
         table = torch.tensor(tiles or [(0, 0, 0, 0, -1)], dtype=torch.int32)
         if slots.is_cuda:
             table = table.pin_memory()  # a truly asynchronous upload
-        return cls(list(cu_query), list(cu_slots), slots,
-                   table.to(slots.device, non_blocking=True), block_m, counts)
+        table = table.to(slots.device, non_blocking=True)
+        if cache is not None:
+            cache[key] = (table, block_m)
+        return cls(list(cu_query), list(cu_slots), slots, table, block_m, counts)
 
 
 def memory_attention_reference(

@@ -305,3 +305,20 @@ def test_kernel_under_triton_interpreter():
         cwd=os.path.dirname(__file__))
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     assert " passed" in result.stdout and "skipped" not in result.stdout.splitlines()[-1]
+
+
+def test_tile_tables_are_shared_only_for_the_same_layout():
+    """The router layers of a step share tile tables (one upload per step, not per layer):
+    the same layout gets the cached table, another layout its own."""
+    from vllm_msa.kernels.memory_attention import MemoryBatch
+
+    cache: dict = {}
+    slots = torch.arange(12)
+    counts = torch.tensor([3, 2])
+    first = MemoryBatch.build([0, 20, 21], [0, 6, 12], slots, counts=counts, cache=cache)
+    again = MemoryBatch.build([0, 20, 21], [0, 6, 12], slots + 1, counts=counts, cache=cache)
+    assert again.tiles is first.tiles and torch.equal(again.slots, slots + 1)
+    fresh = MemoryBatch.build([0, 20, 21], [0, 6, 12], slots, counts=counts)
+    assert torch.equal(first.tiles, fresh.tiles) and first.block_m == fresh.block_m == 16
+    other = MemoryBatch.build([0, 1, 2], [0, 6, 12], slots, counts=counts, cache=cache)
+    assert other.tiles.tolist() == [[0, 1, 0, 6, 0], [1, 1, 6, 12, 1]] and other.block_m == 1

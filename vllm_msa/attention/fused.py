@@ -83,9 +83,11 @@ class FusedAttention:
         self._planned = False
         self._batches: dict[int, tuple[tuple, list, Any]] = {}  # layer -> (key, staged, batch)
         self.calls = 0  # layers served by the fused path (tests check it ran)
+        self._tiles: dict = {}
 
     def reset(self) -> None:
         self.plan, self._planned = None, False
+        self._tiles: dict = {}  # tile tables of this step, shared by its router layers
 
     def usable(self, rows: list[Any], layer_idx: int, q: torch.Tensor, attn_layer: Any,
                pool: Any) -> bool:
@@ -149,14 +151,16 @@ class FusedAttention:
             # the slot list, each request's range a whole row (counts bound what is read).
             width = table.shape[1]
             batch = MemoryBatch.build(plan.cu_query, [i * width for i in range(len(staged) + 1)],
-                                      table.view(-1), counts=staged[0].counts)
+                                      table.view(-1), counts=staged[0].counts,
+                                      cache=self._tiles)
         else:
             cu_slots = [0]
             for s in staged:
                 cu_slots.append(cu_slots[-1] + s.width)
             batch = MemoryBatch.build(plan.cu_query, cu_slots,
                                       torch.cat([s.slots for s in staged]),
-                                      counts=torch.cat([s.count for s in staged]))
+                                      counts=torch.cat([s.count for s in staged]),
+                                      cache=self._tiles)
         # The key holds ids of Staged objects; keeping them referenced keeps the ids unique.
         self._batches[layer_idx] = (key, staged, batch)
         return batch

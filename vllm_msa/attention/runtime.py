@@ -133,6 +133,7 @@ class MemoryRuntime:
         self.fused = FusedAttention()
         self.eager_step = False  # this step routes or stages: no full CUDA graph
         self._stream: torch.cuda.Stream | None = None  # fetches (see _fetch_stream)
+        self._uploads: dict[tuple, torch.Tensor] = {}  # this step's index tensors (step_upload)
         self.banks = self._open_banks(vllm_config)
         local_kv = self.kv_heads.stop - self.kv_heads.start
         dtype = vllm_config.model_config.dtype
@@ -223,6 +224,7 @@ class MemoryRuntime:
         replays a full CUDA graph, whose memory attention reads buffers set here."""
         self.rows = []
         self.fused.reset()
+        self._uploads.clear()
         offsets = None
         for req_id, extra, batch_index, token_start, num_tokens, first_position in rows:
             request = self.requests.get(req_id)
@@ -262,6 +264,7 @@ class MemoryRuntime:
     def end_step(self) -> None:
         self.rows = []
         self.fused.reset()
+        self._uploads.clear()
         self._offsets = None
 
     def offset_positions(self, positions: torch.Tensor) -> None:
@@ -312,7 +315,8 @@ class MemoryRuntime:
                 shift = row.token_start - row.first_position  # request token i -> step row
                 spans.extend((a + shift, b + shift) for a, b in row.request.options.ranges)
                 cu.append(cu[-1] + sum(b - a for a, b in row.request.options.ranges))
-            qr = self.routing_query(layer, q, h, upload(ranges(spans), q.device))
+            token_rows = self.step_upload(("routing rows", *spans), ranges(spans), q.device)
+            qr = self.routing_query(layer, q, h, token_rows)
             index = rows[0].request.bank.prepared_index(layer.layer_idx)
             top_ks = [r.request.options.top_k for r in rows]
             routed = route_batched_keys(qr, cu, index, self.routing, top_ks)
@@ -323,12 +327,21 @@ class MemoryRuntime:
             for row, selection in zip(rows, selections, strict=True):
                 row.request.selections[layer.layer_idx] = selection
 
+    def step_upload(self, key: tuple, values: Any, device: torch.device,
+                    dtype: torch.dtype = torch.int64) -> torch.Tensor:
+        """An index tensor of this step, uploaded once: every router layer of a step routes
+        and stages the same requests, so their token rows, top-k lists and tiles repeat."""
+        tensor = self._uploads.get(key)
+        if tensor is None:
+            tensor = self._uploads[key] = upload(values, device, dtype)
+        return tensor
+
     def stage_pending(self, layer_idx: int) -> torch.cuda.Event | None:
         """Stage this layer's selected documents for every request in the step that has none
         staged yet (just routed, or back from preemption): per bank, one copy, queued on the
-        device without the host waiting for routing's result. On a GPU the copy runs on a
-        side stream, overlapping the local attention; the returned event marks its end
-        (the memory attention waits for it)."""
+        device without the host waiting for routing's result. With a fetch stream
+        (`_fetch_stream`) the copy runs there, overlapping the local attention; the returned
+        event marks its end (the memory attention waits for it)."""
         pending: dict[str, list[MemoryRequest]] = {}
         for row in self.rows:
             if layer_idx not in row.request.staged:
@@ -367,8 +380,11 @@ class MemoryRuntime:
                 and all(isinstance(s, RoutedSelection) and s.batch is first.batch
                         and s.row == i for i, s in enumerate(selections))):
             return None
-        return self.pool.stage_routed(bank.host_keys[layer_idx], bank.host_values[layer_idx],
-                                      first.batch, widths, bank.max_document_chunks)
+        ks = first.batch.ks
+        return self.pool.stage_routed(
+            bank.host_keys[layer_idx], bank.host_values[layer_idx], first.batch,
+            self.step_upload(("top-k", *ks), ks, self.pool.keys.device, torch.int32),
+            widths, bank.max_document_chunks)
 
     def _stage_selected(self, bank: ServedBank, layer_idx: int,
                         requests: list[MemoryRequest], widths: list[tuple[str, int]]
@@ -383,9 +399,11 @@ class MemoryRuntime:
                                          bank.host_values[layer_idx], starts, counts, widths)
 
     def _fetch_stream(self) -> torch.cuda.Stream | None:
-        """The side stream host->device fetches run on (GPU only; VLLM_MSA_FETCH_STREAM=0
-        keeps them on the compute stream, for comparisons)."""
-        if self.device.type != "cuda" or os.environ.get("VLLM_MSA_FETCH_STREAM", "1") == "0":
+        """The side stream host->device fetches may run on: VLLM_MSA_FETCH_STREAM=1 (GPU).
+        Off by default: measured on an H100 (benchmarks/ttft.py, README), the only work a
+        layer's fetch can overlap is its local pass, and the stream hand-offs cost more
+        host time than that saves (TTFT 41 vs 44 ms at batch 1, 130 vs 144 ms at 64)."""
+        if self.device.type != "cuda" or os.environ.get("VLLM_MSA_FETCH_STREAM", "0") != "1":
             return None
         if self._stream is None:
             self._stream = torch.cuda.Stream(self.device)

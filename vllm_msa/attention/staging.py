@@ -155,11 +155,12 @@ class StagingPool:
         return staged
 
     def stage_routed(self, host_keys: torch.Tensor, host_values: torch.Tensor, routed: Any,
-                     requests: list[tuple[str, int]], max_doc_chunks: int
+                     ks: torch.Tensor, requests: list[tuple[str, int]], max_doc_chunks: int
                      ) -> list[Staged] | None:
         """`stage_documents` straight from routing's sort keys (`RoutedBatch`, one row per
-        request) with one kernel launch (`vllm_msa.kernels.stage`); None, with nothing
-        reserved, when the requests do not all fit in the pool."""
+        request; `ks` its per-request k on the device) with one kernel launch
+        (`vllm_msa.kernels.stage`); None, with nothing reserved, when the requests do not all
+        fit in the pool."""
         from ..kernels.stage import stage_routed
 
         widths = [width for _, width in requests]
@@ -176,9 +177,8 @@ class StagingPool:
         slots = upload(table, device)
         counts = torch.empty(len(requests), dtype=torch.int64, device=device)
         prep = routed.prep
-        stage_routed(host_keys, host_values, self.keys, self.values, routed.keys,
-                     upload(routed.ks, device, torch.int32), prep.positions_by_tiebreak,
-                     prep.doc_start, slots, counts, max_doc_chunks)
+        stage_routed(host_keys, host_values, self.keys, self.values, routed.keys, ks,
+                     prep.positions_by_tiebreak, prep.doc_start, slots, counts, max_doc_chunks)
         return [Staged(slots, i, width, counts) for i, width in enumerate(widths)]
 
     def _stage_private(self, host_keys: torch.Tensor, host_values: torch.Tensor,
