@@ -16,12 +16,11 @@ and rounds the result to bf16 (<= u/2·|out|). Bound: u·max|v| + u/2·|out| + 1
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import zlib
 
 import pytest
 import torch
+from triton_interpreter import rerun_under_interpreter
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 HAS_CUDA = torch.cuda.is_available()
@@ -297,14 +296,7 @@ def test_reference_matches_joint_softmax():
 
 @pytest.mark.skipif(HAS_CUDA or INTERPRET, reason="the kernel runs directly here")
 def test_kernel_under_triton_interpreter():
-    pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
-         "-k", "not interpreter"], env=env, capture_output=True, text=True, timeout=900,
-        cwd=os.path.dirname(__file__))
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
-    assert " passed" in result.stdout and "skipped" not in result.stdout.splitlines()[-1]
+    rerun_under_interpreter(__file__)
 
 
 def test_tile_tables_are_shared_only_for_the_same_layout():

@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import os
 import random
-import subprocess
-import sys
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+from triton_interpreter import rerun_under_interpreter
 
 from vllm_msa.attention.tiers import ServedBank
 
@@ -96,11 +95,4 @@ def test_staged_rows_are_the_documents_chunks(seed):
 
 @pytest.mark.skipif(HAS_CUDA or INTERPRET, reason="the kernel runs directly here")
 def test_kernel_under_triton_interpreter():
-    pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
-         "-k", "not interpreter"], env=env, capture_output=True, text=True, timeout=900,
-        cwd=os.path.dirname(__file__))
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
-    assert " passed" in result.stdout and "skipped" not in result.stdout.splitlines()[-1]
+    rerun_under_interpreter(__file__)
