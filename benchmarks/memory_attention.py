@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 from host_timing import host_microseconds
-from report import card_name, card_slug, pyplot
+from report import card_name, card_slug, device_copy_bandwidth, pyplot
 
 HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128  # Qwen3-4B / MSA-4B attention
 BLOCK = 16
@@ -68,14 +68,6 @@ def timed(fn, reps: int) -> float:
         end.synchronize()
         times.append(start.elapsed_time(end))
     return statistics.median(times)
-
-
-def copy_bandwidth() -> float:
-    """Device copy bandwidth in GB/s (read + write bytes)."""
-    src = torch.empty(2**30, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    ms = timed(lambda: dst.copy_(src), 20)
-    return 2 * src.numel() / ms / 1e6
 
 
 class Case:
@@ -226,7 +218,7 @@ def main() -> None:
     import vllm
 
     card = card_name()
-    bw = copy_bandwidth()
+    bw = device_copy_bandwidth(2**30, 20) / 1e9  # GB/s
     cases = [(int(b), 1) for b in args.decode.split(",")]
     cases += [tuple(int(x) for x in p.split("x")) for p in args.prefill.split(",") if p]
     rows = []

@@ -49,3 +49,57 @@ def pyplot() -> Any | None:
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def device_copy_bandwidth(num_bytes: int, reps: int = 10) -> float | None:
+    """The HBM baseline: bytes read + written per second by a device-to-device copy of
+    `num_bytes` (capped at 4 GiB), median of `reps` timed with CUDA events; None on CPU."""
+    import statistics
+
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    num_bytes = min(num_bytes, 4 << 30)
+
+    def seconds() -> float:  # the buffers are freed on return
+        src = torch.empty(num_bytes, dtype=torch.uint8, device="cuda")
+        dst = torch.empty_like(src)
+        return statistics.median(_event_seconds(lambda: dst.copy_(src), reps, warmup=3))
+
+    rate = 2 * num_bytes / seconds()
+    torch.cuda.empty_cache()
+    return rate
+
+
+def matmul_rate(reps: int = 20) -> float | None:
+    """The compute baseline: dense bf16 matmul FLOP/s (8192^3), median of `reps`; None on
+    CPU."""
+    import statistics
+
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    n = 8192
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn_like(a)
+    seconds = statistics.median(_event_seconds(lambda: a @ b, reps, warmup=3))
+    return 2 * n**3 / seconds
+
+
+def _event_seconds(fn: Any, reps: int, warmup: int) -> list[float]:
+    import torch
+
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        start = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return times

@@ -33,7 +33,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # a source checkout: vllm_msa (and vllm_msa.kernels) from here
 
 from host_timing import host_microseconds  # noqa: E402  (benchmarks/, the script's folder)
-from report import card_name, card_slug, pyplot  # noqa: E402
+from report import (  # noqa: E402
+    card_name,
+    card_slug,
+    device_copy_bandwidth,
+    matmul_rate,
+    pyplot,
+)
 from vllm_msa.kernels.routing import (  # noqa: E402
     KernelConfig,
     chunk_scores_batched,
@@ -87,22 +93,6 @@ def median_ms_synced(fn, reps: int) -> float:
         torch.cuda.synchronize()
         times.append((time.perf_counter() - t) * 1e3)
     return statistics.median(times)
-
-
-def copy_bandwidth(nbytes: int, reps: int) -> float:
-    """Bytes read + written per second of a device-to-device copy of `nbytes`."""
-    src = torch.randint(-128, 127, (nbytes,), dtype=torch.int8, device=DEVICE)
-    dst = torch.empty_like(src)
-    ms = median_ms(lambda: dst.copy_(src), reps, 2)
-    return 2 * nbytes / (ms * 1e-3)
-
-
-def matmul_peak(reps: int) -> float:
-    n = 8192
-    a = torch.randn(n, n, device=DEVICE, dtype=torch.bfloat16)
-    b = torch.randn(n, n, device=DEVICE, dtype=torch.bfloat16)
-    ms = median_ms(lambda: a @ b, reps, 3)
-    return 2 * n**3 / (ms * 1e-3)
 
 
 def make_index(memory_tokens: int, gen: torch.Generator) -> RoutingIndex:
@@ -177,7 +167,7 @@ def main() -> None:
     l2_bytes = torch.cuda.get_device_properties(0).L2_cache_size
     started = time.time()
 
-    peak = matmul_peak(args.reps)
+    peak = matmul_rate(args.reps)
     print(f"{card}: bf16 matmul 8192^3 {peak / 1e12:.0f} TFLOP/s; L2 {l2_bytes >> 20} MiB",
           flush=True)
 
@@ -260,7 +250,7 @@ def bench_size(size, largest, args, questions, msa, msa_max, peak, l2_bytes, gen
     keys = prepared.keys
     chunks, docs = keys.shape[0], index.num_documents
     index_bytes = keys.numel() * keys.element_size()
-    copy_bw = copy_bandwidth(index_bytes, args.reps)
+    copy_bw = device_copy_bandwidth(index_bytes, args.reps)
     # Small indexes fit in L2: rotate over copies so that every call reads HBM.
     copies = [prepared] + [
         dataclasses.replace(prepared, keys=keys.clone())

@@ -27,34 +27,10 @@ import time
 from pathlib import Path
 
 from bank_build import common_arguments, prepare, write_result
-from report import card_name, pyplot
+from report import card_name, device_copy_bandwidth, pyplot
 from serving import questions
 
 from vllm_msa.cli import parse_count
-
-
-def copy_bandwidth(num_bytes: int) -> float | None:
-    """Device-to-device copy bandwidth (bytes read + written per second), or None on CPU."""
-    import torch
-
-    if not torch.cuda.is_available():
-        return None
-    num_bytes = min(num_bytes, 4 << 30)
-    src = torch.empty(num_bytes, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    for _ in range(3):
-        dst.copy_(src)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    reps = 10
-    for _ in range(reps):
-        dst.copy_(src)
-    end.record()
-    torch.cuda.synchronize()
-    seconds = start.elapsed_time(end) / 1e3 / reps
-    del src, dst
-    torch.cuda.empty_cache()
-    return 2 * num_bytes / seconds
 
 
 def measure(ckpt, engine: dict, bank_path: str | None, batches: list[int], decode: int,
@@ -165,7 +141,7 @@ def main() -> None:
                            "bytes": bank.tier_bytes()}
         print(f"synthetic bank of {size:,} tokens ready in {time.perf_counter() - t:.0f} s")
     index_bytes = {size: info["bytes"]["gpu_index"] for size, info in described.items()}
-    bandwidth = partial.get("bandwidth") or copy_bandwidth(
+    bandwidth = partial.get("bandwidth") or device_copy_bandwidth(
         max(index_bytes.values(), default=1 << 30) // 18)
     runs = partial.get("runs", {})
 

@@ -29,34 +29,12 @@ os.environ["VLLM_MSA_PROFILE_RANGES"] = "1"
 os.environ.setdefault("VLLM_MSA_FETCH_STREAM", "0")
 
 from bank_build import common_arguments, prepare, write_result
-from report import card_name, pyplot
-from serve import copy_bandwidth
+from report import card_name, device_copy_bandwidth, matmul_rate, pyplot
 from serving import questions
 
 from vllm_msa.cli import parse_count
 
 PHASES = {"msa.route": "route", "msa.fetch": "fetch", "msa.attention": "attention"}
-
-
-def matmul_rate() -> float | None:
-    """bf16 dense matmul rate (FLOP/s) of this GPU, or None on CPU."""
-    import torch
-
-    if not torch.cuda.is_available():
-        return None
-    n = 8192
-    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn_like(a)
-    for _ in range(3):
-        a @ b
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    reps = 20
-    for _ in range(reps):
-        a @ b
-    end.record()
-    torch.cuda.synchronize()
-    return 2 * n**3 * reps / (start.elapsed_time(end) / 1e3)
 
 
 def gpu_time_by_phase(prof) -> dict[str, float]:
@@ -153,7 +131,7 @@ def main() -> None:
     print(f"synthetic bank of {size:,} tokens ready in {time.perf_counter() - t:.0f} s")
     index_bytes = bank.tier_bytes()["gpu_index"]
     layers = len(bank.router_layers)
-    bandwidth = copy_bandwidth(index_bytes // layers)
+    bandwidth = device_copy_bandwidth(index_bytes // layers)
     rate = matmul_rate()
     vllm_msa.register()  # AutoConfig knows "msa" checkpoints
     config = AutoConfig.from_pretrained(ckpt)
