@@ -5,6 +5,7 @@
 #   bash benchmarks/gpu.sh serving # answering over a bank vs plain vLLM, MSA-4B shape
 #   bash benchmarks/gpu.sh serve   # TTFT / decode over synthetic 1M and 10M-token banks vs plain
 #   bash benchmarks/gpu.sh attention  # one router layer's memory attention: Triton vs FA
+#   bash benchmarks/gpu.sh ttft    # a prefill step's GPU time by phase vs routing's floors
 #   bash benchmarks/gpu.sh memory  # GPU / pinned host memory of 1M, 10M, 25M-token banks vs
 #                                  # `bank info` (25M: ~44 GB on disk, ~1-2 min to synthesize; a
 #                                  # 50M-token bank, ~88 GB, exceeds the machine's 64 GiB disk)
@@ -41,6 +42,11 @@ case "${1:-tests}" in
         shift || true
         python3 benchmarks/memory_attention.py --json "$OUT/memory_attention.json" "$@" 2>&1 \
             | tee "$OUT/memory_attention.log"
+        ;;
+    ttft)
+        shift || true
+        python3 benchmarks/ttft.py --shape msa-4b --bank-tokens 10M --batches 1,8,64 \
+            --json "$OUT/ttft-msa-4b.json" "$@" 2>&1 | tee "$OUT/ttft.log"
         ;;
     memory)
         shift || true

@@ -14,6 +14,7 @@ import torch
 
 from vllm_msa.attention.staging import StagingPool, chunk_rows
 from vllm_msa.attention.tiers import ServedBank
+from vllm_msa.attention.uploads import ranges, upload
 
 
 def random_bank(seed: int, num_docs: int = 40) -> ServedBank:
@@ -87,3 +88,14 @@ def test_stage_documents_fills_reservations_and_overflows_privately():
     pool.release("r0")
     pool.release("r1")
     assert pool.num_free == pool.num_slots and pool.owners() == []
+
+
+def test_ranges_and_uploads():
+    """The index arrays every router layer uploads: ranges concatenated in order (empty ones
+    included), and the tensor that reaches the device holds them unchanged."""
+    spans = [(3, 5), (10, 13), (7, 7), (0, 2)]
+    want = [i for a, b in spans for i in range(a, b)]
+    assert ranges(spans).tolist() == want and ranges([]).tolist() == []
+    tensor = upload(ranges(spans), torch.device("cpu"), torch.int32)
+    assert tensor.dtype == torch.int32 and tensor.tolist() == want
+    assert upload([[1, 2], [3, 4]], torch.device("cpu")).tolist() == [[1, 2], [3, 4]]
