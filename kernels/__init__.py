@@ -1,2 +1,3 @@
-"""Triton kernels of vllm-msa, shipped as `vllm_msa.kernels` (routing, host->GPU gather, memory
-attention). Each kernel comes with a torch reference used by its tests."""
+"""Triton kernels of vllm-msa, shipped as `vllm_msa.kernels` (routing, staging of routed
+documents, host->GPU gather, memory attention). Each kernel comes with a torch reference used
+by its tests."""
