@@ -17,8 +17,9 @@ document, block of its chunks):
 3. program (r, 0, 0) writes how many chunks request r staged (`counts[r]`), which memory
    attention reads on the device: the host never waits for routing's result.
 
-`stage_routed_reference` is the plain-torch equivalent; the tests compare both with the host
-chunk lists. Under TRITON_INTERPRET=1 the kernel runs on CPU tensors.
+The plain-torch equivalent is `ServedBank.selected_chunks` + `staging.chunk_rows` + a copy
+(`StagingPool.stage_documents`); the tests compare each with the host chunk lists
+(`ServedBank.chunk_indices`). Under TRITON_INTERPRET=1 the kernel runs on CPU tensors.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import os
 
 import torch
 
-__all__ = ["stage_routed", "stage_routed_reference"]
+__all__ = ["stage_routed"]
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 BLOCK_ROWS = 4  # chunks per program: more programs in flight reading host memory
@@ -37,23 +38,6 @@ BLOCK_ROWS = 4  # chunks per program: more programs in flight reading host memor
 
 def _next_pow2(x: int) -> int:
     return 1 << max(0, (x - 1).bit_length())
-
-
-def stage_routed_reference(src_k: torch.Tensor, src_v: torch.Tensor, dst_k: torch.Tensor,
-                           dst_v: torch.Tensor, keys: torch.Tensor, ks: list[int],
-                           positions: torch.Tensor, doc_start: torch.Tensor,
-                           table: torch.Tensor, counts: torch.Tensor) -> None:
-    """Plain torch, one request at a time (reads the device: for tests and comparisons)."""
-    for r, k in enumerate(ks):
-        ties = (keys[r, :k] & 0xFFFFFFFF).sort(descending=True).values
-        pos = positions[ties]
-        rows = [torch.arange(int(a), int(b)) for a, b in
-                zip(doc_start[pos].tolist(), doc_start[pos + 1].tolist(), strict=True)]
-        rows = torch.cat(rows) if rows else torch.zeros(0, dtype=torch.int64)
-        slots = table[r, :rows.numel()].to(dst_k.device)
-        dst_k.index_copy_(0, slots, src_k[rows.to(src_k.device)].to(dst_k.device))
-        dst_v.index_copy_(0, slots, src_v[rows.to(src_v.device)].to(dst_v.device))
-        counts[r] = rows.numel()
 
 
 def stage_routed(src_k: torch.Tensor, src_v: torch.Tensor, dst_k: torch.Tensor,

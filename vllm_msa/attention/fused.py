@@ -79,14 +79,13 @@ class FusedAttention:
     """Plans and runs the fused path; one per runtime."""
 
     def __init__(self) -> None:
-        self.plan: StepPlan | None = None
-        self._planned = False
+        self.reset()
         self._batches: dict[int, tuple[tuple, list, Any]] = {}  # layer -> (key, staged, batch)
         self.calls = 0  # layers served by the fused path (tests check it ran)
-        self._tiles: dict = {}
 
     def reset(self) -> None:
-        self.plan, self._planned = None, False
+        self.plan: StepPlan | None = None
+        self._planned = False
         self._tiles: dict = {}  # tile tables of this step, shared by its router layers
 
     def usable(self, rows: list[Any], layer_idx: int, q: torch.Tensor, attn_layer: Any,

@@ -41,14 +41,12 @@ def msa_router_attention(
             and context.cudagraph_runtime_mode == CUDAGraphMode.FULL):
         # Capture / warm-up of a full decode graph (no Python at replay): the local pass
         # with its LSE is computed once, for every row, by the graph's own call.
-        layer_idx = runtime.layers[layer_name].layer_idx
-        if write_kv_cache(attn_layer, k, v):
-            runtime.graphs.attend(layer_idx, q, output, attn_layer, metadata, runtime.pool,
-                                  runtime.head_dim, local_in_output=True)
-            return
-        output.copy_(attn_layer(q, k, v).view(output.shape))
-        runtime.graphs.attend(layer_idx, q, output, attn_layer, metadata, runtime.pool,
-                              runtime.head_dim)
+        local_in_output = write_kv_cache(attn_layer, k, v)
+        if not local_in_output:  # the layer's own forward writes the cache (and attends)
+            output.copy_(attn_layer(q, k, v).view(output.shape))
+        runtime.graphs.attend(runtime.layers[layer_name].layer_idx, q, output, attn_layer,
+                              metadata, runtime.pool, runtime.head_dim,
+                              local_in_output=local_in_output)
         return
     output.copy_(attn_layer(q, k, v).view(output.shape))
     if runtime is None or not runtime.rows or metadata is None:

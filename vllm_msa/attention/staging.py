@@ -129,19 +129,9 @@ class StagingPool:
         (owner, slots to reserve) of each row. The host never learns how many chunks routing
         chose: each request reserves its worst case, and the device writes how many it used
         (`Staged.count`), so staging queues behind routing without a host-device wait."""
-        self.version += 1
         widths = [width for _, width in requests]
         rows, used = chunk_rows(starts, counts, max(widths, default=0))
-        table = np.full((len(requests), rows.shape[1]), -1, dtype=np.int64)
-        private = []
-        for i, (owner, width) in enumerate(requests):
-            if width > len(self._free):
-                private.append(i)
-                continue
-            taken = self._free[len(self._free) - width:]
-            del self._free[len(self._free) - width:]
-            self._owned.setdefault(owner, []).extend(taken)
-            table[i, :width] = taken
+        table, private = self._reserve(requests)
         slots = upload(table, self.keys.device)
         if len(private) < len(requests):
             pooled = rows if not private else rows.index_fill(
@@ -166,13 +156,7 @@ class StagingPool:
         widths = [width for _, width in requests]
         if sum(widths) > len(self._free):
             return None
-        self.version += 1
-        table = np.full((len(requests), max(widths, default=0)), -1, dtype=np.int64)
-        for i, (owner, width) in enumerate(requests):
-            taken = self._free[len(self._free) - width:]
-            del self._free[len(self._free) - width:]
-            self._owned.setdefault(owner, []).extend(taken)
-            table[i, :width] = taken
+        table, _ = self._reserve(requests)
         device = self.keys.device
         slots = upload(table, device)
         counts = torch.empty(len(requests), dtype=torch.int64, device=device)
@@ -180,6 +164,23 @@ class StagingPool:
         stage_routed(host_keys, host_values, self.keys, self.values, routed.keys, ks,
                      prep.positions_by_tiebreak, prep.doc_start, slots, counts, max_doc_chunks)
         return [Staged(slots, i, width, counts) for i, width in enumerate(widths)]
+
+    def _reserve(self, requests: list[tuple[str, int]]) -> tuple[np.ndarray, list[int]]:
+        """Take `width` free slots for each (owner, width), in order: ([R, max width] slot
+        table, -1 where nothing is reserved; the rows that did not fit)."""
+        self.version += 1
+        table = np.full((len(requests), max((w for _, w in requests), default=0)), -1,
+                        dtype=np.int64)
+        unfit = []
+        for i, (owner, width) in enumerate(requests):
+            if width > len(self._free):
+                unfit.append(i)
+                continue
+            taken = self._free[len(self._free) - width:]
+            del self._free[len(self._free) - width:]
+            self._owned.setdefault(owner, []).extend(taken)
+            table[i, :width] = taken
+        return table, unfit
 
     def _stage_private(self, host_keys: torch.Tensor, host_values: torch.Tensor,
                        rows: torch.Tensor, row: int, counts: torch.Tensor) -> Staged:

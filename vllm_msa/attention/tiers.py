@@ -130,20 +130,12 @@ class ServedBank:
         return int(self._sizes_descending[:top_k].sum())
 
     def chunk_indices(self, doc_ids: list[int]) -> torch.Tensor:
-        """Bank-order chunk indices of the given documents, ascending doc id then chunk."""
-        return self.chunk_indices_many([doc_ids])[0]
-
-    def chunk_indices_many(self, doc_id_lists: list[list[int]]) -> list[torch.Tensor]:
-        """`chunk_indices` of several requests' documents, vectorised (a step stages up to
-        max_num_seqs requests per layer: one arange per document cost milliseconds)."""
+        """Bank-order chunk indices of the given documents, ascending doc id then chunk (the
+        host-side list: a reference for the device staging paths, and benchmarks' input)."""
         offsets = self._offsets_array
-        out = []
-        for doc_ids in doc_id_lists:
-            pos = np.fromiter((self.doc_position[d] for d in sorted(doc_ids)), dtype=np.int64,
-                              count=len(doc_ids))
-            out.append(torch.from_numpy(ranges(list(zip(offsets[pos], offsets[pos + 1],
-                                                        strict=True)))))
-        return out
+        pos = np.fromiter((self.doc_position[d] for d in sorted(doc_ids)), dtype=np.int64,
+                          count=len(doc_ids))
+        return torch.from_numpy(ranges(list(zip(offsets[pos], offsets[pos + 1], strict=True))))
 
     def selected_chunks(self, doc_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(first chunk, number of chunks) of each selected document, in bank order: doc_ids
