@@ -2,14 +2,20 @@
 against plain vLLM on the same prompts and engine settings, in one run.
 
 Banks come from `vllm-msa bank synth` (the real format, random contents: speed does not depend
-on what the documents say). Per engine and batch size B: TTFT = the wall time of B requests
-generating one token (prefill, routing, staging); decode tokens/s = B * (N - N/2) / (time of
-the same requests generating N tokens - time generating N/2), each the best of two runs (the
-prefill cancels out; results before this rule used N - 1 tokens over total - TTFT). The HBM
-floor of routing is one read of every router layer's routing keys at the device-copy
-bandwidth measured here before the engines start; "TTFT overhead / floor" charges all of
-MSA's extra prefill time (routing, staging, memory attention) to routing, so it bounds
-routing's share from above (benchmarks/ttft.py measures routing's own share).
+on what the documents say). Each engine runs in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0),
+so a batch's B requests are all queued before its first step: with a separate engine process
+they trickle in over ZMQ and the first step may prefill (and route) only some of them, which
+made batch-8 TTFTs here twice what benchmarks/ttft.py measured. Per engine and batch size B:
+TTFT = the wall time of B requests generating one token (prefill, routing, staging), the best
+of three; decode tokens/s = B * (N - 1) / (last token - first token), from the engine core's
+own per-request timestamps (vLLM's request metrics, what its TPOT is made of), the best of two
+runs of N tokens: no prefill and no frontend in it (results up to commit 7a010bf took the
+difference of two wall times instead, which the TTFT's noise could swamp). Each engine gets a
+fresh child process, so one engine's GPU memory is gone before the next starts. The HBM floor
+of routing is one read of every router layer's routing keys at the device-copy bandwidth
+measured here before the engines start; "TTFT overhead / floor" charges all of MSA's extra
+prefill time (routing, staging, memory attention) to routing, so it bounds routing's share
+from above (benchmarks/ttft.py measures routing's own share).
 
     python benchmarks/serve.py --shape msa-4b --bank-tokens 1M,10M --batches 1,8,64
     python benchmarks/serve.py --shape tiny --bank-tokens 20k --batches 1,4 --decode-tokens 8
@@ -23,6 +29,8 @@ result of everything measured so far.
 from __future__ import annotations
 
 import json
+import multiprocessing
+import os
 import time
 from pathlib import Path
 
@@ -33,8 +41,16 @@ from serving import questions
 from vllm_msa.cli import parse_count
 
 
+def measure_in_child(*args) -> list[dict]:
+    """`measure` in a fresh process: an in-process engine frees its GPU memory only on exit."""
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(1) as pool:
+        return pool.apply(measure, args)
+
+
 def measure(ckpt, engine: dict, bank_path: str | None, batches: list[int], decode: int,
             prompts_text: list[str], staging_mib: int, eager: bool) -> list[dict]:
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # before vLLM is imported (see above)
     from vllm import LLM, SamplingParams
 
     from vllm_msa.prompt import build_prompt
@@ -43,32 +59,35 @@ def measure(ckpt, engine: dict, bank_path: str | None, batches: list[int], decod
     if bank_path:
         extra["additional_config"] = {"msa": {"banks": {"b": bank_path},
                                               "staging_mib": staging_mib}}
-    llm = LLM(model=str(ckpt), enforce_eager=eager, max_num_seqs=max(batches), **engine,
-              **extra)
+    llm = LLM(model=str(ckpt), enforce_eager=eager, max_num_seqs=max(batches),
+              disable_log_stats=False, **engine, **extra)  # stats: per-request timestamps
     tokenizer = llm.get_tokenizer()
     prompts = [build_prompt(tokenizer, q) for q in prompts_text]
     xargs = {"msa_bank": "b"} if bank_path else None
 
-    def run(n: int, max_tokens: int) -> float:
+    def run(n: int, max_tokens: int) -> tuple[float, float]:
+        """(wall seconds, decode tokens/s from the engine core's timestamps)."""
         params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True,
                                 extra_args=xargs)
         t = time.perf_counter()
-        llm.generate(prompts[:n], params, use_tqdm=False)
-        return time.perf_counter() - t
+        outputs = llm.generate(prompts[:n], params, use_tqdm=False)
+        wall = time.perf_counter() - t
+        stats = [o.metrics for o in outputs]
+        span = max(s.last_token_ts for s in stats) - min(s.first_token_ts for s in stats)
+        tokens = sum(s.num_generation_tokens - 1 for s in stats)
+        return wall, tokens / span if span > 0 else 0.0
 
     rows = []
     try:
         run(max(batches), 4)  # warm-up: JIT, allocator, graphs
         for b in batches:
-            ttft = min(run(b, 1) for _ in range(2))
-            half = min(run(b, decode // 2) for _ in range(2))
-            total = min(run(b, decode) for _ in range(2))
-            # Two lengths, so the prefill (and its noise) cancels out of the decode rate.
-            rows.append({"batch": b, "ttft_s": ttft, "half_s": half, "total_s": total,
-                         "decode_tokens_per_s":
-                             b * (decode - decode // 2) / max(total - half, 1e-9)})
+            run(b, 4)  # this batch size's kernels compiled and tuned before timing
+            ttft = min(run(b, 1)[0] for _ in range(3))
+            timed = [run(b, decode) for _ in range(2)]
+            rows.append({"batch": b, "ttft_s": ttft, "total_s": min(w for w, _ in timed),
+                         "decode_tokens_per_s": max(rate for _, rate in timed)})
             print(f"  [{'MSA' if bank_path else 'plain'}] batch {b}: TTFT {ttft * 1e3:.1f} ms, "
-                  f"{decode} tokens in {total:.2f} s", flush=True)
+                  f"decode {rows[-1]['decode_tokens_per_s']:,.0f} tok/s", flush=True)
     finally:
         llm.llm_engine.engine_core.shutdown()
     return rows
@@ -105,7 +124,7 @@ def main() -> None:
     parser.add_argument("--bank-tokens", default="1M,10M",
                         help="comma-separated bank sizes in tokens (suffixes k, M, G)")
     parser.add_argument("--batches", default="1,8,64")
-    parser.add_argument("--decode-tokens", type=int, default=64)
+    parser.add_argument("--decode-tokens", type=int, default=128)
     parser.add_argument("--question-words", type=int, default=12)
     parser.add_argument("--staging-mib", type=int, default=2048)
     parser.add_argument("--eager", action="store_true", help="enforce_eager for every engine")
@@ -146,10 +165,10 @@ def main() -> None:
     runs = partial.get("runs", {})
 
     if "plain" in wanted:
-        runs["plain vLLM"] = measure(ckpt, engine, None, batches, args.decode_tokens, texts,
-                                     args.staging_mib, args.eager)
+        runs["plain vLLM"] = measure_in_child(ckpt, engine, None, batches, args.decode_tokens,
+                                              texts, args.staging_mib, args.eager)
     for size, path in banks.items():
-        runs[f"MSA, {size:,}-token bank"] = measure(
+        runs[f"MSA, {size:,}-token bank"] = measure_in_child(
             ckpt, engine, path, batches, args.decode_tokens, texts, args.staging_mib,
             args.eager)
     partial_path.write_text(json.dumps({"bandwidth": bandwidth, "runs": runs,
