@@ -13,6 +13,9 @@ routing, all router layers together:
 Batch 1 is memory-bound (the issue's goal: routing <= 1.2x the HBM floor); large batches are
 compute-bound, so the table shows both floors. "overlap": the same TTFT with the fetch on its
 own stream, overlapping the layer's local pass (VLLM_MSA_FETCH_STREAM=1; off by default).
+Two more tables say where the rest goes: the host time spent inside each phase (perf_counter
+around the same ranges, in the timed runs, which run without the profiler) and, for the
+first batch size, routing's GPU time per kernel.
 
     python benchmarks/ttft.py --shape msa-4b --bank-tokens 10M --batches 1,8,64
     python benchmarks/ttft.py --shape tiny --bank-tokens 20k --batches 1,4   # CPU smoke run
@@ -37,11 +40,12 @@ from vllm_msa.cli import parse_count
 PHASES = {"msa.route": "route", "msa.fetch": "fetch", "msa.attention": "attention"}
 
 
-def gpu_time_by_phase(prof) -> dict[str, float]:
+def gpu_time_by_phase(prof) -> tuple[dict[str, float], dict[str, float]]:
     """Seconds of device time per phase, plus "total" (every kernel, copy and memset of the
-    step). A kernel belongs to the phase whose range was open on the launching thread when
-    it was launched (matched through the trace's correlation ids: Triton's launches are not
-    inside any torch op, so the profiler's own op tree does not hold them)."""
+    step), and the routing phase's seconds per kernel name. A kernel belongs to the phase
+    whose range was open on the launching thread when it was launched (matched through the
+    trace's correlation ids: Triton's launches are not inside any torch op, so the
+    profiler's own op tree does not hold them)."""
     import json
     import tempfile
 
@@ -64,6 +68,7 @@ def gpu_time_by_phase(prof) -> dict[str, float]:
         elif cat in ("kernel", "gpu_memcpy", "gpu_memset"):
             device.append(e)
     times = dict.fromkeys(PHASES.values(), 0.0)
+    route_kernels: dict[str, float] = {}
     total = 0.0
     for e in device:
         seconds = e["dur"] / 1e6
@@ -72,9 +77,12 @@ def gpu_time_by_phase(prof) -> dict[str, float]:
         for start, end, name in ranges.get(tid, ()):
             if start <= ts <= end:
                 times[name] += seconds
+                if name == "route":
+                    kernel = e["name"][:80]
+                    route_kernels[kernel] = route_kernels.get(kernel, 0.0) + seconds
                 break
     times["total"] = total
-    return times
+    return times, dict(sorted(route_kernels.items(), key=lambda kv: -kv[1]))
 
 
 def plot(result: dict, path: Path) -> str:
@@ -90,10 +98,10 @@ def plot(result: dict, path: Path) -> str:
         ax.bar(xs, values, 0.6, bottom=bottom, label=key)
         bottom = [b + v for b, v in zip(bottom, values, strict=True)]
     ax.plot(xs, [r["ttft_s"] * 1e3 for r in rows], "ko-", label="TTFT (wall)")
-    ax.plot(xs, [r["routing_floor_hbm_s"] * 1e3 for r in rows], "r_", markersize=30,
-            label="routing HBM floor")
-    ax.plot(xs, [r["routing_floor_compute_s"] * 1e3 for r in rows], "m_", markersize=30,
-            label="routing compute floor")
+    for key, style, label in (("routing_floor_hbm_s", "r_", "routing HBM floor"),
+                              ("routing_floor_compute_s", "m_", "routing compute floor")):
+        if all(r[key] is not None for r in rows):  # floors are measured on GPUs only
+            ax.plot(xs, [r[key] * 1e3 for r in rows], style, markersize=30, label=label)
     ax.set_xticks(list(xs))
     ax.set_xticklabels([f"batch {r['batch']}" for r in rows])
     ax.set_ylabel("ms (GPU time of one prefill step)")
@@ -120,6 +128,7 @@ def main() -> None:
     from vllm_msa.kernels.routing import routing_flops
 
     import vllm_msa
+    from vllm_msa.attention import profiling
     from vllm_msa.bank.synth import plan_synth, synth_bank
     from vllm_msa.config import MSAParams
     from vllm_msa.prompt import build_prompt, find_routing_span
@@ -162,14 +171,17 @@ def main() -> None:
     try:
         ttft(max(batches))  # warm-up: JIT, allocator, graphs
         for b in batches:
+            profiling.host_seconds.clear()
             wall = min(ttft(b) for _ in range(3))
+            host = {name.removeprefix("msa."): seconds / 3
+                    for name, seconds in profiling.host_seconds.items()}
             default = os.environ["VLLM_MSA_FETCH_STREAM"]
             os.environ["VLLM_MSA_FETCH_STREAM"] = "1"  # the fetch on its own stream
             side = min(ttft(b) for _ in range(3))
             os.environ["VLLM_MSA_FETCH_STREAM"] = default
             with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
                 ttft(b)
-            gpu = gpu_time_by_phase(prof)
+            gpu, route_kernels = gpu_time_by_phase(prof)
             tokens = sum(e - s for s, e in spans[:b])
             hbm = index_bytes / bandwidth if bandwidth else None
             compute = (routing_flops(tokens, scored_heads, chunks, head_dim) * layers / rate
@@ -183,7 +195,11 @@ def main() -> None:
                    "routing_floor_compute_s": compute,
                    "route_vs_hbm_floor": gpu["route"] / hbm if hbm else None,
                    "route_vs_binding_floor": gpu["route"] / max(hbm, compute)
-                   if hbm and compute else None}
+                   if hbm and compute else None,
+                   # host time inside each phase (mean of the three timed runs, no profiler)
+                   **{f"host_{name}_s": host.get(name, 0.0)
+                      for name in ("route", "fetch", "attention")},
+                   "gpu_route_kernels_s": route_kernels}
             rows.append(row)
     finally:
         llm.llm_engine.engine_core.shutdown()
@@ -204,6 +220,16 @@ def main() -> None:
               f"{ms(r['gpu_attention_s']):>7} {ms(r['gpu_other_s']):>7} "
               f"{ms(r['routing_floor_hbm_s']):>9} {ms(r['routing_floor_compute_s']):>10} "
               f"{ratio(r['route_vs_hbm_floor']):>9} {ratio(r['route_vs_binding_floor']):>13}")
+    print(f"\nhost time inside the router layers' phases, ms per step (no profiler):\n"
+          f"{'batch':>5} {'route':>7} {'fetch':>7} {'attn':>7} {'sum':>7} {'TTFT':>7}")
+    for r in rows:
+        phases = [r[f"host_{name}_s"] for name in ("route", "fetch", "attention")]
+        print(f"{r['batch']:>5} " + " ".join(f"{ms(x):>7}" for x in phases)
+              + f" {ms(sum(phases)):>7} {ms(r['ttft_s']):>7}")
+    for r in rows[:1]:
+        print(f"\nrouting's kernels at batch {r['batch']}, GPU us per router layer:")
+        for name, seconds in r["gpu_route_kernels_s"].items():
+            print(f"  {seconds / layers * 1e6:8.1f}  {name}")
     first = rows[0] if rows else {}
     result = {
         "benchmark": "ttft",
