@@ -13,6 +13,10 @@ plain-torch path (`route` per question) as baseline where it is affordable. No v
     python benchmarks/routing.py                       # full run (GPU), writes
                                                        # benchmarks/results/routing-<card>.json
     python benchmarks/routing.py --sizes 1e6 --questions 1 --no-sweep --out-dir /tmp  # quick
+    python benchmarks/routing.py --sizes 1e7,2.5e7 --questions 1 --sweep-each-size --out-dir /tmp
+
+The tile sweep times the scoring kernel alone (the tiles shape nothing else), at the largest
+index size unless --sweep-each-size (results before 2026-11-26 evening timed the whole call).
 """
 
 from __future__ import annotations
@@ -147,6 +151,8 @@ def main() -> None:
                         help="time the plain-torch path for indexes up to this many tokens")
     parser.add_argument("--no-sweep", action="store_true",
                         help="skip the tile-size sweep (use the kernel's defaults)")
+    parser.add_argument("--sweep-each-size", action="store_true",
+                        help="sweep the tiles at every index size (default: the largest only)")
     parser.add_argument("--head-max", action="store_true",
                         help="also time head_reduce=max (no head folding) at the largest size")
     parser.add_argument("--out-dir", default=str(ROOT / "benchmarks" / "results"))
@@ -271,7 +277,7 @@ def bench_size(size, largest, args, questions, msa, msa_max, peak, l2_bytes, gen
                 return route_batched(q, cu, idx, params, ks, config=cfg)
             return chunk_scores_batched(q, cu, idx, params, config=cfg)
 
-        key = (head_mode, n)
+        key = (head_mode, n, size) if args.sweep_each_size else (head_mode, n)
         if key not in chosen:
             chosen[key] = None if args.no_sweep else sweep(call, head_mode, n, size, args,
                                                            sweeps)
@@ -356,7 +362,10 @@ def sweep(call, head_mode, n, size, args, sweeps) -> tuple:
     best = None
     for entry in SWEEP:
         try:
-            ms = median_ms(lambda e=entry: call(config_of(e)), max(5, args.reps // 3), 2)
+            # The tiles shape the scoring kernel only: time it alone (the whole route call
+            # is host-bound on small indexes, which would hide the differences).
+            ms = median_ms(lambda e=entry: call(config_of(e), "chunks"),
+                           max(5, args.reps // 3), 2)
         except Exception as e:  # out of shared memory, etc.
             sweeps.append({"head_reduce": head_mode, "questions": n, "config": entry,
                            "error": repr(e)[:200]})
