@@ -88,6 +88,28 @@ def test_round_trip(bank_dir, info):
         "manifest.json", "template.safetensors", "documents.jsonl", "segments"}
 
 
+def test_read_layer_into(bank_dir, info):
+    """Segment by segment into a caller's buffer, whole or one KV-head share, equals the
+    concatenated layer; a buffer of the wrong length or a non-router layer is refused."""
+    path, docs, _ = bank_dir
+    bank = MemoryBank.open(path, info)
+    pooled = torch.cat([d.pooled for d in docs])  # written as two segments
+    heads = slice(1, 2) if info.num_kv_heads > 1 else slice(0, 1)
+    for r, layer in enumerate(info.router_layers):
+        for i, name in enumerate(("keys", "values", "routing_keys")):
+            whole = torch.full((bank.num_chunks, info.num_kv_heads, info.head_dim), float("nan"))
+            assert torch.equal(bank.read_layer_into(layer, name, whole), pooled[:, r, i])
+            part = torch.empty(bank.num_chunks, 1, info.head_dim)
+            assert torch.equal(bank.read_layer_into(layer, name, part, heads),
+                               pooled[:, r, i, heads])
+    layer = info.router_layers[0]
+    short = torch.empty(bank.num_chunks + 1, info.num_kv_heads, info.head_dim)
+    with pytest.raises(BankError, match="expected"):
+        bank.read_layer_into(layer, "keys", short)
+    with pytest.raises(KeyError, match="not a router layer"):
+        bank.read_layer_into(info.num_layers + 5, "keys", short)
+
+
 def test_tier_bytes(bank_dir, info):
     bank = MemoryBank.open(bank_dir[0])
     per_tensor = bank.num_chunks * info.num_kv_heads * info.head_dim * 4

@@ -119,18 +119,21 @@ def test_index_from_a_bank(checkpoints, tmp_path):
     assert got.doc_ids.tolist() == ids
 
 
-def test_served_bank_keeps_one_copy(checkpoints, tmp_path):
+@pytest.mark.parametrize("rank_of_two", [None, 0, 1])
+def test_served_bank_keeps_one_copy(checkpoints, tmp_path, rank_of_two):
     """Serving a bank holds each layer's K̄/V̄ once (the reader keeps no copy of its own) and
-    one chunk -> document map for all router layers; what it holds equals the bank."""
+    one chunk -> document map for all router layers; what it holds equals the bank, for all
+    KV heads and for each tensor-parallel rank's share."""
     from test_bank_format import encoded_docs, template, write_bank
 
-    from vllm_msa.attention.tiers import ServedBank
+    from vllm_msa.attention.tiers import ServedBank, local_kv_heads
     from vllm_msa.bank import MemoryBank, ModelInfo
 
     info = ModelInfo.from_checkpoint(checkpoints(), "float32")
     write_bank(tmp_path / "bank", info, encoded_docs(info), template(info))
     bank = MemoryBank.open(tmp_path / "bank")
-    heads = slice(0, info.num_kv_heads)
+    heads = (slice(0, info.num_kv_heads) if rank_of_two is None
+             else local_kv_heads(info.num_kv_heads, rank_of_two, 2))
     served = ServedBank.load("b", bank, torch.device("cpu"), heads)
     assert bank._layers == {}  # nothing cached by the reader
     first, *rest = (served.index[layer] for layer in bank.router_layers)

@@ -8,6 +8,8 @@ rank attends with.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import functools
 import logging
 from dataclasses import dataclass, field
@@ -32,27 +34,31 @@ def local_kv_heads(total: int, tp_rank: int, tp_size: int) -> slice:
     return slice(head, head + 1)
 
 
-def host_tier(tensor: torch.Tensor, pin: bool) -> torch.Tensor:
-    """`tensor` as the host tier keeps it: contiguous, and page-locked when a GPU reads it.
+def page_lock(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` (contiguous, host) page-locked in place, for kernels to read through UVA.
 
-    Page-locking registers an exact-size copy with `cudaHostRegister` (mapped, so kernels read
-    it through UVA) rather than `Tensor.pin_memory()`: torch's pinned allocator rounds every
-    block up to a power of two, up to 2x the host RAM for a large bank's per-layer tensors.
-    Registered memory stays registered for the life of the process (banks are never closed
-    while serving)."""
-    tensor = tensor.contiguous()
-    if not pin:
-        return tensor
-    copy = torch.empty(tensor.shape, dtype=tensor.dtype)
-    copy.copy_(tensor)
-    nbytes = copy.numel() * copy.element_size()
+    Page-locking registers the exact-size buffer with `cudaHostRegister` (mapped) rather than
+    copying it into `Tensor.pin_memory()`: torch's pinned allocator rounds every block up to a
+    power of two, up to 2x the host RAM for a large bank's per-layer tensors. Registered
+    memory stays registered for the life of the process (banks are never closed while
+    serving)."""
+    nbytes = tensor.numel() * tensor.element_size()
     flags = 1 | 2  # cudaHostRegisterPortable | cudaHostRegisterMapped
-    err = torch.cuda.cudart().cudaHostRegister(copy.data_ptr(), nbytes, flags)
-    if int(getattr(err, "value", err)) != 0 or not copy.is_pinned():
+    err = torch.cuda.cudart().cudaHostRegister(tensor.data_ptr(), nbytes, flags)
+    if int(getattr(err, "value", err)) != 0 or not tensor.is_pinned():
         logger.warning("cudaHostRegister failed (%s); pinning through torch's allocator", err)
         return tensor.pin_memory()
-    _REGISTERED.append(copy)
-    return copy
+    _REGISTERED.append(tensor)
+    return tensor
+
+
+def release_freed_heap() -> None:
+    """Give the C heap's free pages back to the system (glibc `malloc_trim`). Reading a bank
+    frees many segment-sized buffers; glibc keeps such blocks (below its mmap threshold) in
+    the heap, where the long-lived host tier pins them between live blocks, so without this
+    the process keeps ~0.6 GB it no longer uses (benchmarks/memory.py measured it)."""
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to trim
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 _REGISTERED: list[torch.Tensor] = []  # registered host tensors: kept alive, never freed
@@ -77,14 +83,20 @@ class ServedBank:
         index, keys, values = {}, {}, {}
         # One chunk -> document map for every layer (bank order is the same in all of them).
         doc_index, doc_ids = RoutingIndex.document_map(bank, device)
+        info = bank.model_info
+        full = (bank.num_chunks, info.num_kv_heads, info.head_dim)
+        local = (bank.num_chunks, len(range(info.num_kv_heads)[kv_heads]), info.head_dim)
         for layer in bank.router_layers:
-            # Read without caching: the bank's copy would double host memory for the life of
-            # the server (the device and pinned copies below are what serving reads).
-            tensors = bank.layer(layer, cache=False)
-            index[layer] = RoutingIndex(tensors.routing_keys.to(device), doc_index, doc_ids)
-            keys[layer] = host_tier(tensors.keys[:, kv_heads], pin)
-            values[layer] = host_tier(tensors.values[:, kv_heads], pin)
-            del tensors
+            # Straight into the buffers serving reads, a segment at a time (the bank object
+            # keeps no copy: that would double host memory for the life of the server).
+            routing_keys = torch.empty(full, dtype=bank.dtype, device=device)
+            bank.read_layer_into(layer, "routing_keys", routing_keys)
+            index[layer] = RoutingIndex(routing_keys, doc_index, doc_ids)
+            for name, tier in (("keys", keys), ("values", values)):
+                host = bank.read_layer_into(layer, name, torch.empty(local, dtype=bank.dtype),
+                                            kv_heads)
+                tier[layer] = page_lock(host) if pin else host
+        release_freed_heap()
         served = cls(
             name=name,
             bank=bank,

@@ -168,6 +168,26 @@ class MemoryBank:
     def _concat(self, key: str) -> torch.Tensor:
         return torch.cat([self._read(seg["file"], key) for seg in self.manifest["segments"]])
 
+    def read_layer_into(self, layer: int, name: str, out: torch.Tensor,
+                        kv_heads: slice = slice(None)) -> torch.Tensor:
+        """Router layer `layer`'s `name` tensor ("routing_keys", "keys" or "values"), KV heads
+        `kv_heads`, written into `out` ([num_chunks, heads, head_dim], any device) one segment
+        at a time: the only temporary is one segment's slice, where `layer()` builds the
+        whole tensor (and a copy of it to concatenate) before the caller copies it again."""
+        if layer not in self.model_info.router_layers:
+            raise KeyError(f"layer {layer} is not a router layer of this bank "
+                           f"(router layers: {self.router_layers})")
+        key, start = layer_key(layer, name), 0
+        for seg in self.manifest["segments"]:
+            with safe_open(self.path / seg["file"], framework="pt") as f:
+                part = f.get_tensor(key)[:, kv_heads]  # (safetensors' own slicing is slower)
+            out[start:start + part.shape[0]].copy_(part)
+            start += part.shape[0]
+        if start != out.shape[0]:
+            raise BankError(f"bank {self.path}: {key} has {start} chunks, expected "
+                            f"{out.shape[0]}")
+        return out
+
     def layer(self, layer: int, cache: bool = True) -> BankLayer:
         """Routing keys K̄r, keys K̄ and values V̄ of router layer `layer` (loaded on first use;
         `cache=False` reads without keeping them, for callers that copy them elsewhere)."""
