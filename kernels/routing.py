@@ -33,6 +33,13 @@ Layout of the work (one router layer, one call):
 3. `torch.topk` over those candidates is the whole selection (exact tie rule, no sort of N);
    ids and scores are decoded from the chosen keys (the keys hold the scores' bits).
 
+A persistent variant of (1), `_chunk_scores_persistent_kernel` (`KernelConfig.persistent`,
+off by default until measured), covers the memory-bound case, where every routing token of
+the step fits one token block: a fixed grid of programs strides over the chunk tiles in one
+flat, pipelined loop, which removes the per-program pipeline start and the partial last wave
+of the tiled grid (what keeps the tiled kernel at ~0.9x the copy rate on a 320 MB layer while
+it reaches ~1.0x on a 3.2 GB one).
+
 Triton's import is guarded (this module imports on CPU-only machines): without Triton, or
 without a GPU outside Triton's interpreter, `route_batched` runs `route_batched_reference`,
 the plain-torch loop over `route`.
@@ -76,10 +83,16 @@ class KernelConfig:
     num_warps: int | None = None
     num_stages: int | None = None
     block_n: int = 1024  # documents per program of the document kernel
+    # > 0: the persistent variant with this many programs per SM, where it applies (all
+    # routing tokens in one block, at most MAX_PERSISTENT_REQUESTS requests); 0: one program
+    # per chunk tile.
+    persistent: int = 0
 
 
 # Per-block candidates are used for top-k up to this (else keys for every document + topk).
 MAX_BLOCK_TOP = 64
+# The persistent scoring kernel reduces each request's columns in unrolled code: few requests.
+MAX_PERSISTENT_REQUESTS = 4
 
 
 def default_config(keys_dtype: torch.dtype, head_max: bool = False) -> KernelConfig:
@@ -215,6 +228,83 @@ if HAS_TRITON:
                     else:
                         best = tl.full([BLOCK_C], float("-inf"), dtype=tl.float32)
                 more = done & (r < num_requests) & (r_start < t1)
+
+    @triton.jit
+    def _chunk_scores_persistent_kernel(
+        q_ptr, k_ptr, cu_ptr, out_ptr,  # as in _chunk_scores_kernel
+        num_chunks,
+        num_tokens,
+        stride_qt,
+        stride_qh,
+        stride_kc,
+        stride_kh,
+        stride_or,
+        NUM_REQUESTS: tl.constexpr,  # <= MAX_PERSISTENT_REQUESTS
+        KV_HEADS: tl.constexpr,
+        Q_PER_KV: tl.constexpr,
+        HEAD_DIM: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+        BLOCK_T: tl.constexpr,  # >= num_tokens: every routing token in one block
+        HEAD_MAX: tl.constexpr,
+        QUERY_MEAN: tl.constexpr,
+        DOT_PRECISION: tl.constexpr,
+        UPCAST: tl.constexpr,
+        NUM_STAGES: tl.constexpr,
+    ):
+        """`_chunk_scores_kernel` for one block of routing tokens (a step with one or a few
+        questions: the memory-bound case), as a persistent kernel. A fixed grid of programs
+        strides over the chunk tiles, and one flat loop over (tile, KV head) streams the key
+        tiles, so the loads stay pipelined from one tile into the next and the last wave of
+        tiles is spread over every program instead of a fraction of the SMs. The arithmetic
+        is the same as the tiled kernel's, in the same order."""
+        pid = tl.program_id(0)
+        programs = tl.num_programs(0)
+        num_tiles = tl.cdiv(num_chunks, BLOCK_C)
+        my_tiles = tl.cdiv(num_tiles - pid, programs)  # tiles pid, pid + programs, ...
+        offs_d = tl.arange(0, HEAD_DIM)
+        offs_t = tl.arange(0, BLOCK_T)
+        mask_t = offs_t < num_tokens
+        q_tile = q_ptr + offs_t[:, None] * stride_qt + offs_d[None, :]
+        if HEAD_MAX:
+            acc = tl.full([BLOCK_C, BLOCK_T], float("-inf"), dtype=tl.float32)
+        else:
+            acc = tl.zeros([BLOCK_C, BLOCK_T], dtype=tl.float32)
+        for it in tl.range(0, my_tiles * KV_HEADS, num_stages=NUM_STAGES):
+            j = it % KV_HEADS
+            offs_c = (pid + (it // KV_HEADS) * programs).to(tl.int64) * BLOCK_C \
+                + tl.arange(0, BLOCK_C)
+            mask_c = offs_c < num_chunks
+            k = tl.load(k_ptr + offs_c[:, None] * stride_kc + j * stride_kh + offs_d[None, :],
+                        mask=mask_c[:, None], other=0.0)
+            if UPCAST:
+                k = k.to(tl.float32)
+            for g in tl.static_range(Q_PER_KV):
+                q = tl.load(q_tile + (j * Q_PER_KV + g) * stride_qh, mask=mask_t[:, None],
+                            other=0.0)
+                if UPCAST:
+                    q = q.to(tl.float32)
+                if HEAD_MAX:
+                    s = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
+                    acc = tl.maximum(acc, s)
+                else:
+                    acc = tl.dot(k, tl.trans(q), acc, input_precision=DOT_PRECISION)
+            if j == KV_HEADS - 1:  # the tile's last KV head: reduce each request's tokens
+                r_start = tl.load(cu_ptr)
+                for r in tl.static_range(NUM_REQUESTS):
+                    r_end = tl.load(cu_ptr + r + 1)
+                    cols = (offs_t >= r_start) & (offs_t < r_end)
+                    if QUERY_MEAN:
+                        best = tl.sum(tl.where(cols[None, :], acc, 0.0), axis=1)
+                        n = tl.full([BLOCK_C], 0, tl.int32) + (r_end - r_start)
+                        best = tl.math.div_rn(best, n.to(tl.float32))
+                    else:
+                        best = tl.max(tl.where(cols[None, :], acc, float("-inf")), axis=1)
+                    tl.store(out_ptr + r * stride_or + offs_c, best, mask=mask_c)
+                    r_start = r_end
+                if HEAD_MAX:
+                    acc = tl.full([BLOCK_C, BLOCK_T], float("-inf"), dtype=tl.float32)
+                else:
+                    acc = tl.zeros([BLOCK_C, BLOCK_T], dtype=tl.float32)
 
     @triton.jit
     def _document_keys_kernel(
@@ -385,6 +475,15 @@ def chunk_scores_batched(
     return _chunk_scores(qr_all, cu, prep, msa, config)
 
 
+@functools.lru_cache(maxsize=8)
+def _num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of `device` (a few under the interpreter: several programs
+    still share the tiles, which is what the tests need to see)."""
+    if device.type != "cuda":
+        return 3
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def _chunk_scores(qr_all, cu, prep: PreparedRoutingIndex, msa: MSAParams,
                   config: KernelConfig | None) -> torch.Tensor:
     keys = prep.keys
@@ -400,18 +499,28 @@ def _chunk_scores(qr_all, cu, prep: PreparedRoutingIndex, msa: MSAParams,
     cfg = _FITTED.get(shape_key, cfg)
     while True:
         block_t = min(cfg.block_t, max(16, triton.next_power_of_2(num_tokens)))
+        common = dict(
+            KV_HEADS=kv, Q_PER_KV=q.shape[1] // kv, HEAD_DIM=d,
+            BLOCK_C=cfg.block_c, BLOCK_T=block_t,
+            HEAD_MAX=head_max, QUERY_MEAN=msa.query_reduce == "mean",
+            DOT_PRECISION="ieee" if keys.dtype == torch.float32 else "tf32",
+            UPCAST=INTERPRET and keys.dtype != torch.float32,
+            num_warps=cfg.num_warps)
+        tiles = triton.cdiv(num_chunks, cfg.block_c)
         try:
-            _chunk_scores_kernel[(triton.cdiv(num_chunks, cfg.block_c),)](
-                q, keys, cu_dev, out,
-                num_chunks, num_requests, num_tokens,
-                q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), out.stride(0),
-                KV_HEADS=kv, Q_PER_KV=q.shape[1] // kv, HEAD_DIM=d,
-                BLOCK_C=cfg.block_c, BLOCK_T=block_t,
-                HEAD_MAX=head_max, QUERY_MEAN=msa.query_reduce == "mean",
-                DOT_PRECISION="ieee" if keys.dtype == torch.float32 else "tf32",
-                UPCAST=INTERPRET and keys.dtype != torch.float32,
-                num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-            )
+            if (cfg.persistent and num_tokens <= block_t
+                    and num_requests <= MAX_PERSISTENT_REQUESTS):
+                grid = min(tiles, cfg.persistent * _num_sms(keys.device))
+                _chunk_scores_persistent_kernel[(grid,)](
+                    q, keys, cu_dev, out, num_chunks, num_tokens,
+                    q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), out.stride(0),
+                    NUM_REQUESTS=num_requests, NUM_STAGES=cfg.num_stages, **common)
+            else:
+                _chunk_scores_kernel[(tiles,)](
+                    q, keys, cu_dev, out,
+                    num_chunks, num_requests, num_tokens,
+                    q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), out.stride(0),
+                    num_stages=cfg.num_stages, **common)
         except Exception as e:  # Triton's OutOfResources: shrink defaults, never explicit
             smaller = _smaller(cfg)
             if type(e).__name__ != "OutOfResources" or _is_explicit(config) or smaller is None:
