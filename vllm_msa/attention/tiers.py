@@ -12,6 +12,7 @@ import contextlib
 import ctypes
 import functools
 import logging
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,17 +40,24 @@ def page_lock(tensor: torch.Tensor) -> torch.Tensor:
 
     Page-locking registers the exact-size buffer with `cudaHostRegister` (mapped) rather than
     copying it into `Tensor.pin_memory()`: torch's pinned allocator rounds every block up to a
-    power of two, up to 2x the host RAM for a large bank's per-layer tensors. Registered
-    memory stays registered for the life of the process (banks are never closed while
-    serving)."""
-    nbytes = tensor.numel() * tensor.element_size()
+    power of two, up to 2x the host RAM for a large bank's per-layer tensors. The buffer is
+    unregistered when its storage is freed (the bank dropped, e.g. an `LLM` deleted in a
+    process that goes on): until then every view of it keeps it registered."""
+    storage = tensor.untyped_storage()
     flags = 1 | 2  # cudaHostRegisterPortable | cudaHostRegisterMapped
-    err = torch.cuda.cudart().cudaHostRegister(tensor.data_ptr(), nbytes, flags)
+    err = torch.cuda.cudart().cudaHostRegister(storage.data_ptr(), storage.nbytes(), flags)
     if int(getattr(err, "value", err)) != 0 or not tensor.is_pinned():
         logger.warning("cudaHostRegister failed (%s); pinning through torch's allocator", err)
         return tensor.pin_memory()
-    _REGISTERED.append(tensor)
+    # Runs as the storage's Python object dies, before torch frees the memory; not at
+    # interpreter exit, when CUDA may already be gone (the process's memory goes anyway).
+    weakref.finalize(storage, _unregister, storage.data_ptr()).atexit = False
     return tensor
+
+
+def _unregister(address: int) -> None:
+    with contextlib.suppress(Exception):  # a CUDA context being torn down: nothing to undo
+        torch.cuda.cudart().cudaHostUnregister(address)
 
 
 def release_freed_heap() -> None:
@@ -59,9 +67,6 @@ def release_freed_heap() -> None:
     the process keeps ~0.6 GB it no longer uses (benchmarks/memory.py measured it)."""
     with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to trim
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
-_REGISTERED: list[torch.Tensor] = []  # registered host tensors: kept alive, never freed
 
 
 @dataclass
