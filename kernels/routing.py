@@ -143,6 +143,25 @@ def prepare_index(index: RoutingIndex | PreparedRoutingIndex) -> PreparedRouting
 if HAS_TRITON:
 
     @triton.jit
+    def _add_kv_head(acc, k, q_head_ptr, stride_qh, mask_t, Q_PER_KV: tl.constexpr,
+                     HEAD_MAX: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                     UPCAST: tl.constexpr):
+        """`acc` [BLOCK_C, BLOCK_T] with one KV head's key tile `k` scored against the query
+        heads that share it (`q_head_ptr`: the first of them): summed, or maxed over heads."""
+        if UPCAST:
+            k = k.to(tl.float32)
+        for g in tl.static_range(Q_PER_KV):
+            q = tl.load(q_head_ptr + g * stride_qh, mask=mask_t[:, None], other=0.0)
+            if UPCAST:
+                q = q.to(tl.float32)
+            if HEAD_MAX:
+                s = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
+                acc = tl.maximum(acc, s)
+            else:
+                acc = tl.dot(k, tl.trans(q), acc, input_precision=DOT_PRECISION)
+        return acc
+
+    @triton.jit
     def _chunk_scores_kernel(
         q_ptr,  # [T_total, QH, D]: prepared queries (normalised, scaled, maybe head-folded)
         k_ptr,  # [C, KV, D]
@@ -192,18 +211,8 @@ if HAS_TRITON:
                 acc = tl.zeros([BLOCK_C, BLOCK_T], dtype=tl.float32)
             for j in range(KV_HEADS):
                 k = tl.load(k_tile + j * stride_kh, mask=mask_c[:, None], other=0.0)
-                if UPCAST:
-                    k = k.to(tl.float32)
-                for g in tl.static_range(Q_PER_KV):
-                    q = tl.load(q_tile + (j * Q_PER_KV + g) * stride_qh,
-                                mask=mask_t[:, None], other=0.0)
-                    if UPCAST:
-                        q = q.to(tl.float32)
-                    if HEAD_MAX:
-                        s = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
-                        acc = tl.maximum(acc, s)
-                    else:
-                        acc = tl.dot(k, tl.trans(q), acc, input_precision=DOT_PRECISION)
+                acc = _add_kv_head(acc, k, q_tile + j * Q_PER_KV * stride_qh, stride_qh,
+                                   mask_t, Q_PER_KV, HEAD_MAX, DOT_PRECISION, UPCAST)
             t1 = t0 + BLOCK_T
             more = r < num_requests
             while more:
@@ -256,7 +265,7 @@ if HAS_TRITON:
         strides over the chunk tiles, and one flat loop over (tile, KV head) streams the key
         tiles, so the loads stay pipelined from one tile into the next and the last wave of
         tiles is spread over every program instead of a fraction of the SMs. The arithmetic
-        is the same as the tiled kernel's, in the same order."""
+        is the tiled kernel's (`_add_kv_head`, heads in the same order)."""
         pid = tl.program_id(0)
         programs = tl.num_programs(0)
         num_tiles = tl.cdiv(num_chunks, BLOCK_C)
@@ -276,18 +285,8 @@ if HAS_TRITON:
             mask_c = offs_c < num_chunks
             k = tl.load(k_ptr + offs_c[:, None] * stride_kc + j * stride_kh + offs_d[None, :],
                         mask=mask_c[:, None], other=0.0)
-            if UPCAST:
-                k = k.to(tl.float32)
-            for g in tl.static_range(Q_PER_KV):
-                q = tl.load(q_tile + (j * Q_PER_KV + g) * stride_qh, mask=mask_t[:, None],
-                            other=0.0)
-                if UPCAST:
-                    q = q.to(tl.float32)
-                if HEAD_MAX:
-                    s = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
-                    acc = tl.maximum(acc, s)
-                else:
-                    acc = tl.dot(k, tl.trans(q), acc, input_precision=DOT_PRECISION)
+            acc = _add_kv_head(acc, k, q_tile + j * Q_PER_KV * stride_qh, stride_qh, mask_t,
+                               Q_PER_KV, HEAD_MAX, DOT_PRECISION, UPCAST)
             if j == KV_HEADS - 1:  # the tile's last KV head: reduce each request's tokens
                 r_start = tl.load(cu_ptr)
                 for r in tl.static_range(NUM_REQUESTS):
