@@ -135,6 +135,7 @@ def test_served_bank_keeps_one_copy(checkpoints, tmp_path, rank_of_two):
     heads = (slice(0, info.num_kv_heads) if rank_of_two is None
              else local_kv_heads(info.num_kv_heads, rank_of_two, 2))
     served = ServedBank.load("b", bank, torch.device("cpu"), heads)
+    assert served.name == "b"
     assert bank._layers == {}  # nothing cached by the reader
     first, *rest = (served.index[layer] for layer in bank.router_layers)
     assert all(i.chunk_doc_index is first.chunk_doc_index for i in rest)

@@ -97,9 +97,9 @@ class ServedBank:
             routing_keys = torch.empty(full, dtype=bank.dtype, device=device)
             bank.read_layer_into(layer, "routing_keys", routing_keys)
             index[layer] = RoutingIndex(routing_keys, doc_index, doc_ids)
-            for name, tier in (("keys", keys), ("values", values)):
-                host = bank.read_layer_into(layer, name, torch.empty(local, dtype=bank.dtype),
-                                            kv_heads)
+            for tensor, tier in (("keys", keys), ("values", values)):
+                host = torch.empty(local, dtype=bank.dtype, device="cpu")
+                bank.read_layer_into(layer, tensor, host, kv_heads)
                 tier[layer] = page_lock(host) if pin else host
         release_freed_heap()
         served = cls(
