@@ -46,13 +46,16 @@ def page_lock(tensor: torch.Tensor) -> torch.Tensor:
     storage = tensor.untyped_storage()
     flags = 1 | 2  # cudaHostRegisterPortable | cudaHostRegisterMapped
     err = torch.cuda.cudart().cudaHostRegister(storage.data_ptr(), storage.nbytes(), flags)
-    if int(getattr(err, "value", err)) != 0 or not tensor.is_pinned():
-        logger.warning("cudaHostRegister failed (%s); pinning through torch's allocator", err)
-        return tensor.pin_memory()
-    # Runs as the storage's Python object dies, before torch frees the memory; not at
-    # interpreter exit, when CUDA may already be gone (the process's memory goes anyway).
-    weakref.finalize(storage, _unregister, storage.data_ptr()).atexit = False
-    return tensor
+    registered = int(getattr(err, "value", err)) == 0
+    if registered and tensor.is_pinned():
+        # Runs as the storage's Python object dies, before torch frees the memory; not at
+        # interpreter exit, when CUDA may already be gone (the process's memory goes anyway).
+        weakref.finalize(storage, _unregister, storage.data_ptr()).atexit = False
+        return tensor
+    if registered:  # registered, yet torch does not see it as pinned: undo, use torch's
+        _unregister(storage.data_ptr())
+    logger.warning("cudaHostRegister failed (%s); pinning through torch's allocator", err)
+    return tensor.pin_memory()
 
 
 def _unregister(address: int) -> None:
