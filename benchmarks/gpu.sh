@@ -6,6 +6,9 @@
 #   bash benchmarks/gpu.sh serve   # TTFT / decode over synthetic 1M and 10M-token banks vs plain
 #   bash benchmarks/gpu.sh attention  # one router layer's memory attention: Triton vs FA
 #   bash benchmarks/gpu.sh ttft    # a prefill step's GPU time by phase vs routing's floors
+#   bash benchmarks/gpu.sh routing # the routing kernel vs the HBM copy rate (no vLLM needed);
+#                                  # e.g. `routing --sizes 1e7,2.5e7 --questions 1 --sweep-each-size`
+#   bash benchmarks/gpu.sh fetch   # host->GPU fetch of realistic selections vs a pinned copy
 #   bash benchmarks/gpu.sh memory  # GPU / pinned host memory of 1M, 10M, 25M-token banks vs
 #                                  # `bank info` (25M: ~44 GB on disk, ~1-2 min to synthesize; a
 #                                  # 50M-token bank, ~88 GB, exceeds the machine's 64 GiB disk)
@@ -47,6 +50,14 @@ case "${1:-tests}" in
         shift || true
         python3 benchmarks/ttft.py --shape msa-4b --bank-tokens 10M --batches 1,8,64 \
             --json "$OUT/ttft-msa-4b.json" "$@" 2>&1 | tee "$OUT/ttft.log"
+        ;;
+    routing)
+        shift || true
+        python3 benchmarks/routing.py --out-dir "$OUT" "$@" 2>&1 | tee "$OUT/routing.log"
+        ;;
+    fetch)
+        shift || true
+        python3 benchmarks/fetch.py --json "$OUT/fetch.json" "$@" 2>&1 | tee "$OUT/fetch.log"
         ;;
     memory)
         shift || true
