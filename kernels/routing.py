@@ -401,8 +401,16 @@ def kernel_supported(qr_all: torch.Tensor, keys: torch.Tensor) -> bool:
 
 
 def _int_tensor(values: list[int], device: torch.device, dtype=torch.int32) -> torch.Tensor:
-    """A small host list on `device` without a blocking copy (pinned, non_blocking)."""
-    if torch.device(device).type != "cuda":
+    """A small host list on `device` without a blocking copy (pinned, non_blocking), uploaded
+    once: every router layer of a step routes the same requests, so their offsets repeat
+    (the kernels only read these tensors, so one copy serves every call)."""
+    return _uploaded(tuple(values), torch.device(device), dtype)
+
+
+@functools.lru_cache(maxsize=16)
+def _uploaded(values: tuple[int, ...], device: torch.device, dtype: torch.dtype
+              ) -> torch.Tensor:
+    if device.type != "cuda":
         return torch.tensor(values, dtype=dtype, device=device)
     return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
 
