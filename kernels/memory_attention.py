@@ -32,6 +32,8 @@ from dataclasses import dataclass
 
 import torch
 
+from vllm_msa.attention.uploads import upload
+
 try:  # pragma: no cover - depends on the environment
     import triton
     import triton.language as tl
@@ -104,10 +106,7 @@ class MemoryBatch:
             for start in range(cu_query[r], cu_query[r + 1], block_m):
                 tiles.append((start, min(block_m, cu_query[r + 1] - start),
                               cu_slots[r], cu_slots[r + 1], -1 if counts is None else r))
-        table = torch.tensor(tiles or [(0, 0, 0, 0, -1)], dtype=torch.int32)
-        if slots.is_cuda:
-            table = table.pin_memory()  # a truly asynchronous upload
-        table = table.to(slots.device, non_blocking=True)
+        table = upload(tiles or [(0, 0, 0, 0, -1)], slots.device, torch.int32)
         if cache is not None:
             cache[key] = (table, block_m)
         return cls(list(cu_query), list(cu_slots), slots, table, block_m, counts)

@@ -56,6 +56,7 @@ from dataclasses import dataclass
 import torch
 
 from vllm_msa.attention.routing import RoutingIndex, Selection, route
+from vllm_msa.attention.uploads import upload
 from vllm_msa.config import MSAParams
 
 try:  # pragma: no cover - depends on the environment
@@ -410,9 +411,7 @@ def _int_tensor(values: list[int], device: torch.device, dtype=torch.int32) -> t
 @functools.lru_cache(maxsize=16)
 def _uploaded(values: tuple[int, ...], device: torch.device, dtype: torch.dtype
               ) -> torch.Tensor:
-    if device.type != "cuda":
-        return torch.tensor(values, dtype=dtype, device=device)
-    return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
+    return upload(values, device, dtype)
 
 
 def prepare_queries(qr_all: torch.Tensor, cu: list[int], num_kv_heads: int, msa: MSAParams,

@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -315,7 +316,8 @@ class MemoryRuntime:
                 shift = row.token_start - row.first_position  # request token i -> step row
                 spans.extend((a + shift, b + shift) for a, b in row.request.options.ranges)
                 cu.append(cu[-1] + sum(b - a for a, b in row.request.options.ranges))
-            token_rows = self.step_upload(("routing rows", *spans), ranges(spans), q.device)
+            token_rows = self.step_upload(("routing rows", *spans),
+                                          lambda spans=spans: ranges(spans), q.device)
             qr = self.routing_query(layer, q, h, token_rows)
             index = rows[0].request.bank.prepared_index(layer.layer_idx)
             top_ks = [r.request.options.top_k for r in rows]
@@ -327,13 +329,14 @@ class MemoryRuntime:
             for row, selection in zip(rows, selections, strict=True):
                 row.request.selections[layer.layer_idx] = selection
 
-    def step_upload(self, key: tuple, values: Any, device: torch.device,
+    def step_upload(self, key: tuple, values: Callable[[], Any], device: torch.device,
                     dtype: torch.dtype = torch.int64) -> torch.Tensor:
-        """An index tensor of this step, uploaded once: every router layer of a step routes
-        and stages the same requests, so their token rows, top-k lists and tiles repeat."""
+        """An index tensor of this step, built (`values()`) and uploaded once: every router
+        layer of a step routes and stages the same requests, so their token rows and top-k
+        lists repeat."""
         tensor = self._uploads.get(key)
         if tensor is None:
-            tensor = self._uploads[key] = upload(values, device, dtype)
+            tensor = self._uploads[key] = upload(values(), device, dtype)
         return tensor
 
     def stage_pending(self, layer_idx: int) -> torch.cuda.Event | None:
@@ -383,7 +386,7 @@ class MemoryRuntime:
         ks = first.batch.ks
         return self.pool.stage_routed(
             bank.host_keys[layer_idx], bank.host_values[layer_idx], first.batch,
-            self.step_upload(("top-k", *ks), ks, self.pool.keys.device, torch.int32),
+            self.step_upload(("top-k", *ks), lambda: ks, self.pool.keys.device, torch.int32),
             widths, bank.max_document_chunks)
 
     def _stage_selected(self, bank: ServedBank, layer_idx: int,
