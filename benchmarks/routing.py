@@ -92,6 +92,49 @@ def median_ms(fn, reps: int, warmup: int) -> float:
     return statistics.median(start.elapsed_time(end) for start, end in events)
 
 
+def graph_us(fn, calls: int = 20, reps: int = 7) -> float:
+    """GPU microseconds per call of `fn`, replayed from one CUDA graph of `calls` calls: no
+    host launch gaps, so a stage of a few small kernels shows what it costs the GPU."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm up (compiles, cached uploads) outside the capture
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    graph.replay()
+    return median_ms(graph.replay, reps, 1) * 1e3 / calls
+
+
+def stage_costs(q, cu, prepared, msa, top_k: int) -> dict[str, float]:
+    """GPU microseconds of each stage of one routing call (`graph_us`), and of the selection
+    stage for several document blocks, with the fused merge and with candidates + topk."""
+    from vllm_msa.kernels import routing as rk
+
+    keys = prepared.keys
+    chunk = rk._chunk_scores(q, cu, prepared, msa, None)
+    top = 1 << (top_k - 1).bit_length()
+    out = {
+        "prepare_queries": graph_us(
+            lambda: rk.prepare_queries(q, cu, keys.shape[1], msa, keys.dtype)),
+        "chunk_scores_incl_prepare": graph_us(lambda: rk._chunk_scores(q, cu, prepared, msa,
+                                                                       None)),
+        "route_batched_keys": graph_us(
+            lambda: rk.route_batched_keys(q, cu, prepared, msa, top_k)),
+    }
+    for block_n in (128, 256, 512, 1024):
+        if rk.merge_width(prepared.tiebreak.shape[0], top, block_n):
+            out[f"select_merged_{block_n}"] = graph_us(
+                lambda b=block_n: rk.document_keys_batched(chunk, prepared, msa, top, b,
+                                                           merge=True))
+        out[f"select_topk_{block_n}"] = graph_us(lambda b=block_n: torch.topk(
+            rk.document_keys_batched(chunk, prepared, msa, top, b), top_k, dim=1))
+    return out
+
+
 def median_ms_synced(fn, reps: int) -> float:
     """Median latency of a call from an idle GPU to its results (host work included)."""
     times = []
@@ -159,6 +202,8 @@ def main() -> None:
                         help="skip the tile-size sweep (use the kernel's defaults)")
     parser.add_argument("--sweep-each-size", action="store_true",
                         help="sweep the tiles at every index size (default: the largest only)")
+    parser.add_argument("--no-stages", action="store_true",
+                        help="skip the per-stage GPU times (CUDA-graph replays)")
     parser.add_argument("--head-max", action="store_true",
                         help="also time head_reduce=max (no head folding) at the largest size")
     parser.add_argument("--out-dir", default=str(ROOT / "benchmarks" / "results"))
@@ -214,6 +259,10 @@ def main() -> None:
             "host_us_per_call (smallest index): host time to enqueue each stage; where it "
             "exceeds the GPU time, the host bounds the call",
             "18 layers = 18 x one layer (every router layer has its own index)",
+            "stage_gpu_us: GPU microseconds per call of each stage, replayed from a CUDA "
+            "graph of 20 calls (no host gaps); select_merged_B / select_topk_B: the "
+            "document stage with blocks of B documents, with the fused merge / with "
+            "candidates + torch.topk",
             "indexes smaller than 4x L2 are rotated over copies so each call reads HBM",
             "head_reduce=mean folds each group's query heads before the kernel: it issues "
             "2*T*KV*C*D (padded) FLOPs instead of 2*T*H*C*D",
@@ -329,6 +378,10 @@ def bench_size(size, largest, args, questions, msa, msa_max, peak, l2_bytes, gen
             row["selection_overlap_reference"] = sum(
                 len(set(g.doc_ids.tolist()) & set(w.doc_ids.tolist()))
                 for g, w in zip(got, want, strict=True)) / (n * SHAPE["top_k"])
+        if head_mode == "mean" and not args.no_stages:
+            row["stage_gpu_us"] = stage_costs(q, cu, copies[0], params, SHAPE["top_k"])
+            print(f"  GPU us per stage (CUDA graph), R={n}: " + ", ".join(
+                f"{k} {v:.1f}" for k, v in row["stage_gpu_us"].items()), flush=True)
         if size == min(args_sizes(args)) and head_mode == "mean" and n in (1, max(questions)):
             row["host_us_per_call"] = host_costs(q, cu, copies[0], params)
             print(f"  host time per call, R={n}: " + ", ".join(

@@ -24,14 +24,18 @@ Layout of the work (one router layer, one call):
    are summed before the kernel (mean_h q_h . k_kv(h) = sum_kv (sum_g q_kv,g / H) . k_kv:
    linear), which divides the tensor-core work by the group size; "max" needs every head.
 2. `_document_keys_kernel`: chunk scores -> document scores (max | mean over the document's
-   contiguous chunks, in chunk order, so identical documents get bit-identical scores; means
-   divide with IEEE rounding, like torch) -> one int64 sort key per document: the
+   contiguous chunks, loaded a tile of chunks at a time and reduced by position within the
+   document, so identical documents get bit-identical scores; means divide with IEEE
+   rounding, like torch) -> one int64 sort key per document: the
    order-preserving int32 image of the fp32 score in the high half and (N - 1 - rank of the
    document id) in the low half, so the largest keys are the best documents with ties going
    to the smaller id. Each program of BLOCK_N documents hands up its TOP largest keys
    (TOP = k rounded up to a power of two, for k <= 64; else every key), and
-3. `torch.topk` over those candidates is the whole selection (exact tie rule, no sort of N);
-   ids and scores are decoded from the chosen keys (the keys hold the scores' bits).
+3. the last block of a request to finish (a per-request atomic counter) merges those
+   candidates into the request's TOP best keys: the whole selection (exact tie rule, no sort
+   of N) without another launch. Where the candidates are too many for one program
+   (`MAX_MERGE`) or TOP is 0, `torch.topk` over them does it. Ids and scores are decoded
+   from the chosen keys (the keys hold the scores' bits).
 
 A persistent variant of (1), `_chunk_scores_persistent_kernel` (`KernelConfig.persistent`,
 off by default until measured), covers the memory-bound case, where every routing token of
@@ -142,6 +146,42 @@ def prepare_index(index: RoutingIndex | PreparedRoutingIndex) -> PreparedRouting
 
 
 if HAS_TRITON:
+
+    @triton.jit
+    def _prepare_queries_kernel(
+        q_ptr,  # [T_in, H, D] routing queries (any float dtype, unit stride over D)
+        rows_ptr,  # [T_out] int64: the input row of each output row (GATHER)
+        out_ptr,  # [T_out, OUT_HEADS, D] keys dtype, contiguous
+        stride_qt,
+        stride_qh,
+        scale,  # fp32: each head's factor after normalising (NORMALIZE)
+        post,  # fp32: the group sum's factor
+        OUT_HEADS: tl.constexpr,
+        GROUP: tl.constexpr,  # input heads folded into an output head (1: none)
+        HEAD_DIM: tl.constexpr,
+        OUT_HEADS_P2: tl.constexpr,
+        HEAD_DIM_P2: tl.constexpr,
+        NORMALIZE: tl.constexpr,
+        GATHER: tl.constexpr,
+    ):
+        """One output token: out[o] = post * sum_g f(q[o * GROUP + g]) in fp32, rounded once to
+        the output dtype, with f(x) = x / max(|x|, 1e-12) * scale (NORMALIZE) or x."""
+        t = tl.program_id(0).to(tl.int64)
+        src = tl.load(rows_ptr + t) if GATHER else t
+        offs_o = tl.arange(0, OUT_HEADS_P2)
+        offs_d = tl.arange(0, HEAD_DIM_P2)
+        mask = (offs_o[:, None] < OUT_HEADS) & (offs_d[None, :] < HEAD_DIM)
+        acc = tl.zeros([OUT_HEADS_P2, HEAD_DIM_P2], dtype=tl.float32)
+        for g in tl.static_range(GROUP):
+            heads = offs_o * GROUP + g
+            x = tl.load(q_ptr + src * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
+                        mask=mask, other=0.0).to(tl.float32)
+            if NORMALIZE:
+                norm = tl.sqrt_rn(tl.sum(x * x, axis=1))
+                x = tl.math.div_rn(x, tl.maximum(norm, 1e-12)[:, None]) * scale
+            acc += x
+        out = out_ptr + t * (OUT_HEADS * HEAD_DIM) + offs_o[:, None] * HEAD_DIM + offs_d[None, :]
+        tl.store(out, (acc * post).to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _add_kv_head(acc, k, q_head_ptr, stride_qh, mask_t, Q_PER_KV: tl.constexpr,
@@ -312,12 +352,17 @@ if HAS_TRITON:
         doc_start_ptr,  # [N + 1] int64
         tiebreak_ptr,  # [N] int64
         key_ptr,  # out: [R, N] int64 (TOP == 0) or [R, cdiv(N, BLOCK_N), TOP] candidates
+        best_ptr,  # out with MERGE: [R, TOP] int64, the row's TOP largest keys, largest first
+        done_ptr,  # [R] int32 zeros with MERGE: blocks of the row done (left at zero again)
         num_docs,
         stride_cr,
         stride_kr,
+        stride_br,
         BLOCK_N: tl.constexpr,
         TOP: tl.constexpr,
         CHUNK_MEAN: tl.constexpr,
+        MERGE: tl.constexpr,  # 0, or a power of two >= cdiv(N, BLOCK_N) * TOP
+        CHUNK_TILE: tl.constexpr = 8,  # chunks of a document loaded at once
     ):
         pid = tl.program_id(0)
         r = tl.program_id(1).to(tl.int64)
@@ -330,14 +375,18 @@ if HAS_TRITON:
             acc = tl.zeros([BLOCK_N], dtype=tl.float32)
         else:
             acc = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
-        # Each document's chunks in chunk order (bit-identical results for identical docs).
-        for i in range(0, tl.max(count, axis=0)):
-            m = i < count
-            v = tl.load(row + i, mask=m, other=0.0)
-            if CHUNK_MEAN:  # noqa: SIM108 (a constexpr branch)
-                acc = tl.where(m, acc + v, acc)
+        # A tile of CHUNK_TILE chunks of every document per load (one memory round trip
+        # for typical documents instead of one per chunk), reduced by position within the
+        # document: identical documents get bit-identical scores.
+        offs_j = tl.arange(0, CHUNK_TILE)
+        for j0 in range(0, tl.max(count, axis=0), CHUNK_TILE):
+            m = (j0 + offs_j)[None, :] < count[:, None]
+            v = tl.load(row[:, None] + j0 + offs_j[None, :], mask=m,
+                        other=0.0 if CHUNK_MEAN else float("-inf"))
+            if CHUNK_MEAN:
+                acc += tl.sum(v, axis=1)
             else:
-                acc = tl.where(m, tl.maximum(acc, v), acc)
+                acc = tl.maximum(acc, tl.max(v, axis=1))
         if CHUNK_MEAN:  # a document without chunks keeps 0, as scatter_reduce leaves it
             acc = tl.where(count > 0,
                            tl.math.div_rn(acc, tl.maximum(count, 1).to(tl.float32)), 0.0)
@@ -355,6 +404,21 @@ if HAS_TRITON:
                 m = tl.max(key, axis=0)
                 tl.store(out + i, m)
                 key = tl.where(key == m, -(2**63), key)
+            if MERGE > 0:
+                # The row's last block to finish merges every block's candidates: the
+                # release half of the atomic publishes this block's stores, its acquire
+                # half (in the last block) makes the others' visible; loads skip L1.
+                blocks = tl.num_programs(0)
+                if tl.atomic_add(done_ptr + r, 1, sem="acq_rel") == blocks - 1:
+                    offs_m = tl.arange(0, MERGE)
+                    cand = tl.load(key_ptr + r * stride_kr + offs_m,
+                                   mask=offs_m < blocks * TOP, other=-(2**63),
+                                   cache_modifier=".cg")
+                    for i in tl.static_range(TOP):
+                        m = tl.max(cand, axis=0)
+                        tl.store(best_ptr + r * stride_br + i, m)
+                        cand = tl.where(cand == m, -(2**63), cand)
+                    tl.atomic_xchg(done_ptr + r, 0)  # ready for the next call
 
 
 def _token_ranges(cu_tokens, num_tokens: int) -> list[int]:
@@ -419,7 +483,39 @@ def prepare_queries(qr_all: torch.Tensor, cu: list[int], num_kv_heads: int, msa:
     """Queries as the kernel reads them: fp32 normalise (cosine) and scale as `chunk_scores`
     does; with head_reduce "mean" each group's heads summed (fp32) and divided by num_heads;
     rounded once to the keys' dtype. With query_reduce "last" only each request's last token
-    is kept. Returns (q [T, QH, D] contiguous, its cu offsets, head_max)."""
+    is kept. Returns (q [T, QH, D] contiguous, its cu offsets, head_max).
+
+    One launch of `_prepare_queries_kernel` (`prepare_queries_torch` is the same in torch
+    ops, five or so launches: what this replaces, kept as the tests' cross-check)."""
+    t, num_heads, d = qr_all.shape
+    head_max = msa.head_reduce == "max"
+    if qr_all.stride(2) != 1:
+        qr_all = qr_all.contiguous()
+    rows = None
+    if msa.query_reduce == "last":
+        rows = _int_tensor([e - 1 for e in cu[1:]], qr_all.device, torch.int64)
+        t, cu = len(cu) - 1, list(range(len(cu)))
+    out_heads = num_heads if head_max else num_kv_heads
+    out = torch.empty(t, out_heads, d, dtype=dtype, device=qr_all.device)
+    if t == 0:
+        return out, cu, head_max
+    scale = msa.routing_scale(d)
+    if msa.normalize_routing:
+        post = 1.0 if head_max else 1.0 / num_heads
+    else:  # no per-head factor: one multiply after the group sum
+        scale, post = 1.0, scale if head_max else scale / num_heads
+    _prepare_queries_kernel[(t,)](
+        qr_all, qr_all if rows is None else rows, out, qr_all.stride(0), qr_all.stride(1),
+        scale, post, OUT_HEADS=out_heads, GROUP=num_heads // out_heads, HEAD_DIM=d,
+        OUT_HEADS_P2=triton.next_power_of_2(out_heads), HEAD_DIM_P2=triton.next_power_of_2(d),
+        NORMALIZE=msa.normalize_routing, GATHER=rows is not None, num_warps=4)
+    return out, cu, head_max
+
+
+def prepare_queries_torch(qr_all: torch.Tensor, cu: list[int], num_kv_heads: int,
+                          msa: MSAParams, dtype: torch.dtype
+                          ) -> tuple[torch.Tensor, list[int], bool]:
+    """`prepare_queries` in torch ops."""
     if msa.query_reduce == "last":
         last = _int_tensor([e - 1 for e in cu[1:]], qr_all.device, torch.int64)
         qr_all, cu = qr_all.index_select(0, last), list(range(len(cu)))
@@ -538,22 +634,58 @@ def _chunk_scores(qr_all, cu, prep: PreparedRoutingIndex, msa: MSAParams,
 
 
 def document_keys_batched(chunk: torch.Tensor, prep: PreparedRoutingIndex, msa: MSAParams,
-                          top: int = 0, block_n: int = 1024) -> torch.Tensor:
+                          top: int = 0, block_n: int = 1024, merge: bool = False
+                          ) -> torch.Tensor:
     """Sort keys of the documents from [R, C] chunk scores: [R, N] int64 (top == 0), or each
-    block of `block_n` documents' `top` largest keys, [R, cdiv(N, block_n) * top]. A key is
-    the order-preserving int32 image of the fp32 document score (high half) and the
-    document's tiebreak (low half); `decode_keys` turns keys back into ids and scores."""
+    block of `block_n` documents' `top` largest keys, [R, cdiv(N, block_n) * top], or with
+    `merge` (top > 0, see `merge_width`) the `top` largest keys of each row, largest first,
+    [R, top]. A key is the order-preserving int32 image of the fp32 document score (high
+    half) and the document's tiebreak (low half); `decode_keys` turns keys back into ids and
+    scores."""
     num_requests = chunk.shape[0]
     n = prep.tiebreak.shape[0]
-    width = n if top == 0 else triton.cdiv(n, block_n) * top
+    blocks = triton.cdiv(n, block_n) if n else 0
+    width = n if top == 0 else blocks * top
     keys = torch.empty(num_requests, width, dtype=torch.int64, device=chunk.device)
+    merged = merge_width(n, top, block_n) if merge else 0
+    if merge and not merged:
+        raise ValueError(f"no one-program merge of {width} candidates (top {top})")
+    best = (torch.empty(num_requests, top, dtype=torch.int64, device=chunk.device)
+            if merged else keys)
     if n:
-        _document_keys_kernel[(triton.cdiv(n, block_n), num_requests)](
-            chunk, prep.doc_start, prep.tiebreak, keys, n, chunk.stride(0), keys.stride(0),
-            BLOCK_N=block_n, TOP=top, CHUNK_MEAN=msa.chunk_reduce == "mean",
+        _document_keys_kernel[(blocks, num_requests)](
+            chunk, prep.doc_start, prep.tiebreak, keys, best,
+            _block_counters(chunk.device, num_requests) if merged else keys,
+            n, chunk.stride(0), keys.stride(0), best.stride(0),
+            BLOCK_N=block_n, TOP=top, CHUNK_MEAN=msa.chunk_reduce == "mean", MERGE=merged,
             num_warps=8 if block_n >= 1024 else 4,
         )
-    return keys
+    return best if merged else keys
+
+
+# The most candidates the last block of a row merges (a power of two): more are left to topk.
+MAX_MERGE = 4096
+
+
+def merge_width(num_docs: int, top: int, block_n: int) -> int:
+    """The padded candidate count the fused merge loads (0: too many, or nothing to merge)."""
+    if not num_docs or top == 0:
+        return 0
+    width = triton.next_power_of_2(triton.cdiv(num_docs, block_n) * top)
+    return width if width <= MAX_MERGE else 0
+
+
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+
+
+def _block_counters(device: torch.device, rows: int) -> torch.Tensor:
+    """Per-row block counters of the fused merge, zero between calls (the merging block
+    resets its row). One buffer per device: calls on one stream run one after another."""
+    counters = _COUNTERS.get(device)
+    if counters is None or counters.shape[0] < rows:
+        counters = _COUNTERS[device] = torch.zeros(max(rows, 64), dtype=torch.int32,
+                                                   device=device)
+    return counters
 
 
 def decode_keys(keys: torch.Tensor, prep: PreparedRoutingIndex) -> tuple[torch.Tensor,
@@ -610,8 +742,11 @@ def route_batched_keys(
     # variants); topk over those. Past MAX_BLOCK_TOP, keys of every document.
     top = max(1, triton.next_power_of_2(k_top))
     top = 0 if top > min(MAX_BLOCK_TOP, block_n) else top
-    sort_keys = document_keys_batched(chunk, prep, msa, top, block_n)
-    best = torch.topk(sort_keys, k_top, dim=1, largest=True, sorted=True).values
+    if merge_width(n, top, block_n):  # the last block of each row merges: no topk launch
+        best = document_keys_batched(chunk, prep, msa, top, block_n, merge=True)[:, :k_top]
+    else:
+        sort_keys = document_keys_batched(chunk, prep, msa, top, block_n)
+        best = torch.topk(sort_keys, k_top, dim=1, largest=True, sorted=True).values
     return RoutedBatch(best, [min(k, k_top) for k in ks], prep)
 
 

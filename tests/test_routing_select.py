@@ -1,0 +1,149 @@
+"""Routing's selection stage (kernels/routing.py): the fused merge, where the last block of
+each request to finish picks the request's best document keys from every block's candidates,
+against `torch.topk` over the same candidates (bit for bit), with ties, several requests,
+fewer documents than k, and calls in a row (the block counters must come back to zero).
+
+Runs on the GPU, or on CPU under Triton's interpreter: without a GPU,
+`test_kernel_under_triton_interpreter` reruns this file in a child process with
+TRITON_INTERPRET=1."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from test_routing_kernel import cu_of, make_index, msa_params, seed, with_keys
+from test_routing_persistent import LaunchSpy
+from triton_interpreter import rerun_under_interpreter
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+HAS_CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+needs_kernel = pytest.mark.skipif(not (HAS_CUDA or INTERPRET),
+                                  reason="needs a GPU or TRITON_INTERPRET=1")
+
+
+def chunk_scores_with_ties(num_requests: int, num_chunks: int, gen) -> torch.Tensor:
+    """[R, C] fp32 scores drawn from few values (many documents tie), with +-0.0 and
+    negatives (the key's sign handling)."""
+    values = torch.tensor([-2.5, -0.0, 0.0, 0.25, 1.0, 3.0, 7.5])
+    return values[torch.randint(0, len(values), (num_requests, num_chunks), generator=gen)]
+
+
+@needs_kernel
+@pytest.mark.parametrize("chunk", ["max", "mean"])
+@pytest.mark.parametrize(("num_docs", "block_n", "top"),
+                         [(300, 64, 16), (37, 16, 1), (5, 16, 8), (600, 256, 64)])
+def test_merge_equals_topk_over_candidates(chunk, num_docs, block_n, top):
+    from vllm_msa.kernels import routing as rk
+
+    gen = seed("merge", chunk, num_docs, block_n, top)
+    index = with_keys(make_index(num_docs, 2, 16, gen, max_chunks=4), torch.float32, DEVICE)
+    prep = rk.prepare_index(index)
+    msa = msa_params(chunk=chunk)
+    assert rk.merge_width(num_docs, top, block_n)
+    for num_requests in (1, 3, 1, 5):  # in a row: each call finds its counters at zero
+        scores = chunk_scores_with_ties(num_requests, index.routing_keys.shape[0], gen)
+        scores = scores.to(DEVICE)
+        candidates = rk.document_keys_batched(scores, prep, msa, top, block_n)
+        merged = rk.document_keys_batched(scores, prep, msa, top, block_n, merge=True)
+        k = min(top, num_docs)
+        expected = torch.topk(candidates, k, dim=1, largest=True, sorted=True).values
+        assert merged.shape == (num_requests, top)
+        assert torch.equal(merged[:, :k], expected)
+        assert (rk._COUNTERS[torch.device(DEVICE)] == 0).all()
+        # And the keys are the documents' own: the same as every document's key, ranked.
+        every = rk.document_keys_batched(scores, prep, msa)
+        assert torch.equal(merged[:, :k], torch.topk(every, k, dim=1).values)
+
+
+@needs_kernel
+@pytest.mark.parametrize("chunk", ["max", "mean"])
+def test_document_scores_of_long_documents(chunk):
+    """Documents of 1-20 chunks (several chunk tiles per document) against the plain-torch
+    document reduce: max exactly, mean within its fp32 sum's rounding (one 2^-24 step of
+    the magnitudes per chunk and one for the division, in each of the two paths)."""
+    from vllm_msa.kernels import routing as rk
+
+    from vllm_msa.attention.routing import document_scores
+
+    gen = seed("long documents", chunk)
+    index = with_keys(make_index(300, 2, 16, gen, max_chunks=20), torch.float32, DEVICE)
+    prep = rk.prepare_index(index)
+    msa = msa_params(chunk=chunk)
+    scores = torch.randn(2, index.routing_keys.shape[0], generator=gen).to(DEVICE)
+    ids, got = rk.decode_keys(rk.document_keys_batched(scores, prep, msa), prep)
+    for r in range(2):
+        want = document_scores(scores[r], index, msa)
+        by_id = dict(zip(index.doc_ids.tolist(), want.tolist(), strict=True))
+        want = torch.tensor([by_id[i] for i in ids[r].tolist()], dtype=torch.float64)
+        if chunk == "max":
+            assert torch.equal(got[r].cpu().double(), want)
+        else:
+            magnitude = document_scores(scores[r].abs(), index, msa).max().item()
+            bound = 2 * (20 + 1) * 2.0**-24 * magnitude
+            assert ((got[r].cpu().double() - want).abs() <= bound).all()
+
+
+@needs_kernel
+@pytest.mark.parametrize(("head", "query", "chunk"),
+                         [("mean", "max", "max"), ("max", "last", "mean")])
+def test_route_batched_merges_and_matches_the_topk_path(head, query, chunk, monkeypatch):
+    """The whole call, merged (one launch fewer) and not (MAX_MERGE = 0: candidates +
+    topk), gives the same keys; past MAX_MERGE the topk path runs."""
+    from vllm_msa.kernels import routing as rk
+
+    gen = seed("route merge", head, query, chunk)
+    msa = msa_params(head, query, chunk)
+    index = with_keys(make_index(200, 2, 32, gen, max_chunks=5), torch.bfloat16, DEVICE)
+    prep = rk.prepare_index(index)
+    config = rk.KernelConfig(block_c=16, block_t=32, num_warps=4, num_stages=2, block_n=32)
+    counts, ks = [7, 1, 12], [5, 16, 9]
+    q = torch.randn(sum(counts), 8, 32, generator=gen).to(device=DEVICE, dtype=torch.bfloat16)
+    calls = []
+    real = rk.document_keys_batched
+    monkeypatch.setattr(rk, "document_keys_batched",
+                        lambda *a, **kw: calls.append(kw.get("merge", False)) or real(*a, **kw))
+    merged = rk.route_batched_keys(q, cu_of(counts), prep, msa, ks, config)
+    monkeypatch.setattr(rk, "MAX_MERGE", 0)
+    plain = rk.route_batched_keys(q, cu_of(counts), prep, msa, ks, config)
+    assert calls == [True, False]
+    assert torch.equal(merged.keys, plain.keys) and merged.ks == plain.ks == ks
+    assert merged.keys.shape == (3, 16)
+
+
+@needs_kernel
+def test_merge_beyond_its_width_is_refused():
+    from vllm_msa.kernels import routing as rk
+
+    index = with_keys(make_index(100, 2, 16, seed("wide"), max_chunks=2), torch.float32, DEVICE)
+    prep = rk.prepare_index(index)
+    scores = torch.zeros(1, index.routing_keys.shape[0], device=DEVICE)
+    assert rk.merge_width(100, 64, 1) == 0  # 100 blocks x 64 candidates > MAX_MERGE
+    with pytest.raises(ValueError, match="merge"):
+        rk.document_keys_batched(scores, prep, msa_params(), 64, 1, merge=True)
+
+
+@needs_kernel
+def test_launches(monkeypatch):
+    """The merged call launches the document kernel once per call and no topk."""
+    from vllm_msa.kernels import routing as rk
+
+    spy = LaunchSpy(rk._document_keys_kernel)
+    monkeypatch.setattr(rk, "_document_keys_kernel", spy)
+    topk_calls = []
+    real_topk = torch.topk
+    monkeypatch.setattr(torch, "topk", lambda *a, **kw: topk_calls.append(1) or real_topk(*a, **kw))
+    gen = seed("launches")
+    index = with_keys(make_index(100, 2, 32, gen), torch.float32, DEVICE)
+    q = torch.randn(4, 4, 32, generator=gen).to(DEVICE)
+    rk.route_batched_keys(q, [0, 4], rk.prepare_index(index), msa_params(), 8,
+                          rk.KernelConfig(block_c=16, block_t=16, num_warps=4, num_stages=2,
+                                          block_n=16))
+    assert spy.grids == [(7, 1)] and topk_calls == []
+
+
+@pytest.mark.skipif(HAS_CUDA or INTERPRET, reason="the kernel runs directly here")
+def test_kernel_under_triton_interpreter():
+    rerun_under_interpreter(__file__)
