@@ -87,7 +87,9 @@ class KernelConfig:
     block_t: int | None = None  # at most this many routing tokens per block (power of two)
     num_warps: int | None = None
     num_stages: int | None = None
-    block_n: int = 1024  # documents per program of the document kernel
+    # Documents per program of the document kernel; None: the smallest of DOCUMENT_BLOCKS
+    # whose candidates one program can merge (`document_block`).
+    block_n: int | None = None
     # > 0: the persistent variant with this many programs per SM, where it applies (all
     # routing tokens in one block, at most MAX_PERSISTENT_REQUESTS requests); 0: one program
     # per chunk tile.
@@ -667,6 +669,21 @@ def document_keys_batched(chunk: torch.Tensor, prep: PreparedRoutingIndex, msa: 
 MAX_MERGE = 4096
 
 
+# Measured on an H100 (benchmarks/results/routing-*.json, "stage_gpu_us"): at one question
+# and 10M-25M memory tokens, blocks of 256 documents take 12-15 us with the merge, 1024 up
+# to 2 us more; topk over candidates costs 6-11 us more than the merge.
+DOCUMENT_BLOCKS = (256, 512, 1024)
+
+
+def document_block(num_docs: int, top: int) -> int:
+    """The document kernel's block: the smallest of DOCUMENT_BLOCKS that keeps the fused
+    merge (the largest where none does)."""
+    for block_n in DOCUMENT_BLOCKS:
+        if merge_width(num_docs, top, block_n):
+            return block_n
+    return DOCUMENT_BLOCKS[-1]
+
+
 def merge_width(num_docs: int, top: int, block_n: int) -> int:
     """The padded candidate count the fused merge loads (0: too many, or nothing to merge)."""
     if not num_docs or top == 0:
@@ -731,7 +748,6 @@ def route_batched_keys(
     prep = prepare_index(index)
     cu = _token_ranges(cu_tokens, qr_all.shape[0])
     ks = _top_ks(top_k, len(cu) - 1)
-    block_n = (config or KernelConfig()).block_n
     n = prep.tiebreak.shape[0]
     k_top = min(max(ks), n)
     if k_top == 0:
@@ -741,6 +757,7 @@ def route_batched_keys(
     # Blocks of documents hand up their top candidates (a power of two, few compiled
     # variants); topk over those. Past MAX_BLOCK_TOP, keys of every document.
     top = max(1, triton.next_power_of_2(k_top))
+    block_n = (config or KernelConfig()).block_n or document_block(n, top)
     top = 0 if top > min(MAX_BLOCK_TOP, block_n) else top
     if merge_width(n, top, block_n):  # the last block of each row merges: no topk launch
         best = document_keys_batched(chunk, prep, msa, top, block_n, merge=True)[:, :k_top]

@@ -52,7 +52,7 @@ def test_merge_equals_topk_over_candidates(chunk, num_docs, block_n, top):
         expected = torch.topk(candidates, k, dim=1, largest=True, sorted=True).values
         assert merged.shape == (num_requests, top)
         assert torch.equal(merged[:, :k], expected)
-        assert (rk._COUNTERS[torch.device(DEVICE)] == 0).all()
+        assert (rk._COUNTERS[scores.device] == 0).all()
         # And the keys are the documents' own: the same as every document's key, ranked.
         every = rk.document_keys_batched(scores, prep, msa)
         assert torch.equal(merged[:, :k], torch.topk(every, k, dim=1).values)
@@ -123,6 +123,17 @@ def test_merge_beyond_its_width_is_refused():
     assert rk.merge_width(100, 64, 1) == 0  # 100 blocks x 64 candidates > MAX_MERGE
     with pytest.raises(ValueError, match="merge"):
         rk.document_keys_batched(scores, prep, msa_params(), 64, 1, merge=True)
+
+
+def test_document_block_keeps_the_merge():
+    from vllm_msa.kernels import routing as rk
+
+    if not rk.HAS_TRITON:
+        pytest.skip("needs triton")
+    assert rk.document_block(19_526, 16) == 256  # 10M MSA-4B tokens: 77 blocks
+    assert rk.document_block(195_302, 16) == 1024  # 100M: 191 blocks x 16 fit, not 382 x 16
+    assert rk.document_block(195_302, 64) == 1024  # none merges: the largest block
+    assert rk.merge_width(195_302, 64, 1024) == 0
 
 
 @needs_kernel
