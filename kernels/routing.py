@@ -669,9 +669,9 @@ def document_keys_batched(chunk: torch.Tensor, prep: PreparedRoutingIndex, msa: 
 MAX_MERGE = 4096
 
 
-# Measured on an H100 (benchmarks/results/routing-*.json, "stage_gpu_us"): at one question
-# and 10M-25M memory tokens, blocks of 256 documents take 12-15 us with the merge, 1024 up
-# to 2 us more; topk over candidates costs 6-11 us more than the merge.
+# Measured on an H100 (benchmarks/results/routing-stages-313cc5a-*.json, "stage_gpu_us"): at
+# one question and 10M-25M memory tokens, blocks of 256 documents take 12-15 us with the
+# merge, 1024 up to 2 us more; topk over candidates costs 6-11 us more than the merge.
 DOCUMENT_BLOCKS = (256, 512, 1024)
 
 
