@@ -38,9 +38,10 @@ def committed_segments(out) -> int:
 def test_killed_build_never_loads_and_rerun_finishes(checkpoints, tmp_path):
     ckpt = checkpoints()
     out = tmp_path / "bank"
-    # 120 documents, about one per segment: a build long enough to be killed in the middle.
+    # 48 documents, about one per segment: a build long enough to be killed in the middle
+    # (after 2 segments), short enough that the rerun and the reference stay cheap.
     samples = read_docs(SAMPLE_DOCS)
-    docs = [{"id": 1000 + i, "text": samples[i % len(samples)]["text"]} for i in range(120)]
+    docs = [{"id": 1000 + i, "text": samples[i % len(samples)]["text"]} for i in range(48)]
     docs_path = tmp_path / "docs.jsonl"
     docs_path.write_text("".join(json.dumps(d) + "\n" for d in docs))
     cmd = build_command(ckpt, docs_path, out)

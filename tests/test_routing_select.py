@@ -32,9 +32,9 @@ def chunk_scores_with_ties(num_requests: int, num_chunks: int, gen) -> torch.Ten
 
 
 @needs_kernel
-@pytest.mark.parametrize("chunk", ["max", "mean"])
-@pytest.mark.parametrize(("num_docs", "block_n", "top"),
-                         [(300, 64, 16), (37, 16, 1), (5, 16, 8), (600, 256, 64)])
+@pytest.mark.parametrize(("chunk", "num_docs", "block_n", "top"),
+                         [("max", 300, 64, 16), ("mean", 300, 64, 16), ("max", 37, 16, 1),
+                          ("mean", 5, 16, 8), ("max", 600, 256, 64)])
 def test_merge_equals_topk_over_candidates(chunk, num_docs, block_n, top):
     from vllm_msa.kernels import routing as rk
 
