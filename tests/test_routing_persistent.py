@@ -9,18 +9,16 @@ TRITON_INTERPRET=1."""
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 from test_routing_kernel import cu_of, make_index, msa_params, seed, with_keys
-from triton_interpreter import rerun_under_interpreter
+from triton_interpreter import (
+    DEVICE,
+    needs_kernel,
+    parent_only,
+    rerun_under_interpreter,
+)
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-HAS_CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if HAS_CUDA else "cpu"
-needs_kernel = pytest.mark.skipif(not (HAS_CUDA or INTERPRET),
-                                  reason="needs a GPU or TRITON_INTERPRET=1")
 TILES = dict(block_c=16, block_t=32, num_warps=4, num_stages=2)
 
 
@@ -99,6 +97,6 @@ def test_persistent_falls_back_where_it_does_not_apply(monkeypatch):
     assert spy.grids == []
 
 
-@pytest.mark.skipif(HAS_CUDA or INTERPRET, reason="the kernel runs directly here")
+@parent_only
 def test_kernel_under_triton_interpreter():
     rerun_under_interpreter(__file__)

@@ -15,18 +15,17 @@ TRITON_INTERPRET=1."""
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 from test_routing_kernel import msa_params, seed
-from triton_interpreter import rerun_under_interpreter
+from triton_interpreter import (
+    DEVICE,
+    INTERPRET,
+    needs_kernel,
+    parent_only,
+    rerun_under_interpreter,
+)
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-HAS_CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if HAS_CUDA else "cpu"
-needs_kernel = pytest.mark.skipif(not (HAS_CUDA or INTERPRET),
-                                  reason="needs a GPU or TRITON_INTERPRET=1")
 # Rounding to the output dtype: to nearest on the GPU; Triton's interpreter converts fp32 to
 # bf16 by truncation (up to a whole unit in the last place), so under it bf16's u doubles.
 UNIT = {torch.bfloat16: 2.0**-7 if INTERPRET else 2.0**-8, torch.float32: 2.0**-24}
@@ -92,6 +91,6 @@ def test_strided_input():
     assert torch.equal(got, want)
 
 
-@pytest.mark.skipif(HAS_CUDA or INTERPRET, reason="the kernel runs directly here")
+@parent_only
 def test_kernel_under_triton_interpreter():
     rerun_under_interpreter(__file__)

@@ -9,19 +9,16 @@ TRITON_INTERPRET=1."""
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 from test_routing_kernel import cu_of, make_index, msa_params, seed, with_keys
 from test_routing_persistent import LaunchSpy
-from triton_interpreter import rerun_under_interpreter
-
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-HAS_CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if HAS_CUDA else "cpu"
-needs_kernel = pytest.mark.skipif(not (HAS_CUDA or INTERPRET),
-                                  reason="needs a GPU or TRITON_INTERPRET=1")
+from triton_interpreter import (
+    DEVICE,
+    needs_kernel,
+    parent_only,
+    rerun_under_interpreter,
+)
 
 
 def chunk_scores_with_ties(num_requests: int, num_chunks: int, gen) -> torch.Tensor:
@@ -155,6 +152,6 @@ def test_launches(monkeypatch):
     assert spy.grids == [(7, 1)] and topk_calls == []
 
 
-@pytest.mark.skipif(HAS_CUDA or INTERPRET, reason="the kernel runs directly here")
+@parent_only
 def test_kernel_under_triton_interpreter():
     rerun_under_interpreter(__file__)

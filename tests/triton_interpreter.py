@@ -9,6 +9,16 @@ import subprocess
 import sys
 
 import pytest
+import torch
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+HAS_CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+# Kernel tests: run on a GPU, or on CPU in the interpreter's child process.
+needs_kernel = pytest.mark.skipif(not (HAS_CUDA or INTERPRET),
+                                  reason="needs a GPU or TRITON_INTERPRET=1")
+# The test that starts that child process: only on a CPU machine, outside the interpreter.
+parent_only = pytest.mark.skipif(HAS_CUDA or INTERPRET, reason="the kernel runs directly here")
 
 
 def rerun_under_interpreter(test_file: str) -> None:
