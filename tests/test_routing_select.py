@@ -84,11 +84,13 @@ def test_document_scores_of_long_documents(chunk):
 
 
 @needs_kernel
-@pytest.mark.parametrize(("head", "query", "chunk"),
-                         [("mean", "max", "max"), ("max", "last", "mean")])
-def test_route_batched_merges_and_matches_the_topk_path(head, query, chunk, monkeypatch):
+@pytest.mark.parametrize(("head", "query", "chunk", "ks"),
+                         [("mean", "max", "max", [5, 16, 9]), ("max", "last", "mean", [5, 3, 9])])
+def test_route_batched_merges_and_matches_the_topk_path(head, query, chunk, ks, monkeypatch):
     """The whole call, merged (one launch fewer) and not (MAX_MERGE = 0: candidates +
-    topk), gives the same keys; past MAX_MERGE the topk path runs."""
+    topk), gives the same keys; past MAX_MERGE the topk path runs. With the largest k below
+    its power of two (9 of 16) the merged keys are a strided view; staging reads them by
+    stride, and the selections decode the same."""
     from vllm_msa.kernels import routing as rk
 
     gen = seed("route merge", head, query, chunk)
@@ -96,7 +98,7 @@ def test_route_batched_merges_and_matches_the_topk_path(head, query, chunk, monk
     index = with_keys(make_index(200, 2, 32, gen, max_chunks=5), torch.bfloat16, DEVICE)
     prep = rk.prepare_index(index)
     config = rk.KernelConfig(block_c=16, block_t=32, num_warps=4, num_stages=2, block_n=32)
-    counts, ks = [7, 1, 12], [5, 16, 9]
+    counts = [7, 1, 12]
     q = torch.randn(sum(counts), 8, 32, generator=gen).to(device=DEVICE, dtype=torch.bfloat16)
     calls = []
     real = rk.document_keys_batched
@@ -107,7 +109,10 @@ def test_route_batched_merges_and_matches_the_topk_path(head, query, chunk, monk
     plain = rk.route_batched_keys(q, cu_of(counts), prep, msa, ks, config)
     assert calls == [True, False]
     assert torch.equal(merged.keys, plain.keys) and merged.ks == plain.ks == ks
-    assert merged.keys.shape == (3, 16)
+    assert merged.keys.shape == (3, max(ks))
+    for r in range(3):
+        got, want = merged.selection(r), plain.selection(r)
+        assert torch.equal(got.doc_ids, want.doc_ids) and torch.equal(got.scores, want.scores)
 
 
 @needs_kernel
