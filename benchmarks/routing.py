@@ -132,6 +132,14 @@ def stage_costs(q, cu, prepared, msa, top_k: int) -> dict[str, float]:
                                                            merge=True))
         out[f"select_topk_{block_n}"] = graph_us(lambda b=block_n: torch.topk(
             rk.document_keys_batched(chunk, prepared, msa, top, b), top_k, dim=1))
+    # The default block's launch shape: warps (the merge's 16 serial maxima are reductions
+    # across the program) and chunks of a document per load.
+    block_n = rk.document_block(prepared.tiebreak.shape[0], top)
+    if rk.merge_width(prepared.tiebreak.shape[0], top, block_n):
+        for warps, tile in itertools.product((1, 2, 4, 8), (4, 8, 16)):
+            out[f"select_merged_{block_n}_w{warps}_c{tile}"] = graph_us(
+                lambda w=warps, c=tile: rk.document_keys_batched(
+                    chunk, prepared, msa, top, block_n, merge=True, num_warps=w, chunk_tile=c))
     return out
 
 
@@ -262,7 +270,8 @@ def main() -> None:
             "stage_gpu_us: GPU microseconds per call of each stage, replayed from a CUDA "
             "graph of 20 calls (no host gaps); select_merged_B / select_topk_B: the "
             "document stage with blocks of B documents, with the fused merge / with "
-            "candidates + torch.topk",
+            "candidates + torch.topk; select_merged_B_wW_cC: the default block B with W "
+            "warps and C chunks of a document per load",
             "indexes smaller than 4x L2 are rotated over copies so each call reads HBM",
             "head_reduce=mean folds each group's query heads before the kernel: it issues "
             "2*T*KV*C*D (padded) FLOPs instead of 2*T*H*C*D",

@@ -636,14 +636,15 @@ def _chunk_scores(qr_all, cu, prep: PreparedRoutingIndex, msa: MSAParams,
 
 
 def document_keys_batched(chunk: torch.Tensor, prep: PreparedRoutingIndex, msa: MSAParams,
-                          top: int = 0, block_n: int = 1024, merge: bool = False
-                          ) -> torch.Tensor:
+                          top: int = 0, block_n: int = 1024, merge: bool = False,
+                          num_warps: int | None = None, chunk_tile: int = 8) -> torch.Tensor:
     """Sort keys of the documents from [R, C] chunk scores: [R, N] int64 (top == 0), or each
     block of `block_n` documents' `top` largest keys, [R, cdiv(N, block_n) * top], or with
     `merge` (top > 0, see `merge_width`) the `top` largest keys of each row, largest first,
     [R, top]. A key is the order-preserving int32 image of the fp32 document score (high
     half) and the document's tiebreak (low half); `decode_keys` turns keys back into ids and
-    scores."""
+    scores. `num_warps` and `chunk_tile` (chunks of a document per load) are for the
+    benchmark's sweep."""
     num_requests = chunk.shape[0]
     n = prep.tiebreak.shape[0]
     blocks = triton.cdiv(n, block_n) if n else 0
@@ -660,7 +661,7 @@ def document_keys_batched(chunk: torch.Tensor, prep: PreparedRoutingIndex, msa: 
             _block_counters(chunk.device, num_requests) if merged else keys,
             n, chunk.stride(0), keys.stride(0), best.stride(0),
             BLOCK_N=block_n, TOP=top, CHUNK_MEAN=msa.chunk_reduce == "mean", MERGE=merged,
-            num_warps=8 if block_n >= 1024 else 4,
+            CHUNK_TILE=chunk_tile, num_warps=num_warps or (8 if block_n >= 1024 else 4),
         )
     return best if merged else keys
 

@@ -58,9 +58,10 @@ def test_merge_equals_topk_over_candidates(chunk, num_docs, block_n, top):
 @needs_kernel
 @pytest.mark.parametrize("chunk", ["max", "mean"])
 def test_document_scores_of_long_documents(chunk):
-    """Documents of 1-20 chunks (several chunk tiles per document) against the plain-torch
-    document reduce: max exactly, mean within its fp32 sum's rounding (one 2^-24 step of
-    the magnitudes per chunk and one for the division, in each of the two paths)."""
+    """Documents of 1-20 chunks (several chunk tiles per document, for tiles of 4, 8 and 16
+    chunks) against the plain-torch document reduce: max exactly, mean within its fp32 sum's
+    rounding (one 2^-24 step of the magnitudes per chunk and one for the division, in each of
+    the two paths)."""
     from vllm_msa.kernels import routing as rk
 
     from vllm_msa.attention.routing import document_scores
@@ -71,16 +72,18 @@ def test_document_scores_of_long_documents(chunk):
     msa = msa_params(chunk=chunk)
     scores = torch.randn(2, index.routing_keys.shape[0], generator=gen).to(DEVICE)
     ids, got = rk.decode_keys(rk.document_keys_batched(scores, prep, msa), prep)
+    tiles = {tile: rk.decode_keys(rk.document_keys_batched(scores, prep, msa,
+                                                           chunk_tile=tile), prep)
+             for tile in (4, 16)}  # other chunk tiles (the benchmark's sweep)
     for r in range(2):
         want = document_scores(scores[r], index, msa)
         by_id = dict(zip(index.doc_ids.tolist(), want.tolist(), strict=True))
         want = torch.tensor([by_id[i] for i in ids[r].tolist()], dtype=torch.float64)
-        if chunk == "max":
-            assert torch.equal(got[r].cpu().double(), want)
-        else:
-            magnitude = document_scores(scores[r].abs(), index, msa).max().item()
-            bound = 2 * (20 + 1) * 2.0**-24 * magnitude
-            assert ((got[r].cpu().double() - want).abs() <= bound).all()
+        magnitude = document_scores(scores[r].abs(), index, msa).max().item()
+        bound = 0.0 if chunk == "max" else 2 * (20 + 1) * 2.0**-24 * magnitude
+        for tile_ids, tile_scores in [(ids, got), *tiles.values()]:
+            assert torch.equal(tile_ids[r], ids[r])  # keys in bank order: the same documents
+            assert ((tile_scores[r].cpu().double() - want).abs() <= bound).all()
 
 
 @needs_kernel
