@@ -64,14 +64,9 @@ SHAPE = dict(heads=32, kv_heads=8, head_dim=128, pooling=64, doc_chunks=8, route
 MSA_4B = dict(head_reduce_method="mean", query_reduce_method="max", chunk_reduce_method="max",
               aux_loss_method="INFONCE_DECOUPLE", decouple_router=True)
 DEVICE = "cuda"
-SWEEP = [  # (block_c, num_warps, num_stages, most routing tokens per block[, persistent])
+SWEEP = [  # (block_c, num_warps, num_stages, most routing tokens per block)
     (128, 8, 3, 64), (128, 8, 4, 64), (128, 4, 3, 64), (64, 4, 4, 64), (128, 8, 2, 64),
     (128, 8, 3, 128), (128, 8, 2, 128), (64, 4, 3, 128), (128, 4, 2, 64), (64, 4, 2, 64),
-    # The persistent variant (programs per SM; it applies while one token block holds every
-    # routing token, else these run the tiled kernel): one program per SM with deep
-    # pipelines, or two with tiles small enough for both to fit in shared memory.
-    (128, 8, 3, 64, 1), (128, 8, 4, 64, 1), (64, 4, 4, 64, 1), (64, 4, 3, 64, 2),
-    (32, 4, 4, 64, 2), (64, 8, 3, 64, 2),
 ]
 
 
@@ -182,9 +177,8 @@ def make_questions(n: int, tokens: int, gen: torch.Generator) -> tuple[torch.Ten
 
 
 def config_of(entry) -> KernelConfig:
-    block_c, warps, stages, block_t, *persistent = entry
-    return KernelConfig(block_c=block_c, num_warps=warps, num_stages=stages, block_t=block_t,
-                        persistent=persistent[0] if persistent else 0)
+    block_c, warps, stages, block_t = entry
+    return KernelConfig(block_c=block_c, num_warps=warps, num_stages=stages, block_t=block_t)
 
 
 def executed_flops(msa: MSAParams, cu: list[int], chunks: int, block_t: int) -> float:

@@ -37,12 +37,9 @@ Layout of the work (one router layer, one call):
    (`MAX_MERGE`) or TOP is 0, `torch.topk` over them does it. Ids and scores are decoded
    from the chosen keys (the keys hold the scores' bits).
 
-A persistent variant of (1), `_chunk_scores_persistent_kernel` (`KernelConfig.persistent`,
-off by default until measured), covers the memory-bound case, where every routing token of
-the step fits one token block: a fixed grid of programs strides over the chunk tiles in one
-flat, pipelined loop, which removes the per-program pipeline start and the partial last wave
-of the tiled grid (what keeps the tiled kernel at ~0.9x the copy rate on a 320 MB layer while
-it reaches ~1.0x on a 3.2 GB one).
+A persistent variant of (1) (a fixed grid striding over the chunk tiles, for steps whose
+routing tokens fit one block) was built, tested and measured on an H100: no faster than the
+tiled kernel at 10M-100M tokens (README, Performance), so it was removed (last in 8e5c79d).
 
 Triton's import is guarded (this module imports on CPU-only machines): without Triton, or
 without a GPU outside Triton's interpreter, `route_batched` runs `route_batched_reference`,
@@ -90,16 +87,10 @@ class KernelConfig:
     # Documents per program of the document kernel; None: the smallest of DOCUMENT_BLOCKS
     # whose candidates one program can merge (`document_block`).
     block_n: int | None = None
-    # > 0: the persistent variant with this many programs per SM, where it applies (all
-    # routing tokens in one block, at most MAX_PERSISTENT_REQUESTS requests); 0: one program
-    # per chunk tile.
-    persistent: int = 0
 
 
 # Per-block candidates are used for top-k up to this (else keys for every document + topk).
 MAX_BLOCK_TOP = 64
-# The persistent scoring kernel reduces each request's columns in unrolled code: few requests.
-MAX_PERSISTENT_REQUESTS = 4
 
 
 def default_config(keys_dtype: torch.dtype, head_max: bool = False) -> KernelConfig:
@@ -280,73 +271,6 @@ if HAS_TRITON:
                     else:
                         best = tl.full([BLOCK_C], float("-inf"), dtype=tl.float32)
                 more = done & (r < num_requests) & (r_start < t1)
-
-    @triton.jit
-    def _chunk_scores_persistent_kernel(
-        q_ptr, k_ptr, cu_ptr, out_ptr,  # as in _chunk_scores_kernel
-        num_chunks,
-        num_tokens,
-        stride_qt,
-        stride_qh,
-        stride_kc,
-        stride_kh,
-        stride_or,
-        NUM_REQUESTS: tl.constexpr,  # <= MAX_PERSISTENT_REQUESTS
-        KV_HEADS: tl.constexpr,
-        Q_PER_KV: tl.constexpr,
-        HEAD_DIM: tl.constexpr,
-        BLOCK_C: tl.constexpr,
-        BLOCK_T: tl.constexpr,  # >= num_tokens: every routing token in one block
-        HEAD_MAX: tl.constexpr,
-        QUERY_MEAN: tl.constexpr,
-        DOT_PRECISION: tl.constexpr,
-        UPCAST: tl.constexpr,
-        NUM_STAGES: tl.constexpr,
-    ):
-        """`_chunk_scores_kernel` for one block of routing tokens (a step with one or a few
-        questions: the memory-bound case), as a persistent kernel. A fixed grid of programs
-        strides over the chunk tiles, and one flat loop over (tile, KV head) streams the key
-        tiles, so the loads stay pipelined from one tile into the next and the last wave of
-        tiles is spread over every program instead of a fraction of the SMs. The arithmetic
-        is the tiled kernel's (`_add_kv_head`, heads in the same order)."""
-        pid = tl.program_id(0)
-        programs = tl.num_programs(0)
-        num_tiles = tl.cdiv(num_chunks, BLOCK_C)
-        my_tiles = tl.cdiv(num_tiles - pid, programs)  # tiles pid, pid + programs, ...
-        offs_d = tl.arange(0, HEAD_DIM)
-        offs_t = tl.arange(0, BLOCK_T)
-        mask_t = offs_t < num_tokens
-        q_tile = q_ptr + offs_t[:, None] * stride_qt + offs_d[None, :]
-        if HEAD_MAX:
-            acc = tl.full([BLOCK_C, BLOCK_T], float("-inf"), dtype=tl.float32)
-        else:
-            acc = tl.zeros([BLOCK_C, BLOCK_T], dtype=tl.float32)
-        for it in tl.range(0, my_tiles * KV_HEADS, num_stages=NUM_STAGES):
-            j = it % KV_HEADS
-            offs_c = (pid + (it // KV_HEADS) * programs).to(tl.int64) * BLOCK_C \
-                + tl.arange(0, BLOCK_C)
-            mask_c = offs_c < num_chunks
-            k = tl.load(k_ptr + offs_c[:, None] * stride_kc + j * stride_kh + offs_d[None, :],
-                        mask=mask_c[:, None], other=0.0)
-            acc = _add_kv_head(acc, k, q_tile + j * Q_PER_KV * stride_qh, stride_qh, mask_t,
-                               Q_PER_KV, HEAD_MAX, DOT_PRECISION, UPCAST)
-            if j == KV_HEADS - 1:  # the tile's last KV head: reduce each request's tokens
-                r_start = tl.load(cu_ptr)
-                for r in tl.static_range(NUM_REQUESTS):
-                    r_end = tl.load(cu_ptr + r + 1)
-                    cols = (offs_t >= r_start) & (offs_t < r_end)
-                    if QUERY_MEAN:
-                        best = tl.sum(tl.where(cols[None, :], acc, 0.0), axis=1)
-                        n = tl.full([BLOCK_C], 0, tl.int32) + (r_end - r_start)
-                        best = tl.math.div_rn(best, n.to(tl.float32))
-                    else:
-                        best = tl.max(tl.where(cols[None, :], acc, float("-inf")), axis=1)
-                    tl.store(out_ptr + r * stride_or + offs_c, best, mask=mask_c)
-                    r_start = r_end
-                if HEAD_MAX:
-                    acc = tl.full([BLOCK_C, BLOCK_T], float("-inf"), dtype=tl.float32)
-                else:
-                    acc = tl.zeros([BLOCK_C, BLOCK_T], dtype=tl.float32)
 
     @triton.jit
     def _document_keys_kernel(
@@ -579,15 +503,6 @@ def chunk_scores_batched(
     return _chunk_scores(qr_all, cu, prep, msa, config)
 
 
-@functools.lru_cache(maxsize=8)
-def _num_sms(device: torch.device) -> int:
-    """Streaming multiprocessors of `device` (a few under the interpreter: several programs
-    still share the tiles, which is what the tests need to see)."""
-    if device.type != "cuda":
-        return 3
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def _chunk_scores(qr_all, cu, prep: PreparedRoutingIndex, msa: MSAParams,
                   config: KernelConfig | None) -> torch.Tensor:
     keys = prep.keys
@@ -612,19 +527,11 @@ def _chunk_scores(qr_all, cu, prep: PreparedRoutingIndex, msa: MSAParams,
             num_warps=cfg.num_warps)
         tiles = triton.cdiv(num_chunks, cfg.block_c)
         try:
-            if (cfg.persistent and num_tokens <= block_t
-                    and num_requests <= MAX_PERSISTENT_REQUESTS):
-                grid = min(tiles, cfg.persistent * _num_sms(keys.device))
-                _chunk_scores_persistent_kernel[(grid,)](
-                    q, keys, cu_dev, out, num_chunks, num_tokens,
-                    q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), out.stride(0),
-                    NUM_REQUESTS=num_requests, NUM_STAGES=cfg.num_stages, **common)
-            else:
-                _chunk_scores_kernel[(tiles,)](
-                    q, keys, cu_dev, out,
-                    num_chunks, num_requests, num_tokens,
-                    q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), out.stride(0),
-                    num_stages=cfg.num_stages, **common)
+            _chunk_scores_kernel[(tiles,)](
+                q, keys, cu_dev, out,
+                num_chunks, num_requests, num_tokens,
+                q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), out.stride(0),
+                num_stages=cfg.num_stages, **common)
         except Exception as e:  # Triton's OutOfResources: shrink defaults, never explicit
             smaller = _smaller(cfg)
             if type(e).__name__ != "OutOfResources" or _is_explicit(config) or smaller is None:

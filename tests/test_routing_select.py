@@ -11,14 +11,32 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_routing_kernel import cu_of, make_index, msa_params, seed, with_keys
-from test_routing_persistent import LaunchSpy
+from test_routing_kernel import (
+    cu_of,
+    make_index,
+    msa_params,
+    planted,
+    run_and_check,
+    seed,
+    with_keys,
+)
 from triton_interpreter import (
     DEVICE,
     needs_kernel,
     parent_only,
     rerun_under_interpreter,
 )
+
+
+class LaunchSpy:
+    """Counts launches of a Triton kernel (`kernel[grid](...)`) and the grids used."""
+
+    def __init__(self, kernel):
+        self.kernel, self.grids = kernel, []
+
+    def __getitem__(self, grid):
+        self.grids.append(grid)
+        return self.kernel[grid]
 
 
 def chunk_scores_with_ties(num_requests: int, num_chunks: int, gen) -> torch.Tensor:
@@ -116,6 +134,22 @@ def test_route_batched_merges_and_matches_the_topk_path(head, query, chunk, ks, 
     for r in range(3):
         got, want = merged.selection(r), plain.selection(r)
         assert torch.equal(got.doc_ids, want.doc_ids) and torch.equal(got.scores, want.scores)
+
+
+@needs_kernel
+@pytest.mark.parametrize(("head", "query", "chunk", "aux", "dtype"),
+                         [("mean", "max", "max", "INFONCE_DECOUPLE", torch.bfloat16),
+                          ("max", "last", "mean", "INFONCE", torch.float32)])
+def test_whole_call_matches_the_reference(head, query, chunk, aux, dtype):
+    """Query preparation, scoring, the document stage and its merge together against the
+    plain-torch reference with `test_routing_kernel`'s derived bounds (there on the GPU for
+    every combination; here also under the interpreter, so CPU CI runs the chain)."""
+    gen = seed("whole call", head, query, chunk, aux)
+    msa = msa_params(head, query, chunk, aux)
+    counts, ks = [9, 1, 20], [4, 16, 7]
+    index, (q,) = planted(40, 2, 8, 32, gen, 5, [sum(counts)])
+    robust = run_and_check(q, cu_of(counts), index, msa, ks, dtype, 5)
+    assert dtype == torch.float32 or robust >= 1  # bf16: a selection beyond the bound
 
 
 @needs_kernel
