@@ -518,20 +518,18 @@ def _chunk_scores(qr_all, cu, prep: PreparedRoutingIndex, msa: MSAParams,
     cfg = _FITTED.get(shape_key, cfg)
     while True:
         block_t = min(cfg.block_t, max(16, triton.next_power_of_2(num_tokens)))
-        common = dict(
-            KV_HEADS=kv, Q_PER_KV=q.shape[1] // kv, HEAD_DIM=d,
-            BLOCK_C=cfg.block_c, BLOCK_T=block_t,
-            HEAD_MAX=head_max, QUERY_MEAN=msa.query_reduce == "mean",
-            DOT_PRECISION="ieee" if keys.dtype == torch.float32 else "tf32",
-            UPCAST=INTERPRET and keys.dtype != torch.float32,
-            num_warps=cfg.num_warps)
-        tiles = triton.cdiv(num_chunks, cfg.block_c)
         try:
-            _chunk_scores_kernel[(tiles,)](
+            _chunk_scores_kernel[(triton.cdiv(num_chunks, cfg.block_c),)](
                 q, keys, cu_dev, out,
                 num_chunks, num_requests, num_tokens,
                 q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), out.stride(0),
-                num_stages=cfg.num_stages, **common)
+                KV_HEADS=kv, Q_PER_KV=q.shape[1] // kv, HEAD_DIM=d,
+                BLOCK_C=cfg.block_c, BLOCK_T=block_t,
+                HEAD_MAX=head_max, QUERY_MEAN=msa.query_reduce == "mean",
+                DOT_PRECISION="ieee" if keys.dtype == torch.float32 else "tf32",
+                UPCAST=INTERPRET and keys.dtype != torch.float32,
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            )
         except Exception as e:  # Triton's OutOfResources: shrink defaults, never explicit
             smaller = _smaller(cfg)
             if type(e).__name__ != "OutOfResources" or _is_explicit(config) or smaller is None:

@@ -100,9 +100,9 @@ class ServedBank:
             routing_keys = torch.empty(full, dtype=bank.dtype, device=device)
             bank.read_layer_into(layer, "routing_keys", routing_keys)
             index[layer] = RoutingIndex(routing_keys, doc_index, doc_ids)
-            for tensor, tier in (("keys", keys), ("values", values)):
+            for part, tier in (("keys", keys), ("values", values)):
                 host = torch.empty(local, dtype=bank.dtype, device="cpu")
-                bank.read_layer_into(layer, tensor, host, kv_heads)
+                bank.read_layer_into(layer, part, host, kv_heads)
                 tier[layer] = page_lock(host) if pin else host
         release_freed_heap()
         served = cls(
