@@ -231,7 +231,9 @@ def memory_attention(
 
 if HAS_TRITON:
 
-    @triton.jit
+    # The LSE tensors' head strides are the step's row count: not specialised (see
+    # vllm_msa/attention/warmup.py).
+    @triton.jit(do_not_specialize=["stride_llh", "stride_olh"])
     def _memory_attention_kernel(
         q_ptr, k_ptr, v_ptr, slots_ptr, tiles_ptr, counts_ptr,
         lo_ptr, llse_ptr, out_ptr, rows_ptr, olse_ptr,

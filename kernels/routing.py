@@ -195,7 +195,9 @@ if HAS_TRITON:
                 acc = tl.dot(k, tl.trans(q), acc, input_precision=DOT_PRECISION)
         return acc
 
-    @triton.jit
+    # Token and request counts change every step: not specialised (a compiled variant per
+    # count == 1 / divisible by 16 would compile on requests, past the engine's warm-up).
+    @triton.jit(do_not_specialize=["num_requests", "num_tokens"])
     def _chunk_scores_kernel(
         q_ptr,  # [T_total, QH, D]: prepared queries (normalised, scaled, maybe head-folded)
         k_ptr,  # [C, KV, D]

@@ -155,18 +155,49 @@ def worker_graphs(worker, mode: str | None = None) -> tuple[int, int, int] | Non
     return None if graphs is None else (graphs.captured, graphs.replays, graphs.single_local)
 
 
+def worker_compiles(worker) -> tuple[list[str], list[str]]:
+    """In the worker: (Triton compiles of vllm_msa's kernels since the first call, the
+    runtime's start-up warm-up). The first call installs the recorder, chained to the hook
+    vLLM's JIT monitor set after its own warm-up."""
+    from triton import knobs
+
+    from vllm_msa.attention.runtime import current_runtime
+
+    hook = knobs.runtime.jit_post_compile_hook
+    if not hasattr(hook, "msa_compiles"):
+        previous, compiles = hook, []
+
+        def hook(**kwargs):
+            fn = kwargs.get("fn")
+            source = getattr(fn, "fn", fn)
+            if getattr(source, "__module__", "").startswith("vllm_msa"):
+                compiles.append(f"{source.__module__}.{source.__name__}")
+            return previous(**kwargs) if previous is not None else None
+
+        hook.msa_compiles = compiles
+        knobs.runtime.jit_post_compile_hook = hook
+    return list(hook.msa_compiles), list(current_runtime().warmed_up)
+
+
 def test_full_decode_graphs_match_piecewise(checkpoints, bf16_bank):
     """vLLM's default FULL_AND_PIECEWISE graphs with memory: decode steps of memory requests
     (batched with a plain one) replay full CUDA graphs whose memory attention reads the
     per-step buffers; the same requests with decode forced onto piecewise graphs (the op's
     Python every step) give the same tokens and logprobs, within this engine's own bf16
-    error (as above: the two paths differ only in flash-attention's split schedule)."""
+    error (as above: the two paths differ only in flash-attention's split schedule).
+
+    And no kernel of ours compiles while serving: the engine's start-up warm-up
+    (vllm_msa/attention/warmup.py) compiled every variant these steps use — prefill of one
+    and of three memory requests, decode in full graphs and on piecewise graphs."""
     ckpt = checkpoints()
     ref = ReferenceMSA(ckpt)
     with running_llm(model=str(ckpt), dtype="bfloat16", enable_prefix_caching=False,
                      additional_config={"msa": {"banks": {"docs": str(bf16_bank.path)}}}
                      ) as llm:
+        compiles, warmed = llm.collective_rpc(worker_compiles)[0]
+        assert warmed, "the runtime did not warm its kernels up at start"
         prompts, memory, plain = bf16_requests(llm.get_tokenizer())
+        generate(llm, memory[:1])  # a step routing one request
         captured, replays, single_local = llm.collective_rpc(worker_graphs)[0]
         assert captured > 0, "no full graph captured memory attention"
         assert single_local == captured, "a full graph ran the backend's attention as well"
@@ -182,3 +213,5 @@ def test_full_decode_graphs_match_piecewise(checkpoints, bf16_bank):
         tol = bf16_error(ref, prompts[0], graphs[-1])
         assert_same_outputs(graphs, piecewise, tol)
         assert_staging_released(llm)
+        compiles, _ = llm.collective_rpc(worker_compiles)[0]
+        assert not compiles, f"compiled while serving: {compiles}"

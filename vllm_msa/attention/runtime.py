@@ -38,6 +38,7 @@ from .routing import Selection
 from .staging import Staged, StagingPool
 from .tiers import ServedBank, local_kv_heads
 from .uploads import ranges, upload
+from .warmup import warm_up_runtime
 
 logger = logging.getLogger(__name__)
 
@@ -149,6 +150,8 @@ class MemoryRuntime:
                 * max(bank.worst_case_chunks(self.rope_offset) for bank in self.banks.values()),
                 local_kv, head_dim, dtype, device)
         self.graphs = self._decode_graphs(vllm_config, device) if self.banks else None
+        self.warmed_up: list[str] = []  # kernel launches made at start (warmup.py)
+        warm_up_runtime(self, vllm_config)
 
     def _decode_graphs(self, vllm_config: Any, device: torch.device) -> DecodeGraphs | None:
         """Buffers for memory attention inside full decode graphs, when vLLM will capture
@@ -377,8 +380,9 @@ class MemoryRuntime:
         routed together in this step (the usual prefill) and the pool holds them all."""
         selections = [r.selections[layer_idx] for r in requests]
         first = selections[0]
-        if not (isinstance(first, RoutedSelection) and self.pool.keys.is_cuda
-                and bank.host_keys[layer_idx].is_pinned()
+        if not (isinstance(first, RoutedSelection)
+                and self.pool.reads_host_directly(bank.host_keys[layer_idx],
+                                                  bank.host_values[layer_idx])
                 and len(first.batch.ks) == len(requests)
                 and all(isinstance(s, RoutedSelection) and s.batch is first.batch
                         and s.row == i for i, s in enumerate(selections))):

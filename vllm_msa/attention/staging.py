@@ -58,6 +58,11 @@ class Staged:
         return int(self.counts[self.row].item())
 
 
+def _kernel_copy(host_keys: torch.Tensor, host_values: torch.Tensor, keys: torch.Tensor
+                 ) -> bool:
+    return keys.is_cuda and host_keys.is_pinned() and host_values.is_pinned()
+
+
 def chunk_rows(starts: torch.Tensor, counts: torch.Tensor, width: int
                ) -> tuple[torch.Tensor, torch.Tensor]:
     """The chunks of each row's documents, concatenated: starts/counts [R, K] (document j of
@@ -136,7 +141,7 @@ class StagingPool:
         if len(private) < len(requests):
             pooled = rows if not private else rows.index_fill(
                 0, upload(private, rows.device), -1)
-            self._copy(host_keys, host_values, pooled.flatten(), self.keys, self.values,
+            self.copy_rows(host_keys, host_values, pooled.flatten(), self.keys, self.values,
                        slots.flatten())
         staged = [Staged(slots, i, width, used) for i, width in enumerate(widths)]
         for i in private:
@@ -191,15 +196,21 @@ class StagingPool:
                 "additional_config msa.staging_mib for steady throughput.", self.num_slots)
         keys = self.keys.new_empty((rows.numel(), *self.keys.shape[1:]))
         values = torch.empty_like(keys)
-        self._copy(host_keys, host_values, rows, keys, values, None)
+        self.copy_rows(host_keys, host_values, rows, keys, values, None)
         return Staged(None, row, rows.numel(), counts, private=(keys, values))
 
+    def reads_host_directly(self, host_keys: torch.Tensor, host_values: torch.Tensor) -> bool:
+        """Whether staging into this pool runs the Triton kernels that read the host tier in
+        place (a device pool, a pinned host tier); elsewhere torch copies."""
+        return _kernel_copy(host_keys, host_values, self.keys)
+
     @staticmethod
-    def _copy(host_keys: torch.Tensor, host_values: torch.Tensor, rows: torch.Tensor,
-              keys: torch.Tensor, values: torch.Tensor, slots: torch.Tensor | None) -> None:
+    def copy_rows(host_keys: torch.Tensor, host_values: torch.Tensor, rows: torch.Tensor,
+                  keys: torch.Tensor, values: torch.Tensor, slots: torch.Tensor | None
+                  ) -> None:
         """keys[slots] = host_keys[rows] (and values), skipping rows < 0 and slots < 0, on the
         current stream."""
-        if keys.is_cuda and host_keys.is_pinned() and host_values.is_pinned():
+        if _kernel_copy(host_keys, host_values, keys):
             from ..kernels.fetch import gather_rows
 
             gather_rows(host_keys, host_values, rows, keys, values, dst_rows=slots)
