@@ -197,6 +197,8 @@ if HAS_TRITON:
 
     # Token and request counts change every step: not specialised (a compiled variant per
     # count == 1 / divisible by 16 would compile on requests, past the engine's warm-up).
+    # Compiled for sm_90 both ways, the kernel has the same shared memory, MMAs and loads;
+    # only the token loop's bounds become run-time values.
     @triton.jit(do_not_specialize=["num_requests", "num_tokens"])
     def _chunk_scores_kernel(
         q_ptr,  # [T_total, QH, D]: prepared queries (normalised, scaled, maybe head-folded)
