@@ -290,8 +290,20 @@ class MemoryRuntime:
         positions.add_(self._offset_delta)
 
     # ------------------------------------------------------------------ attention
+    def _token_rows(self, spans: list[tuple[int, int]], device: torch.device
+                    ) -> torch.Tensor | slice:
+        """The step rows of these token spans: a slice where they are one run (one request
+        with one routing range: a view, no gather launch), else an index tensor."""
+        run = spans[:1]
+        for a, b in spans[1:]:
+            if a != run[-1][1]:
+                return self.step_upload(("routing rows", *spans),
+                                        lambda: ranges(spans), device)
+            run[-1] = (run[-1][0], b)
+        return slice(*run[0])
+
     def routing_query(self, layer: RouterLayer, q: torch.Tensor, h: torch.Tensor,
-                      rows: torch.Tensor) -> torch.Tensor:
+                      rows: torch.Tensor | slice) -> torch.Tensor:
         """Qr of the routing-span tokens, all heads: [tokens, num_heads, head_dim]."""
         if self.msa.decouple_router:
             qr, _ = layer.attn.router_q_proj(h[rows])
@@ -319,9 +331,7 @@ class MemoryRuntime:
                 shift = row.token_start - row.first_position  # request token i -> step row
                 spans.extend((a + shift, b + shift) for a, b in row.request.options.ranges)
                 cu.append(cu[-1] + sum(b - a for a, b in row.request.options.ranges))
-            token_rows = self.step_upload(("routing rows", *spans),
-                                          lambda spans=spans: ranges(spans), q.device)
-            qr = self.routing_query(layer, q, h, token_rows)
+            qr = self.routing_query(layer, q, h, self._token_rows(spans, q.device))
             index = rows[0].request.bank.prepared_index(layer.layer_idx)
             top_ks = [r.request.options.top_k for r in rows]
             routed = route_batched_keys(qr, cu, index, self.routing, top_ks)
