@@ -159,14 +159,18 @@ def warm_up_runtime(runtime, vllm_config) -> None:
         return
     scheduler = vllm_config.scheduler_config
     start = time.perf_counter()
-    # Outside model construction's default-device context, as in a forward pass.
-    with torch.device("cpu"):
-        done = warm_up_kernels(
-            runtime.banks, runtime.pool, runtime.routing, runtime.rope_offset,
-            runtime.num_heads, runtime.num_heads // runtime.tp_size, runtime.head_dim,
-            runtime.pool.keys.dtype, scheduler.max_num_batched_tokens,
-            scheduler.max_num_seqs)
-    torch.cuda.synchronize(runtime.device)
+    try:
+        # Outside model construction's default-device context, as in a forward pass.
+        with torch.device("cpu"):
+            done = warm_up_kernels(
+                runtime.banks, runtime.pool, runtime.routing, runtime.rope_offset,
+                runtime.num_heads, runtime.num_heads // runtime.tp_size, runtime.head_dim,
+                runtime.pool.keys.dtype, scheduler.max_num_batched_tokens,
+                scheduler.max_num_seqs)
+        torch.cuda.synchronize(runtime.device)
+    except Exception:  # an optimisation only: serving works without it (kernels compile late)
+        logger.exception("MSA kernel warm-up failed; kernels will compile on first use")
+        return
     runtime.warmed_up = done
     logger.info("MSA kernel warm-up: %d launch groups in %.1f s", len(done),
                 time.perf_counter() - start)
