@@ -173,6 +173,41 @@ def test_answers_match_reference(built, checkpoints, group, combo):
                     for token_id in a:
                         assert abs(a[token_id].logprob - b[token_id].logprob) <= 1e-5
         assert_staging_released(llm)
+        # Routing by the group-mean query projection (linear scores: decoupled router, no
+        # per-head normalisation, head mean) where it is exact; every head elsewhere.
+        decoupled = spec.get("decouple_router", True)
+        normalised = score == "cosine" or (
+            score == "auto" and spec.get("aux_loss_method") == "INFONCE")
+        assert llm.collective_rpc(router_query_fold)[0] == (
+            decoupled and not normalised and head == "mean")
+
+
+def router_query_fold(worker) -> bool:
+    """Whether routing uses the folded router query; checks the folded weights where they
+    are still readable (inside the worker): each KV head's rows are the mean of its group's
+    router_q_proj rows."""
+    import torch
+
+    from vllm_msa.attention.runtime import current_runtime
+
+    runtime = current_runtime()
+    for layer in runtime.layers.values():
+        attn = layer.attn
+        if not runtime.fold_router_query:
+            assert not hasattr(attn, "router_q_fold")
+            continue
+        if attn.router_q_proj.weight.dim() != 2:
+            continue  # repacked for the CPU GEMM after loading (vLLM drops the plain copy)
+        d = runtime.head_dim  # this rank's heads: its shard of both projections
+        heads = attn.router_q_proj.weight.view(-1, d, attn.router_q_proj.weight.shape[1])
+        kv_heads = attn.router_q_fold.weight.shape[0] // d
+        group = runtime.num_heads // runtime.num_kv_heads
+        assert heads.shape[0] == kv_heads * group
+        for kv in range(kv_heads):
+            want = heads[kv * group:(kv + 1) * group].double().mean(0)
+            got = attn.router_q_fold.weight[kv * d:(kv + 1) * d].double()
+            assert torch.allclose(got, want, rtol=1e-6, atol=1e-7), kv
+    return runtime.fold_router_query
 
 
 def staging_in_use(worker) -> int:

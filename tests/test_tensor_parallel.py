@@ -12,7 +12,14 @@ from bank_checks import assert_bank_matches_reference, read_docs
 from conftest import ENGINE_DEFAULTS, SAMPLE_DOCS, has_gpu, running_llm, shutdown_llm
 from msa_reference import reference_answer
 from reference import ReferenceMSA
-from test_serving import MAX_TOKENS, bank_docs, check_against_reference, expected_prompt, sampling
+from test_serving import (
+    MAX_TOKENS,
+    bank_docs,
+    check_against_reference,
+    expected_prompt,
+    router_query_fold,
+    sampling,
+)
 
 from vllm_msa.bank.build import build_bank, encoder_llm
 
@@ -63,6 +70,8 @@ def test_tp2_bank_matches_reference(kv_heads, checkpoints, tmp_path, one_core_pe
         (output,) = llm.generate([{"prompt_token_ids": ids}],
                                  [sampling(msa_bank="docs", msa_return_selection=True)],
                                  use_tqdm=False)
+        # Each rank folds its own KV heads' groups; replicated KV heads cannot be folded.
+        assert llm.collective_rpc(router_query_fold) == [kv_heads == 2] * 2
     ref = ReferenceMSA(ckpt)
     expected = reference_answer(ref, ids, span, bank_docs(tokenizer, bank), top_k=4,
                                 rope_offset_k=4, template_len=span[0], max_tokens=MAX_TOKENS)

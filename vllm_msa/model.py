@@ -85,6 +85,28 @@ def add_router_projections(attn: Qwen3Attention, hidden_size: int, prefix: str) 
     )
 
 
+def add_folded_router_query(attn: Qwen3Attention, hidden_size: int, prefix: str) -> None:
+    """`router_q_fold`: one output head per KV head, its group's mean `router_q_proj` weight
+    (`fold_router_query`, filled in by `MSAForCausalLM.load_weights`). Column-parallel like
+    `router_q_proj`, so a rank's fold comes from the heads it holds."""
+    attn.router_q_fold = ColumnParallelLinear(
+        hidden_size,
+        attn.total_num_kv_heads * attn.head_dim,
+        bias=False,
+        prefix=f"{prefix}.router_q_fold",
+    )
+
+
+def fold_router_query(attn: Qwen3Attention) -> None:
+    """router_q_fold.weight = each KV head's group mean of router_q_proj.weight (this rank's
+    rows), averaged in fp32 and rounded once to the weight's dtype."""
+    weight = attn.router_q_proj.weight
+    kv_heads = attn.router_q_fold.weight.shape[0] // attn.head_dim
+    group = weight.shape[0] // (kv_heads * attn.head_dim)
+    folded = weight.float().view(kv_heads, group, attn.head_dim, -1).mean(1)
+    attn.router_q_fold.weight.data.copy_(folded.reshape(attn.router_q_fold.weight.shape))
+
+
 def attention_qkv(
     attn: Qwen3Attention, positions: torch.Tensor, hidden_states: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -113,6 +135,9 @@ class MSADecoderLayer(Qwen3DecoderLayer):
         runtime = current_runtime()
         self.reads_memory = self.is_router_layer and runtime is not None and bool(runtime.banks)
         if self.reads_memory:
+            if runtime.fold_router_query:
+                add_folded_router_query(self.self_attn, config.hidden_size,
+                                        f"{prefix}.self_attn")
             runtime.register_layer(self.self_attn.attn.layer_name, self.layer_idx,
                                    self.self_attn)
 
@@ -197,7 +222,13 @@ class MSAForCausalLM(Qwen3ForCausalLM):
         return self.model(input_ids, positions, intermediate_tensors, inputs_embeds)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        return AutoWeightsLoader(self).load_weights(drop_training_only_weights(weights))
+        loaded = AutoWeightsLoader(self).load_weights(drop_training_only_weights(weights))
+        # Derived weights (not in the checkpoint): made from the loaded ones.
+        for name, module in self.named_modules():
+            if hasattr(module, "router_q_fold"):
+                fold_router_query(module)
+                loaded.add(f"{name}.router_q_fold.weight")
+        return loaded
 
 
 def create_memory_runtime(vllm_config: VllmConfig, config, msa: MSAParams

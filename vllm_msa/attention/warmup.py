@@ -64,8 +64,9 @@ def warm_up_kernels(banks: Mapping[str, ServedBank], pool: StagingPool, routing:
                     top_k: int, num_heads: int, local_heads: int, head_dim: int,
                     dtype: torch.dtype, max_tokens: int, max_requests: int) -> list[str]:
     """Launch every kernel variant the memory path can reach (see the module docstring);
-    returns what ran, one line per launch group. `num_heads`: all query heads (routing sees
-    them all); `local_heads`: this rank's (memory attention); `dtype`: the model's."""
+    returns what ran, one line per launch group. `num_heads`: the routing query's heads (all
+    ranks' heads, or one per KV head when folded); `local_heads`: this rank's query heads
+    (memory attention); `dtype`: the model's."""
     from ..kernels import routing as rk
 
     done: list[str] = []
@@ -164,7 +165,7 @@ def warm_up_runtime(runtime, vllm_config) -> None:
         with torch.device("cpu"):
             done = warm_up_kernels(
                 runtime.banks, runtime.pool, runtime.routing, runtime.rope_offset,
-                runtime.num_heads, runtime.num_heads // runtime.tp_size, runtime.head_dim,
+                runtime.routing_heads, runtime.num_heads // runtime.tp_size, runtime.head_dim,
                 runtime.pool.keys.dtype, scheduler.max_num_batched_tokens,
                 scheduler.max_num_seqs)
         torch.cuda.synchronize(runtime.device)
