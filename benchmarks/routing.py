@@ -60,7 +60,7 @@ from vllm_msa.config import MSAParams  # noqa: E402
 # MSA-4B (msa-spec §1-3): 32 query heads, 8 KV heads, head_dim 128, pooling 64, 18 router
 # layers, top-k 16, head mean / query max / chunk max, dot product scaled by head_dim^-0.5.
 SHAPE = dict(heads=32, kv_heads=8, head_dim=128, pooling=64, doc_chunks=8, router_layers=18,
-             top_k=16)
+             top_k=16, hidden=2560)
 MSA_4B = dict(head_reduce_method="mean", query_reduce_method="max", chunk_reduce_method="max",
               aux_loss_method="INFONCE_DECOUPLE", decouple_router=True)
 DEVICE = "cuda"
@@ -120,6 +120,18 @@ def stage_costs(q, cu, prepared, msa, top_k: int) -> dict[str, float]:
         "route_batched_keys": graph_us(
             lambda: rk.route_batched_keys(q, cu, prepared, msa, top_k)),
     }
+    # The router's query projection (bf16 GEMM, as vLLM's linear layers run it) for every
+    # head, and folded to one query per KV head (vllm_msa.attention.runtime
+    # folds_router_query), whose routing call then takes [T, kv_heads, D].
+    hidden = torch.randn(q.shape[0], SHAPE["hidden"], device=DEVICE, dtype=torch.bfloat16)
+    for name, heads in (("all_heads", SHAPE["heads"]), ("folded", SHAPE["kv_heads"])):
+        weight = torch.randn(heads * SHAPE["head_dim"], SHAPE["hidden"], device=DEVICE,
+                             dtype=torch.bfloat16)
+        out[f"router_projection_{name}"] = graph_us(
+            lambda w=weight: torch.nn.functional.linear(hidden, w))
+    folded = q.view(q.shape[0], SHAPE["kv_heads"], -1, q.shape[2]).mean(2)
+    out["route_batched_keys_folded"] = graph_us(
+        lambda: rk.route_batched_keys(folded, cu, prepared, msa, top_k))
     for block_n in (128, 256, 512, 1024):
         if rk.merge_width(prepared.tiebreak.shape[0], top, block_n):
             out[f"select_merged_{block_n}"] = graph_us(
