@@ -71,6 +71,51 @@ def test_route_matches_naive(head, query, chunk, aux, heads, kv):
                               atol=1e-5)
 
 
+@pytest.mark.parametrize(("query", "chunk"), [("max", "max"), ("mean", "mean"), ("last", "max")])
+@pytest.mark.parametrize(("heads", "kv"), [(8, 2), (4, 1), (2, 2)])
+def test_folded_router_query_routes_like_every_head(query, chunk, heads, kv):
+    """`folds_router_query`'s premise, on the naive routing written from the spec: with dot
+    scores and the head mean, projecting each KV head's group-mean weight gives every
+    chunk's score (so the same documents), and the runtime folds exactly then."""
+    from vllm_msa.attention.runtime import folds_router_query
+
+    gen = torch.Generator().manual_seed(hash((query, chunk, heads, kv)) % 2**31)
+    msa = MSAParams.from_dict({"head_reduce_method": "mean", "query_reduce_method": query,
+                               "chunk_reduce_method": chunk,
+                               "aux_loss_method": "INFONCE_DECOUPLE", "decouple_router": True},
+                              num_layers=2)
+    _, keys, chunk_docs, doc_ids = make_index(40, kv, 16, gen)
+    hidden = torch.randn(7, 24, generator=gen, dtype=torch.float64)
+    weight = torch.randn(heads * 16, 24, generator=gen, dtype=torch.float64)
+    every = (hidden @ weight.T).view(7, heads, 16)
+    folded_weight = weight.view(kv, heads // kv, 16, 24).mean(1).reshape(kv * 16, 24)
+    folded = (hidden @ folded_weight.T).view(7, kv, 16)
+    keys = keys.double()
+    for k in (3, 40):
+        want = naive_route(every, keys, chunk_docs, doc_ids, msa, k)
+        got = naive_route(folded, keys, chunk_docs, doc_ids, msa, k)
+        assert got[0] == want[0]
+        assert torch.allclose(torch.tensor(got[1]), torch.tensor(want[1]), rtol=1e-12)
+    assert folds_router_query(msa, heads, kv, tp_size=1)
+    for other in ({"head_reduce_method": "max"}, {"aux_loss_method": "INFONCE"},
+                  {"decouple_router": False}):
+        raw = {"head_reduce_method": "mean", "aux_loss_method": "INFONCE_DECOUPLE",
+               "decouple_router": True, **other}
+        assert not folds_router_query(MSAParams.from_dict(raw, num_layers=2), heads, kv, 1)
+    assert folds_router_query(msa, heads, kv, tp_size=kv) and (
+        not folds_router_query(msa, heads, kv, tp_size=2 * kv))
+
+
+def test_single_run_of_spans():
+    from vllm_msa.attention.runtime import single_run
+
+    assert single_run([(3, 9)]) == slice(3, 9)
+    assert single_run([(3, 9), (9, 12), (12, 13)]) == slice(3, 13)
+    assert single_run([(3, 9), (10, 12)]) is None
+    assert single_run([(3, 9), (2, 3)]) is None
+    assert single_run([]) is None
+
+
 def test_ties_go_to_the_smaller_document_id():
     msa = MSAParams.from_dict({}, num_layers=1)
     key = torch.ones(1, 1, 8)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import logging
 import os
 from collections.abc import Callable
@@ -105,6 +106,13 @@ def routing_params(msa: MSAParams, score: str) -> MSAParams:
     if score == "dot":
         return dataclasses.replace(msa, aux_loss_method="")
     return msa
+
+
+def single_run(spans: list[tuple[int, int]]) -> slice | None:
+    """The half-open `spans` as one slice where each starts where the last ended."""
+    if not spans or any(end != start for (_, end), (start, _) in itertools.pairwise(spans)):
+        return None
+    return slice(spans[0][0], spans[-1][1])
 
 
 def folds_router_query(routing: MSAParams, num_heads: int, num_kv_heads: int,
@@ -316,13 +324,10 @@ class MemoryRuntime:
                     ) -> torch.Tensor | slice:
         """The step rows of these token spans: a slice where they are one run (one request
         with one routing range: a view, no gather launch), else an index tensor."""
-        run = spans[:1]
-        for a, b in spans[1:]:
-            if a != run[-1][1]:
-                return self.step_upload(("routing rows", *spans),
-                                        lambda: ranges(spans), device)
-            run[-1] = (run[-1][0], b)
-        return slice(*run[0])
+        run = single_run(spans)
+        if run is not None:
+            return run
+        return self.step_upload(("routing rows", *spans), lambda: ranges(spans), device)
 
     @property
     def routing_heads(self) -> int:
