@@ -166,8 +166,11 @@ def _keep_until(event: torch.cuda.Event, tensors: tuple[torch.Tensor, ...]) -> N
 def _kernel_rows(rows: torch.Tensor, device: torch.device, keep: list) -> torch.Tensor:
     """Row indices as the kernel reads them: on the device, or pinned host memory read
     through UVA like the bank itself (no separate upload; pageable indices are pinned
-    first). Host indices are kept alive until the launch's event has completed."""
+    first), 16-byte aligned (the variant the engine's warm-up compiled). Host indices are
+    kept alive until the launch's event has completed."""
     rows = rows.contiguous()  # the kernel reads them densely
+    if rows.data_ptr() % 16:  # a row slice: Triton would compile an unaligned variant
+        rows = rows.clone()
     if rows.device.type == "cuda":
         return rows if rows.device == device else rows.to(device, non_blocking=True)
     if not rows.is_pinned():

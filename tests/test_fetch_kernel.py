@@ -225,6 +225,16 @@ def test_index_placement_alignment_and_fast_launch():
         fetch.gather_rows(src_k, src_v, strided, dst_k, dst_v).synchronize()
         assert torch.equal(dst_k, src_k[wide[:, 1]].cuda())
         assert torch.equal(dst_v, src_v[wide[:, 1]].cuda())
+    # Index slices at an 8-byte offset (a staging table's row) are handed over aligned.
+    table = torch.randint(0, 500, (3, 33))
+    for placed in (table, table.pin_memory(), table.cuda()):
+        row = placed[1, :33]
+        assert row.data_ptr() % 16 == 8
+        keep: list = []
+        assert fetch._kernel_rows(row, torch.device("cuda"), keep).data_ptr() % 16 == 0
+        dst_k, dst_v = (_poisoned(33, (8, 128), torch.bfloat16) for _ in range(2))
+        fetch.gather_rows(src_k, src_v, row, dst_k, dst_v).synchronize()
+        assert torch.equal(dst_k, src_k[table[1]].cuda())
     if fetch._FAST_LAUNCH:
         assert fetch._COMPILED, "compiled kernels were not kept for direct launches"
     torch.cuda.synchronize()
