@@ -277,6 +277,18 @@ if HAS_TRITON:
                 more = done & (r < num_requests) & (r_start < t1)
 
     @triton.jit
+    def _store_top(keys, out, TOP: tl.constexpr, BITONIC: tl.constexpr):
+        """out[0:TOP] = the TOP largest of `keys` (distinct), largest first: by a bitonic
+        top-k network (data-parallel rounds), or TOP serial maxima."""
+        if BITONIC:
+            tl.store(out + tl.arange(0, TOP), tl.topk(keys, TOP))
+        else:
+            for i in tl.static_range(TOP):
+                m = tl.max(keys, axis=0)
+                tl.store(out + i, m)
+                keys = tl.where(keys == m, -(2**63), keys)
+
+    @triton.jit
     def _document_keys_kernel(
         chunk_ptr,  # [R, C] fp32
         doc_start_ptr,  # [N + 1] int64
@@ -331,13 +343,7 @@ if HAS_TRITON:
         else:  # this block's TOP largest keys, largest first (keys are distinct)
             key = tl.where(mask, key, -(2**63))
             out = key_ptr + r * stride_kr + pid * TOP
-            if BITONIC:  # a bitonic top-k network: data-parallel rounds, sorted descending
-                tl.store(out + tl.arange(0, TOP), tl.topk(key, TOP))
-            else:
-                for i in tl.static_range(TOP):
-                    m = tl.max(key, axis=0)
-                    tl.store(out + i, m)
-                    key = tl.where(key == m, -(2**63), key)
+            _store_top(key, out, TOP, BITONIC)
             if MERGE > 0:
                 # The row's last block to finish merges every block's candidates: the
                 # release half of the atomic publishes this block's stores, its acquire
@@ -348,14 +354,7 @@ if HAS_TRITON:
                     cand = tl.load(key_ptr + r * stride_kr + offs_m,
                                    mask=offs_m < blocks * TOP, other=-(2**63),
                                    cache_modifier=".cg")
-                    if BITONIC:
-                        tl.store(best_ptr + r * stride_br + tl.arange(0, TOP),
-                                 tl.topk(cand, TOP))
-                    else:
-                        for i in tl.static_range(TOP):
-                            m = tl.max(cand, axis=0)
-                            tl.store(best_ptr + r * stride_br + i, m)
-                            cand = tl.where(cand == m, -(2**63), cand)
+                    _store_top(cand, best_ptr + r * stride_br, TOP, BITONIC)
                     tl.atomic_xchg(done_ptr + r, 0)  # ready for the next call
 
 

@@ -67,13 +67,11 @@ def warm_up_kernels(banks: Mapping[str, ServedBank], pool: StagingPool, routing:
     returns what ran, one line per launch group. `num_heads`: the routing query's heads (all
     ranks' heads, or one per KV head when folded); `local_heads`: this rank's query heads
     (memory attention); `dtype`: the model's."""
-    from ..kernels import routing as rk
-
     done: list[str] = []
     with torch.no_grad():
         for name, bank in banks.items():
             done += _warm_bank(name, bank, pool, routing, top_k, num_heads, head_dim, dtype,
-                               max_tokens, max_requests, rk)
+                               max_tokens, max_requests)
         if banks:
             done += _warm_memory_attention(pool, local_heads, head_dim, dtype)
     return done
@@ -81,7 +79,9 @@ def warm_up_kernels(banks: Mapping[str, ServedBank], pool: StagingPool, routing:
 
 def _warm_bank(name: str, bank: ServedBank, pool: StagingPool, routing: MSAParams, top_k: int,
                num_heads: int, head_dim: int, dtype: torch.dtype, max_tokens: int,
-               max_requests: int, rk) -> list[str]:
+               max_requests: int) -> list[str]:
+    from ..kernels import routing as rk
+
     # Every router layer of a bank has the same shapes: its first layer stands for all.
     layer = bank.bank.router_layers[0]
     prep = bank.prepared_index(layer)
