@@ -137,20 +137,16 @@ def stage_costs(q, cu, prepared, msa, top_k: int) -> dict[str, float]:
             out[f"select_merged_{block_n}"] = graph_us(
                 lambda b=block_n: rk.document_keys_batched(chunk, prepared, msa, top, b,
                                                            merge=True))
-            out[f"select_merged_{block_n}_bitonic"] = graph_us(
-                lambda b=block_n: rk.document_keys_batched(chunk, prepared, msa, top, b,
-                                                           merge=True, bitonic=True))
         out[f"select_topk_{block_n}"] = graph_us(lambda b=block_n: torch.topk(
             rk.document_keys_batched(chunk, prepared, msa, top, b), top_k, dim=1))
     # The default block's launch shape: warps (the merge's 16 serial maxima are reductions
-    # across the program), chunks of a document per load, and the bitonic top-k network.
+    # across the program) and chunks of a document per load.
     block_n = rk.document_block(prepared.tiebreak.shape[0], top)
     if rk.merge_width(prepared.tiebreak.shape[0], top, block_n):
-        for warps, tile, bitonic in itertools.product((1, 2, 4, 8), (4, 8, 16), (False, True)):
-            out[f"select_merged_{block_n}_w{warps}_c{tile}{'_bitonic' if bitonic else ''}"] = (
-                graph_us(lambda w=warps, c=tile, b=bitonic: rk.document_keys_batched(
-                    chunk, prepared, msa, top, block_n, merge=True, num_warps=w, chunk_tile=c,
-                    bitonic=b)))
+        for warps, tile in itertools.product((1, 2, 4, 8), (4, 8, 16)):
+            out[f"select_merged_{block_n}_w{warps}_c{tile}"] = graph_us(
+                lambda w=warps, c=tile: rk.document_keys_batched(
+                    chunk, prepared, msa, top, block_n, merge=True, num_warps=w, chunk_tile=c))
     return out
 
 
