@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import subprocess
 import sys
 
@@ -106,6 +108,36 @@ def test_register_is_idempotent_and_registers_everything():
                             timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip().endswith("ok")
+
+
+def test_plugin_log_lines_go_where_vllms_go():
+    """Records of `vllm_msa.*` loggers come out through vLLM's handler and format, at vLLM's
+    level, once: before, INFO lines (bank load, staging pool, warm-up) never showed."""
+    code = (
+        "import logging\n"
+        "logging.basicConfig(format='root: %(message)s')\n"  # a root handler, on stderr
+        "from vllm.plugins import load_general_plugins\n"
+        "load_general_plugins()\n"  # the installed entry point, as every vLLM process runs it
+        # then, as an engine (core, worker) does on start, possibly after the plugins loaded:
+        "from vllm.config.logging import LoggingConfig\n"
+        "from vllm.logger import configure_logging\n"
+        "configure_logging(LoggingConfig())\n"
+        "log = logging.getLogger('vllm_msa.attention.staging')\n"
+        "log.info('msa-info-line %d', 7); log.debug('msa-debug-line')\n"
+        "logging.getLogger('vllm_msa.attention.warmup').warning('msa-warning-line')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=300, env={**os.environ, "VLLM_LOGGING_LEVEL": "INFO",
+                                              "VLLM_LOGGING_STREAM": "ext://sys.stdout",
+                                              "VLLM_CONFIGURE_LOGGING": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = [line for line in result.stdout.splitlines() if "msa-" in line]
+    assert len(lines) == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    info, warning = lines
+    # vLLM's format: level, date, [file:line], message.
+    assert re.search(r"INFO .*\[<string>:\d+\] msa-info-line 7$", info), info
+    assert "WARNING" in warning and warning.endswith("msa-warning-line"), warning
+    assert "msa-" not in result.stderr  # not a second copy through the root logger
 
 
 def test_entry_point_is_installed():

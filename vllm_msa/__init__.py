@@ -63,6 +63,9 @@ def register() -> None:
         return
     _registered = True
 
+    from .log import follow_vllm_logging
+
+    follow_vllm_logging()
     from transformers import AutoConfig
 
     from .config import MSAConfig
