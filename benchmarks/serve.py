@@ -48,9 +48,19 @@ def measure_in_child(*args) -> list[dict]:
         return pool.apply(measure, args)
 
 
+def memory_steps(worker) -> dict[str, int]:
+    """Inside the worker: its steps with memory requests so far, by how they ran (a replayed
+    full CUDA graph, or the op's Python)."""
+    from vllm_msa.attention.runtime import current_runtime
+
+    runtime = current_runtime()
+    return dict(runtime.memory_steps) if runtime is not None else {}
+
+
 def measure(ckpt, engine: dict, bank_path: str | None, batches: list[int], decode: int,
             prompts_text: list[str], staging_mib: int, eager: bool) -> list[dict]:
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # before vLLM is imported (see above)
+    os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # collective_rpc(memory_steps)
     from vllm import LLM, SamplingParams
 
     from vllm_msa.prompt import build_prompt
@@ -65,17 +75,28 @@ def measure(ckpt, engine: dict, bank_path: str | None, batches: list[int], decod
     prompts = [build_prompt(tokenizer, q) for q in prompts_text]
     xargs = {"msa_bank": "b"} if bank_path else None
 
-    def run(n: int, max_tokens: int) -> tuple[float, float]:
-        """(wall seconds, decode tokens/s from the engine core's timestamps)."""
+    def steps() -> dict[str, int]:
+        return llm.collective_rpc(memory_steps)[0] if bank_path else {}
+
+    def run(n: int, max_tokens: int) -> tuple[float, float, dict]:
+        """(wall seconds, decode tokens/s from the engine core's timestamps, what else tells
+        a slow decode apart: the spread of the first tokens, which is a prefill split over
+        steps, and the steps with memory by how they ran)."""
         params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True,
                                 extra_args=xargs)
+        before = steps()
         t = time.perf_counter()
         outputs = llm.generate(prompts[:n], params, use_tqdm=False)
         wall = time.perf_counter() - t
+        after = steps()
         stats = [o.metrics for o in outputs]
-        span = max(s.last_token_ts for s in stats) - min(s.first_token_ts for s in stats)
+        first = [s.first_token_ts for s in stats]
+        span = max(s.last_token_ts for s in stats) - min(first)
         tokens = sum(s.num_generation_tokens - 1 for s in stats)
-        return wall, tokens / span if span > 0 else 0.0
+        detail = {"first_token_spread_s": max(first) - min(first),
+                  "memory_steps": {k: v - before.get(k, 0) for k, v in after.items()
+                                   if v != before.get(k, 0)}}
+        return wall, tokens / span if span > 0 else 0.0, detail
 
     rows = []
     try:
@@ -84,10 +105,16 @@ def measure(ckpt, engine: dict, bank_path: str | None, batches: list[int], decod
             run(b, 4)  # this batch size's kernels compiled and tuned before timing
             ttft = min(run(b, 1)[0] for _ in range(3))
             timed = [run(b, decode) for _ in range(2)]
-            rows.append({"batch": b, "ttft_s": ttft, "total_s": min(w for w, _ in timed),
-                         "decode_tokens_per_s": max(rate for _, rate in timed)})
+            rows.append({"batch": b, "ttft_s": ttft, "total_s": min(w for w, _, _ in timed),
+                         "decode_tokens_per_s": max(rate for _, rate, _ in timed),
+                         "decode_runs": [{"tokens_per_s": rate, **detail}
+                                         for _, rate, detail in timed]})
+            runs = "; ".join(
+                f"{rate:,.0f} tok/s, first tokens within {d['first_token_spread_s'] * 1e3:.1f}"
+                f" ms{', steps ' + str(d['memory_steps']) if d['memory_steps'] else ''}"
+                for _, rate, d in timed)
             print(f"  [{'MSA' if bank_path else 'plain'}] batch {b}: TTFT {ttft * 1e3:.1f} ms, "
-                  f"decode {rows[-1]['decode_tokens_per_s']:,.0f} tok/s", flush=True)
+                  f"decode {rows[-1]['decode_tokens_per_s']:,.0f} tok/s ({runs})", flush=True)
     finally:
         llm.llm_engine.engine_core.shutdown()
     return rows

@@ -180,6 +180,20 @@ def test_answers_match_reference(built, checkpoints, group, combo):
             score == "auto" and spec.get("aux_loss_method") == "INFONCE")
         assert llm.collective_rpc(router_query_fold)[0] == (
             decoupled and not normalised and head == "mean")
+        # Every step with a memory request ran the op's Python here (no CUDA graphs on CPU),
+        # counted once per step: at least one request's MAX_TOKENS steps, at most every
+        # memory request's in steps of their own.
+        steps = llm.collective_rpc(memory_steps)[0]
+        memory_runs = sum(1 for bank, *_ in cases if bank) * (
+            2 if (group, combo) == CASES[0] else 1)
+        assert set(steps) == {"op_python"}, steps
+        assert MAX_TOKENS <= steps["op_python"] <= MAX_TOKENS * memory_runs, steps
+
+
+def memory_steps(worker) -> dict[str, int]:
+    from vllm_msa.attention.runtime import current_runtime
+
+    return dict(current_runtime().memory_steps)
 
 
 def router_query_fold(worker) -> bool:

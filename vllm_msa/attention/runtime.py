@@ -10,6 +10,7 @@ go through the platform backend untouched, so they compute exactly what Qwen3 co
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import itertools
@@ -159,6 +160,10 @@ class MemoryRuntime:
         self.requests: dict[str, MemoryRequest] = {}
         self.rows: list[StepRow] = []
         self.num_preempted = 0  # memory requests preempted so far (they keep their selection)
+        # Steps with memory requests, by how they ran: "full_graph" (a replayed full CUDA
+        # graph) or "op_python" (the op's Python ran: eager, or a piecewise graph). Read by
+        # benchmarks/serve.py to tell a slow decode from one that left the full graphs.
+        self.memory_steps: collections.Counter[str] = collections.Counter()
         self._offsets: list[tuple[int, int]] | None = None
         self._offset_key: tuple | None = None
         self._offset_delta: torch.Tensor | None = None
@@ -288,6 +293,8 @@ class MemoryRuntime:
                     offsets = []
                 offsets.append((token_start + first, token_start + num_tokens))
         self._offsets = offsets
+        if self.rows:
+            self.memory_steps["full_graph" if full_graph else "op_python"] += 1
         if full_graph and self.graphs is not None:
             layers = self.msa.router_layers
             if any(layer not in row.request.staged for row in self.rows for layer in layers):
