@@ -103,3 +103,29 @@ def _event_seconds(fn: Any, reps: int, warmup: int) -> list[float]:
         end.synchronize()
         times.append(start.elapsed_time(end) / 1e3)
     return times
+
+
+def trace_events(prof: Any) -> list[dict]:
+    """A torch.profiler run's Chrome-trace events: the device's kernels, copies and memsets
+    there carry their own durations (also those replayed from CUDA graphs), which the
+    profiler's op tree does not hold for launches outside torch ops (Triton's)."""
+    import json
+    import tempfile
+
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        prof.export_chrome_trace(f.name)
+        with open(f.name) as trace:
+            return json.load(trace)["traceEvents"]
+
+
+DEVICE_EVENTS = ("kernel", "gpu_memcpy", "gpu_memset")
+
+
+def device_seconds_by_name(prof: Any) -> dict[str, float]:
+    """Seconds of device time per kernel (copy, memset) name in a profiled run."""
+    out: dict[str, float] = {}
+    for e in trace_events(prof):
+        if e.get("ph") == "X" and e.get("cat", "") in DEVICE_EVENTS:
+            name = e["name"][:80]
+            out[name] = out.get(name, 0.0) + e["dur"] / 1e6
+    return out

@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 
 from bank_build import common_arguments, prepare, write_result
-from report import card_name, device_copy_bandwidth, pyplot
+from report import card_name, device_copy_bandwidth, device_seconds_by_name, pyplot
 from serving import questions
 
 from vllm_msa.cli import parse_count
@@ -57,8 +57,37 @@ def memory_steps(worker) -> dict[str, int]:
     return dict(runtime.memory_steps) if runtime is not None else {}
 
 
+def decode_profile(run, batch: int, decode: int) -> dict:
+    """Where a decode step's time goes at this batch size: device time per step (each kernel
+    name's, and all of it) from a profiled run of `decode` tokens less a profiled run of one
+    token (its prefill), against the wall time per step of the profiled run. Device time
+    close to the wall time: the GPU binds; well below it: the host does (or waits)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + (
+        [ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+
+    def profiled(tokens: int) -> tuple[dict[str, float], float]:
+        with profile(activities=activities) as prof:
+            _, rate, _ = run(batch, tokens)
+        return device_seconds_by_name(prof), rate
+
+    prefill, _ = profiled(1)
+    full, rate = profiled(decode)
+    steps = decode - 1
+    per_step = {name: (seconds - prefill.get(name, 0.0)) / steps
+                for name, seconds in full.items()}
+    top = dict(sorted(((n, t * 1e6) for n, t in per_step.items() if t > 0),
+                      key=lambda kv: -kv[1])[:12])
+    return {"wall_ms_per_step": batch * 1e3 / rate if rate else None,
+            "device_ms_per_step": sum(per_step.values()) * 1e3,
+            "kernels_us_per_step": top}
+
+
 def measure(ckpt, engine: dict, bank_path: str | None, batches: list[int], decode: int,
-            prompts_text: list[str], staging_mib: int, eager: bool) -> list[dict]:
+            prompts_text: list[str], staging_mib: int, eager: bool,
+            profile_decode: bool = False) -> list[dict]:
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # before vLLM is imported (see above)
     os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # collective_rpc(memory_steps)
     from vllm import LLM, SamplingParams
@@ -115,6 +144,14 @@ def measure(ckpt, engine: dict, bank_path: str | None, batches: list[int], decod
                 for _, rate, d in timed)
             print(f"  [{'MSA' if bank_path else 'plain'}] batch {b}: TTFT {ttft * 1e3:.1f} ms, "
                   f"decode {rows[-1]['decode_tokens_per_s']:,.0f} tok/s ({runs})", flush=True)
+            if profile_decode and b == max(batches):
+                prof = rows[-1]["decode_profile"] = decode_profile(run, b, decode)
+                wall = prof["wall_ms_per_step"]
+                print(f"    decode step: {wall or 0:.2f} ms wall, "
+                      f"{prof['device_ms_per_step']:.2f} ms device; us per step: "
+                      + ", ".join(f"{n[:40]} {t:.0f}"
+                                  for n, t in prof["kernels_us_per_step"].items()),
+                      flush=True)
     finally:
         llm.llm_engine.engine_core.shutdown()
     return rows
@@ -157,6 +194,9 @@ def main() -> None:
     parser.add_argument("--eager", action="store_true", help="enforce_eager for every engine")
     parser.add_argument("--engines", help="run only these: 'plain' and/or bank sizes "
                         "(default: plain and every --bank-tokens size)")
+    parser.add_argument("--profile-decode", action="store_true",
+                        help="at the largest batch, profile a decode run: device time per "
+                        "step and per kernel against the wall time per step")
     parser.add_argument("--partial", help="engine results kept across runs (default: "
                         "<work>/serve-<shape>-partial.json)")
     args = parser.parse_args()
@@ -195,11 +235,12 @@ def main() -> None:
 
     if "plain" in wanted:
         runs["plain vLLM"] = measure_in_child(ckpt, engine, None, batches, args.decode_tokens,
-                                              texts, args.staging_mib, args.eager)
+                                              texts, args.staging_mib, args.eager,
+                                              args.profile_decode)
     for size, path in banks.items():
         runs[f"MSA, {size:,}-token bank"] = measure_in_child(
             ckpt, engine, path, batches, args.decode_tokens, texts, args.staging_mib,
-            args.eager)
+            args.eager, args.profile_decode)
     partial_path.write_text(json.dumps({"bandwidth": bandwidth, "runs": runs,
                                         "banks": {str(s): d for s, d in described.items()}},
                                        indent=1))

@@ -32,7 +32,14 @@ os.environ["VLLM_MSA_PROFILE_RANGES"] = "1"
 os.environ.setdefault("VLLM_MSA_FETCH_STREAM", "0")
 
 from bank_build import common_arguments, prepare, write_result
-from report import card_name, device_copy_bandwidth, matmul_rate, pyplot
+from report import (
+    DEVICE_EVENTS,
+    card_name,
+    device_copy_bandwidth,
+    matmul_rate,
+    pyplot,
+    trace_events,
+)
 from serving import questions
 
 from vllm_msa.cli import parse_count
@@ -46,13 +53,7 @@ def gpu_time_by_phase(prof) -> tuple[dict[str, float], dict[str, float]]:
     whose range was open on the launching thread when it was launched (matched through the
     trace's correlation ids: Triton's launches are not inside any torch op, so the
     profiler's own op tree does not hold them)."""
-    import json
-    import tempfile
-
-    with tempfile.NamedTemporaryFile(suffix=".json") as f:
-        prof.export_chrome_trace(f.name)
-        with open(f.name) as trace:
-            events = json.load(trace)["traceEvents"]
+    events = trace_events(prof)
     ranges: dict[int, list[tuple[float, float, str]]] = {}
     launches: dict[int, tuple[int, float]] = {}
     device = []
@@ -65,7 +66,7 @@ def gpu_time_by_phase(prof) -> tuple[dict[str, float], dict[str, float]]:
                                                     PHASES[e["name"]]))
         elif cat in ("cuda_runtime", "cuda_driver") and "correlation" in e.get("args", {}):
             launches[e["args"]["correlation"]] = (e["tid"], e["ts"])
-        elif cat in ("kernel", "gpu_memcpy", "gpu_memset"):
+        elif cat in DEVICE_EVENTS:
             device.append(e)
     times = dict.fromkeys(PHASES.values(), 0.0)
     route_kernels: dict[str, float] = {}
