@@ -86,6 +86,22 @@ def gpu_time_by_phase(prof) -> tuple[dict[str, float], dict[str, float]]:
     return times, dict(sorted(route_kernels.items(), key=lambda kv: -kv[1]))
 
 
+def profiled_host(fn, top: int = 15) -> tuple[float, dict[str, float]]:
+    """(what `fn` returns, the `top` functions by own host time under cProfile, seconds):
+    where a one-off slow call (the first request after start) spends its host time, C calls
+    (a CUDA runtime or driver wait, a pinned allocation) included under their names."""
+    import cProfile
+    import pstats
+
+    profiler = cProfile.Profile()
+    result = profiler.runcall(fn)
+    stats = pstats.Stats(profiler).stats
+    own = sorted(((tottime, f"{path.rsplit('/', 1)[-1]}:{line}({name})")
+                  for (path, line, name), (_, _, tottime, _, _) in stats.items()),
+                 reverse=True)[:top]
+    return result, {name: seconds for seconds, name in own}
+
+
 def plot(result: dict, path: Path) -> str:
     plt = pyplot()
     if plt is None:
@@ -120,6 +136,10 @@ def main() -> None:
     parser.add_argument("--bank-tokens", default="10M")
     parser.add_argument("--batches", default="1,8,64")
     parser.add_argument("--question-words", type=int, default=12)
+    parser.add_argument("--profile-first-request", action="store_true",
+                        help="run the first request after start under cProfile and list "
+                        "the host functions it spends most in (its TTFT then includes the "
+                        "profiler's overhead)")
     args = parser.parse_args()
     work, ckpt, engine = prepare(args)
 
@@ -172,7 +192,10 @@ def main() -> None:
     try:
         # The first request after start: with the runtime's kernel warm-up no Triton kernel
         # of ours compiles here (vllm_msa/attention/warmup.py); compare with the warm rows.
-        first_request = ttft(1)
+        if args.profile_first_request:
+            first_request, first_request_host = profiled_host(lambda: ttft(1))
+        else:
+            first_request, first_request_host = ttft(1), None
         ttft(max(batches))  # warm-up: allocator, graphs
         for b in batches:
             ttft(b)  # untimed: any first-time work of this batch size
@@ -231,7 +254,10 @@ def main() -> None:
         phases = [r[f"host_{name}_s"] for name in ("route", "fetch", "attention")]
         print(f"{r['batch']:>5} " + " ".join(f"{ms(x):>7}" for x in phases)
               + f" {ms(sum(phases)):>7} {ms(r['ttft_s']):>7}")
-    print(f"\nfirst request after start (batch 1): {ms(first_request)} ms")
+    print(f"\nfirst request after start (batch 1): {ms(first_request)} ms"
+          + (" (under cProfile)" if first_request_host else ""))
+    for name, seconds in (first_request_host or {}).items():
+        print(f"  {seconds * 1e3:8.1f} ms  {name}")
     for r in rows[:1]:
         print(f"\nrouting's kernels at batch {r['batch']}, GPU us per router layer:")
         for name, seconds in r["gpu_route_kernels_s"].items():
@@ -248,6 +274,7 @@ def main() -> None:
         "matmul_flops_per_s": rate,
         "rows": rows,
         "first_request_ttft_s": first_request,
+        "first_request_host_s": first_request_host,
         "goal_metric": f"GPU time of routing in one prefill step / HBM floor (one read of the "
                        f"index), batch {first.get('batch')}, {size:,}-token bank",
         "goal": 1.2,
