@@ -66,6 +66,7 @@ def register() -> None:
     from .log import follow_vllm_logging
 
     follow_vllm_logging()
+
     from transformers import AutoConfig
 
     from .config import MSAConfig
