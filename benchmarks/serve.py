@@ -57,24 +57,26 @@ def memory_steps(worker) -> dict[str, int]:
     return dict(runtime.memory_steps) if runtime is not None else {}
 
 
-def decode_profile(run, batch: int, decode: int) -> dict:
+def decode_profile(run, batch: int, decode: int, rate: float) -> dict:
     """Where a decode step's time goes at this batch size: device time per step (each kernel
     name's, and all of it) from a profiled run of `decode` tokens less a profiled run of one
-    token (its prefill), against the wall time per step of the profiled run. Device time
-    close to the wall time: the GPU binds; well below it: the host does (or waits)."""
+    token (its prefill), against the wall time per step of the unprofiled timed runs (`rate`,
+    their decode tokens/s; the profiler's own host overhead would inflate a profiled run's).
+    Device time close to the wall time: the GPU binds; well below it: the host does (or
+    waits)."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    activities = [ProfilerActivity.CPU] + (
-        [ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    # Device activity only: kernel durations are all this reads.
+    activities = [ProfilerActivity.CUDA if torch.cuda.is_available() else ProfilerActivity.CPU]
 
-    def profiled(tokens: int) -> tuple[dict[str, float], float]:
+    def profiled(tokens: int) -> dict[str, float]:
         with profile(activities=activities) as prof:
-            _, rate, _ = run(batch, tokens)
-        return device_seconds_by_name(prof), rate
+            run(batch, tokens)
+        return device_seconds_by_name(prof)
 
-    prefill, _ = profiled(1)
-    full, rate = profiled(decode)
+    prefill = profiled(1)
+    full = profiled(decode)
     steps = decode - 1
     per_step = {name: (seconds - prefill.get(name, 0.0)) / steps
                 for name, seconds in full.items()}
@@ -145,7 +147,8 @@ def measure(ckpt, engine: dict, bank_path: str | None, batches: list[int], decod
             print(f"  [{'MSA' if bank_path else 'plain'}] batch {b}: TTFT {ttft * 1e3:.1f} ms, "
                   f"decode {rows[-1]['decode_tokens_per_s']:,.0f} tok/s ({runs})", flush=True)
             if profile_decode and b == max(batches):
-                prof = rows[-1]["decode_profile"] = decode_profile(run, b, decode)
+                prof = rows[-1]["decode_profile"] = decode_profile(
+                    run, b, decode, rows[-1]["decode_tokens_per_s"])
                 wall = prof["wall_ms_per_step"]
                 print(f"    decode step: {wall or 0:.2f} ms wall, "
                       f"{prof['device_ms_per_step']:.2f} ms device; us per step: "
