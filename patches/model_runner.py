@@ -44,6 +44,14 @@ def batch_rows(runner: Any) -> list[tuple[str, dict | None, int, int, int, int]]
             for i, (req_id, extra) in enumerate(batch_requests(runner))]
 
 
+def batch_key(runner: Any) -> tuple[tuple[str, ...], bytes]:
+    """What identifies a step's batch layout for the runtime's steady-decode shortcut: its
+    request ids in order and their token offsets (C-speed copies, no per-request Python)."""
+    batch = runner.input_batch
+    n = batch.num_reqs
+    return tuple(batch.req_ids[:n]), runner.query_start_loc.np[: n + 1].tobytes()
+
+
 def install_model_runner_hook() -> None:
     global _installed
     if _installed:
@@ -68,7 +76,9 @@ def install_model_runner_hook() -> None:
             runtime.preempt(scheduler_output.preempted_req_ids or ())
         result = update_states(self, scheduler_output, *args, **kwargs)
         if runtime is not None and runtime.graphs is not None:
-            runtime.eager_step = runtime.needs_eager_step(batch_requests(self))
+            batch = self.input_batch
+            runtime.eager_step = not runtime.all_settled(batch.req_ids[: batch.num_reqs]) \
+                and runtime.needs_eager_step(batch_requests(self))
         return result
 
     @functools.wraps(dispatch)
@@ -85,7 +95,9 @@ def install_model_runner_hook() -> None:
         if runtime is None:
             return model_forward(self, *args, **kwargs)
         mode = get_forward_context().cudagraph_runtime_mode
-        runtime.begin_step(batch_rows(self), full_graph=mode == CUDAGraphMode.FULL)
+        full = mode == CUDAGraphMode.FULL
+        runtime.begin_step(lambda: batch_rows(self), full_graph=full,
+                           batch_key=batch_key(self) if full else None)
         positions = kwargs.get("positions", args[1] if len(args) > 1 else None)
         if positions is not None:  # in place: full graphs read the runner's buffer
             runtime.offset_positions(positions)

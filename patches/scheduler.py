@@ -49,6 +49,8 @@ class _MSASchedulerMixin:
     def _reserve_prefill_lookahead(self, request, num_computed_tokens, num_new_tokens):
         num_new_tokens = super()._reserve_prefill_lookahead(
             request, num_computed_tokens, num_new_tokens)
+        if num_computed_tokens >= request.num_prompt_tokens:
+            return num_new_tokens  # decoding (vLLM asks for every running request, every step)
         end = routing_span_end(request)
         if end is not None and num_computed_tokens < end and \
                 num_computed_tokens + num_new_tokens < end:

@@ -4,12 +4,14 @@ reads at replay is exactly these tensors, so they are checked against the batch 
 
 from __future__ import annotations
 
+import collections
 from dataclasses import dataclass, field
 
 import torch
 
 from vllm_msa.attention.decode_graphs import DecodeGraphs
-from vllm_msa.attention.staging import Staged
+from vllm_msa.attention.fused import FusedAttention
+from vllm_msa.attention.staging import Staged, StagingPool
 from vllm_msa.serving.options import SPAN_KEY
 
 LAYERS = [3, 5]
@@ -86,6 +88,8 @@ def test_only_fully_staged_steps_may_replay_full_graphs():
 
     runtime = MemoryRuntime.__new__(MemoryRuntime)
     runtime.msa = type("MSA", (), {"router_layers": LAYERS})()
+    runtime.pool = StagingPool(4, 1, 8, torch.float32, torch.device("cpu"))
+    runtime._settled, runtime.num_preempted = set(), 0
     full = Request("staged", {layer: staged(torch.arange(2), 2) for layer in LAYERS})
     half = Request("half", {LAYERS[0]: staged(torch.arange(2), 2)})  # e.g. preempted
     runtime.requests = {"staged": full, "half": half}
@@ -94,3 +98,88 @@ def test_only_fully_staged_steps_may_replay_full_graphs():
     assert not runtime.needs_eager_step([("staged", admitted), plain])
     assert runtime.needs_eager_step([("staged", admitted), new])  # routes
     assert runtime.needs_eager_step([("half", admitted)])  # stages
+    # What was learnt: plain and fully staged requests need no check in later steps ...
+    assert runtime.all_settled(["staged", "plain"])
+    assert not runtime.all_settled(["staged", "new"])
+    assert not runtime.all_settled(["half"])
+    # ... until preemption drops a request's staged memory, or it finishes.
+    runtime.preempt(["staged"])
+    assert not runtime.all_settled(["staged"])
+    assert runtime.needs_eager_step([("staged", admitted)])
+    runtime.finish(["plain"])
+    assert not runtime.all_settled(["plain"])
+
+
+def make_decode_runtime(template_len: int = 3):
+    """A runtime with full decode graphs and two fully staged memory requests (CPU)."""
+    from vllm_msa.attention.runtime import MemoryRequest, MemoryRuntime
+    from vllm_msa.serving.options import RequestOptions
+
+    runtime = MemoryRuntime.__new__(MemoryRuntime)
+    runtime.msa = type("MSA", (), {"router_layers": LAYERS})()
+    runtime.pool = StagingPool(16, 1, 8, torch.float32, torch.device("cpu"))
+    runtime.graphs = DecodeGraphs(LAYERS, max_rows=4, max_slots=16, device=torch.device("cpu"))
+    runtime._settled, runtime._last_full, runtime.requests = set(), None, {}
+    runtime.memory_steps = collections.Counter()
+    runtime.fused, runtime._uploads = FusedAttention(), {}
+    bank = type("Bank", (), {"template_len": template_len})()
+    options = RequestOptions("docs", 2, ((4, 6),), False)
+    for i in range(2):
+        request = runtime.requests[f"r{i}"] = MemoryRequest(f"r{i}", options, bank)
+        request.selections = dict.fromkeys(LAYERS, None)
+        for layer in LAYERS:
+            request.staged[layer] = staged(torch.arange(4 * i, 4 * i + 2), 2)
+    return runtime
+
+
+def test_steady_decode_reuses_the_last_full_graph_step():
+    """A full-graph step with the last one's batch key and staging pool keeps its buffers and
+    token spans without building rows; anything else builds them."""
+    runtime = make_decode_runtime()
+    calls = []
+
+    def rows(first_position: int):
+        def build():
+            calls.append(first_position)
+            # r0 at batch row 0, a plain request at row 1, r1 at row 2; one token each
+            return [("r0", None, 0, 0, 1, first_position), ("plain", None, 1, 1, 1, 40),
+                    ("r1", None, 2, 2, 1, first_position)]
+        return build
+
+    key = (("r0", "plain", "r1"), bytes(range(4)))
+    runtime.begin_step(rows(10), full_graph=True, batch_key=key)
+    assert calls == [10] and runtime._offsets == [(0, 1), (2, 3)]
+    assert [row.request.req_id for row in runtime.rows] == ["r0", "r1"]
+    runtime.end_step()
+    runtime.begin_step(rows(11), full_graph=True, batch_key=key)  # steady decode
+    assert calls == [10] and runtime._offsets == [(0, 1), (2, 3)] and runtime.rows == []
+    assert runtime.memory_steps == {"full_graph": 2} and runtime.graphs.replays == 2
+    runtime.end_step()
+    runtime.begin_step(rows(12), full_graph=True, batch_key=(key[0], bytes(4)))  # new layout
+    assert calls == [10, 12]
+    runtime.pool.version += 1  # slots taken or given back
+    runtime.begin_step(rows(13), full_graph=True, batch_key=(key[0], bytes(4)))
+    assert calls == [10, 12, 13]
+    runtime.begin_step(rows(14), full_graph=False)  # a piecewise step forgets the last one
+    runtime.begin_step(rows(15), full_graph=True, batch_key=(key[0], bytes(4)))
+    assert calls == [10, 12, 13, 14, 15]
+    assert runtime.memory_steps == {"full_graph": 5, "op_python": 1}
+
+
+def test_a_step_in_a_template_head_is_not_reused():
+    """Rows whose token is still in the template head have no RoPE offset yet: their spans
+    change as they advance, so such a step is never the base of a shortcut."""
+    runtime = make_decode_runtime(template_len=12)
+    built = []
+
+    def rows(first_position: int):
+        def build():
+            built.append(first_position)
+            return [("r0", None, 0, 0, 1, first_position)]
+        return build
+
+    key = (("r0",), bytes(2))
+    runtime.begin_step(rows(11), full_graph=True, batch_key=key)
+    assert runtime._offsets is None  # token 11 is in the 12-token head
+    runtime.begin_step(rows(12), full_graph=True, batch_key=key)
+    assert built == [11, 12] and runtime._offsets == [(0, 1)]

@@ -164,6 +164,11 @@ class MemoryRuntime:
         # graph) or "op_python" (the op's Python ran: eager, or a piecewise graph). Read by
         # benchmarks/serve.py to tell a slow decode from one that left the full graphs.
         self.memory_steps: collections.Counter[str] = collections.Counter()
+        # Requests a step needs no Python for: plain ones, and memory requests with every
+        # router layer staged (`needs_eager_step`; `begin_step` skips plain ones on sight).
+        self._settled: set[str] = set()
+        # The last full-graph step with memory rows: (batch key, pool version, offsets).
+        self._last_full: tuple[Any, int, list[tuple[int, int]] | None] | None = None
         self._offsets: list[tuple[int, int]] | None = None
         self._offset_key: tuple | None = None
         self._offset_delta: torch.Tensor | None = None
@@ -231,6 +236,7 @@ class MemoryRuntime:
     def finish(self, req_ids: Any) -> None:
         """Forget finished or aborted requests and free their staged memory."""
         for req_id in req_ids:
+            self._settled.discard(req_id)
             if self.requests.pop(req_id, None) is not None:
                 self.pool.release(req_id)
 
@@ -240,34 +246,69 @@ class MemoryRuntime:
             request = self.requests.get(req_id)
             if request is not None:
                 self.num_preempted += 1
+                self._settled.discard(req_id)
                 request.staged.clear()
                 self.pool.release(req_id)
 
+    def all_settled(self, req_ids: list[str]) -> bool:
+        """Whether none of these requests routes or stages in this step, from what earlier
+        steps learnt (`needs_eager_step`): one set lookup per request, no argument parsing,
+        for every decode step at full batch."""
+        return self._settled.issuperset(req_ids)
+
     def needs_eager_step(self, requests: Any) -> bool:
         """Whether any of these (req_id, extra_args) routes or stages in this step, which
-        only the op's Python can do: such a step must not replay a full CUDA graph."""
+        only the op's Python can do: such a step must not replay a full CUDA graph. Notes
+        the requests that never will again (plain, or every layer staged) for
+        `all_settled`; preemption and finishing forget them."""
         layers = len(self.msa.router_layers)
+        eager = False
         for req_id, extra in requests:
+            if req_id in self._settled:
+                continue
             request = self.requests.get(req_id)
             if request is None:
-                if RequestOptions.from_extra_args(extra) is not None:
-                    return True
+                if RequestOptions.from_extra_args(extra) is None:
+                    self._settled.add(req_id)
+                else:
+                    eager = True
             elif len(request.staged) < layers:
-                return True
-        return False
+                eager = True
+            else:
+                self._settled.add(req_id)
+        return eager
 
-    def begin_step(self, rows: list[tuple[str, dict | None, int, int, int, int]],
-                   full_graph: bool = False) -> None:
+    def begin_step(self, rows: list[tuple[str, dict | None, int, int, int, int]]
+                   | Callable[[], list[tuple[str, dict | None, int, int, int, int]]],
+                   full_graph: bool = False, batch_key: Any = None) -> None:
         """This step's batch: (req_id, extra_args, batch_index, token_start, num_tokens,
-        first_position) per scheduled request, in batch order. `full_graph`: the step
-        replays a full CUDA graph, whose memory attention reads buffers set here."""
-        self.rows = []
+        first_position) per scheduled request, in batch order, or a function that builds
+        them. `full_graph`: the step replays a full CUDA graph, whose memory attention reads
+        buffers set here. `batch_key` (the runner's request ids and token offsets) lets a
+        steady decode skip the rows: a full-graph step with the last full-graph step's key
+        and staging pool reads the same buffers and shifts the same token spans (its rows'
+        positions only advanced, past every template head), so only its count is kept. At
+        batch 64 building the rows is a per-request Python loop on the host's critical path
+        of every decode step."""
         self.fused.reset()
         self._uploads.clear()
+        last = self._last_full
+        if full_graph and batch_key is not None and last is not None and \
+                last[0] == batch_key and last[1] == self.pool.version:
+            self.rows = []  # a full graph's op reads the buffers, never the rows
+            self._offsets = last[2]
+            self.memory_steps["full_graph"] += 1
+            self.graphs.replays += 1
+            return
+        self._last_full = None
+        self.rows = []
         offsets = None
-        for req_id, extra, batch_index, token_start, num_tokens, first_position in rows:
+        for req_id, extra, batch_index, token_start, num_tokens, first_position in (
+                rows() if callable(rows) else rows):
             request = self.requests.get(req_id)
             if request is None:
+                if req_id in self._settled:
+                    continue  # plain
                 options = RequestOptions.from_extra_args(extra)
                 if options is None:
                     continue
@@ -301,6 +342,9 @@ class MemoryRuntime:
                 raise RuntimeError("a full CUDA graph step with a request that routes or "
                                    "stages; the runner hook should have prevented it")
             self.graphs.prepare(self.rows, self.pool.version)
+            if self.rows and batch_key is not None and all(
+                    row.first_position >= row.request.bank.template_len for row in self.rows):
+                self._last_full = (batch_key, self.pool.version, offsets)
 
     def end_step(self) -> None:
         self.rows = []
