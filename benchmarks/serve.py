@@ -8,10 +8,11 @@ they trickle in over ZMQ and the first step may prefill (and route) only some of
 made batch-8 TTFTs here twice what benchmarks/ttft.py measured. Per engine and batch size B:
 TTFT = the wall time of B requests generating one token (prefill, routing, staging), the best
 of three; decode tokens/s = B * (N - 1) / (last token - first token), from the engine core's
-own per-request timestamps (vLLM's request metrics, what its TPOT is made of), the best of two
-runs of N tokens: no prefill and no frontend in it (results up to commit 7a010bf took the
-difference of two wall times instead, which the TTFT's noise could swamp). Each engine gets a
-fresh child process, so one engine's GPU memory is gone before the next starts. The HBM floor
+own per-request timestamps (vLLM's request metrics, what its TPOT is made of), the best of
+`--decode-runs` runs of N tokens (two up to commit 3b5c232): no prefill and no frontend in it
+(results up to commit 7a010bf took the difference of two wall times instead, which the TTFT's
+noise could swamp). Each engine gets a fresh child process, so one engine's GPU memory is gone
+before the next starts. The HBM floor
 of routing is one read of every router layer's routing keys at the device-copy bandwidth
 measured here before the engines start; "TTFT overhead / floor" charges all of MSA's extra
 prefill time (routing, staging, memory attention) to routing, so it bounds routing's share
@@ -87,9 +88,42 @@ def decode_profile(run, batch: int, decode: int, rate: float) -> dict:
             "kernels_us_per_step": top}
 
 
+def host_profile(run, batch: int, decode: int, top: int = 15) -> dict:
+    """Where a decode step's host time goes at this batch size: Python time per step (cProfile,
+    each function's own time) from a profiled run of `decode` tokens less a profiled run of one
+    token. The engine core runs in this process (see the module docstring), so this is the
+    whole host loop: scheduler, model runner, the plugin's hooks, output processing. A decode
+    step whose device time (`--profile-decode`) is well below its wall time is host-bound when
+    this total is close to the wall time. cProfile slows Python down (roughly 1.5-2x), so
+    compare engines, not absolute times."""
+    import cProfile
+    import pstats
+
+    def profiled(tokens: int) -> dict[str, float]:
+        profiler = cProfile.Profile()
+        profiler.enable()
+        run(batch, tokens)
+        profiler.disable()
+        return {f"{file.rpartition('site-packages/')[2]}:{line}({name})": stat[2]
+                for (file, line, name), stat in pstats.Stats(profiler).stats.items()}
+
+    prefill = profiled(1)
+    full = profiled(decode)
+    steps = decode - 1
+    per_step = {name: (seconds - prefill.get(name, 0.0)) / steps
+                for name, seconds in full.items()}
+    plugin = sum(t for name, t in per_step.items() if name.startswith("vllm_msa/"))
+    return {"host_ms_per_step": sum(per_step.values()) * 1e3,
+            "plugin_ms_per_step": plugin * 1e3,
+            "functions_us_per_step": dict(sorted(
+                ((n, t * 1e6) for n, t in per_step.items() if t > 0),
+                key=lambda kv: -kv[1])[:top])}
+
+
 def measure(ckpt, engine: dict, bank_path: str | None, batches: list[int], decode: int,
             prompts_text: list[str], staging_mib: int, eager: bool,
-            profile_decode: bool = False) -> list[dict]:
+            profile_decode: bool = False, profile_host: bool = False,
+            decode_runs: int = 5) -> list[dict]:
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # before vLLM is imported (see above)
     os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # collective_rpc(memory_steps)
     from vllm import LLM, SamplingParams
@@ -135,7 +169,7 @@ def measure(ckpt, engine: dict, bank_path: str | None, batches: list[int], decod
         for b in batches:
             run(b, 4)  # this batch size's kernels compiled and tuned before timing
             ttft = min(run(b, 1)[0] for _ in range(3))
-            timed = [run(b, decode) for _ in range(2)]
+            timed = [run(b, decode) for _ in range(decode_runs)]
             rows.append({"batch": b, "ttft_s": ttft, "total_s": min(w for w, _, _ in timed),
                          "decode_tokens_per_s": max(rate for _, rate, _ in timed),
                          "decode_runs": [{"tokens_per_s": rate, **detail}
@@ -154,6 +188,13 @@ def measure(ckpt, engine: dict, bank_path: str | None, batches: list[int], decod
                       f"{prof['device_ms_per_step']:.2f} ms device; us per step: "
                       + ", ".join(f"{n[:40]} {t:.0f}"
                                   for n, t in prof["kernels_us_per_step"].items()),
+                      flush=True)
+            if profile_host and b == max(batches):
+                prof = rows[-1]["host_profile"] = host_profile(run, b, decode)
+                print(f"    decode step host (cProfile): {prof['host_ms_per_step']:.2f} ms "
+                      f"Python, {prof['plugin_ms_per_step']:.2f} ms of it in vllm_msa; us "
+                      "per step: " + ", ".join(f"{n} {t:.0f}" for n, t in
+                                               prof["functions_us_per_step"].items()),
                       flush=True)
     finally:
         llm.llm_engine.engine_core.shutdown()
@@ -192,6 +233,10 @@ def main() -> None:
                         help="comma-separated bank sizes in tokens (suffixes k, M, G)")
     parser.add_argument("--batches", default="1,8,64")
     parser.add_argument("--decode-tokens", type=int, default=128)
+    parser.add_argument("--decode-runs", type=int, default=5,
+                        help="timed decode runs per batch size, the best counts: at batch 64 "
+                        "a decode step is as host-bound as it is device-bound (a 4B model on "
+                        "an H100), so a slow spell of the host shows in single runs")
     parser.add_argument("--question-words", type=int, default=12)
     parser.add_argument("--staging-mib", type=int, default=2048)
     parser.add_argument("--eager", action="store_true", help="enforce_eager for every engine")
@@ -200,6 +245,9 @@ def main() -> None:
     parser.add_argument("--profile-decode", action="store_true",
                         help="at the largest batch, profile a decode run: device time per "
                         "step and per kernel against the wall time per step")
+    parser.add_argument("--profile-host", action="store_true",
+                        help="at the largest batch, cProfile a decode run: host Python time "
+                        "per step, the plugin's share and the top functions")
     parser.add_argument("--partial", help="engine results kept across runs (default: "
                         "<work>/serve-<shape>-partial.json)")
     args = parser.parse_args()
@@ -239,11 +287,12 @@ def main() -> None:
     if "plain" in wanted:
         runs["plain vLLM"] = measure_in_child(ckpt, engine, None, batches, args.decode_tokens,
                                               texts, args.staging_mib, args.eager,
-                                              args.profile_decode)
+                                              args.profile_decode, args.profile_host,
+                                              args.decode_runs)
     for size, path in banks.items():
         runs[f"MSA, {size:,}-token bank"] = measure_in_child(
             ckpt, engine, path, batches, args.decode_tokens, texts, args.staging_mib,
-            args.eager, args.profile_decode)
+            args.eager, args.profile_decode, args.profile_host, args.decode_runs)
     partial_path.write_text(json.dumps({"bandwidth": bandwidth, "runs": runs,
                                         "banks": {str(s): d for s, d in described.items()}},
                                        indent=1))
