@@ -160,6 +160,7 @@ def test_steady_decode_reuses_the_last_full_graph_step():
     runtime.pool.version += 1  # slots taken or given back
     runtime.begin_step(rows(13), full_graph=True, batch_key=(key[0], bytes(4)))
     assert calls == [10, 12, 13]
+    assert "plain" in runtime._settled  # seen once: its arguments are not parsed again
     runtime.begin_step(rows(14), full_graph=False)  # a piecewise step forgets the last one
     runtime.begin_step(rows(15), full_graph=True, batch_key=(key[0], bytes(4)))
     assert calls == [10, 12, 13, 14, 15]

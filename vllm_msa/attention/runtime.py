@@ -311,6 +311,7 @@ class MemoryRuntime:
                     continue  # plain
                 options = RequestOptions.from_extra_args(extra)
                 if options is None:
+                    self._settled.add(req_id)  # plain for good: not parsed again
                     continue
                 bank = self.banks.get(options.bank)
                 if bank is None:
