@@ -165,6 +165,13 @@ def test_steady_decode_reuses_the_last_full_graph_step():
     runtime.begin_step(rows(15), full_graph=True, batch_key=(key[0], bytes(4)))
     assert calls == [10, 12, 13, 14, 15]
     assert runtime.memory_steps == {"full_graph": 5, "op_python": 1}
+    # Steps of plain requests only are reused too, and not counted as steps with memory.
+    plain_only = (("plain",), bytes(2))
+    for position in (16, 17):
+        runtime.begin_step(lambda p=position: calls.append(p) or [("plain", None, 0, 0, 1, 40)],
+                           full_graph=True, batch_key=plain_only)
+    assert calls[-1] == 16 and runtime._offsets is None
+    assert runtime.memory_steps == {"full_graph": 5, "op_python": 1}
 
 
 def test_a_step_in_a_template_head_is_not_reused():

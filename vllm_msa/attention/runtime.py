@@ -167,8 +167,8 @@ class MemoryRuntime:
         # Requests a step needs no Python for: plain ones, and memory requests with every
         # router layer staged (`needs_eager_step`; `begin_step` skips plain ones on sight).
         self._settled: set[str] = set()
-        # The last full-graph step with memory rows: (batch key, pool version, offsets).
-        self._last_full: tuple[Any, int, list[tuple[int, int]] | None] | None = None
+        # The last full-graph step: (batch key, pool version, offsets, had memory rows).
+        self._last_full: tuple[Any, int, list[tuple[int, int]] | None, bool] | None = None
         self._offsets: list[tuple[int, int]] | None = None
         self._offset_key: tuple | None = None
         self._offset_delta: torch.Tensor | None = None
@@ -297,7 +297,8 @@ class MemoryRuntime:
                 last[0] == batch_key and last[1] == self.pool.version:
             self.rows = []  # a full graph's op reads the buffers, never the rows
             self._offsets = last[2]
-            self.memory_steps["full_graph"] += 1
+            if last[3]:
+                self.memory_steps["full_graph"] += 1
             self.graphs.replays += 1
             return
         self._last_full = None
@@ -343,9 +344,9 @@ class MemoryRuntime:
                 raise RuntimeError("a full CUDA graph step with a request that routes or "
                                    "stages; the runner hook should have prevented it")
             self.graphs.prepare(self.rows, self.pool.version)
-            if self.rows and batch_key is not None and all(
+            if batch_key is not None and all(
                     row.first_position >= row.request.bank.template_len for row in self.rows):
-                self._last_full = (batch_key, self.pool.version, offsets)
+                self._last_full = (batch_key, self.pool.version, offsets, bool(self.rows))
 
     def end_step(self) -> None:
         self.rows = []
