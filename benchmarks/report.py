@@ -129,3 +129,16 @@ def device_seconds_by_name(prof: Any) -> dict[str, float]:
             name = e["name"][:80]
             out[name] = out.get(name, 0.0) + e["dur"] / 1e6
     return out
+
+
+def host_seconds_by_function(fn: Any) -> tuple[Any, dict[str, float]]:
+    """(what `fn` returns, each function's own host time in seconds while it ran, under
+    cProfile): C calls (a CUDA runtime wait, a pinned allocation) count under their own names.
+    Names are `path:line(function)`, the path from its package (after site-packages)."""
+    import cProfile
+    import pstats
+
+    profiler = cProfile.Profile()
+    result = profiler.runcall(fn)
+    return result, {f"{path.rpartition('site-packages/')[2]}:{line}({name})": stat[2]
+                    for (path, line, name), stat in pstats.Stats(profiler).stats.items()}

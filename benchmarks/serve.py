@@ -36,7 +36,13 @@ import time
 from pathlib import Path
 
 from bank_build import common_arguments, prepare, write_result
-from report import card_name, device_copy_bandwidth, device_seconds_by_name, pyplot
+from report import (
+    card_name,
+    device_copy_bandwidth,
+    device_seconds_by_name,
+    host_seconds_by_function,
+    pyplot,
+)
 from serving import questions
 
 from vllm_msa.cli import parse_count
@@ -58,13 +64,28 @@ def memory_steps(worker) -> dict[str, int]:
     return dict(runtime.memory_steps) if runtime is not None else {}
 
 
+def per_decode_step(seconds_by_name, decode: int) -> dict[str, float]:
+    """Seconds per decode step of each name from `seconds_by_name(tokens)` (one profiled run
+    of `tokens` tokens per request): a run of `decode` tokens less a run of one (its
+    prefill), over its `decode - 1` steps."""
+    prefill = seconds_by_name(1)
+    full = seconds_by_name(decode)
+    return {name: (seconds - prefill.get(name, 0.0)) / (decode - 1)
+            for name, seconds in full.items()}
+
+
+def largest_us(per_step: dict[str, float], top: int) -> dict[str, float]:
+    """The `top` largest positive entries, in microseconds, largest first."""
+    return dict(sorted(((n, t * 1e6) for n, t in per_step.items() if t > 0),
+                       key=lambda kv: -kv[1])[:top])
+
+
 def decode_profile(run, batch: int, decode: int, rate: float) -> dict:
     """Where a decode step's time goes at this batch size: device time per step (each kernel
-    name's, and all of it) from a profiled run of `decode` tokens less a profiled run of one
-    token (its prefill), against the wall time per step of the unprofiled timed runs (`rate`,
-    their decode tokens/s; the profiler's own host overhead would inflate a profiled run's).
-    Device time close to the wall time: the GPU binds; well below it: the host does (or
-    waits)."""
+    name's, and all of it) from profiled runs (`per_decode_step`), against the wall time per
+    step of the unprofiled timed runs (`rate`, their decode tokens/s; the profiler's own host
+    overhead would inflate a profiled run's). Device time close to the wall time: the GPU
+    binds; well below it: the host does (or waits)."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -76,48 +97,26 @@ def decode_profile(run, batch: int, decode: int, rate: float) -> dict:
             run(batch, tokens)
         return device_seconds_by_name(prof)
 
-    prefill = profiled(1)
-    full = profiled(decode)
-    steps = decode - 1
-    per_step = {name: (seconds - prefill.get(name, 0.0)) / steps
-                for name, seconds in full.items()}
-    top = dict(sorted(((n, t * 1e6) for n, t in per_step.items() if t > 0),
-                      key=lambda kv: -kv[1])[:12])
+    per_step = per_decode_step(profiled, decode)
     return {"wall_ms_per_step": batch * 1e3 / rate if rate else None,
             "device_ms_per_step": sum(per_step.values()) * 1e3,
-            "kernels_us_per_step": top}
+            "kernels_us_per_step": largest_us(per_step, 12)}
 
 
 def host_profile(run, batch: int, decode: int, top: int = 15) -> dict:
     """Where a decode step's host time goes at this batch size: Python time per step (cProfile,
-    each function's own time) from a profiled run of `decode` tokens less a profiled run of one
-    token. The engine core runs in this process (see the module docstring), so this is the
-    whole host loop: scheduler, model runner, the plugin's hooks, output processing. A decode
-    step whose device time (`--profile-decode`) is well below its wall time is host-bound when
-    this total is close to the wall time. cProfile slows Python down (roughly 1.5-2x), so
-    compare engines, not absolute times."""
-    import cProfile
-    import pstats
-
-    def profiled(tokens: int) -> dict[str, float]:
-        profiler = cProfile.Profile()
-        profiler.enable()
-        run(batch, tokens)
-        profiler.disable()
-        return {f"{file.rpartition('site-packages/')[2]}:{line}({name})": stat[2]
-                for (file, line, name), stat in pstats.Stats(profiler).stats.items()}
-
-    prefill = profiled(1)
-    full = profiled(decode)
-    steps = decode - 1
-    per_step = {name: (seconds - prefill.get(name, 0.0)) / steps
-                for name, seconds in full.items()}
+    each function's own time) from profiled runs (`per_decode_step`). The engine core runs in
+    this process (see the module docstring), so this is the whole host loop: scheduler, model
+    runner, the plugin's hooks, output processing. A decode step whose device time
+    (`--profile-decode`) is well below its wall time is host-bound when this total is close to
+    the wall time. cProfile slows Python down (roughly 1.5-2x), so compare engines, not
+    absolute times."""
+    per_step = per_decode_step(
+        lambda tokens: host_seconds_by_function(lambda: run(batch, tokens))[1], decode)
     plugin = sum(t for name, t in per_step.items() if name.startswith("vllm_msa/"))
     return {"host_ms_per_step": sum(per_step.values()) * 1e3,
             "plugin_ms_per_step": plugin * 1e3,
-            "functions_us_per_step": dict(sorted(
-                ((n, t * 1e6) for n, t in per_step.items() if t > 0),
-                key=lambda kv: -kv[1])[:top])}
+            "functions_us_per_step": largest_us(per_step, top)}
 
 
 def measure(ckpt, engine: dict, bank_path: str | None, batches: list[int], decode: int,

@@ -36,6 +36,7 @@ from report import (
     DEVICE_EVENTS,
     card_name,
     device_copy_bandwidth,
+    host_seconds_by_function,
     matmul_rate,
     pyplot,
     trace_events,
@@ -88,18 +89,9 @@ def gpu_time_by_phase(prof) -> tuple[dict[str, float], dict[str, float]]:
 
 def profiled_host(fn, top: int = 15) -> tuple[float, dict[str, float]]:
     """(what `fn` returns, the `top` functions by own host time under cProfile, seconds):
-    where a one-off slow call (the first request after start) spends its host time, C calls
-    (a CUDA runtime or driver wait, a pinned allocation) included under their names."""
-    import cProfile
-    import pstats
-
-    profiler = cProfile.Profile()
-    result = profiler.runcall(fn)
-    stats = pstats.Stats(profiler).stats
-    own = sorted(((tottime, f"{path.rsplit('/', 1)[-1]}:{line}({name})")
-                  for (path, line, name), (_, _, tottime, _, _) in stats.items()),
-                 reverse=True)[:top]
-    return result, {name: seconds for seconds, name in own}
+    where a one-off slow call (the first request after start) spends its host time."""
+    result, own = host_seconds_by_function(fn)
+    return result, dict(sorted(own.items(), key=lambda kv: -kv[1])[:top])
 
 
 def plot(result: dict, path: Path) -> str:

@@ -93,6 +93,16 @@ class StepRow:
 
 
 @dataclass(frozen=True)
+class FullGraphStep:
+    """What the last full-graph step set up, for the next one with the same batch layout."""
+
+    batch_key: Any  # the runner's request ids and token offsets
+    pool_version: int
+    offsets: list[tuple[int, int]] | None  # token spans shifted by the RoPE offset
+    has_memory: bool  # it had memory rows (counted in `memory_steps`)
+
+
+@dataclass(frozen=True)
 class RouterLayer:
     layer_idx: int
     attn: Any  # Qwen3Attention with router projections
@@ -167,8 +177,7 @@ class MemoryRuntime:
         # Requests a step needs no Python for: plain ones, and memory requests with every
         # router layer staged (`needs_eager_step`; `begin_step` skips plain ones on sight).
         self._settled: set[str] = set()
-        # The last full-graph step: (batch key, pool version, offsets, had memory rows).
-        self._last_full: tuple[Any, int, list[tuple[int, int]] | None, bool] | None = None
+        self._last_full: FullGraphStep | None = None  # begin_step's steady-decode shortcut
         self._offsets: list[tuple[int, int]] | None = None
         self._offset_key: tuple | None = None
         self._offset_delta: torch.Tensor | None = None
@@ -278,14 +287,13 @@ class MemoryRuntime:
                 self._settled.add(req_id)
         return eager
 
-    def begin_step(self, rows: list[tuple[str, dict | None, int, int, int, int]]
-                   | Callable[[], list[tuple[str, dict | None, int, int, int, int]]],
+    def begin_step(self, rows: Callable[[], list[tuple[str, dict | None, int, int, int, int]]],
                    full_graph: bool = False, batch_key: Any = None) -> None:
-        """This step's batch: (req_id, extra_args, batch_index, token_start, num_tokens,
-        first_position) per scheduled request, in batch order, or a function that builds
-        them. `full_graph`: the step replays a full CUDA graph, whose memory attention reads
-        buffers set here. `batch_key` (the runner's request ids and token offsets) lets a
-        steady decode skip the rows: a full-graph step with the last full-graph step's key
+        """This step's batch: `rows()` builds (req_id, extra_args, batch_index, token_start,
+        num_tokens, first_position) per scheduled request, in batch order. `full_graph`: the
+        step replays a full CUDA graph, whose memory attention reads buffers set here.
+        `batch_key` (the runner's request ids and token offsets) lets a steady decode skip
+        the rows: a full-graph step with the last full-graph step's key
         and staging pool reads the same buffers and shifts the same token spans (its rows'
         positions only advanced, past every template head), so only its count is kept. At
         batch 64 building the rows is a per-request Python loop on the host's critical path
@@ -294,18 +302,17 @@ class MemoryRuntime:
         self._uploads.clear()
         last = self._last_full
         if full_graph and batch_key is not None and last is not None and \
-                last[0] == batch_key and last[1] == self.pool.version:
+                last.batch_key == batch_key and last.pool_version == self.pool.version:
             self.rows = []  # a full graph's op reads the buffers, never the rows
-            self._offsets = last[2]
-            if last[3]:
+            self._offsets = last.offsets
+            if last.has_memory:
                 self.memory_steps["full_graph"] += 1
             self.graphs.replays += 1
             return
         self._last_full = None
         self.rows = []
         offsets = None
-        for req_id, extra, batch_index, token_start, num_tokens, first_position in (
-                rows() if callable(rows) else rows):
+        for req_id, extra, batch_index, token_start, num_tokens, first_position in rows():
             request = self.requests.get(req_id)
             if request is None:
                 if req_id in self._settled:
@@ -346,7 +353,8 @@ class MemoryRuntime:
             self.graphs.prepare(self.rows, self.pool.version)
             if batch_key is not None and all(
                     row.first_position >= row.request.bank.template_len for row in self.rows):
-                self._last_full = (batch_key, self.pool.version, offsets, bool(self.rows))
+                self._last_full = FullGraphStep(batch_key, self.pool.version, offsets,
+                                                bool(self.rows))
 
     def end_step(self) -> None:
         self.rows = []
