@@ -113,10 +113,11 @@ def host_profile(run, batch: int, decode: int, top: int = 15) -> dict:
     absolute times."""
     per_step = per_decode_step(
         lambda tokens: host_seconds_by_function(lambda: run(batch, tokens))[1], decode)
-    plugin = sum(t for name, t in per_step.items() if name.startswith("vllm_msa/"))
+    plugin = {name: t for name, t in per_step.items() if name.startswith("vllm_msa/")}
     return {"host_ms_per_step": sum(per_step.values()) * 1e3,
-            "plugin_ms_per_step": plugin * 1e3,
-            "functions_us_per_step": largest_us(per_step, top)}
+            "plugin_ms_per_step": sum(plugin.values()) * 1e3,
+            "functions_us_per_step": largest_us(per_step, top),
+            "plugin_functions_us_per_step": largest_us(plugin, top)}
 
 
 def measure(ckpt, engine: dict, bank_path: str | None, batches: list[int], decode: int,
@@ -193,7 +194,9 @@ def measure(ckpt, engine: dict, bank_path: str | None, batches: list[int], decod
                 print(f"    decode step host (cProfile): {prof['host_ms_per_step']:.2f} ms "
                       f"Python, {prof['plugin_ms_per_step']:.2f} ms of it in vllm_msa; us "
                       "per step: " + ", ".join(f"{n} {t:.0f}" for n, t in
-                                               prof["functions_us_per_step"].items()),
+                                               prof["functions_us_per_step"].items())
+                      + "; vllm_msa's: " + ", ".join(
+                          f"{n} {t:.0f}" for n, t in prof["plugin_functions_us_per_step"].items()),
                       flush=True)
     finally:
         llm.llm_engine.engine_core.shutdown()
@@ -212,8 +215,11 @@ def plot(result: dict, path: Path) -> str:
     for j, engine in enumerate(engines):
         rows = {r["batch"]: r for r in result["rows"] if r["engine"] == engine}
         xs = [i + j * width for i in range(len(batches))]
-        axes[0].bar(xs, [rows[b]["decode_tokens_per_s"] for b in batches], width, label=engine)
-        axes[1].bar(xs, [rows[b]["ttft_s"] * 1e3 for b in batches], width, label=engine)
+        # An engine run at only some batch sizes (`--batches`) gets no bar at the others.
+        axes[0].bar(xs, [rows[b]["decode_tokens_per_s"] if b in rows else 0 for b in batches],
+                    width, label=engine)
+        axes[1].bar(xs, [rows[b]["ttft_s"] * 1e3 if b in rows else 0 for b in batches], width,
+                    label=engine)
     for ax, label in zip(axes, ("decode tokens/s", "time to first token, ms"), strict=True):
         ax.set_xticks([i + 0.4 - width / 2 for i in range(len(batches))])
         ax.set_xticklabels([f"batch {b}" for b in batches])
@@ -276,6 +282,14 @@ def main() -> None:
         described[size] = {"tokens": bank.num_tokens, "documents": bank.num_documents,
                            "bytes": bank.tier_bytes()}
         print(f"synthetic bank of {size:,} tokens ready in {time.perf_counter() - t:.0f} s")
+    if banks:
+        # A bank just written is still largely dirty page cache (tens of GB at 25M tokens).
+        # Flushed during the first engine's timed runs, it would compete for the host with a
+        # decode loop that is host-bound at batch 64 (the suspected cause of one 0.53x run
+        # right after synthesizing 25M tokens). Flush it before any engine starts.
+        t = time.perf_counter()
+        os.sync()
+        print(f"flushed written banks to disk in {time.perf_counter() - t:.0f} s")
     index_bytes = {size: info["bytes"]["gpu_index"] for size, info in described.items()}
     # A layer's index size, but never a small buffer (the copy rate sags below ~256 MiB):
     # the first call of a series may run before any bank exists.
