@@ -282,14 +282,6 @@ def main() -> None:
         described[size] = {"tokens": bank.num_tokens, "documents": bank.num_documents,
                            "bytes": bank.tier_bytes()}
         print(f"synthetic bank of {size:,} tokens ready in {time.perf_counter() - t:.0f} s")
-    if banks:
-        # A bank just written is still largely dirty page cache (tens of GB at 25M tokens).
-        # Flushed during the first engine's timed runs, it would compete for the host with a
-        # decode loop that is host-bound at batch 64 (the suspected cause of one 0.53x run
-        # right after synthesizing 25M tokens). Flush it before any engine starts.
-        t = time.perf_counter()
-        os.sync()
-        print(f"flushed written banks to disk in {time.perf_counter() - t:.0f} s")
     index_bytes = {size: info["bytes"]["gpu_index"] for size, info in described.items()}
     # A layer's index size, but never a small buffer (the copy rate sags below ~256 MiB):
     # the first call of a series may run before any bank exists.
