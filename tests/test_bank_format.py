@@ -142,9 +142,54 @@ def test_unfinished_build_never_loads_and_resumes(tmp_path, info):
 
 def test_resume_with_other_inputs_is_refused(tmp_path, info):
     out = tmp_path / "bank"
-    BankWriter.open(out, info, SOURCE).add_segment(encoded_docs(info)[:1])
-    with pytest.raises(BankError, match="interrupted build of different inputs"):
-        BankWriter.open(out, info, {**SOURCE, "documents_sha256": "1" * 64})
+    BankWriter.open(out, info, SOURCE, {"segment_mb": 512}).add_segment(encoded_docs(info)[:1])
+    with pytest.raises(BankError, match=r"interrupted build of different inputs.*documents"):
+        BankWriter.open(out, info, {**SOURCE, "documents_sha256": "1" * 64},
+                        {"segment_mb": 512})
+    with pytest.raises(BankError, match="--segment-mb was 512, now 64"):
+        BankWriter.open(out, info, SOURCE, {"segment_mb": 64})
+    assert BankWriter.open(out, info, SOURCE, {"segment_mb": 512}).num_done_documents == 1
+
+
+def test_a_stopped_build_says_why(tmp_path, info):
+    out = tmp_path / "bank"
+    writer = BankWriter.open(out, info, SOURCE)
+    writer.add_segment(encoded_docs(info)[:1])
+    writer.record_stop("document 7 has 2,000 tokens, more than the engine's max_model_len "
+                       "1024", "re-run with a larger --max-model-len")
+    with pytest.raises(BankError, match=r"stopped because document 7 .* larger --max-model"):
+        MemoryBank.open(out)
+    assert main(["bank", "info", str(out)]) == 1  # the same one-line reason
+
+
+def test_non_finite_values_are_refused_naming_the_tensor(tmp_path, info):
+    from vllm_msa.attention.tiers import ServedBank
+
+    docs, tmpl = encoded_docs(info), template(info)
+    docs[3].pooled[0, 1, 1, 0, 5] = float("nan")  # the second router layer's values
+    write_bank(tmp_path / "bank", info, docs, tmpl)
+    bank = MemoryBank.open(tmp_path / "bank")
+    assert bank.verify() == []  # the bytes are what was written: checksums cannot see it
+    layer = info.router_layers[1]
+    with pytest.raises(BankError, match=rf"seg-00001.safetensors:layer.{layer}.values holds "
+                                        "non-finite"):
+        ServedBank.load("b", bank, torch.device("cpu"), slice(None))
+    served = ServedBank.load("b", bank, torch.device("cpu"), slice(None), verify=False)
+    assert served.host_values[layer].isnan().any()  # the documented opt-out reads as is
+
+
+def test_corrupt_bank_is_refused_at_load(bank_dir):
+    from vllm_msa.attention.tiers import ServedBank
+
+    path = bank_dir[0]
+    seg = path / "segments" / "seg-00001.safetensors"
+    data = bytearray(seg.read_bytes())
+    data[-7] ^= 0x01  # one flipped bit in a tensor's data
+    seg.write_bytes(bytes(data))
+    bank = MemoryBank.open(path)
+    with pytest.raises(BankError, match=r"corrupt: segments/seg-00001\.safetensors: blake3"):
+        ServedBank.load("b", bank, torch.device("cpu"), slice(None))
+    ServedBank.load("b", bank, torch.device("cpu"), slice(None), checksums=False)
 
 
 def test_existing_bank_and_foreign_directory_are_not_overwritten(bank_dir, tmp_path, info):
@@ -164,7 +209,14 @@ def test_corruption_is_detected(bank_dir):
     data[-5] ^= 0xFF  # same size, different content: only the checksum notices
     seg.write_bytes(bytes(data))
     bank = MemoryBank.open(path)
-    assert any("seg-00000" in p and "sha256" in p for p in bank.verify())
+    assert [p for p in bank.verify() if "seg-00000" in p and "blake3" in p]
+    # A bank from before BLAKE3 was recorded: the sha256 catches it.
+    manifest = json.loads((path / "manifest.json").read_text())
+    for meta in manifest["files"].values():
+        meta.pop("blake3")
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    problems = MemoryBank.open(path).verify()
+    assert len(problems) == 1 and "seg-00000" in problems[0] and "sha256" in problems[0]
 
     seg.write_bytes(bytes(data[:-10]))  # truncated: refused at open
     with pytest.raises(BankError, match="truncated or replaced"):
@@ -275,3 +327,17 @@ def test_cli_info_and_verify(bank_dir, checkpoints, capsys):
 def test_cli_errors_are_one_line(tmp_path, capsys):
     assert main(["bank", "info", str(tmp_path / "missing")]) == 1
     assert "vllm-msa: error: no bank at" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_all_finite(dtype):
+    from vllm_msa.bank.reader import all_finite
+
+    x = torch.randn(1000).to(dtype)
+    assert all_finite(x) and all_finite(x[:0])
+    big = torch.full((64,), torch.finfo(dtype).max, dtype=dtype)
+    assert all_finite(big)  # finite values whose sum overflows
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        y = x.clone()
+        y[517] = bad
+        assert not all_finite(y), (dtype, bad)

@@ -179,6 +179,46 @@ def test_chat_completion_routes_on_last_user_message(server, tokenizer, referenc
         assert sorted(layers[str(layer)]["doc_ids"]) == expected.selections[layer]
 
 
+def test_routing_ranges_over_http(server, tokenizer, reference):
+    """`msa_routing` over HTTP: vLLM's `vllm_xargs` schema takes flat lists of numbers, so
+    the ranges travel as [start, end, ...] (or as a JSON string); both route like the span
+    the front end finds itself."""
+    ids, span = expected_prompt(tokenizer, QUESTIONS[1])
+    expected = reference(ids, span)
+    for routing in (list(span), json.dumps([list(span)])):
+        check_completion(completion(server, ids, msa_bank="docs", msa_return_selection=True,
+                                    msa_routing=routing), expected, reference.router_layers)
+
+
+def aborted_requests(server) -> float:
+    """vLLM's count of requests that finished by abort (its Prometheus endpoint)."""
+    text = httpx.get(server["base"] + "/metrics", timeout=10).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("vllm:request_success_total")
+               and 'finished_reason="abort"' in line)
+
+
+@pytest.mark.parametrize("interleave", [False, True])
+def test_client_that_hangs_up_is_aborted(server, tokenizer, interleave):
+    """A non-streamed /v1/msa/answer whose client disconnects stops its engine request (as
+    vLLM's own routes do): it finishes by abort, long before its 600 tokens."""
+    question = QUESTIONS[0]
+    ids, _ = expected_prompt(tokenizer, question)
+    filler = tokenizer.encode(" the mill", add_special_tokens=False)[0]
+    body = {"bank": "docs", "question": question, "max_tokens": 600, "interleave": interleave,
+            "vllm_xargs": {KEY: {str(len(ids)): [filler] * 600}}}  # never an early stop
+    if interleave:
+        body["max_retrieval_tokens"] = 600
+    before = aborted_requests(server)
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server["base"] + "/v1/msa/answer", json=body, timeout=3)
+    deadline = time.time() + 30
+    while aborted_requests(server) <= before:
+        assert time.time() < deadline, "the engine kept generating for a client that left"
+        time.sleep(0.5)
+    assert httpx.get(server["base"] + "/health", timeout=5).status_code == 200
+
+
 def test_streaming_equals_non_streaming(server, tokenizer):
     ids, _ = expected_prompt(tokenizer, QUESTIONS[2])
     full = completion(server, ids, msa_bank="docs").json()["choices"][0]["text"]
@@ -235,6 +275,12 @@ def test_answer_route(server, tokenizer, reference):
     ("/v1/msa/answer", {"bank": "docs", "question": "q?", "interleave": False,
                         "stream": True}, "stream"),
     ("/v1/msa/answer", {"bank": "docs", "question": "q?", "max_rounds": 0}, "max_rounds"),
+    ("/v1/msa/answer", {"bank": "docs", "question": "q?", "seed": 2**64}, "seed"),
+    ("/v1/msa/answer", {"bank": "docs", "question": "q?", "seed": 2**64,
+                        "interleave": False}, "seed"),
+    # A prompt that already fills the model's context (1024): nothing can be generated.
+    ("/v1/msa/answer", {"bank": "docs", "question": "word " * 1100},
+     "the model's context is 1024"),
     ("completions", {"msa_bank": "nope"}, "unknown bank"),
     ("completions", {"msa_bank": "docs", "msa_top_k": "many"}, "msa_top_k"),
     ("completions", {"msa_bank": "docs", "msa_top_k": 0}, "msa_top_k"),

@@ -215,3 +215,37 @@ def test_full_decode_graphs_match_piecewise(checkpoints, bf16_bank):
         assert_staging_released(llm)
         compiles, _ = llm.collective_rpc(worker_compiles)[0]
         assert not compiles, f"compiled while serving: {compiles}"
+
+
+GPU_LAYOUTS = {"mha": {"kv_heads": 4, "pooling": 5, "seed": 3},
+               "mqa": {"kv_heads": 1, "pooling": 2, "seed": 5}}
+
+
+@pytest.mark.parametrize("layout", list(GPU_LAYOUTS))
+def test_layout_fused_path_and_full_graphs(checkpoints, tmp_path_factory, layout):
+    """Multi-head and multi-query attention on the GPU path (grouped-query is the default
+    checkpoint above): bf16 with vLLM's default graphs, so memory requests take the fused
+    path (flash-attention with LSE + the Triton memory kernel) and decode replays full CUDA
+    graphs; the same requests forced onto the plain-torch path give the same tokens and
+    logprobs within this engine's own bf16 error (see the bf16 test above)."""
+    spec = GPU_LAYOUTS[layout]
+    ckpt = checkpoints(**spec)
+    ref = ReferenceMSA(ckpt)
+    bank = build_banks(ckpt, tmp_path_factory.mktemp(f"{layout}-bf16"), dtype="bfloat16")["docs"]
+    with running_llm(model=str(ckpt), dtype="bfloat16", enable_prefix_caching=False,
+                     additional_config={"msa": {"banks": {"docs": str(bank.path)}}}) as llm:
+        prompts, memory, plain = bf16_requests(llm.get_tokenizer())
+        before = llm.collective_rpc(worker_attention)[0]
+        replays = llm.collective_rpc(worker_graphs)[0][1]
+        fused = generate(llm, [*memory, plain])
+        assert llm.collective_rpc(worker_attention)[0] > before, "fused path did not run"
+        assert llm.collective_rpc(worker_graphs)[0][1] > replays, "no full-graph decode step"
+        llm.collective_rpc(worker_attention, args=("torch",))
+        llm.collective_rpc(worker_graphs, args=("piecewise",))
+        try:
+            torch_path = generate(llm, memory)
+        finally:
+            llm.collective_rpc(worker_attention, args=("fused",))
+            llm.collective_rpc(worker_graphs, args=("auto",))
+        assert_same_outputs(fused[:-1], torch_path, bf16_error(ref, prompts[0], fused[-1]))
+        assert_staging_released(llm)

@@ -76,6 +76,8 @@ def attention_with_lse(
         logits = logits.masked_fill(cols > rows, float("-inf"))
     lse = torch.logsumexp(logits, dim=-1)  # [KV, G, q]
     weights = torch.exp(logits - lse[..., None]).nan_to_num(0.0)
+    # einsum may hand back a permuted view (with one query head per KV head, MHA); callers
+    # view the result, so it is made contiguous here.
     out = torch.einsum("kgqn,nkd->qkgd", weights, v).reshape(query.shape[0], num_heads, -1)
-    return out, lse.reshape(num_heads, query.shape[0])
+    return out.contiguous(), lse.reshape(num_heads, query.shape[0]).contiguous()
 

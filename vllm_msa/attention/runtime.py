@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import itertools
 import logging
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -227,8 +228,14 @@ class MemoryRuntime:
         return banks
 
     def _open_bank(self, name: str, path: str, info: ModelInfo) -> ServedBank:
+        from vllm.distributed import get_tensor_model_parallel_rank
+
         bank = MemoryBank.open(path, info)
-        served = ServedBank.load(name, bank, self.device, self.kv_heads)
+        # Every rank reads every file; the first of each tensor-parallel group verifies them
+        # (a corrupt bank stops the engine's start wherever it is found).
+        served = ServedBank.load(name, bank, self.device, self.kv_heads,
+                                 verify=self.serving.verify,
+                                 checksums=get_tensor_model_parallel_rank() == 0)
         if self.serving.score == "cosine" and not info.normalized_routing_keys:
             served.index = {
                 layer: dataclasses.replace(
@@ -587,9 +594,9 @@ class MemoryRuntime:
             mem_k, mem_v = self.pool.read(request.staged[layer_idx])
             memory, memory_lse = attention_with_lse(query, mem_k, mem_v,
                                                     attn_layer.impl.scale, None)
-            merged = torch.empty_like(local)
+            merged = torch.empty(local.shape, dtype=local.dtype, device=local.device)
             merge_attn_states(merged, local, local_lse, memory, memory_lse)
-            output[tokens] = merged.view(n, -1).to(output.dtype)
+            output[tokens] = merged.reshape(n, -1).to(output.dtype)
 
     # ------------------------------------------------------------------ reporting
     def take_reports(self) -> dict[str, dict[str, Any]]:
@@ -604,7 +611,8 @@ class MemoryRuntime:
             request.reported |= new
             reports[req_id] = {"bank": request.options.bank, "layers": {
                 str(layer): {"doc_ids": request.selections[layer].doc_ids.tolist(),
-                             "scores": request.selections[layer].scores.tolist()}
+                             "scores": [s if math.isfinite(s) else None for s in
+                                        request.selections[layer].scores.tolist()]}
                 for layer in sorted(new)}}
         return reports
 

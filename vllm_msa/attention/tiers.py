@@ -12,13 +12,16 @@ import contextlib
 import ctypes
 import functools
 import logging
+import time
 import weakref
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
+from ..bank.format import BankError
 from ..bank.reader import MemoryBank
 from .routing import RoutingIndex
 from .uploads import ranges
@@ -85,25 +88,32 @@ class ServedBank:
     _tables: dict[torch.device, tuple] = field(default_factory=dict)
 
     @classmethod
-    def load(cls, name: str, bank: MemoryBank, device: torch.device, kv_heads: slice
-             ) -> ServedBank:
+    def load(cls, name: str, bank: MemoryBank, device: torch.device, kv_heads: slice,
+             verify: bool = True, checksums: bool | None = None) -> ServedBank:
+        """Read `bank` into its tiers. With `verify` every value read must be finite, and
+        (unless `checksums` is False: tensor-parallel ranks after the first) every file's
+        checksum is checked on background threads while the tensors are read (the same
+        bytes: the second read comes from the page cache). Either problem refuses the bank
+        with the reason instead of serving wrong memory."""
+        checksums = verify if checksums is None else checksums and verify
         pin = device.type == "cuda"
         index, keys, values = {}, {}, {}
-        # One chunk -> document map for every layer (bank order is the same in all of them).
-        doc_index, doc_ids = RoutingIndex.document_map(bank, device)
-        info = bank.model_info
-        full = (bank.num_chunks, info.num_kv_heads, info.head_dim)
-        local = (bank.num_chunks, len(range(info.num_kv_heads)[kv_heads]), info.head_dim)
-        for layer in bank.router_layers:
-            # Straight into the buffers serving reads, a segment at a time (the bank object
-            # keeps no copy: that would double host memory for the life of the server).
-            routing_keys = torch.empty(full, dtype=bank.dtype, device=device)
-            bank.read_layer_into(layer, "routing_keys", routing_keys)
-            index[layer] = RoutingIndex(routing_keys, doc_index, doc_ids)
-            for part, tier in (("keys", keys), ("values", values)):
-                host = torch.empty(local, dtype=bank.dtype, device="cpu")
-                bank.read_layer_into(layer, part, host, kv_heads)
-                tier[layer] = page_lock(host) if pin else host
+        started = time.monotonic()
+        with ThreadPoolExecutor(1, thread_name_prefix="bank-verify") as pool:
+            checked = pool.submit(bank.verify) if checksums else None
+            try:
+                cls._read_tiers(bank, device, kv_heads, pin, verify, index, keys, values)
+            finally:
+                problems = checked.result() if checked is not None else []
+        if problems:
+            raise BankError(
+                f"bank {name!r} at {bank.path} is corrupt: " + "; ".join(problems)
+                + ". Rebuild it (`vllm-msa bank verify` lists the damage); "
+                'additional_config {"msa": {"verify": false}} skips this check')
+        if verify:
+            logger.info("MSA bank %r: %s verified while loading (%.1f s)", name,
+                        "checksums and values" if checksums else "values",
+                        time.monotonic() - started)
         release_freed_heap()
         served = cls(
             name=name,
@@ -121,6 +131,26 @@ class ServedBank:
             bank.num_tokens, tiers["gpu_index"] / 2**20, tiers["host_kv"] / 2**20,
             "pinned" if pin else "plain memory")
         return served
+
+    @staticmethod
+    def _read_tiers(bank: MemoryBank, device: torch.device, kv_heads: slice, pin: bool,
+                    check_finite: bool, index: dict, keys: dict, values: dict) -> None:
+        # One chunk -> document map for every layer (bank order is the same in all of them).
+        doc_index, doc_ids = RoutingIndex.document_map(bank, device)
+        info = bank.model_info
+        full = (bank.num_chunks, info.num_kv_heads, info.head_dim)
+        local = (bank.num_chunks, len(range(info.num_kv_heads)[kv_heads]), info.head_dim)
+        for layer in bank.router_layers:
+            # Straight into the buffers serving reads, a segment at a time (the bank object
+            # keeps no copy: that would double host memory for the life of the server).
+            routing_keys = torch.empty(full, dtype=bank.dtype, device=device)
+            bank.read_layer_into(layer, "routing_keys", routing_keys,
+                                 check_finite=check_finite)
+            index[layer] = RoutingIndex(routing_keys, doc_index, doc_ids)
+            for part, tier in (("keys", keys), ("values", values)):
+                host = torch.empty(local, dtype=bank.dtype, device="cpu")
+                bank.read_layer_into(layer, part, host, kv_heads, check_finite=check_finite)
+                tier[layer] = page_lock(host) if pin else host
 
     def prepared_index(self, layer: int) -> Any:
         """The layer's routing index with what the batched routing kernel derives from it

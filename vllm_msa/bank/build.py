@@ -59,7 +59,7 @@ def build_bank(
     if llm is None:
         llm = encoder_llm(checkpoint, **engine_args)
     info = ModelInfo.from_checkpoint(checkpoint, dtype_name(llm.llm_engine.model_config.dtype))
-    writer = BankWriter.open(out, info, source)
+    writer = BankWriter.open(out, info, source, {"segment_mb": segment_mb})
 
     tokenizer = llm.get_tokenizer()
     itemsize = torch.empty((), dtype=getattr(torch, info.dtype)).element_size()
@@ -79,10 +79,12 @@ def build_bank(
             too_long = [(d.id, len(ids)) for d, ids in segment if len(ids) > max_len]
             if too_long:
                 doc_id, n = too_long[0]
-                raise BankError(
-                    f"document {doc_id} has {n} tokens, more than the engine's max_model_len "
-                    f"{max_len}; raise --max-model-len or split the document"
-                )
+                reason = (f"document {doc_id} has {n} tokens, more than the engine's "
+                          f"max_model_len {max_len}")
+                advice = ("re-run with a larger --max-model-len (the build resumes), or "
+                          "split the document and build into a new directory")
+                writer.record_stop(reason, advice)
+                raise BankError(f"{reason}; {advice}")
             encoded = _encode(llm, segment)
             if pending is not None:
                 pending.result()

@@ -10,7 +10,6 @@ re-run with different inputs is refused instead of mixing two builds.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from .format import (
     SEGMENTS_DIR,
     TEMPLATE_FILE,
     BankError,
+    digests,
     layer_key,
     read_json,
     segment_name,
@@ -57,7 +57,7 @@ class PreparedSegment:
     documents: int
     chunks: int
     tokens: int
-    sha256: str
+    checksums: dict[str, str]  # sha256 and blake3 of `data`
 
 
 class BankExistsError(BankError):
@@ -67,17 +67,22 @@ class BankExistsError(BankError):
 class BankWriter:
     """Appends segments of encoded documents, then commits the bank with `finish()`."""
 
-    def __init__(self, out: Path, model: ModelInfo, source: dict[str, Any]) -> None:
+    def __init__(self, out: Path, model: ModelInfo, source: dict[str, Any],
+                 options: dict[str, Any] | None = None) -> None:
         self.out = out
         self.model = model
         self.source = source
+        self.options = dict(options or {})  # build options that shape the files
         self.segments: list[dict[str, Any]] = []
 
     @classmethod
-    def open(cls, out: str | Path, model: ModelInfo, source: dict[str, Any]) -> BankWriter:
-        """Start a new build in `out`, or resume the interrupted build of the same inputs."""
+    def open(cls, out: str | Path, model: ModelInfo, source: dict[str, Any],
+             options: dict[str, Any] | None = None) -> BankWriter:
+        """Start a new build in `out`, or resume the interrupted build of the same inputs
+        and `options` (e.g. {"segment_mb": 512}: a resume with other options would mix two
+        layouts, so it is refused, naming what changed)."""
         out = Path(out)
-        writer = cls(out, model, source)
+        writer = cls(out, model, source, options)
         if (out / MANIFEST).exists():
             raise BankExistsError(f"{out} already holds a complete bank")
         state_path = out / BUILD_STATE
@@ -86,9 +91,9 @@ class BankWriter:
             expected = writer._identity()
             if state.get("identity") != expected:
                 raise BankError(
-                    f"{out} holds an interrupted build of different inputs (documents, model "
-                    "or options changed); delete it or re-run with the original inputs"
-                )
+                    f"{out} holds an interrupted build of different inputs ("
+                    + _identity_changes(state.get("identity"), expected)
+                    + "); delete it or re-run with the original inputs")
             writer.segments = state["segments"]
         elif out.exists() and any(out.iterdir()):
             raise BankError(f"{out} exists and is not an empty directory or a bank build")
@@ -98,12 +103,19 @@ class BankWriter:
         return writer
 
     def _identity(self) -> dict[str, Any]:
-        return {"model": self.model.to_json(), "source": self.source}
+        return {"model": self.model.to_json(), "source": self.source, "options": self.options}
 
-    def _save_state(self) -> None:
-        write_json_atomic(
-            self.out / BUILD_STATE, {"identity": self._identity(), "segments": self.segments}
-        )
+    def _save_state(self, stopped: dict[str, str] | None = None) -> None:
+        state: dict[str, Any] = {"identity": self._identity(), "segments": self.segments}
+        if stopped:
+            state["stopped"] = stopped
+        write_json_atomic(self.out / BUILD_STATE, state)
+
+    def record_stop(self, reason: str, advice: str) -> None:
+        """Note in the build state why this build stopped before finishing (a document the
+        engine cannot take, ...): `bank info` and `MemoryBank.open` show it, so the advice
+        on the unfinished directory is the fix, not a re-run that fails the same way."""
+        self._save_state(stopped={"reason": reason, "advice": advice})
 
     @property
     def num_done_documents(self) -> int:
@@ -177,7 +189,7 @@ class BankWriter:
         tensors["doc_num_tokens"] = torch.tensor(list(doc_num_tokens), dtype=torch.int64)
         data = save(tensors)
         return PreparedSegment(data, len(doc_ids), num_chunks, sum(doc_num_tokens),
-                               hashlib.sha256(data).hexdigest())
+                               digests(data))
 
     def commit_segment(self, segment: PreparedSegment) -> None:
         """Durably append a prepared run as the next segment (in bank order)."""
@@ -188,7 +200,7 @@ class BankWriter:
             "documents": segment.documents,
             "chunks": segment.chunks,
             "tokens": segment.tokens,
-            "sha256": segment.sha256,
+            **segment.checksums,
             "bytes": len(segment.data),
         })
         self._save_state()
@@ -214,16 +226,33 @@ class BankWriter:
         docs_data = ("\n".join(lines) + "\n").encode("utf-8")
         write_atomic(self.out / DOCUMENTS_FILE, docs_data)
 
-        files = {seg["file"]: {"sha256": seg["sha256"], "bytes": seg["bytes"]}
+        # (Segments of a build resumed from an older writer may have a sha256 only.)
+        files = {seg["file"]: {k: seg[k] for k in ("sha256", "blake3", "bytes") if k in seg}
                  for seg in self.segments}
         for name, data in ((TEMPLATE_FILE, template_data), (DOCUMENTS_FILE, docs_data)):
-            files[name] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+            files[name] = {**digests(data), "bytes": len(data)}
         manifest = build_manifest(self.model, self.source, self.segments, files,
                                   len(template_ids))
         write_json_atomic(self.out / MANIFEST, manifest)
         (self.out / BUILD_STATE).unlink(missing_ok=True)
         for stale in (self.out / SEGMENTS_DIR).glob("*.tmp"):
             stale.unlink(missing_ok=True)
+
+
+def _identity_changes(old: Any, new: dict[str, Any]) -> str:
+    """What differs between an interrupted build's identity and this run's, in words."""
+    old = old if isinstance(old, dict) else {}
+    changes = []
+    if old.get("model") != new["model"]:
+        changes.append("the model or its dtype changed")
+    if old.get("source") != new["source"]:
+        changes.append("the documents changed")
+    before, now = old.get("options") or {}, new["options"]
+    for key in sorted(set(before) | set(now)):
+        if before.get(key) != now.get(key):
+            changes.append(f"--{key.replace('_', '-')} was {before.get(key)}, now "
+                           f"{now.get(key)}")
+    return "; ".join(changes) or "options changed"
 
 
 def build_manifest(

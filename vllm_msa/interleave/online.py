@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from ..serving.connector import SELECTION_KEY
+from ..serving.options import MSARequestError
 from .protocol import Conversation, InterleaveResult, StepRequest
 from .session import InterleaveSession
 
@@ -49,7 +50,8 @@ class InterleaveRun:
         refuses (a question too long to route, a bad option) fails before anything is
         streamed: raises the admission's ValueError."""
         request = self.conversation.next_request()
-        assert request is not None
+        if request is None:  # refused before any step: the prompt does not fit the context
+            raise MSARequestError(self.conversation.error or "the question cannot be asked")
         outputs = self._generate(request)
         try:
             first = await outputs.__anext__()

@@ -65,7 +65,7 @@ class Admission:
         extra = dict(params.extra_args or {})
         bank = requested_bank(extra, self.serving)
         if bank is None:
-            stray = sorted(k for k in extra if k.startswith("msa_"))
+            stray = sorted(k for k in extra if k.startswith("msa_") and k != "msa_bank")
             if stray:
                 raise MSARequestError(f"{', '.join(stray)} given but the request uses no "
                                       "bank (set msa_bank or the server's default_bank)")

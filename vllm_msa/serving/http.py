@@ -37,7 +37,7 @@ class AnswerRequest(BaseModel):
     max_tokens: int = Field(default=256, ge=1)
     temperature: float = Field(default=0.0, ge=0.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)  # as vLLM's routes
     stop: list[str] | None = None
     top_k: int | None = Field(default=None, ge=1)  # documents; absent: the server's top-k
     return_selection: bool = False
@@ -60,7 +60,18 @@ def error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status)
 
 
-async def answer(body: dict[str, Any], engine: Any) -> JSONResponse | StreamingResponse:
+def _cancel_on_disconnect(handler: Any) -> Any:
+    """`handler(body, raw_request, engine)` cancelled when the client disconnects, as vLLM's
+    own routes are (its `with_cancellation`): a cancelled `engine.generate` aborts the
+    request in the engine, so a client that hangs up stops its generation. A streamed answer
+    hands the watch over to the `StreamingResponse`."""
+    from vllm.entrypoints.serve.utils.api_utils import with_cancellation  # vLLM 0.32, 0.33
+
+    return with_cancellation(handler)
+
+
+async def answer(body: dict[str, Any], raw_request: Any, engine: Any
+                 ) -> JSONResponse | StreamingResponse:
     try:
         req = AnswerRequest.model_validate(body)
     except ValueError as e:
@@ -183,15 +194,21 @@ class MSAAnswerPlugin:
     def attach_router(self, app: FastAPI) -> None:
         router = APIRouter()
 
-        @router.post(ROUTE)
-        async def msa_answer(request: Request) -> JSONResponse:
+        # The body is parsed here (for one clear 400 on anything), so FastAPI cannot derive
+        # its schema: publish AnswerRequest's in /openapi.json for clients and fuzzers.
+        schema = AnswerRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+
+        @router.post(ROUTE, openapi_extra={"requestBody": {"required": True, "content": {
+            "application/json": {"schema": schema}}}})
+        async def msa_answer(raw_request: Request) -> JSONResponse | StreamingResponse | None:
             try:
-                body = await request.json()
-            except ValueError:
+                body = await raw_request.json()
+            except (ValueError, RecursionError):
                 return error(400, "the body must be a JSON object")
             if not isinstance(body, dict):
                 return error(400, "the body must be a JSON object")
-            return await answer(body, request.app.state.msa_engine_client)
+            return await _cancel_on_disconnect(answer)(
+                body, raw_request, raw_request.app.state.msa_engine_client)
 
         app.include_router(router)
 

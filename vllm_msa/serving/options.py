@@ -12,14 +12,19 @@ Engine-wide (`LLM(..., additional_config={"msa": {...}})` or
   "cosine" (the paper's variant).
 - `decode_graphs`: "auto" (default: decode steps replay full CUDA graphs, memory attention
   included, where the GPU path supports it — flash-attention, fp16/bf16) or "piecewise".
+- `verify`: true (default) checks every bank file's checksum (BLAKE3, or sha256 for older
+  banks) while it loads, and that its values are finite; false skips both (faster starts of
+  banks verified otherwise).
 - `staging_mib`: size of the device staging pool for selected documents' K̄/V̄; by default
   sized for `max_num_seqs` requests each holding the configured top-k largest documents of
   every router layer (capped at 4 GiB, logged).
 
-Per request (`SamplingParams.extra_args`, or `vllm_xargs` over HTTP): `msa_bank`, `msa_top_k`,
-`msa_return_selection`, and `msa_routing` — explicit routing token ranges `[[start, end], ...]`
-for prompts whose routing query is not one contiguous user text (Memory Interleave's re-routing
-rounds: the question plus the latest retrieved texts). The front end validates them and records
+Per request (`SamplingParams.extra_args`, or `vllm_xargs` over HTTP): `msa_bank` (`""` or
+null: no memory, even with a `default_bank`), `msa_top_k`, `msa_return_selection`, and
+`msa_routing` — explicit routing token ranges `[[start, end], ...]` (over HTTP the flat
+`[start, end, start, end, ...]`, which `vllm_xargs` accepts) for prompts whose routing query
+is not one contiguous user text (Memory Interleave's re-routing rounds: the question plus the
+latest retrieved texts). The front end validates them and records
 the routing ranges (found in the prompt, see `vllm_msa.prompt`, or given) as `msa_span`, so
 workers and the scheduler never re-derive them.
 """
@@ -35,7 +40,8 @@ from ..config import MSAParams
 
 SCORE_MODES = ("auto", "dot", "cosine")
 DECODE_GRAPH_MODES = ("auto", "piecewise")
-ENGINE_KEYS = ("banks", "default_bank", "top_k", "score", "staging_mib", "decode_graphs")
+ENGINE_KEYS = ("banks", "default_bank", "top_k", "score", "staging_mib", "decode_graphs",
+               "verify")
 _BANK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 # Keys a request may set; `msa_span` is written by the front end, never by callers.
@@ -67,6 +73,7 @@ class ServingConfig:
     score: str = "auto"
     staging_mib: int | None = None  # None: sized from the batch and the banks
     decode_graphs: str = "auto"  # "auto": full CUDA graphs for decode where supported
+    verify: bool = True  # checksums and finite values checked while banks load
 
     @classmethod
     def from_additional_config(cls, additional: Mapping[str, Any] | None) -> ServingConfig:
@@ -112,7 +119,10 @@ class ServingConfig:
         if decode_graphs not in DECODE_GRAPH_MODES:
             raise MSAServingConfigError(f"msa decode_graphs must be one of "
                                         f"{DECODE_GRAPH_MODES}, got {decode_graphs!r}")
-        return cls(dict(banks), default, top_k, score, staging, decode_graphs)
+        verify = raw.get("verify", True)
+        if not isinstance(verify, bool):
+            raise MSAServingConfigError(f"msa verify must be true or false, got {verify!r}")
+        return cls(dict(banks), default, top_k, score, staging, decode_graphs, verify)
 
     def configured_top_k(self, msa: MSAParams) -> int:
         """The top-k a request gets by default, and the global RoPE offset (msa-spec §3)."""
@@ -162,8 +172,10 @@ def requested_bank(extra: Mapping[str, Any], serving: ServingConfig) -> str | No
         raise MSARequestError(
             f"unknown MSA options {sorted(unknown)}; allowed: {sorted(REQUEST_KEYS)}"
         )
+    if "msa_bank" in extra and extra["msa_bank"] in (None, ""):
+        return None  # an explicit opt-out of the server's default bank
     name = extra.get("msa_bank", serving.default_bank)
-    if name is None or name == "":
+    if name is None:
         return None
     if not isinstance(name, str):
         raise MSARequestError(f"msa_bank must be a bank name (string), got {name!r}")
@@ -199,9 +211,17 @@ def parse_bool(extra: Mapping[str, Any], key: str) -> bool:
     raise MSARequestError(f"{key} must be a boolean, got {raw!r}")
 
 
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
 def parse_routing(extra: Mapping[str, Any], template_len: int, prompt_len: int
                   ) -> tuple[tuple[int, int], ...] | None:
-    """Explicit routing ranges (`msa_routing`), checked against the prompt; None if absent."""
+    """Explicit routing ranges (`msa_routing`), checked against the prompt; None if absent.
+
+    Three spellings: `[[start, end], ...]` (Python), the flat `[start, end, start, end, ...]`
+    (vLLM's `vllm_xargs` schema over HTTP allows lists of numbers, not lists of lists) and
+    either of them as a JSON string."""
     raw = extra.get("msa_routing")
     if raw is None:
         return None
@@ -210,12 +230,17 @@ def parse_routing(extra: Mapping[str, Any], template_len: int, prompt_len: int
 
         try:
             raw = json.loads(raw)
-        except ValueError:
+        except (ValueError, RecursionError):
             raise MSARequestError(f"msa_routing must be a list of [start, end] token ranges, "
                                   f"got {raw!r}") from None
+    if isinstance(raw, (list, tuple)) and raw and all(_is_int(x) for x in raw):
+        if len(raw) % 2:
+            raise MSARequestError(f"msa_routing as a flat list needs start, end pairs, got "
+                                  f"{len(raw)} numbers")
+        raw = [raw[i:i + 2] for i in range(0, len(raw), 2)]
     shape_ok = isinstance(raw, (list, tuple)) and len(raw) > 0 and all(
         isinstance(r, (list, tuple)) and len(r) == 2
-        and all(isinstance(x, int) and not isinstance(x, bool) for x in r) for r in raw)
+        and all(_is_int(x) for x in r) for r in raw)
     if not shape_ok:
         raise MSARequestError(
             f"msa_routing must be a non-empty list of [start, end] token ranges, got {raw!r}")
