@@ -49,6 +49,6 @@ setup(
     entry_points={
         "vllm.general_plugins": ["msa = vllm_msa:register"],
         "vllm.endpoint_plugins": ["msa_answer = vllm_msa.serving.http:endpoint_plugin"],
-        "console_scripts": ["vllm-msa = vllm_msa.cli:main"],
+        "console_scripts": ["vllm-msa = vllm_msa.cli:console"],
     },
 )

@@ -5,7 +5,13 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import json
 import os
+import signal
+import socket
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -120,3 +126,116 @@ def build_banks(ckpt: Path, out: Path, small: bool = False, dtype: str = "float3
 def default_banks(checkpoints, tmp_path_factory):
     """The default tiny checkpoint's banks, shared by every serving test module."""
     return build_banks(checkpoints(), tmp_path_factory.mktemp("default-banks"), small=True)
+
+
+# -- the OpenAI server ---------------------------------------------------------------------------
+HTTP_STEP_BUDGET = 96  # the shared server's --max-num-batched-tokens (see tests/test_http.py)
+HTTP_MAX_TOKENS = 5  # tokens the shared reference answers generate
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_healthy(base: str, proc: subprocess.Popen, log: Path, timeout: float = 240) -> None:
+    import httpx
+
+    deadline = time.time() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError("server exited:\n" + log.read_text()[-3000:])
+        try:
+            if httpx.get(base + "/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.time() > deadline:
+            raise RuntimeError("server did not start:\n" + log.read_text()[-3000:])
+        time.sleep(1)
+
+
+def server_command(ckpt: Path, msa: dict, port: int, *extra: str) -> list[str]:
+    """`vllm serve` as tests run it (`python -m vllm.entrypoints.openai.api_server`: the CPU
+    build's console script does not start)."""
+    return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(ckpt),
+            "--dtype", "float32", "--max-model-len", "1024", "--gpu-memory-utilization", "0.3",
+            "--enforce-eager", "--port", str(port), "--additional-config",
+            json.dumps({"msa": msa}), *extra]
+
+
+def server_env() -> dict[str, str]:
+    """The route plugin on, tests/ importable (the scripted-outputs logits processor)."""
+    tests = os.path.dirname(os.path.abspath(__file__))
+    path = os.pathsep.join(p for p in (tests, os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "VLLM_PLUGINS": "msa,msa_answer", "PYTHONPATH": path}
+
+
+def stop_server(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
+    """Signal the server's whole process group (API server, engine core, workers)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, sig)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+
+
+@contextlib.contextmanager
+def running_server(ckpt: Path, msa: dict, log: Path, *extra: str,
+                   env: dict[str, str] | None = None) -> Iterator[dict]:
+    """A real OpenAI server over `ckpt` with `msa` as its additional_config, in a process
+    group of its own (`env`: more environment variables); yields {"base", "proc", "log"}."""
+    port = free_port()
+    handle = open(log, "w")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(server_command(ckpt, msa, port, *extra),
+                            env={**server_env(), **(env or {})},
+                            stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(base, proc, log)
+        yield {"base": base, "proc": proc, "log": log}
+    finally:
+        stop_server(proc)
+        handle.close()
+
+
+@pytest.fixture(scope="session")
+def server(checkpoints, default_banks, tmp_path_factory):
+    """One server for the HTTP tests and the fuzzing: the "docs" bank, a 96-token step
+    budget and the scripted-outputs logits processor (tests/test_http.py says why)."""
+    ckpt = checkpoints()
+    bank = default_banks["docs"]
+    log = tmp_path_factory.mktemp("http") / "server.log"
+    with running_server(ckpt, {"banks": {"docs": str(bank.path)}}, log,
+                        "--max-num-batched-tokens", str(HTTP_STEP_BUDGET), "--max-num-seqs",
+                        "8", "--logits-processors", "scripted_outputs:ScriptedOutputs") as srv:
+        yield {**srv, "ckpt": ckpt, "bank": bank}
+
+
+@pytest.fixture(scope="session")
+def tokenizer(server):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(server["ckpt"]))
+
+
+@pytest.fixture(scope="session")
+def reference(server, tokenizer):
+    """`reference(ids, span, top_k=4, memory=True)`: the float64 answer over the server's bank."""
+    from msa_reference import reference_answer
+    from reference import ReferenceMSA
+    from test_serving import bank_docs
+
+    ref = ReferenceMSA(server["ckpt"])
+    docs = bank_docs(tokenizer, server["bank"])
+
+    def answer(ids, span, *, top_k=4, memory=True):
+        return reference_answer(ref, ids, span, docs if memory else None, top_k=top_k,
+                                rope_offset_k=4, template_len=3, max_tokens=HTTP_MAX_TOKENS)
+
+    answer.router_layers = ref.router_layers
+    return answer

@@ -1,25 +1,23 @@
 """MSA over HTTP: the real OpenAI server (`python -m vllm.entrypoints.openai.api_server`, as
 `vllm serve` runs it) driven by a real client, compared with the independent reference.
 
-One server serves a bank ("docs") and plain requests; its step budget is small (96 tokens) so
-concurrent requests must share steps, which is where a routing span could be split. It also
-loads the scripted-outputs logits processor (tests/scripted_outputs.py) for the Memory
-Interleave route; the 96-token budget is what stops retrieval there when appended documents
-would make the routing span too long for one step.
+The server (tests/conftest.py `server`, shared with tests/test_fuzz.py) serves a bank
+("docs") and plain requests; its step budget is small (96 tokens) so concurrent requests must
+share steps, which is where a routing span could be split. It also loads the scripted-outputs
+logits processor (tests/scripted_outputs.py) for the Memory Interleave route; the 96-token
+budget is what stops retrieval there when appended documents would make the routing span too
+long for one step.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
+from conftest import HTTP_MAX_TOKENS, HTTP_STEP_BUDGET
 from interleave_reference import simulate
 from msa_reference import reference_answer
 from reference import ReferenceMSA
@@ -29,78 +27,10 @@ from test_serving import bank_docs, expected_prompt
 pytestmark = pytest.mark.slow
 
 LOGPROB_TOL = 1e-3
-MAX_TOKENS = 5
-STEP_BUDGET = 96
+MAX_TOKENS = HTTP_MAX_TOKENS
+STEP_BUDGET = HTTP_STEP_BUDGET
 QUESTIONS = ["Which river flooded the old mill?", "Who repaired the lighthouse lamp?",
              "What did the baker sell?", "Where was the treaty signed?"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def server(checkpoints, default_banks, tmp_path_factory):
-    ckpt = checkpoints()
-    tmp = tmp_path_factory.mktemp("http")
-    bank = default_banks["docs"]
-    port = free_port()
-    config = {"msa": {"banks": {"docs": str(bank.path)}}}
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(ckpt),
-           "--dtype", "float32", "--max-model-len", "1024", "--gpu-memory-utilization", "0.3",
-           "--enforce-eager", "--max-num-batched-tokens", str(STEP_BUDGET),
-           "--max-num-seqs", "8", "--port", str(port), "--additional-config",
-           json.dumps(config), "--logits-processors", "scripted_outputs:ScriptedOutputs"]
-    tests = os.path.dirname(os.path.abspath(__file__))
-    path = os.pathsep.join(p for p in (tests, os.environ.get("PYTHONPATH")) if p)
-    env = {**os.environ, "VLLM_PLUGINS": "msa,msa_answer", "PYTHONPATH": path}
-    log = open(tmp / "server.log", "w")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 240
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError("server exited:\n" + (tmp / "server.log").read_text()[-3000:])
-            try:
-                if httpx.get(base + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.time() > deadline:
-                raise RuntimeError("server did not start:\n" +
-                                   (tmp / "server.log").read_text()[-3000:])
-            time.sleep(1)
-        yield {"base": base, "ckpt": ckpt, "bank": bank, "log": tmp / "server.log"}
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
-
-
-@pytest.fixture(scope="module")
-def tokenizer(server):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(server["ckpt"]))
-
-
-@pytest.fixture(scope="module")
-def reference(server, tokenizer):
-    ref = ReferenceMSA(server["ckpt"])
-    docs = bank_docs(tokenizer, server["bank"])
-
-    def answer(ids, span, *, top_k=4, memory=True):
-        return reference_answer(ref, ids, span, docs if memory else None, top_k=top_k,
-                                rope_offset_k=4, template_len=3, max_tokens=MAX_TOKENS)
-
-    answer.router_layers = ref.router_layers
-    return answer
 
 
 def post(server, path, body, timeout=120):
@@ -190,32 +120,39 @@ def test_routing_ranges_over_http(server, tokenizer, reference):
                                     msa_routing=routing), expected, reference.router_layers)
 
 
-def aborted_requests(server) -> float:
-    """vLLM's count of requests that finished by abort (its Prometheus endpoint)."""
-    text = httpx.get(server["base"] + "/metrics", timeout=10).text
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith("vllm:request_success_total")
-               and 'finished_reason="abort"' in line)
+def engine_counts(server) -> tuple[float, float]:
+    """(requests running, requests finished by stop or length) from vLLM's /metrics. A
+    client's abort is neither: it ends a request without counting it as finished."""
+    running = finished = 0.0
+    for line in httpx.get(server["base"] + "/metrics", timeout=10).text.splitlines():
+        if line.startswith("vllm:num_requests_running"):
+            running += float(line.rsplit(" ", 1)[1])
+        elif line.startswith("vllm:request_success_total") and (
+                'finished_reason="length"' in line or 'finished_reason="stop"' in line):
+            finished += float(line.rsplit(" ", 1)[1])
+    return running, finished
 
 
 @pytest.mark.parametrize("interleave", [False, True])
 def test_client_that_hangs_up_is_aborted(server, tokenizer, interleave):
     """A non-streamed /v1/msa/answer whose client disconnects stops its engine request (as
-    vLLM's own routes do): it finishes by abort, long before its 600 tokens."""
+    vLLM's own routes do): it leaves the running requests at once and never finishes its
+    900 forced tokens (~5 s of generation here)."""
     question = QUESTIONS[0]
     ids, _ = expected_prompt(tokenizer, question)
     filler = tokenizer.encode(" the mill", add_special_tokens=False)[0]
-    body = {"bank": "docs", "question": question, "max_tokens": 600, "interleave": interleave,
-            "vllm_xargs": {KEY: {str(len(ids)): [filler] * 600}}}  # never an early stop
-    if interleave:
-        body["max_retrieval_tokens"] = 600
-    before = aborted_requests(server)
+    body = {"bank": "docs", "question": question, "max_tokens": 900, "interleave": interleave,
+            "max_retrieval_tokens": 900,
+            "vllm_xargs": {KEY: {str(len(ids)): [filler] * 900}}}  # never an early stop
+    _, finished = engine_counts(server)
     with pytest.raises(httpx.ReadTimeout):
-        httpx.post(server["base"] + "/v1/msa/answer", json=body, timeout=3)
-    deadline = time.time() + 30
-    while aborted_requests(server) <= before:
+        httpx.post(server["base"] + "/v1/msa/answer", json=body, timeout=0.5)
+    deadline = time.time() + 20
+    while engine_counts(server)[0] > 0:
         assert time.time() < deadline, "the engine kept generating for a client that left"
-        time.sleep(0.5)
+        time.sleep(0.2)
+    time.sleep(6)  # longer than the whole generation would take
+    assert engine_counts(server) == (0, finished)
     assert httpx.get(server["base"] + "/health", timeout=5).status_code == 200
 
 

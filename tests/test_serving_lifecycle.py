@@ -88,3 +88,45 @@ def test_default_staging_pool_holds_a_full_batch(engine, default_banks):
     largest = sorted(bank.doc_num_chunks.tolist(), reverse=True)[:4]
     layers = len(bank.model_info.router_layers)
     assert engine.collective_rpc(pool_slots) == [4 * layers * sum(largest)]
+
+
+def test_python_api_options_fuzz(engine, checkpoints, default_banks):
+    """`SamplingParams.extra_args` fuzzed (tests/test_fuzz.py's option strategies, plus the
+    Python-only nested routing lists): every request is answered or refused with a
+    ValueError naming the problem, never kills the engine, and a valid request is still
+    answered exactly (float64 reference) afterwards."""
+    from hypothesis import given
+    from hypothesis import strategies as st
+    from msa_reference import reference_answer
+    from reference import ReferenceMSA
+    from test_fuzz import fuzz_settings, msa_xargs
+    from test_serving import bank_docs, check_against_reference, sampling
+    from vllm import SamplingParams
+
+    tokenizer = engine.get_tokenizer()
+    ids, span = expected_prompt(tokenizer, QUESTIONS[0])
+    nested = st.lists(st.lists(st.integers(-3, 200), min_size=2, max_size=2), max_size=3)
+    options = msa_xargs | st.fixed_dictionaries({"msa_bank": st.just("docs"),
+                                                 "msa_routing": nested})
+
+    @fuzz_settings(80)
+    @given(extra=options, memory_prompt=st.booleans())
+    def fuzz(extra, memory_prompt):
+        prompt = ids if memory_prompt else ids[5:]
+        params = SamplingParams(max_tokens=2, temperature=0.0, extra_args=extra or None)
+        try:
+            (out,) = engine.generate([{"prompt_token_ids": prompt}], [params], use_tqdm=False)
+        except ValueError as e:
+            assert str(e)
+            return
+        assert out.outputs[0].token_ids
+
+    fuzz()
+    ref = ReferenceMSA(checkpoints())
+    expected = reference_answer(ref, ids, span, bank_docs(tokenizer, default_banks["docs"]),
+                                top_k=4, rope_offset_k=4, template_len=span[0], max_tokens=6)
+    (out,) = engine.generate([{"prompt_token_ids": ids}],
+                             [sampling(msa_bank="docs", msa_return_selection=True)],
+                             use_tqdm=False)
+    check_against_reference(out, expected, ref.router_layers)
+    assert_staging_released(engine)

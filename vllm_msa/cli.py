@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -261,7 +262,9 @@ def _synth(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, *, exit_process: bool = False) -> int:
+    """Run one command; its exit status. `exit_process`: a successful `bank build` ends the
+    process itself (`_exit_after_engine`), as the console script does."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser(argv).parse_args(argv)
     from .bank import BankError
@@ -269,11 +272,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .config import MSAConfigError
 
     try:
-        return _run(args)
+        rc = _run(args)
     except (BankError, DocumentsError, MSAConfigError, FileNotFoundError) as e:
         print(f"vllm-msa: error: {e}", file=sys.stderr)
         return 1
+    if rc == 0 and exit_process and getattr(args, "bank_cmd", None) == "build":
+        _exit_after_engine(rc)
+    return rc
+
+
+def console() -> None:
+    """The `vllm-msa` console script (and `python -m vllm_msa.cli`)."""
+    sys.exit(main(exit_process=True))
+
+
+def _exit_after_engine(rc: int) -> None:
+    """End a process that ran a vLLM engine without the interpreter's teardown.
+
+    The bank is committed (every file fsynced, the manifest written atomically) and the
+    engine stopped by then. What is left is the teardown of native libraries loaded with the
+    engine (torch, the CPU backend's extensions, OpenBLAS, tokenizers), where a thread still
+    joinable at static destruction makes libstdc++ abort ("terminate called without an
+    active exception", exit status -6) after the work succeeded: seen now and then on CPU.
+    A finished build must exit 0, so it leaves at once, its output flushed."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(rc)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    console()

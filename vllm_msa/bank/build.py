@@ -8,6 +8,7 @@ segments of about `segment_mb` MiB, so a killed build resumes where it stopped.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -58,6 +59,23 @@ def build_bank(
 
     if llm is None:
         llm = encoder_llm(checkpoint, **engine_args)
+        try:
+            return _build(llm, checkpoint, documents, source, out, segment_mb, progress)
+        finally:
+            # Stop the engine's processes now, not whenever the garbage collector (or the
+            # interpreter's exit) gets to the LLM object.
+            shutdown_engine(llm)
+    return _build(llm, checkpoint, documents, source, out, segment_mb, progress)
+
+
+def shutdown_engine(llm: Any) -> None:
+    """Stop an `LLM`'s engine core and workers."""
+    with contextlib.suppress(Exception):
+        llm.llm_engine.engine_core.shutdown()
+
+
+def _build(llm: Any, checkpoint: Path, documents: list[Document], source: dict[str, Any],
+           out: str | Path, segment_mb: float, progress: bool) -> MemoryBank:
     info = ModelInfo.from_checkpoint(checkpoint, dtype_name(llm.llm_engine.model_config.dtype))
     writer = BankWriter.open(out, info, source, {"segment_mb": segment_mb})
 

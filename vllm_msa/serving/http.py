@@ -19,7 +19,7 @@ import uuid
 from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..interleave.protocol import InterleaveLimits
@@ -198,9 +198,10 @@ class MSAAnswerPlugin:
         # its schema: publish AnswerRequest's in /openapi.json for clients and fuzzers.
         schema = AnswerRequest.model_json_schema(ref_template="#/components/schemas/{model}")
 
-        @router.post(ROUTE, openapi_extra={"requestBody": {"required": True, "content": {
-            "application/json": {"schema": schema}}}})
-        async def msa_answer(raw_request: Request) -> JSONResponse | StreamingResponse | None:
+        body_schema = {"required": True, "content": {"application/json": {"schema": schema}}}
+
+        @router.post(ROUTE, response_model=None, openapi_extra={"requestBody": body_schema})
+        async def msa_answer(raw_request: Request) -> Response | None:
             try:
                 body = await raw_request.json()
             except (ValueError, RecursionError):
