@@ -94,7 +94,7 @@ def hang_up_specs(specs: list[Spec]) -> list[Spec]:
     """Clients that leave early: a stream closed after its first event, an answer abandoned."""
     stream = next(s for s in specs if s.stream and s.path == "/v1/completions")
     answer = next(s for s in specs if s.path == "/v1/msa/answer" and not s.stream)
-    long = {"max_tokens": 400}
+    long = {"max_tokens": 250}
     return [Spec("hang-up stream", stream.path, {**stream.body, **long}, stream=True),
             Spec("hang-up answer", answer.path, {**answer.body, **long, "interleave": False})]
 

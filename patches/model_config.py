@@ -33,8 +33,8 @@ CONNECTOR_MODULE = "vllm_msa.serving.connector"
 def verify_and_update_config(vllm_config: Any) -> None:
     from vllm_msa.bank.model_info import ModelInfo
     from vllm_msa.bank.reader import MemoryBank
+    from vllm_msa.options import ServingConfig
     from vllm_msa.serving.admission import Admission
-    from vllm_msa.serving.options import ServingConfig
 
     from .input_processor import install_admission
 

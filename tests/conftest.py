@@ -191,8 +191,10 @@ def running_server(ckpt: Path, msa: dict, log: Path, *extra: str,
     group of its own (`env`: more environment variables); yields {"base", "proc", "log"}."""
     port = free_port()
     handle = open(log, "w")  # noqa: SIM115 - closed below
+    # cwd: not the checkout, which `python -m` would put first on sys.path: the server must
+    # import the installed vllm_msa, as vLLM's own processes do.
     proc = subprocess.Popen(server_command(ckpt, msa, port, *extra),
-                            env={**server_env(), **(env or {})},
+                            env={**server_env(), **(env or {})}, cwd=log.parent,
                             stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:

@@ -12,7 +12,7 @@ import torch
 from vllm_msa.attention.decode_graphs import DecodeGraphs
 from vllm_msa.attention.fused import FusedAttention
 from vllm_msa.attention.staging import Staged, StagingPool
-from vllm_msa.serving.options import SPAN_KEY
+from vllm_msa.options import SPAN_KEY
 
 LAYERS = [3, 5]
 
@@ -112,8 +112,9 @@ def test_only_fully_staged_steps_may_replay_full_graphs():
 
 def make_decode_runtime(template_len: int = 3):
     """A runtime with full decode graphs and two fully staged memory requests (CPU)."""
-    from vllm_msa.attention.runtime import MemoryRequest, MemoryRuntime
-    from vllm_msa.serving.options import RequestOptions
+    from vllm_msa.attention.requests import MemoryRequest
+    from vllm_msa.attention.runtime import MemoryRuntime
+    from vllm_msa.options import RequestOptions
 
     runtime = MemoryRuntime.__new__(MemoryRuntime)
     runtime.msa = type("MSA", (), {"router_layers": LAYERS})()

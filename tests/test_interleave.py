@@ -181,7 +181,7 @@ def test_bounds(engine, limits, texts, stopped_by):
 
 def test_bad_questions_and_options(engine):
     from vllm_msa.interleave import answer
-    from vllm_msa.serving.options import MSARequestError
+    from vllm_msa.options import MSARequestError
 
     llm = engine["llm"]
     with pytest.raises(MSARequestError, match="unknown bank 'nope'"):

@@ -24,7 +24,7 @@ import pytest
 import torch
 from triton_interpreter import DEVICE, needs_kernel, parent_only, rerun_under_interpreter
 
-from vllm_msa.attention.runtime import routing_params
+from vllm_msa.attention.router import routing_params
 from vllm_msa.attention.staging import StagingPool
 from vllm_msa.attention.tiers import ServedBank
 from vllm_msa.attention.warmup import WARMUP_OWNER, routing_shapes, warm_up_kernels

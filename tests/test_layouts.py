@@ -63,7 +63,8 @@ def set_reduces(worker, head: str, query: str, chunk: str) -> bool:
     (the folded router query stays only where it is still exact); returns whether it folds."""
     import dataclasses
 
-    from vllm_msa.attention.runtime import current_runtime, folds_router_query, routing_params
+    from vllm_msa.attention.router import folds_router_query, routing_params
+    from vllm_msa.attention.runtime import current_runtime
 
     runtime = current_runtime()
     assert not runtime.requests

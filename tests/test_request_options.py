@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from vllm_msa.serving.options import (
+from vllm_msa.options import (
     MSARequestError,
     RequestOptions,
     ServingConfig,

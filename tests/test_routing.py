@@ -77,7 +77,7 @@ def test_folded_router_query_routes_like_every_head(query, chunk, heads, kv):
     """`folds_router_query`'s premise, on the naive routing written from the spec: with dot
     scores and the head mean, projecting each KV head's group-mean weight gives every
     chunk's score (so the same documents), and the runtime folds exactly then."""
-    from vllm_msa.attention.runtime import folds_router_query
+    from vllm_msa.attention.router import folds_router_query
 
     gen = torch.Generator().manual_seed(hash((query, chunk, heads, kv)) % 2**31)
     msa = MSAParams.from_dict({"head_reduce_method": "mean", "query_reduce_method": query,
@@ -107,7 +107,7 @@ def test_folded_router_query_routes_like_every_head(query, chunk, heads, kv):
 
 
 def test_single_run_of_spans():
-    from vllm_msa.attention.runtime import single_run
+    from vllm_msa.attention.router import single_run
 
     assert single_run([(3, 9)]) == slice(3, 9)
     assert single_run([(3, 9), (9, 12), (12, 13)]) == slice(3, 13)

@@ -238,8 +238,8 @@ def create_memory_runtime(vllm_config: VllmConfig, config, msa: MSAParams
     Also installs the model-runner hook that feeds it each step's batch (`vllm_msa.patches`)
     and registers the router-attention op.
     """
+    from .options import ServingConfig
     from .patches.model_runner import install_model_runner_hook
-    from .serving.options import ServingConfig
 
     if not ServingConfig.from_additional_config(vllm_config.additional_config).banks:
         return None

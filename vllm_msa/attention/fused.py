@@ -9,7 +9,7 @@
 3. nothing else: no per-request Python, no gather of the local context.
 
 Used when the platform backend is FLASH_ATTN (its cache layout and varlen kernel) and every
-memory request's staged memory is in the pool; the plain-torch loop in `runtime.py` covers
+memory request's staged memory is in the pool; the plain-torch loop in `paths.py` covers
 the rest (CPU, other backends, pool overflow). Index tensors depend only on the batch, so
 they are built once per step (`StepPlan`) and, for the slot lists, reused across decode steps
 while the batch's requests stay the same.

@@ -99,12 +99,26 @@ class ServedBank:
         pin = device.type == "cuda"
         index, keys, values = {}, {}, {}
         started = time.monotonic()
-        with ThreadPoolExecutor(1, thread_name_prefix="bank-verify") as pool:
-            checked = pool.submit(bank.verify) if checksums else None
+        # Checks run beside the reading: the checksums (several files at once), and the
+        # finite check of each host-tier part as soon as it is read (device parts are
+        # checked on the device, in line). Torch and the hashes release the GIL.
+        with ThreadPoolExecutor(4, thread_name_prefix="bank-verify") as pool:
+            hashed = pool.submit(bank.verify) if checksums else None
+            finite = []
+
+            def check(where: str, part: torch.Tensor) -> None:
+                if part.is_cuda:
+                    bank.check_finite_part(where, part)
+                else:
+                    finite.append(pool.submit(bank.check_finite_part, where, part))
+
             try:
-                cls._read_tiers(bank, device, kv_heads, pin, verify, index, keys, values)
+                cls._read_tiers(bank, device, kv_heads, pin, check if verify else None,
+                                index, keys, values)
             finally:
-                problems = checked.result() if checked is not None else []
+                problems = hashed.result() if hashed is not None else []
+                for future in finite:
+                    future.result()  # raises the first non-finite part's BankError
         if problems:
             raise BankError(
                 f"bank {name!r} at {bank.path} is corrupt: " + "; ".join(problems)
@@ -134,7 +148,7 @@ class ServedBank:
 
     @staticmethod
     def _read_tiers(bank: MemoryBank, device: torch.device, kv_heads: slice, pin: bool,
-                    check_finite: bool, index: dict, keys: dict, values: dict) -> None:
+                    check: Any, index: dict, keys: dict, values: dict) -> None:
         # One chunk -> document map for every layer (bank order is the same in all of them).
         doc_index, doc_ids = RoutingIndex.document_map(bank, device)
         info = bank.model_info
@@ -144,12 +158,11 @@ class ServedBank:
             # Straight into the buffers serving reads, a segment at a time (the bank object
             # keeps no copy: that would double host memory for the life of the server).
             routing_keys = torch.empty(full, dtype=bank.dtype, device=device)
-            bank.read_layer_into(layer, "routing_keys", routing_keys,
-                                 check_finite=check_finite)
+            bank.read_layer_into(layer, "routing_keys", routing_keys, on_segment=check)
             index[layer] = RoutingIndex(routing_keys, doc_index, doc_ids)
             for part, tier in (("keys", keys), ("values", values)):
                 host = torch.empty(local, dtype=bank.dtype, device="cpu")
-                bank.read_layer_into(layer, part, host, kv_heads, check_finite=check_finite)
+                bank.read_layer_into(layer, part, host, kv_heads, on_segment=check)
                 tier[layer] = page_lock(host) if pin else host
 
     def prepared_index(self, layer: int) -> Any:

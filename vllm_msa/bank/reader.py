@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cached_property
@@ -168,14 +169,17 @@ class MemoryBank:
         return torch.cat([self._read(seg["file"], key) for seg in self.manifest["segments"]])
 
     def read_layer_into(self, layer: int, name: str, out: torch.Tensor,
-                        kv_heads: slice = slice(None), check_finite: bool = False
+                        kv_heads: slice = slice(None), check_finite: bool = False,
+                        on_segment: Callable[[str, torch.Tensor], Any] | None = None
                         ) -> torch.Tensor:
         """Router layer `layer`'s `name` tensor ("routing_keys", "keys" or "values"), KV heads
         `kv_heads`, written into `out` ([num_chunks, heads, head_dim], any device) one segment
         at a time: the only temporary is one segment's slice, where `layer()` builds the
         whole tensor (and a copy of it to concatenate) before the caller copies it again.
         `check_finite`: refuse NaN or infinite values (BankError naming the tensor): a
-        checksum proves the bytes are what was written, not that they are numbers."""
+        checksum proves the bytes are what was written, not that they are numbers.
+        `on_segment(where, part)`: called with each segment's part of `out` once written
+        (e.g. to check it elsewhere, `check_finite_part`)."""
         if layer not in self.model_info.router_layers:
             raise KeyError(f"layer {layer} is not a router layer of this bank "
                            f"(router layers: {self.router_layers})")
@@ -185,14 +189,22 @@ class MemoryBank:
                 part = f.get_tensor(key)[:, kv_heads]  # (safetensors' own slicing is slower)
             target = out[start:start + part.shape[0]]
             target.copy_(part)
-            if check_finite and not all_finite(target):
-                raise BankError(f"bank {self.path}: {seg['file']}:{key} holds non-finite "
-                                "values (NaN or inf); the bank cannot be served: rebuild it")
+            if check_finite:
+                self.check_finite_part(f"{seg['file']}:{key}", target)
+            if on_segment is not None:
+                on_segment(f"{seg['file']}:{key}", target)
             start += part.shape[0]
         if start != out.shape[0]:
             raise BankError(f"bank {self.path}: {key} has {start} chunks, expected "
                             f"{out.shape[0]}")
         return out
+
+    def check_finite_part(self, where: str, part: torch.Tensor) -> None:
+        """Refuse `part` (the tensor `where` of this bank, or a piece of it) if it holds NaN
+        or infinite values."""
+        if not all_finite(part):
+            raise BankError(f"bank {self.path}: {where} holds non-finite values (NaN or inf); "
+                            "the bank cannot be served: rebuild it")
 
     def layer(self, layer: int, cache: bool = True) -> BankLayer:
         """Routing keys K̄r, keys K̄ and values V̄ of router layer `layer` (loaded on first use;

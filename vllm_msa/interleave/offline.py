@@ -13,7 +13,7 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
-from ..serving.connector import SELECTION_KEY
+from ..options import SELECTION_KEY
 from .protocol import InterleaveLimits, InterleaveResult
 from .session import InterleaveSession
 

@@ -12,8 +12,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-from ..serving.connector import SELECTION_KEY
-from ..serving.options import MSARequestError
+from ..options import SELECTION_KEY, MSARequestError
 from .protocol import Conversation, InterleaveResult, StepRequest
 from .session import InterleaveSession
 

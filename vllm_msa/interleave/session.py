@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..serving.options import MSARequestError, parse_top_k
+from ..options import MSARequestError, parse_top_k
 from .protocol import Conversation, EngineFacts, InterleaveLimits, ProtocolTokens, StepRequest
 
 

@@ -15,8 +15,7 @@ from typing import Any
 
 from ..bank.reader import MemoryBank
 from ..config import MSAParams
-from ..prompt import SPAN_END_TOKEN, find_routing_span
-from .options import (
+from ..options import (
     MSARequestError,
     RequestOptions,
     ServingConfig,
@@ -25,6 +24,7 @@ from .options import (
     parse_top_k,
     requested_bank,
 )
+from ..prompt import SPAN_END_TOKEN, find_routing_span
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorWorkerMetadata,
 )
 
-SELECTION_KEY = "msa_selection"
+from ..options import SELECTION_KEY
 
 
 @dataclass

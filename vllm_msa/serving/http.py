@@ -23,8 +23,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..interleave.protocol import InterleaveLimits
+from ..options import SELECTION_KEY
 from ..prompt import build_prompt
-from .connector import SELECTION_KEY
 
 ROUTE = "/v1/msa/answer"
 

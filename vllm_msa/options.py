@@ -1,4 +1,7 @@
-"""Serving options: the engine's `additional_config["msa"]` and each request's `msa_*` args.
+"""MSA options: the engine's `additional_config["msa"]` and each request's `msa_*` args.
+
+The vocabulary every layer shares (the worker runtime, the front end's admission, Memory
+Interleave and the HTTP route), so it depends on none of them.
 
 Engine-wide (`LLM(..., additional_config={"msa": {...}})` or
 `vllm serve CKPT --additional-config '{"msa": {...}}'`):
@@ -36,7 +39,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..config import MSAParams
+from .config import MSAParams
 
 SCORE_MODES = ("auto", "dot", "cosine")
 DECODE_GRAPH_MODES = ("auto", "piecewise")
@@ -47,6 +50,9 @@ _BANK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 # Keys a request may set; `msa_span` is written by the front end, never by callers.
 REQUEST_KEYS = frozenset({"msa_bank", "msa_top_k", "msa_return_selection", "msa_routing"})
 SPAN_KEY = "msa_span"
+# Where a request's selected documents come back: `RequestOutput.kv_transfer_params[...]`
+# offline, `kv_transfer_params` in OpenAI responses (vllm_msa.serving.connector sends them).
+SELECTION_KEY = "msa_selection"
 
 
 try:  # vLLM maps its client errors to HTTP 400 (and re-raises them unwrapped offline).
