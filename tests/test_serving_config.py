@@ -62,3 +62,17 @@ def test_bank_of_another_model(checkpoints, default_banks):
 def test_bad_serving_config(checkpoints, msa, message):
     with pytest.raises(Exception, match=message):
         start(checkpoints(), msa)
+
+
+def test_flipped_bit_is_refused_when_the_bank_loads(checkpoints, bank_copy, capfd):
+    """Same size, one bit changed inside tensor data: only the checksum sees it. The worker
+    verifies while it loads the tiers and stops the start, naming the file (in the log;
+    vLLM reports a worker's start-up failure as "see root cause above")."""
+    segment = next((bank_copy / "segments").iterdir())
+    data = bytearray(segment.read_bytes())
+    data[-4000] ^= 0x04
+    segment.write_bytes(bytes(data))
+    with pytest.raises(Exception, match="initialization failed"):
+        start(checkpoints(), {"banks": {"docs": str(bank_copy)}})
+    log = "".join(capfd.readouterr())
+    assert f"is corrupt: segments/{segment.name}: blake3" in log
