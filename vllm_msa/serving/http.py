@@ -197,7 +197,6 @@ class MSAAnswerPlugin:
         # The body is parsed here (for one clear 400 on anything), so FastAPI cannot derive
         # its schema: publish AnswerRequest's in /openapi.json for clients and fuzzers.
         schema = AnswerRequest.model_json_schema(ref_template="#/components/schemas/{model}")
-
         body_schema = {"required": True, "content": {"application/json": {"schema": schema}}}
 
         @router.post(ROUTE, response_model=None, openapi_extra={"requestBody": body_schema})
