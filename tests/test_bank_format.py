@@ -341,3 +341,28 @@ def test_all_finite(dtype):
         y = x.clone()
         y[517] = bad
         assert not all_finite(y), (dtype, bad)
+
+
+def test_cli_help_and_bank_tools_import_no_engine(bank_dir, checkpoints):
+    """`--help` of every command imports neither torch nor vLLM (it answers at once; timed in
+    benchmarks/cli.py), and `bank info` / `bank verify` work without importing vLLM."""
+    import subprocess
+    import sys
+
+    probe = ("import sys\nfrom vllm_msa.cli import main\ntry:\n    rc = main({argv!r})\n"
+             "except SystemExit as e:\n    rc = e.code\n"
+             "heavy = sorted(m for m in ('vllm', 'torch') if m in sys.modules)\n"
+             "print('RESULT', rc, ','.join(heavy))\n")
+    path = str(bank_dir[0])
+    cases = [
+        (["--help"], ""), (["bank", "--help"], ""), (["bank", "build", "--help"], ""),
+        (["bank", "synth", "--help"], ""), (["bank", "info", "--help"], ""),
+        (["make-tiny-checkpoint", "--help"], ""),
+        (["bank", "info", path], "torch"),
+        (["bank", "verify", path, "--model", str(checkpoints())], "torch"),
+    ]
+    for argv, heavy in cases:
+        out = subprocess.run([sys.executable, "-c", probe.format(argv=argv)],
+                             capture_output=True, text=True, timeout=300).stdout
+        result = next(line for line in out.splitlines() if line.startswith("RESULT"))
+        assert result.split(" ", 2)[1:] == ["0", heavy], (argv, result)

@@ -56,6 +56,16 @@ def vllm_version_problem() -> str | None:
     return None
 
 
+def register_config() -> None:
+    """Teach transformers' AutoConfig the "msa" model type (all that reading a checkpoint's
+    config needs: bank tools use this, not vLLM)."""
+    from transformers import AutoConfig
+
+    from .config import MSAConfig
+
+    AutoConfig.register("msa", MSAConfig, exist_ok=True)
+
+
 def register() -> None:
     """Register the "msa" config type and the MSA model classes (idempotent)."""
     global _registered
@@ -66,12 +76,7 @@ def register() -> None:
     from .log import follow_vllm_logging
 
     follow_vllm_logging()
-
-    from transformers import AutoConfig
-
-    from .config import MSAConfig
-
-    AutoConfig.register("msa", MSAConfig, exist_ok=True)
+    register_config()
 
     if os.environ.get("VLLM_MSA_SKIP_VERSION_CHECK") != "1":
         problem = vllm_version_problem()

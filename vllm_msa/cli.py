@@ -13,11 +13,11 @@ from pathlib import Path
 from typing import Any
 
 from .bank.format import DEFAULT_SEGMENT_MB
-from .config import CHUNK_REDUCE_METHODS, HEAD_REDUCE_METHODS, QUERY_REDUCE_METHODS
+from .reduce_methods import CHUNK_REDUCE_METHODS, HEAD_REDUCE_METHODS, QUERY_REDUCE_METHODS
 
 
 def _add_tiny_parser(sub) -> None:
-    from .tiny import TinySpec
+    from .tiny_spec import TinySpec
 
     d = TinySpec()
     p = sub.add_parser("make-tiny-checkpoint", help="write a random tiny MSA checkpoint")
@@ -49,7 +49,8 @@ def _add_bank_parsers(sub, with_engine_args: bool) -> None:
         "build",
         help="encode documents into a bank (stage 1) with vLLM",
         description="Encode DOCS.jsonl into a bank with vLLM. Every vLLM engine option "
-        "(--tensor-parallel-size, --dtype, --max-num-seqs, ...) is accepted.",
+        "(--tensor-parallel-size, --dtype, --max-num-seqs, ...: see `vllm serve --help`) "
+        "is accepted.",
     )
     build.add_argument("--docs", required=True, help='JSONL file of {"id": int, "text": str}')
     build.add_argument("--out", required=True, help="bank directory to create (or resume)")
@@ -61,7 +62,7 @@ def _add_bank_parsers(sub, with_engine_args: bool) -> None:
 
         EngineArgs.add_cli_args(build)
     else:
-        build.add_argument("--model", required=True)
+        build.add_argument("--model", required=True, help="the MSA checkpoint")
 
     synth = bsub.add_parser(
         "synth",
@@ -126,7 +127,10 @@ def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vllm-msa", description=__doc__)
     sub = parser.add_subparsers(dest="cmd", required=True)
     _add_tiny_parser(sub)
-    _add_bank_parsers(sub, with_engine_args=list(argv[:2]) == ["bank", "build"])
+    # vLLM's engine options (an `import vllm` of seconds) only for a build that runs: its
+    # --help stays instant and names them instead.
+    runs_build = list(argv[:2]) == ["bank", "build"] and not {"-h", "--help"} & set(argv)
+    _add_bank_parsers(sub, with_engine_args=runs_build)
     return parser
 
 

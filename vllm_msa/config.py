@@ -15,15 +15,13 @@ from typing import Any, Literal
 from huggingface_hub.dataclasses import strict
 from transformers import Qwen3Config
 
+from .reduce_methods import CHUNK_REDUCE_METHODS, HEAD_REDUCE_METHODS, QUERY_REDUCE_METHODS
+
 logger = logging.getLogger(__name__)
 
 HeadReduce = Literal["mean", "max"]
 QueryReduce = Literal["max", "mean", "last"]
 ChunkReduce = Literal["max", "mean"]
-
-HEAD_REDUCE_METHODS: tuple[str, ...] = ("mean", "max")
-QUERY_REDUCE_METHODS: tuple[str, ...] = ("max", "mean", "last")
-CHUNK_REDUCE_METHODS: tuple[str, ...] = ("max", "mean")
 
 DEFAULT_TOP_K = 16
 

@@ -9,13 +9,13 @@ chat special tokens and chat template. Everything is deterministic in `seed`.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
 from .config import MSAConfig, MSAParams
+from .tiny_spec import TinySpec
 
 SPECIAL_TOKENS = (
     "<|endoftext|>",
@@ -49,29 +49,6 @@ _CORPUS = [
 ]
 
 
-@dataclass(frozen=True)
-class TinySpec:
-    """Shape and MSA options of a tiny checkpoint (CLI: `vllm-msa make-tiny-checkpoint`)."""
-
-    seed: int = 0
-    layers: int = 4
-    router_layers: str = "2,3"
-    hidden: int = 128
-    heads: int = 4
-    kv_heads: int = 2
-    head_dim: int = 64
-    intermediate: int = 256
-    pooling: int = 4
-    top_k: int = 4
-    head_reduce: str = "mean"
-    query_reduce: str = "max"
-    chunk_reduce: str = "max"
-    aux_loss_method: str = "INFONCE_DECOUPLE"
-    decouple_router: bool = True
-    dtype: str = "float32"
-    vocab_size: int = 512
-    rope_theta: float = 10000.0
-    weight_std: float = 0.08
 
 
 def build_tokenizer(vocab_size: int):

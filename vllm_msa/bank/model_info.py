@@ -58,9 +58,9 @@ class ModelInfo:
         """Read a local MSA checkpoint; `dtype` defaults to the one in its config."""
         from transformers import AutoConfig
 
-        from .. import register
+        from .. import register_config
 
-        register()
+        register_config()
         path = resolve_checkpoint(model)
         config = AutoConfig.from_pretrained(path)
         config_dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
