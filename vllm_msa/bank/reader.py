@@ -169,17 +169,16 @@ class MemoryBank:
         return torch.cat([self._read(seg["file"], key) for seg in self.manifest["segments"]])
 
     def read_layer_into(self, layer: int, name: str, out: torch.Tensor,
-                        kv_heads: slice = slice(None), check_finite: bool = False,
+                        kv_heads: slice = slice(None),
                         on_segment: Callable[[str, torch.Tensor], Any] | None = None
                         ) -> torch.Tensor:
         """Router layer `layer`'s `name` tensor ("routing_keys", "keys" or "values"), KV heads
         `kv_heads`, written into `out` ([num_chunks, heads, head_dim], any device) one segment
         at a time: the only temporary is one segment's slice, where `layer()` builds the
         whole tensor (and a copy of it to concatenate) before the caller copies it again.
-        `check_finite`: refuse NaN or infinite values (BankError naming the tensor): a
-        checksum proves the bytes are what was written, not that they are numbers.
-        `on_segment(where, part)`: called with each segment's part of `out` once written
-        (e.g. to check it elsewhere, `check_finite_part`)."""
+        `on_segment(where, part)`: called with each segment's part of `out` once written,
+        e.g. to refuse NaN or infinite values (`check_finite_part`: a checksum proves the
+        bytes are what was written, not that they are numbers)."""
         if layer not in self.model_info.router_layers:
             raise KeyError(f"layer {layer} is not a router layer of this bank "
                            f"(router layers: {self.router_layers})")
@@ -189,8 +188,6 @@ class MemoryBank:
                 part = f.get_tensor(key)[:, kv_heads]  # (safetensors' own slicing is slower)
             target = out[start:start + part.shape[0]]
             target.copy_(part)
-            if check_finite:
-                self.check_finite_part(f"{seg['file']}:{key}", target)
             if on_segment is not None:
                 on_segment(f"{seg['file']}:{key}", target)
             start += part.shape[0]
