@@ -52,10 +52,12 @@ import dataclasses
 import functools
 import itertools
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
+from vllm_msa.attention.index_parallel import NO_CANDIDATE
 from vllm_msa.attention.routing import RoutingIndex, Selection, route
 from vllm_msa.attention.uploads import upload
 from vllm_msa.config import MSAParams
@@ -74,6 +76,9 @@ HAS_TRITON = triton is not None
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+# Gathers every tensor-parallel rank's [R, k] candidate sort keys into [R, ranks * k].
+Exchange = Callable[[torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -110,32 +115,47 @@ class PreparedRoutingIndex:
 
     index: RoutingIndex
     keys: torch.Tensor  # [C, KV, D], contiguous
-    doc_start: torch.Tensor  # [N + 1] int64: document d's chunks are doc_start[d]:doc_start[d+1]
-    tiebreak: torch.Tensor  # [N] int64: N - 1 - (rank of the document id): larger wins a tie
+    doc_start: torch.Tensor  # [n + 1] int64: the index's document d has chunks doc_start[d]:[d+1]
+    # [n] int64: N - 1 - (rank of the document id among the bank's N ids): larger wins a tie
+    tiebreak: torch.Tensor
     ids_by_tiebreak: torch.Tensor  # [N] int64: the document id of each tiebreak value
     positions_by_tiebreak: torch.Tensor  # [N] int64: the bank position of each tiebreak value
+    bank_doc_start: torch.Tensor  # [N + 1] int64: chunk offsets of the bank (the host tier)
+
+    @property
+    def num_bank_documents(self) -> int:
+        """N: every document of the bank (a shard's index holds n of them)."""
+        return self.ids_by_tiebreak.shape[0]
 
 
 def prepare_index(index: RoutingIndex | PreparedRoutingIndex) -> PreparedRoutingIndex:
     """Document offsets and id ranks of `index` (its chunks must be grouped by document, in
-    bank order, as `RoutingIndex.from_bank` makes them)."""
+    bank order, as `RoutingIndex.from_bank` makes them). A shard's tie-breaks rank its ids
+    among the whole bank's, so every shard's sort keys compare with every other's."""
     if isinstance(index, PreparedRoutingIndex):
         return index
     keys = index.routing_keys.contiguous()
-    docs = index.chunk_doc_index.to(device=keys.device, dtype=torch.int64)
+    device = keys.device
+    docs = index.chunk_doc_index.to(device=device, dtype=torch.int64)
     n = index.num_documents
     if docs.numel() > 1 and bool((docs[1:] < docs[:-1]).any()):
         raise ValueError("routing index: a document's chunks must be contiguous, in bank order")
     counts = torch.bincount(docs, minlength=n)
-    doc_start = torch.zeros(n + 1, dtype=torch.int64, device=keys.device)
+    doc_start = torch.zeros(n + 1, dtype=torch.int64, device=device)
     torch.cumsum(counts, 0, out=doc_start[1:])
-    doc_ids = index.doc_ids.to(device=keys.device, dtype=torch.int64)
-    by_id = torch.argsort(doc_ids, stable=True)
-    rank = torch.empty(n, dtype=torch.int64, device=keys.device)
-    rank[by_id] = torch.arange(n, device=keys.device)
-    return PreparedRoutingIndex(index=index, keys=keys, doc_start=doc_start,
-                                tiebreak=(n - 1) - rank, ids_by_tiebreak=doc_ids[by_id].flip(0),
-                                positions_by_tiebreak=by_id.flip(0))
+    bank_ids = index.doc_ids if index.bank_doc_ids is None else index.bank_doc_ids
+    bank_ids = bank_ids.to(device=device, dtype=torch.int64)
+    total = bank_ids.shape[0]
+    by_id = torch.argsort(bank_ids, stable=True)
+    rank = torch.empty(total, dtype=torch.int64, device=device)
+    rank[by_id] = torch.arange(total, device=device)
+    tiebreak = (total - 1) - rank[index.shard_start:index.shard_start + n]
+    bank_doc_start = (doc_start if index.bank_doc_start is None
+                      else index.bank_doc_start.to(device=device, dtype=torch.int64))
+    return PreparedRoutingIndex(index=index, keys=keys, doc_start=doc_start, tiebreak=tiebreak,
+                                ids_by_tiebreak=bank_ids[by_id].flip(0),
+                                positions_by_tiebreak=by_id.flip(0),
+                                bank_doc_start=bank_doc_start)
 
 
 if HAS_TRITON:
@@ -628,6 +648,28 @@ def decode_keys(keys: torch.Tensor, prep: PreparedRoutingIndex) -> tuple[torch.T
     return ids, torch.where(high < 0, high ^ 0x7FFFFFFF, high).view(torch.float32)
 
 
+def selection_keys(selections: list[Selection], prep: PreparedRoutingIndex, width: int
+                   ) -> torch.Tensor:
+    """The sort keys `_document_keys_kernel` makes, of torch-path selections: [R, width]
+    int64, best first, padded with NO_CANDIDATE (`decode_keys` inverts it)."""
+    keys = torch.full((len(selections), width), NO_CANDIDATE, dtype=torch.int64,
+                      device=prep.ids_by_tiebreak.device)
+    ascending = prep.ids_by_tiebreak.flip(0)
+    for row, selection in enumerate(selections):
+        ids = selection.doc_ids.to(device=keys.device, dtype=torch.int64)
+        tiebreak = (prep.num_bank_documents - 1) - torch.searchsorted(ascending, ids)
+        score = selection.scores.to(device=keys.device, dtype=torch.float32)
+        bits = torch.where(score == 0, 0.0, score).view(torch.int32)  # -0.0 ties +0.0
+        ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(torch.int64)
+        keys[row, :ids.shape[0]] = (ordered << 32) | tiebreak
+    return keys
+
+
+def top_candidates(candidates: torch.Tensor, k: int) -> torch.Tensor:
+    """The k largest sort keys of each row, largest first (keys are distinct)."""
+    return torch.topk(candidates, k, dim=1, largest=True, sorted=True).values
+
+
 @dataclass(frozen=True)
 class RoutedBatch:
     """One layer's routing of R requests, left on the device as the top-k sort keys: staging
@@ -654,31 +696,41 @@ def route_batched_keys(
     msa: MSAParams,
     top_k,
     config: KernelConfig | None = None,
+    exchange: Exchange | None = None,
 ) -> RoutedBatch | None:
     """`route_batched` without decoding: the top-k sort keys of every request, or None where
-    the kernels cannot run. Nothing here waits for the GPU."""
+    the kernels cannot run. Nothing here waits for the GPU. On a shard of the index
+    (`vllm_msa.attention.index_parallel`), `exchange` gathers every shard's candidates."""
     keys = index.keys if isinstance(index, PreparedRoutingIndex) else index.routing_keys
     if not kernel_supported(qr_all, keys):
         return None
     prep = prepare_index(index)
     cu = _token_ranges(cu_tokens, qr_all.shape[0])
     ks = _top_ks(top_k, len(cu) - 1)
-    n = prep.tiebreak.shape[0]
-    k_top = min(max(ks), n)
+    k_top = min(max(ks), prep.num_bank_documents)
     if k_top == 0:
         return RoutedBatch(torch.empty(len(ks), 0, dtype=torch.int64, device=keys.device),
                            [0] * len(ks), prep)
-    chunk = _chunk_scores(qr_all, cu, prep, msa, config)
-    # Blocks of documents hand up their top candidates (a power of two, few compiled
-    # variants); topk over those. Past MAX_BLOCK_TOP, keys of every document.
-    top = max(1, triton.next_power_of_2(k_top))
-    block_n = (config or KernelConfig()).block_n or document_block(n, top)
-    top = 0 if top > min(MAX_BLOCK_TOP, block_n) else top
-    if merge_width(n, top, block_n):  # the last block of each row merges: no topk launch
-        best = document_keys_batched(chunk, prep, msa, top, block_n, merge=True)[:, :k_top]
-    else:
-        sort_keys = document_keys_batched(chunk, prep, msa, top, block_n)
-        best = torch.topk(sort_keys, k_top, dim=1, largest=True, sorted=True).values
+    n = prep.tiebreak.shape[0]  # this index's documents: a shard may hold fewer than k
+    k_local = min(k_top, n)
+    best = torch.full((len(ks), k_top), NO_CANDIDATE, dtype=torch.int64, device=keys.device)
+    if k_local:
+        chunk = _chunk_scores(qr_all, cu, prep, msa, config)
+        # Blocks of documents hand up their top candidates (a power of two, few compiled
+        # variants); topk over those. Past MAX_BLOCK_TOP, keys of every document.
+        top = max(1, triton.next_power_of_2(k_local))
+        block_n = (config or KernelConfig()).block_n or document_block(n, top)
+        top = 0 if top > min(MAX_BLOCK_TOP, block_n) else top
+        if merge_width(n, top, block_n):  # the last block of each row merges: no topk launch
+            local = document_keys_batched(chunk, prep, msa, top, block_n,
+                                          merge=True)[:, :k_local]
+        else:
+            local = top_candidates(document_keys_batched(chunk, prep, msa, top, block_n),
+                                   k_local)
+        best = local if k_local == k_top else best.index_copy_(
+            1, torch.arange(k_local, device=keys.device), local)
+    if exchange is not None:  # a shard of the index: the best of every rank's candidates
+        best = top_candidates(exchange(best), k_top)
     return RoutedBatch(best, [min(k, k_top) for k in ks], prep)
 
 
@@ -689,6 +741,7 @@ def route_batched(
     msa: MSAParams,
     top_k,
     config: KernelConfig | None = None,
+    exchange: Exchange | None = None,
 ) -> list[Selection]:
     """Routing of R requests in one router layer: one `Selection` per request.
 
@@ -698,10 +751,19 @@ def route_batched(
     re-deriving the document offsets on every call. Nothing here waits for the GPU. Falls back
     to `route_batched_reference` where the kernels cannot run.
     """
-    routed = route_batched_keys(qr_all, cu_tokens, index, msa, top_k, config)
-    if routed is None:
-        return route_batched_reference(qr_all, cu_tokens, index, msa, top_k)
-    return [routed.selection(r) for r in range(len(routed.ks))]
+    routed = route_batched_keys(qr_all, cu_tokens, index, msa, top_k, config, exchange)
+    if routed is not None:
+        return [routed.selection(r) for r in range(len(routed.ks))]
+    selections = route_batched_reference(qr_all, cu_tokens, index, msa, top_k)
+    if exchange is None:
+        return selections
+    # A shard's own selections as sort keys, exchanged and merged like the kernels' keys.
+    prep = prepare_index(index)
+    ks = _top_ks(top_k, len(selections))
+    k_top = min(max(ks, default=0), prep.num_bank_documents)
+    merged = RoutedBatch(top_candidates(exchange(selection_keys(selections, prep, k_top)),
+                                        k_top), [min(k, k_top) for k in ks], prep)
+    return [merged.selection(r) for r in range(len(ks))]
 
 
 def routing_flops(num_tokens: int, num_heads: int, num_chunks: int, head_dim: int) -> float:
@@ -724,4 +786,6 @@ __all__ = [
     "route_batched_keys",
     "route_batched_reference",
     "routing_flops",
+    "selection_keys",
+    "top_candidates",
 ]

@@ -18,6 +18,11 @@ Engine-wide (`LLM(..., additional_config={"msa": {...}})` or
 - `verify`: true (default) checks every bank file's checksum (BLAKE3, or sha256 for older
   banks) while it loads, and that its values are finite; false skips both (faster starts of
   banks verified otherwise).
+- `index_parallel`: "shard" (default) deals each bank's documents over the tensor-parallel
+  ranks, balanced by chunks: each rank keeps only its share of the routing index on its GPU
+  and the ranks exchange their top-k candidates (`vllm_msa.attention.index_parallel`), so
+  the index capacity grows with the GPUs; "replicate" keeps the whole index on every rank.
+  Selections are the same either way.
 - `staging_mib`: size of the device staging pool for selected documents' K̄/V̄; by default
   sized for `max_num_seqs` requests each holding the configured top-k largest documents of
   every router layer (capped at 4 GiB, logged).
@@ -43,8 +48,9 @@ from .config import MSAParams
 
 SCORE_MODES = ("auto", "dot", "cosine")
 DECODE_GRAPH_MODES = ("auto", "piecewise")
+INDEX_PARALLEL_MODES = ("shard", "replicate")
 ENGINE_KEYS = ("banks", "default_bank", "top_k", "score", "staging_mib", "decode_graphs",
-               "verify")
+               "verify", "index_parallel")
 _BANK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 # Keys a request may set; `msa_span` is written by the front end, never by callers.
@@ -80,6 +86,7 @@ class ServingConfig:
     staging_mib: int | None = None  # None: sized from the batch and the banks
     decode_graphs: str = "auto"  # "auto": full CUDA graphs for decode where supported
     verify: bool = True  # checksums and finite values checked while banks load
+    index_parallel: str = "shard"  # the routing index over tensor-parallel ranks
 
     @classmethod
     def from_additional_config(cls, additional: Mapping[str, Any] | None) -> ServingConfig:
@@ -128,7 +135,12 @@ class ServingConfig:
         verify = raw.get("verify", True)
         if not isinstance(verify, bool):
             raise MSAServingConfigError(f"msa verify must be true or false, got {verify!r}")
-        return cls(dict(banks), default, top_k, score, staging, decode_graphs, verify)
+        index_parallel = raw.get("index_parallel", "shard")
+        if index_parallel not in INDEX_PARALLEL_MODES:
+            raise MSAServingConfigError(f"msa index_parallel must be one of "
+                                        f"{INDEX_PARALLEL_MODES}, got {index_parallel!r}")
+        return cls(dict(banks), default, top_k, score, staging, decode_graphs, verify,
+                   index_parallel)
 
     def configured_top_k(self, msa: MSAParams) -> int:
         """The top-k a request gets by default, and the global RoPE offset (msa-spec §3)."""

@@ -26,7 +26,14 @@ def runtime_state() -> dict[str, Any]:
         pool = runtime.pool
         state.update(banks=len(runtime.banks), requests=len(runtime.requests),
                      slots_in_use=pool.num_slots - pool.num_free, slots=pool.num_slots,
-                     overflows=pool.overflows, preempted=runtime.num_preempted)
+                     overflows=pool.overflows, preempted=runtime.num_preempted,
+                     tp_rank=runtime.tp_rank,
+                     bank_tiers={name: {"index_bytes": bank.index_bytes,
+                                        "host_bytes": bank.host_bytes,
+                                        "documents": [bank.shard.documents.start,
+                                                      bank.shard.documents.stop],
+                                        "chunks": bank.shard.num_chunks}
+                                 for name, bank in runtime.banks.items()})
     if torch.cuda.is_available():
         state["gpu_allocated"] = torch.cuda.memory_allocated()
         state["gpu_reserved"] = torch.cuda.memory_reserved()

@@ -113,9 +113,11 @@ def select_pending(runtime: MemoryRuntime, layer: RouterLayer, q: torch.Tensor,
         qr = routing_query(runtime, layer, q, h, token_rows(runtime, spans, q.device))
         index = rows[0].request.bank.prepared_index(layer.layer_idx)
         top_ks = [r.request.options.top_k for r in rows]
-        routed = route_batched_keys(qr, cu, index, runtime.routing, top_ks)
+        routed = route_batched_keys(qr, cu, index, runtime.routing, top_ks,
+                                    exchange=runtime.exchange)
         if routed is None:  # no Triton here: plain torch, decoded selections
-            selections = route_batched(qr, cu, index, runtime.routing, top_ks)
+            selections = route_batched(qr, cu, index, runtime.routing, top_ks,
+                                       exchange=runtime.exchange)
         else:  # left on the device as sort keys, for the staging kernel
             selections = [RoutedSelection(routed, i) for i in range(len(rows))]
         for row, selection in zip(rows, selections, strict=True):

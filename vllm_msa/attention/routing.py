@@ -7,21 +7,30 @@ index in tiles of chunks so the [tokens, heads, chunks] score tensor never exist
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from ..config import MSAParams
 
 DEFAULT_TILE_CHUNKS = 1 << 16
+PAD_CHUNKS = 64  # chunk_scores multiplies keys in whole blocks of this many chunks
 
 
 @dataclass(frozen=True)
 class RoutingIndex:
-    """One router layer's routing keys and the chunk -> document map, in bank order."""
+    """One router layer's routing keys and the chunk -> document map, in bank order.
+
+    A shard of a bank (`index_parallel.py`) holds a contiguous run of its documents, from
+    bank position `shard_start`, and carries the whole bank's ids and chunk offsets: ties
+    rank among all the bank's ids, and staging reads the host tier by bank position."""
 
     routing_keys: torch.Tensor  # [num_chunks, num_kv_heads, head_dim]
     chunk_doc_index: torch.Tensor  # [num_chunks] int64: position of the chunk's document
     doc_ids: torch.Tensor  # [num_documents] int64, bank order
+    shard_start: int = 0  # bank position of the first document (shards only)
+    bank_doc_ids: torch.Tensor | None = None  # [bank documents] int64 (shards only)
+    bank_doc_start: torch.Tensor | None = None  # [bank documents + 1] int64 (shards only)
 
     @classmethod
     def from_bank(cls, bank, layer: int, device: torch.device | str = "cpu") -> RoutingIndex:
@@ -35,6 +44,20 @@ class RoutingIndex:
         doc_index = torch.repeat_interleave(torch.arange(len(counts)), counts)
         return (doc_index.to(device),
                 torch.tensor(bank.doc_ids, dtype=torch.int64, device=device))
+
+    @classmethod
+    def of_shard(cls, routing_keys: torch.Tensor, chunk_doc_index: torch.Tensor,
+                 doc_ids: torch.Tensor, chunk_offsets: torch.Tensor, shard: Any
+                 ) -> RoutingIndex:
+        """The index of one `index_parallel.IndexShard`: `routing_keys` holds the shard's
+        chunks; the chunk -> document map, ids and [documents + 1] chunk offsets are the
+        bank's."""
+        if shard.size == 1:
+            return cls(routing_keys, chunk_doc_index, doc_ids)
+        first = shard.documents.start
+        return cls(routing_keys, chunk_doc_index[shard.chunks] - first,
+                   doc_ids[shard.documents], first, doc_ids,
+                   chunk_offsets.to(device=routing_keys.device, dtype=torch.int64))
 
     @property
     def num_documents(self) -> int:
@@ -74,7 +97,15 @@ def chunk_scores(
     out = []
     for start in range(0, index.routing_keys.shape[0], tile_chunks):
         keys = index.routing_keys[start : start + tile_chunks].float()  # [c, kv, D]
-        s = torch.einsum("tkgd,ckd->tkgc", q, keys).reshape(num_tokens, num_heads, -1)
+        chunks = keys.shape[0]
+        # Whole blocks of chunks: the CPU GEMM computes a ragged last block with other
+        # kernels, whose rounding differs, so a chunk's score would depend on how many
+        # chunks share its index (a shard of it, index_parallel.py, must score alike).
+        if chunks % PAD_CHUNKS:
+            keys = torch.cat([keys, keys.new_zeros(PAD_CHUNKS - chunks % PAD_CHUNKS,
+                                                   *keys.shape[1:])])
+        s = torch.einsum("tkgd,ckd->tkgc", q, keys)[..., :chunks]
+        s = s.reshape(num_tokens, num_heads, -1)
         s = s.mean(1) if msa.head_reduce == "mean" else s.amax(1)  # [T, c]
         if msa.query_reduce == "max":
             s = s.amax(0)
@@ -83,7 +114,7 @@ def chunk_scores(
         else:  # "last": the last routing-span token of this request
             s = s[-1]
         out.append(s)
-    return torch.cat(out)
+    return torch.cat(out) if out else q.new_empty(0)  # a shard may hold no documents
 
 
 def document_scores(scores: torch.Tensor, index: RoutingIndex, msa: MSAParams) -> torch.Tensor:

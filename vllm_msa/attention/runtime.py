@@ -26,6 +26,7 @@ from ..config import MSAParams
 from ..options import RequestOptions, ServingConfig
 from .decode_graphs import DecodeGraphs
 from .fused import FusedAttention
+from .index_parallel import check_same_bank, exchange_candidates
 from .paths import attend
 from .reports import selection_reports
 from .requests import FullGraphStep, MemoryRequest, StepRow
@@ -61,8 +62,13 @@ class MemoryRuntime:
         self.head_dim = head_dim
         self.device = device
         self.tp_size = get_tensor_model_parallel_world_size()
-        self.kv_heads = local_kv_heads(num_kv_heads, get_tensor_model_parallel_rank(),
-                                       self.tp_size)
+        self.tp_rank = get_tensor_model_parallel_rank()
+        self.kv_heads = local_kv_heads(num_kv_heads, self.tp_rank, self.tp_size)
+        # Memory Parallel: each rank routes over its share of every bank's documents and the
+        # ranks exchange candidates (index_parallel.py); one rank needs no exchange.
+        self.shard = ((self.tp_rank, self.tp_size)
+                      if self.serving.index_parallel == "shard" else (0, 1))
+        self.exchange = exchange_candidates if self.shard[1] > 1 else None
         self.fold_router_query = folds_router_query(self.routing, num_heads, num_kv_heads,
                                                     self.tp_size)
         self.layers: dict[str, RouterLayer] = {}
@@ -126,14 +132,13 @@ class MemoryRuntime:
         return banks
 
     def _open_bank(self, name: str, path: str, info: ModelInfo) -> ServedBank:
-        from vllm.distributed import get_tensor_model_parallel_rank
-
         bank = MemoryBank.open(path, info)
-        # Every rank reads every file; the first of each tensor-parallel group verifies them
-        # (a corrupt bank stops the engine's start wherever it is found).
+        check_same_bank(name, bank, self.tp_size)
+        # Every rank reads its part of every file; the first of each tensor-parallel group
+        # verifies them (a corrupt bank stops the engine's start wherever it is found).
         served = ServedBank.load(name, bank, self.device, self.kv_heads,
-                                 verify=self.serving.verify,
-                                 checksums=get_tensor_model_parallel_rank() == 0)
+                                 verify=self.serving.verify, checksums=self.tp_rank == 0,
+                                 shard=self.shard)
         if self.serving.score == "cosine" and not info.normalized_routing_keys:
             served.index = {
                 layer: dataclasses.replace(

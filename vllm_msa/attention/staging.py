@@ -167,7 +167,7 @@ class StagingPool:
         counts = torch.empty(len(requests), dtype=torch.int64, device=device)
         prep = routed.prep
         stage_routed(host_keys, host_values, self.keys, self.values, routed.keys, ks,
-                     prep.positions_by_tiebreak, prep.doc_start, slots, counts, max_doc_chunks)
+                     prep.positions_by_tiebreak, prep.bank_doc_start, slots, counts, max_doc_chunks)
         return [Staged(slots, i, width, counts) for i, width in enumerate(widths)]
 
     def _reserve(self, requests: list[tuple[str, int]]) -> tuple[np.ndarray, list[int]]:

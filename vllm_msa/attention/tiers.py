@@ -23,6 +23,7 @@ import torch
 
 from ..bank.format import BankError
 from ..bank.reader import MemoryBank
+from .index_parallel import IndexShard, index_bytes
 from .routing import RoutingIndex
 from .uploads import ranges
 
@@ -84,18 +85,24 @@ class ServedBank:
     host_values: dict[int, torch.Tensor]
     doc_position: dict[int, int]  # doc id -> position in bank order
     chunk_offsets: list[int]  # bank order: document i owns chunks offsets[i]:offsets[i+1]
+    shard: IndexShard  # the documents this rank's routing index holds
     _prepared: dict[int, Any] = field(default_factory=dict)
     _tables: dict[torch.device, tuple] = field(default_factory=dict)
 
     @classmethod
     def load(cls, name: str, bank: MemoryBank, device: torch.device, kv_heads: slice,
-             verify: bool = True, checksums: bool | None = None) -> ServedBank:
-        """Read `bank` into its tiers. With `verify` every value read must be finite, and
-        (unless `checksums` is False: tensor-parallel ranks after the first) every file's
-        checksum is checked on background threads while the tensors are read (the same
-        bytes: the second read comes from the page cache). Either problem refuses the bank
-        with the reason instead of serving wrong memory."""
+             verify: bool = True, checksums: bool | None = None,
+             shard: tuple[int, int] = (0, 1)) -> ServedBank:
+        """Read `bank` into its tiers: the routing index of the documents of `shard`
+        ((rank, ranks): `index_parallel.shard_bounds`; the whole bank by default), the host
+        tier of every document for heads `kv_heads`. With `verify` every value read must be
+        finite, and (unless `checksums` is False: tensor-parallel ranks after the first)
+        every file's checksum is checked on background threads while the tensors are read
+        (the same bytes: the second read comes from the page cache). Either problem refuses
+        the bank with the reason instead of serving wrong memory."""
         checksums = verify if checksums is None else checksums and verify
+        offsets = bank.doc_chunk_offsets.tolist()
+        own = IndexShard.of(offsets, *shard)
         pin = device.type == "cuda"
         index, keys, values = {}, {}, {}
         started = time.monotonic()
@@ -113,7 +120,7 @@ class ServedBank:
                     finite.append(pool.submit(bank.check_finite_part, where, part))
 
             try:
-                cls._read_tiers(bank, device, kv_heads, pin, check if verify else None,
+                cls._read_tiers(bank, device, kv_heads, own, pin, check if verify else None,
                                 index, keys, values)
             finally:
                 problems = hashed.result() if hashed is not None else []
@@ -136,30 +143,36 @@ class ServedBank:
             host_keys=keys,
             host_values=values,
             doc_position={d: i for i, d in enumerate(bank.doc_ids)},
-            chunk_offsets=bank.doc_chunk_offsets.tolist(),
+            chunk_offsets=offsets,
+            shard=own,
         )
-        tiers = bank.tier_bytes()
+        sharded = (f"; index shard {own.rank + 1}/{own.size}: documents "
+                   f"{own.documents.start}:{own.documents.stop} of {bank.num_documents}, "
+                   f"{own.num_chunks} of {bank.num_chunks} chunks" if own.size > 1 else "")
         logger.info(
             "MSA bank %r (%s): %d documents, %d chunks, %d tokens; device index %.1f MiB, "
-            "host K/V %.1f MiB (%s)", name, bank.path, bank.num_documents, bank.num_chunks,
-            bank.num_tokens, tiers["gpu_index"] / 2**20, tiers["host_kv"] / 2**20,
-            "pinned" if pin else "plain memory")
+            "host K/V %.1f MiB (%s)%s", name, bank.path, bank.num_documents, bank.num_chunks,
+            bank.num_tokens, served.index_bytes / 2**20, served.host_bytes / 2**20,
+            "pinned" if pin else "plain memory", sharded)
         return served
 
     @staticmethod
-    def _read_tiers(bank: MemoryBank, device: torch.device, kv_heads: slice, pin: bool,
-                    check: Any, index: dict, keys: dict, values: dict) -> None:
+    def _read_tiers(bank: MemoryBank, device: torch.device, kv_heads: slice,
+                    shard: IndexShard, pin: bool, check: Any, index: dict, keys: dict,
+                    values: dict) -> None:
         # One chunk -> document map for every layer (bank order is the same in all of them).
         doc_index, doc_ids = RoutingIndex.document_map(bank, device)
         info = bank.model_info
-        full = (bank.num_chunks, info.num_kv_heads, info.head_dim)
+        routed = (shard.num_chunks, info.num_kv_heads, info.head_dim)
         local = (bank.num_chunks, len(range(info.num_kv_heads)[kv_heads]), info.head_dim)
         for layer in bank.router_layers:
             # Straight into the buffers serving reads, a segment at a time (the bank object
             # keeps no copy: that would double host memory for the life of the server).
-            routing_keys = torch.empty(full, dtype=bank.dtype, device=device)
-            bank.read_layer_into(layer, "routing_keys", routing_keys, on_segment=check)
-            index[layer] = RoutingIndex(routing_keys, doc_index, doc_ids)
+            routing_keys = torch.empty(routed, dtype=bank.dtype, device=device)
+            bank.read_layer_into(layer, "routing_keys", routing_keys, on_segment=check,
+                                 chunks=shard.chunks)
+            index[layer] = RoutingIndex.of_shard(routing_keys, doc_index, doc_ids,
+                                                 bank.doc_chunk_offsets, shard)
             for part, tier in (("keys", keys), ("values", values)):
                 host = torch.empty(local, dtype=bank.dtype, device="cpu")
                 bank.read_layer_into(layer, part, host, kv_heads, on_segment=check)
@@ -174,6 +187,17 @@ class ServedBank:
 
             prepared = self._prepared[layer] = prepare_index(self.index[layer])
         return prepared
+
+    @property
+    def index_bytes(self) -> int:
+        """Device bytes of this rank's routing keys (every router layer)."""
+        return index_bytes({layer: idx.routing_keys for layer, idx in self.index.items()})
+
+    @property
+    def host_bytes(self) -> int:
+        """Host bytes of this rank's K̄/V̄ (its KV heads of every document)."""
+        return sum(t.numel() * t.element_size()
+                   for tier in (self.host_keys, self.host_values) for t in tier.values())
 
     @property
     def template_len(self) -> int:

@@ -170,29 +170,43 @@ class MemoryBank:
 
     def read_layer_into(self, layer: int, name: str, out: torch.Tensor,
                         kv_heads: slice = slice(None),
-                        on_segment: Callable[[str, torch.Tensor], Any] | None = None
-                        ) -> torch.Tensor:
+                        on_segment: Callable[[str, torch.Tensor], Any] | None = None,
+                        chunks: slice | None = None) -> torch.Tensor:
         """Router layer `layer`'s `name` tensor ("routing_keys", "keys" or "values"), KV heads
-        `kv_heads`, written into `out` ([num_chunks, heads, head_dim], any device) one segment
+        `kv_heads`, chunks `chunks` (all by default; a shard of the routing index reads its
+        own), written into `out` ([chunks, heads, head_dim], any device) one segment
         at a time: the only temporary is one segment's slice, where `layer()` builds the
-        whole tensor (and a copy of it to concatenate) before the caller copies it again.
-        `on_segment(where, part)`: called with each segment's part of `out` once written,
-        e.g. to refuse NaN or infinite values (`check_finite_part`: a checksum proves the
-        bytes are what was written, not that they are numbers)."""
+        whole tensor (and a copy of it to concatenate) before the caller copies it again;
+        segments outside `chunks` are not read. `on_segment(where, part)`: called with each
+        segment's part of `out` once written, e.g. to refuse NaN or infinite values
+        (`check_finite_part`: a checksum proves the bytes are what was written, not that
+        they are numbers)."""
         if layer not in self.model_info.router_layers:
             raise KeyError(f"layer {layer} is not a router layer of this bank "
                            f"(router layers: {self.router_layers})")
-        key, start = layer_key(layer, name), 0
+        first, stop = ((0, self.num_chunks) if chunks is None
+                       else (chunks.start or 0, self.num_chunks if chunks.stop is None
+                             else chunks.stop))
+        key, start, written = layer_key(layer, name), 0, 0
         for seg in self.manifest["segments"]:
+            seg_start, seg_stop = start, start + int(seg["chunks"])
+            start = seg_stop
+            lo, hi = max(first, seg_start), min(stop, seg_stop)
+            if lo >= hi:
+                continue
             with safe_open(self.path / seg["file"], framework="pt") as f:
-                part = f.get_tensor(key)[:, kv_heads]  # (safetensors' own slicing is slower)
-            target = out[start:start + part.shape[0]]
+                part = f.get_tensor(key)  # (safetensors' own slicing is slower)
+            if part.shape[0] != seg_stop - seg_start:
+                raise BankError(f"bank {self.path}: {seg['file']}:{key} has {part.shape[0]} "
+                                f"chunks, the manifest says {seg_stop - seg_start}")
+            part = part[lo - seg_start:hi - seg_start, kv_heads]
+            target = out[written:written + part.shape[0]]
             target.copy_(part)
             if on_segment is not None:
                 on_segment(f"{seg['file']}:{key}", target)
-            start += part.shape[0]
-        if start != out.shape[0]:
-            raise BankError(f"bank {self.path}: {key} has {start} chunks, expected "
+            written += part.shape[0]
+        if written != out.shape[0] or stop - first != written:
+            raise BankError(f"bank {self.path}: {key} has {written} chunks, expected "
                             f"{out.shape[0]}")
         return out
 

@@ -1,0 +1,233 @@
+"""Memory Parallel in the real engine: each tensor-parallel rank holds a share of every bank's
+routing index (vllm_msa/attention/index_parallel.py) and the ranks exchange candidates.
+
+TP=2 and TP=4 CPU engines (cores split with VLLM_CPU_OMP_THREADS_BIND) serve banks whose
+documents do not divide evenly: an odd count with one document larger than all the others
+together, fewer documents than ranks, and a bank where two identical documents sit on
+different shards. Per router layer the selections, and every generated token's top-5
+logprobs, must equal the float64 reference; the shards' ordered selections must equal the
+TP=1 engine's; each rank's device index holds only its share; a tie across shards goes to the
+smaller id; mixed batches equal solo runs; Memory Interleave equals the reference protocol.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from conftest import ENGINE_DEFAULTS, SAMPLE_DOCS, has_gpu, running_llm
+from msa_reference import reference_answer
+from reference import ReferenceMSA
+from scripted_outputs import ScriptedOutputs
+from test_interleave import SCENARIOS, check_against_model, check_protocol, encode, scripted
+from test_serving import bank_docs, check_against_reference, expected_prompt, sampling
+
+from vllm_msa.attention.index_parallel import shard_bounds
+from vllm_msa.bank.build import build_bank, encoder_llm
+from vllm_msa.bank.model_info import ModelInfo
+from vllm_msa.bank.reader import MemoryBank
+from vllm_msa.bank.writer import BankWriter
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(has_gpu(), reason="CPU ranks (GPU runs: test_serving_gpu.py, x2+)"),
+]
+os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
+
+QUESTIONS = ["Which river flooded the old mill?", "Who repaired the lighthouse lamp?"]
+TWIN_OFFSET = 100  # the twins bank renumbers every document by this; the twin takes id 0
+WORKER_STATE = "vllm_msa.worker_state.MSAWorkerState"
+
+
+def split_cores(ranks: int) -> str:
+    """VLLM_CPU_OMP_THREADS_BIND for `ranks` CPU workers on this machine's cores (shared
+    round-robin where there are fewer cores than ranks)."""
+    cores = sorted(os.sched_getaffinity(0))
+    groups = [cores[r::ranks] or [cores[r % len(cores)]] for r in range(ranks)]
+    return "|".join(",".join(map(str, g)) for g in groups)
+
+
+@pytest.fixture(scope="module")
+def banks(checkpoints, default_banks, tmp_path_factory):
+    """"uneven": 7 documents, one of them longer than the other six together; "twins": the
+    same tiers renumbered, plus document 1's copy under id 0 at the end (another shard);
+    "small": 3 documents (fewer than 4 ranks); "docs": the 24 sample documents."""
+    ckpt = checkpoints()
+    out = tmp_path_factory.mktemp("memory-parallel")
+    lines = [json.loads(x) for x in SAMPLE_DOCS.read_text().splitlines() if x.strip()]
+    long_text = " ".join(d["text"] for d in lines[6:14])
+    uneven = [*lines[:2], {"id": 50, "text": long_text}, *lines[2:6]]
+    source = out / "uneven.jsonl"
+    source.write_text("".join(json.dumps(d) + "\n" for d in uneven))
+    llm = encoder_llm(ckpt, **ENGINE_DEFAULTS)
+    try:
+        uneven_bank = build_bank(ckpt, source, out / "uneven", llm=llm, progress=False)
+    finally:
+        from conftest import shutdown_llm
+
+        shutdown_llm(llm)
+    sizes = uneven_bank.doc_num_chunks.tolist()
+    assert sizes[2] > sum(sizes) - sizes[2]  # one document outweighs the others
+    return {"uneven": uneven_bank, "twins": twin_bank(uneven_bank, ckpt, out / "twins"),
+            "small": default_banks["small"], "docs": default_banks["docs"]}
+
+
+def twin_bank(bank: MemoryBank, ckpt, out) -> MemoryBank:
+    """`bank`'s documents as ids + TWIN_OFFSET, then document 1's tiers again as id 0."""
+    info = ModelInfo.from_checkpoint(ckpt, "float32")
+    writer = BankWriter.open(out, info, {"kind": "test twins", "of": str(bank.path)})
+    offsets = bank.doc_chunk_offsets.tolist()
+    twin = slice(offsets[1], offsets[2])
+    layers = {}
+    for layer in bank.router_layers:
+        tiers = bank.layer(layer)
+        layers[layer] = {name: torch.cat([t, t[twin]]) for name, t in
+                         (("routing_keys", tiers.routing_keys), ("keys", tiers.keys),
+                          ("values", tiers.values))}
+    ids = [d + TWIN_OFFSET for d in bank.doc_ids] + [0]
+    tokens = bank.doc_num_tokens.tolist()
+    writer.add_pooled_segment(ids, [*tokens, tokens[1]], [*bank.doc_num_chunks.tolist(),
+                                                          offsets[2] - offsets[1]], layers)
+    template = torch.stack([torch.stack(bank.template_kv(layer), dim=1)
+                            for layer in range(info.num_layers)], dim=1)
+    texts = [bank.text(d) for d in bank.doc_ids]
+    writer.finish(bank.template_ids, template, zip(ids, [*texts, texts[1]], strict=True))
+    return MemoryBank.open(out, info)
+
+
+def engine(ckpt, banks, tp: int, **extra):
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = split_cores(tp)
+    return running_llm(model=str(ckpt), enforce_eager=True, tensor_parallel_size=tp,
+                       worker_extension_cls=WORKER_STATE, **extra,
+                       additional_config={"msa": {"banks": {
+                           n: str(b.path) for n, b in banks.items()}}})
+
+
+@pytest.fixture(scope="module")
+def tp1(checkpoints, banks):
+    """The TP=1 engine's ordered selections of QUESTIONS over every bank (the baseline)."""
+    with engine(checkpoints(), banks, 1) as llm:
+        yield {name: ask(llm, name, banks[name]) for name in banks}
+
+
+def ask(llm, bank_name, bank, top_k=None):
+    tokenizer = llm.get_tokenizer()
+    prompts = [{"prompt_token_ids": expected_prompt(tokenizer, q)[0]} for q in QUESTIONS]
+    extra = {"msa_bank": bank_name, "msa_return_selection": True}
+    if top_k is not None:
+        extra["msa_top_k"] = top_k
+    return llm.generate(prompts, [sampling(**extra)] * len(prompts), use_tqdm=False)
+
+
+def ordered(output) -> dict[str, list[int]]:
+    return {layer: report["doc_ids"]
+            for layer, report in output.kv_transfer_params["msa_selection"]["layers"].items()}
+
+
+def check_serving(llm, banks, names, tp1, ckpt) -> None:
+    """Every bank in `names`: the reference's selections and logprobs, TP=1's order."""
+    ref = ReferenceMSA(ckpt)
+    tokenizer = llm.get_tokenizer()
+    for name in names:
+        outputs = ask(llm, name, banks[name])
+        for question, output, baseline in zip(QUESTIONS, outputs, tp1[name], strict=True):
+            ids, span = expected_prompt(tokenizer, question)
+            want = reference_answer(ref, ids, span, bank_docs(tokenizer, banks[name]),
+                                    top_k=4, rope_offset_k=4, template_len=span[0],
+                                    max_tokens=len(output.outputs[0].token_ids))
+            if name != "twins":  # (its tiers are copies, not what its ids would encode)
+                check_against_reference(output, want, ref.router_layers)
+            assert ordered(output) == ordered(baseline), name
+            assert list(output.outputs[0].token_ids) == list(baseline.outputs[0].token_ids)
+
+
+def check_shares(llm, banks, tp: int) -> None:
+    """Each rank's device index holds its own documents' routing keys, about 1/TP of them."""
+    states = llm.collective_rpc("msa_state")
+    assert [s["tp_rank"] for s in states] == list(range(tp))
+    for name, bank in banks.items():
+        bounds = shard_bounds(bank.doc_chunk_offsets.numpy(), tp).tolist()
+        # routing keys of every router layer, per chunk (the index's chunk map aside)
+        per_chunk = bank.tier_bytes()["gpu_index"] // bank.num_chunks - 8
+        tiers = [s["bank_tiers"][name] for s in states]
+        assert [t["documents"] for t in tiers] == [bounds[r:r + 2] for r in range(tp)]
+        assert sum(t["chunks"] for t in tiers) == bank.num_chunks
+        assert [t["index_bytes"] for t in tiers] == [t["chunks"] * per_chunk for t in tiers]
+        # balanced by chunks: no shard exceeds its share by more than the largest document
+        largest = int(bank.doc_num_chunks.max())
+        assert max(t["chunks"] for t in tiers) <= bank.num_chunks / tp + largest
+
+
+@pytest.fixture(scope="module")
+def tp2(checkpoints, banks, tp1):
+    with engine(checkpoints(), banks, 2, logits_processors=[ScriptedOutputs]) as llm:
+        yield llm
+
+
+def test_tp2_shards_serve_like_the_reference_and_tp1(tp2, banks, tp1, checkpoints):
+    check_serving(tp2, banks, ["uneven", "twins", "docs", "small"], tp1, checkpoints())
+    check_shares(tp2, banks, 2)
+
+
+def test_tp2_tie_across_shards_goes_to_the_smaller_id(tp2, banks):
+    twins = banks["twins"]
+    bounds = shard_bounds(twins.doc_chunk_offsets.numpy(), 2)
+    position = {d: i for i, d in enumerate(twins.doc_ids)}
+    original, twin = twins.doc_ids[1], 0
+    shard_of = [int((bounds[1:] <= position[d]).sum()) for d in (original, twin)]
+    assert shard_of == [0, 1]  # the pair straddles the two shards
+    (everything, _) = ask(tp2, "twins", twins, top_k=twins.num_documents)
+    for layer, report in everything.kv_transfer_params["msa_selection"]["layers"].items():
+        ids, scores = report["doc_ids"], report["scores"]
+        first = ids.index(twin)
+        assert ids[first + 1] == original and scores[first] == scores[first + 1], layer
+        # k cuts between the two: only the smaller id is selected
+        (cut, _) = ask(tp2, "twins", twins, top_k=first + 1)
+        chosen = ordered(cut)[layer]
+        assert twin in chosen and original not in chosen, layer
+
+
+def test_tp2_mixed_batch_equals_solo_runs(tp2, banks):
+    tokenizer = tp2.get_tokenizer()
+    ids = [expected_prompt(tokenizer, q)[0] for q in QUESTIONS]
+    requests = [(ids[0], {"msa_bank": "uneven", "msa_return_selection": True}),
+                (ids[1], {"msa_bank": ""}),  # plain Qwen3 beside memory requests
+                (ids[1], {"msa_bank": "twins", "msa_return_selection": True}),
+                (ids[0], {"msa_bank": "docs", "msa_return_selection": True})]
+    batch = tp2.generate([{"prompt_token_ids": p} for p, _ in requests],
+                         [sampling(**extra) for _, extra in requests], use_tqdm=False)
+    for (prompt, extra), together in zip(requests, batch, strict=True):
+        (alone,) = tp2.generate([{"prompt_token_ids": prompt}], [sampling(**extra)],
+                                use_tqdm=False)
+        assert list(together.outputs[0].token_ids) == list(alone.outputs[0].token_ids)
+        if extra["msa_bank"]:
+            assert ordered(together) == ordered(alone)
+        for a, b in zip(together.outputs[0].logprobs, alone.outputs[0].logprobs, strict=True):
+            assert a.keys() == b.keys()
+            assert all(abs(a[t].logprob - b[t].logprob) <= 1e-4 for t in a)
+
+
+def test_tp2_memory_interleave_equals_the_reference(tp2, banks, checkpoints):
+    from vllm_msa.interleave import answer
+
+    bank = banks["docs"]
+    tokenizer = tp2.get_tokenizer()
+    question, texts = SCENARIOS["several ids"]
+    expected, params = scripted(tokenizer, question, [encode(tokenizer, t) for t in texts],
+                                bank)
+    (result,) = answer(tp2, [question], sampling_params=[params], bank="docs")
+    check_protocol(result, expected)
+    ref, docs = ReferenceMSA(checkpoints()), bank_docs(tokenizer, bank)
+    for step in result.steps:
+        check_against_model(step, ref, docs)
+
+
+def test_tp4_shards_with_an_empty_one(checkpoints, banks, tp1):
+    served = {name: banks[name] for name in ("uneven", "small")}
+    bounds = shard_bounds(banks["small"].doc_chunk_offsets.numpy(), 4).tolist()
+    assert len(set(bounds)) < len(bounds)  # 3 documents over 4 ranks: a shard is empty
+    with engine(checkpoints(), served, 4) as llm:
+        check_serving(llm, served, list(served), tp1, checkpoints())
+        check_shares(llm, served, 4)
