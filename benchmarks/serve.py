@@ -6,10 +6,11 @@ on what the documents say). Each engine runs in this process (VLLM_ENABLE_V1_MUL
 so a batch's B requests are all queued before its first step: with a separate engine process
 they trickle in over ZMQ and the first step may prefill (and route) only some of them, which
 made batch-8 TTFTs here twice what benchmarks/ttft.py measured. Per engine and batch size B:
-TTFT = the wall time of B requests generating one token (prefill, routing, staging), the best
-of three; decode tokens/s = B * (N - 1) / (last token - first token), from the engine core's
-own per-request timestamps (vLLM's request metrics, what its TPOT is made of), the best of
-`--decode-runs` runs of N tokens (two up to commit 3b5c232): no prefill and no frontend in it
+TTFT = the wall time of B requests generating one token (prefill, routing, staging), the median
+of `--ttft-runs` (the best of three up to 2026-12-01); decode tokens/s = B * (N - 1) / (last
+token - first token), from the engine core's own per-request timestamps (vLLM's request
+metrics, what its TPOT is made of), the median of `--decode-runs` runs of N tokens (the best
+up to 2026-12-01; every run and the range are recorded): no prefill and no frontend in it
 (results up to commit 7a010bf took the difference of two wall times instead, which the TTFT's
 noise could swamp). Each engine gets a fresh child process, so one engine's GPU memory is gone
 before the next starts. The HBM floor
@@ -32,6 +33,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import statistics
 import time
 from pathlib import Path
 
@@ -123,7 +125,7 @@ def host_profile(run, batch: int, decode: int, top: int = 15) -> dict:
 def measure(ckpt, engine: dict, bank_path: str | None, batches: list[int], decode: int,
             prompts_text: list[str], staging_mib: int, eager: bool,
             profile_decode: bool = False, profile_host: bool = False,
-            decode_runs: int = 5) -> list[dict]:
+            decode_runs: int = 5, ttft_runs: int = 5) -> list[dict]:
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # before vLLM is imported (see above)
     os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # collective_rpc(memory_steps)
     from vllm import LLM, SamplingParams
@@ -168,18 +170,23 @@ def measure(ckpt, engine: dict, bank_path: str | None, batches: list[int], decod
         run(max(batches), 4)  # warm-up: JIT, allocator, graphs
         for b in batches:
             run(b, 4)  # this batch size's kernels compiled and tuned before timing
-            ttft = min(run(b, 1)[0] for _ in range(3))
+            ttfts = sorted(run(b, 1)[0] for _ in range(ttft_runs))
+            ttft = statistics.median(ttfts)
             timed = [run(b, decode) for _ in range(decode_runs)]
-            rows.append({"batch": b, "ttft_s": ttft, "total_s": min(w for w, _, _ in timed),
-                         "decode_tokens_per_s": max(rate for _, rate, _ in timed),
+            rates = sorted(rate for _, rate, _ in timed)
+            rows.append({"batch": b, "ttft_s": ttft, "ttft_runs_s": ttfts,
+                         "total_s": statistics.median(w for w, _, _ in timed),
+                         "decode_tokens_per_s": statistics.median(rates),
+                         "decode_tokens_per_s_range": [rates[0], rates[-1]],
                          "decode_runs": [{"tokens_per_s": rate, **detail}
                                          for _, rate, detail in timed]})
             runs = "; ".join(
                 f"{rate:,.0f} tok/s, first tokens within {d['first_token_spread_s'] * 1e3:.1f}"
                 f" ms{', steps ' + str(d['memory_steps']) if d['memory_steps'] else ''}"
                 for _, rate, d in timed)
-            print(f"  [{'MSA' if bank_path else 'plain'}] batch {b}: TTFT {ttft * 1e3:.1f} ms, "
-                  f"decode {rows[-1]['decode_tokens_per_s']:,.0f} tok/s ({runs})", flush=True)
+            print(f"  [{'MSA' if bank_path else 'plain'}] batch {b}: TTFT median "
+                  f"{ttft * 1e3:.1f} ms ({ttfts[0] * 1e3:.1f}-{ttfts[-1] * 1e3:.1f}), decode "
+                  f"median {rows[-1]['decode_tokens_per_s']:,.0f} tok/s ({runs})", flush=True)
             if profile_decode and b == max(batches):
                 prof = rows[-1]["decode_profile"] = decode_profile(
                     run, b, decode, rows[-1]["decode_tokens_per_s"])
@@ -239,9 +246,11 @@ def main() -> None:
     parser.add_argument("--batches", default="1,8,64")
     parser.add_argument("--decode-tokens", type=int, default=128)
     parser.add_argument("--decode-runs", type=int, default=5,
-                        help="timed decode runs per batch size, the best counts: at batch 64 "
-                        "a decode step is as host-bound as it is device-bound (a 4B model on "
-                        "an H100), so a slow spell of the host shows in single runs")
+                        help="timed decode runs per batch size; the median counts and the "
+                        "range is recorded (at batch 64 a decode step is as host-bound as it "
+                        "is device-bound, so a slow spell of the host shows in single runs)")
+    parser.add_argument("--ttft-runs", type=int, default=5,
+                        help="timed one-token runs per batch size (the median counts)")
     parser.add_argument("--question-words", type=int, default=12)
     parser.add_argument("--staging-mib", type=int, default=2048)
     parser.add_argument("--eager", action="store_true", help="enforce_eager for every engine")
@@ -293,11 +302,12 @@ def main() -> None:
         runs["plain vLLM"] = measure_in_child(ckpt, engine, None, batches, args.decode_tokens,
                                               texts, args.staging_mib, args.eager,
                                               args.profile_decode, args.profile_host,
-                                              args.decode_runs)
+                                              args.decode_runs, args.ttft_runs)
     for size, path in banks.items():
         runs[f"MSA, {size:,}-token bank"] = measure_in_child(
             ckpt, engine, path, batches, args.decode_tokens, texts, args.staging_mib,
-            args.eager, args.profile_decode, args.profile_host, args.decode_runs)
+            args.eager, args.profile_decode, args.profile_host, args.decode_runs,
+            args.ttft_runs)
     partial_path.write_text(json.dumps({"bandwidth": bandwidth, "runs": runs,
                                         "banks": {str(s): d for s, d in described.items()}},
                                        indent=1))
@@ -309,8 +319,9 @@ def main() -> None:
     plain = {r["batch"]: r for r in runs["plain vLLM"]}
     print(f"\n{card}, {args.shape} shape, {args.decode_tokens} tokens per request; device "
           f"copy {bandwidth / 1e12 if bandwidth else 0:.2f} TB/s\n")
-    print(f"{'engine':<28} {'batch':>5} {'TTFT ms':>9} {'decode tok/s':>13} {'vs plain':>9} "
-          f"{'TTFT overhead / floor':>22}")
+    print(f"{'engine':<28} {'batch':>5} {'TTFT ms':>9} {'decode tok/s':>13} "
+          f"{'(range of runs)':>17} {'vs plain':>9} {'TTFT overhead / floor':>22}")
+    print("(medians of the runs: TTFT of --ttft-runs, decode of --decode-runs)")
     rows = []
     for name, results in runs.items():
         size = next((s for s in sizes if name == f"MSA, {s:,}-token bank"), None)
@@ -326,9 +337,10 @@ def main() -> None:
                  if floor else None}
             rows.append(r)
             ratio = f"{r['ttft_overhead_vs_floor']:.1f}x" if floor else "-"
+            low, high = r.get("decode_tokens_per_s_range") or [r["decode_tokens_per_s"]] * 2
             print(f"{name:<28} {r['batch']:>5} {r['ttft_s'] * 1e3:>9.1f} "
-                  f"{r['decode_tokens_per_s']:>13,.0f} {r['decode_vs_plain']:>8.2f}x "
-                  f"{ratio:>22}")
+                  f"{r['decode_tokens_per_s']:>13,.0f} {f'{low:,.0f}-{high:,.0f}':>17} "
+                  f"{r['decode_vs_plain']:>8.2f}x {ratio:>22}")
     measured = [s for s in sizes if f"MSA, {s:,}-token bank" in runs]
     largest = f"MSA, {max(measured, default=0):,}-token bank"
     headline = [r for r in rows if r["engine"] == largest and r["batch"] == max(batches)]
@@ -340,7 +352,7 @@ def main() -> None:
         "banks": {str(s): described[s] for s in measured},
         "decode_tokens": args.decode_tokens,
         "rows": rows,
-        "goal_metric": f"decode tokens/s with memory / plain vLLM, batch {max(batches)}, "
+        "goal_metric": f"median decode tokens/s with memory / plain vLLM, batch {max(batches)}, "
                        f"largest bank ({max(measured, default=0):,} tokens)",
         "goal": 0.9,
         "achieved": headline[0]["decode_vs_plain"] if headline else None,

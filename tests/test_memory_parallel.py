@@ -28,6 +28,7 @@ from vllm_msa.attention.index_parallel import shard_bounds
 from vllm_msa.bank.build import build_bank, encoder_llm
 from vllm_msa.bank.model_info import ModelInfo
 from vllm_msa.bank.reader import MemoryBank
+from vllm_msa.bank.sizing import CHUNK_MAP_BYTES, DOCUMENT_TABLE_BYTES, layout_bytes
 from vllm_msa.bank.writer import BankWriter
 
 pytestmark = [
@@ -155,6 +156,12 @@ def check_shares(llm, banks, tp: int) -> None:
         assert [t["documents"] for t in tiers] == [bounds[r:r + 2] for r in range(tp)]
         assert sum(t["chunks"] for t in tiers) == bank.num_chunks
         assert [t["index_bytes"] for t in tiers] == [t["chunks"] * per_chunk for t in tiers]
+        # `bank info --tensor-parallel-size` predicts both tiers per rank
+        layout = layout_bytes(bank, tp)
+        assert layout.gpu_index_per_rank == max(
+            t["index_bytes"] + t["chunks"] * CHUNK_MAP_BYTES for t in tiers
+        ) + DOCUMENT_TABLE_BYTES * bank.num_documents
+        assert [t["host_bytes"] for t in tiers] == [layout.host_per_rank] * tp
         # balanced by chunks: no shard exceeds its share by more than the largest document
         largest = int(bank.doc_num_chunks.max())
         assert max(t["chunks"] for t in tiers) <= bank.num_chunks / tp + largest

@@ -89,6 +89,12 @@ def _add_bank_parsers(sub, with_engine_args: bool) -> None:
     info = bsub.add_parser("info", help="what a bank holds and where it will sit")
     info.add_argument("bank")
     info.add_argument("--json", action="store_true", help="machine-readable output")
+    info.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                      help="predict GPU bytes per rank for this many tensor-parallel ranks")
+    info.add_argument("--data-parallel-size", "-dp", type=int, default=1,
+                      help="... and host bytes per node for this many replicas")
+    info.add_argument("--index-parallel", choices=("shard", "replicate"), default="shard",
+                      help='the engine option additional_config["msa"]["index_parallel"]')
 
     verify = bsub.add_parser("verify", help="check a bank's checksums (and a model's fit)")
     verify.add_argument("bank")
@@ -199,6 +205,17 @@ def _print_info(s: dict[str, Any]) -> None:
         ("on disk", _human(b["on_disk"])),
         ("model fingerprint", s["model_fingerprint"]),
     ]
+    layout = s.get("layout")
+    if layout and layout["gpus"] > 1:
+        tp, dp = layout["tensor_parallel_size"], layout["data_parallel_size"]
+        rows[-2:-2] = [
+            (f"TP={tp} x DP={dp} ({layout['index_parallel']})",
+             f"{layout['gpus']} GPUs on one node"),
+            ("  GPU index per rank", f"{_human(layout['gpu_index_per_rank'])}  (largest share)"),
+            ("  host RAM per rank", _human(layout["host_per_rank"])),
+            ("  host RAM per node", f"{_human(layout['host_per_node'])}  (every replica loads "
+                                    "its own host tier)"),
+        ]
     if s.get("synthetic"):
         rows.insert(2, ("content", "SYNTHETIC: random tensors, placeholder texts (bank synth)"))
     width = max(len(k) for k, _ in rows)
@@ -227,7 +244,16 @@ def _run(args: argparse.Namespace) -> int:
     if args.bank_cmd == "synth":
         return _synth(args)
     if args.bank_cmd == "info":
-        summary = bank_summary(MemoryBank.open(args.bank))
+        from .bank.sizing import layout_bytes
+
+        bank = MemoryBank.open(args.bank)
+        summary = bank_summary(bank)
+        if args.tensor_parallel_size < 1 or args.data_parallel_size < 1:
+            print("error: --tensor-parallel-size and --data-parallel-size must be >= 1",
+                  file=sys.stderr)
+            return 2
+        summary["layout"] = layout_bytes(bank, args.tensor_parallel_size,
+                                         args.data_parallel_size, args.index_parallel).to_json()
         if args.json:
             print(json.dumps(summary, indent=2))
         else:

@@ -1,0 +1,80 @@
+"""What a bank costs in a deployment: GPU bytes per rank and host bytes per node, for a
+tensor-parallel (TP) x data-parallel (DP) layout (`vllm-msa bank info --tensor-parallel-size
+--data-parallel-size`, and benchmarks/parallel.py).
+
+The rules are the runtime's (`vllm_msa/attention/tiers.py`, `index_parallel.py`):
+- the routing index (every router layer's routing keys, all KV heads) is dealt over the TP
+  ranks by whole documents, balanced by chunks (`index_parallel: "shard"`, the default), or
+  copied to each rank (`"replicate"`); each rank also keeps the chunk -> document map of its
+  chunks and a few tables of every document (ids, offsets, tie-break ranks);
+- the host tier (K̄/V̄) is split by KV heads over the TP ranks as vLLM splits attention heads
+  (where there are more ranks than KV heads, ranks share a head and hold it each); every
+  data-parallel replica is an engine of its own and loads its own host tier.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+# Per document, on every rank: ids, bank offsets, tie-break and position tables (int64).
+DOCUMENT_TABLE_BYTES = 8 * 8
+CHUNK_MAP_BYTES = 8  # per chunk of the rank's index: the chunk's document (int64)
+
+
+@dataclass(frozen=True)
+class LayoutBytes:
+    tensor_parallel_size: int
+    data_parallel_size: int
+    index_parallel: str
+    gpu_index_per_rank: int  # the largest rank's device index
+    gpu_index_total: int  # all ranks of one replica
+    host_per_rank: int
+    host_per_node: int  # every replica's host tier, all on one node
+    gpus: int
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def local_kv_head_count(total: int, tp_size: int) -> int:
+    """KV heads per rank, by vLLM's rule (`QKVParallelLinear`): split, or one shared head."""
+    return total // tp_size if total >= tp_size else 1
+
+
+def layout_bytes(bank: Any, tensor_parallel_size: int = 1, data_parallel_size: int = 1,
+                 index_parallel: str = "shard") -> LayoutBytes:
+    """Predicted bytes of serving `bank` (a `MemoryBank`, or anything with its `model_info`,
+    `dtype`, `num_documents` and `doc_chunk_offsets`) on tensor_parallel_size x
+    data_parallel_size GPUs."""
+    from ..attention.index_parallel import shard_bounds
+
+    tp, dp = tensor_parallel_size, data_parallel_size
+    if tp < 1 or dp < 1:
+        raise ValueError("tensor and data parallel sizes must be >= 1")
+    if index_parallel not in ("shard", "replicate"):
+        raise ValueError(f"index_parallel must be 'shard' or 'replicate', got {index_parallel!r}")
+    info = bank.model_info
+    itemsize = _itemsize(bank.dtype)
+    layers = len(info.router_layers)
+    offsets = np.asarray(bank.doc_chunk_offsets, dtype=np.int64)
+    per_chunk_keys = layers * info.num_kv_heads * info.head_dim * itemsize
+    tables = DOCUMENT_TABLE_BYTES * bank.num_documents
+    if index_parallel == "shard" and tp > 1:
+        bounds = shard_bounds(offsets, tp)
+        chunks = [int(offsets[bounds[r + 1]] - offsets[bounds[r]]) for r in range(tp)]
+    else:
+        chunks = [int(offsets[-1])] * tp
+    per_rank = [c * (per_chunk_keys + CHUNK_MAP_BYTES) + tables for c in chunks]
+    host_rank = (2 * layers * int(offsets[-1]) * local_kv_head_count(info.num_kv_heads, tp)
+                 * info.head_dim * itemsize)
+    return LayoutBytes(tp, dp, index_parallel, max(per_rank), sum(per_rank), host_rank,
+                       host_rank * tp * dp, tp * dp)
+
+
+def _itemsize(dtype: Any) -> int:
+    import torch
+
+    return torch.empty((), dtype=dtype).element_size()
