@@ -181,30 +181,6 @@ def test_sharded_routing_selects_what_the_whole_index_selects(path, head, query,
                     assert ids.index(first) < ids.index(second)
 
 
-@needs_kernel
-def test_kernel_and_torch_paths_merge_to_the_same_keys():
-    """Both paths of one shard encode candidates alike: a kernel shard's keys merge with a
-    torch shard's (the exchange is path-blind)."""
-    gen = seed("mixed")
-    index = make_index([3, 1, 4, 1, 5, 9, 2, 6], 2, 16, gen, ((0, 6),))
-    msa = msa_params("mean", "max", "max")
-    qr = torch.randn(5, 4, 16, generator=gen)
-    want = route_batched(qr, [0, 5], index, msa, [4])
-    kernel_shard, torch_shard = shard_indexes(index, 2, DEVICE)[0], shard_indexes(index, 2,
-                                                                                "cpu")[1]
-    candidates = []
-
-    def record(keys):
-        candidates.append(keys.cpu().clone())
-        return keys
-
-    route_batched_keys(qr.to(DEVICE), [0, 5], kernel_shard, msa, [4], exchange=record)
-    route_batched(qr, [0, 5], torch_shard, msa, [4], exchange=record)
-    gathered = torch.cat(candidates, dim=1)
-    got = route_batched(qr, [0, 5], torch_shard, msa, [4], exchange=lambda keys: gathered)
-    assert_same(got, want)
-
-
 @parent_only
 def test_kernel_under_triton_interpreter():
     rerun_under_interpreter(__file__)

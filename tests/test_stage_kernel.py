@@ -18,6 +18,7 @@ import pytest
 import torch
 from triton_interpreter import rerun_under_interpreter
 
+from vllm_msa.attention.index_parallel import IndexShard
 from vllm_msa.attention.tiers import ServedBank
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -32,7 +33,7 @@ def random_bank(rng: random.Random, num_docs: int) -> ServedBank:
     offsets = np.concatenate([[0], np.cumsum([rng.randint(1, 9) for _ in doc_ids])])
     return ServedBank(name="b", bank=SimpleNamespace(doc_ids=doc_ids), index={}, host_keys={},
                       host_values={}, doc_position={d: i for i, d in enumerate(doc_ids)},
-                      chunk_offsets=offsets.tolist())
+                      chunk_offsets=offsets.tolist(), shard=IndexShard.whole(offsets))
 
 
 def routing_tables(bank: ServedBank) -> tuple[torch.Tensor, torch.Tensor, dict[int, int]]:

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from vllm_msa.attention.index_parallel import IndexShard
 from vllm_msa.attention.staging import StagingPool, chunk_rows
 from vllm_msa.attention.tiers import ServedBank
 from vllm_msa.attention.uploads import ranges, upload
@@ -24,7 +25,7 @@ def random_bank(seed: int, num_docs: int = 40) -> ServedBank:
     offsets = np.concatenate([[0], np.cumsum([rng.randint(1, 9) for _ in doc_ids])])
     return ServedBank(name="b", bank=SimpleNamespace(doc_ids=doc_ids), index={}, host_keys={},
                       host_values={}, doc_position={d: i for i, d in enumerate(doc_ids)},
-                      chunk_offsets=offsets.tolist())
+                      chunk_offsets=offsets.tolist(), shard=IndexShard.whole(offsets))
 
 
 def naive_rows(starts, counts, width):
