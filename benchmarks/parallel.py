@@ -30,7 +30,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from report import card_name, card_slug, pyplot  # noqa: E402
+from report import card_name, card_slug, event_seconds, pyplot  # noqa: E402
 from routing import MSA_4B, SHAPE, make_index, make_questions  # noqa: E402
 from vllm_msa.kernels.routing import prepare_index, route_batched_keys, top_candidates  # noqa: E402
 
@@ -50,18 +50,7 @@ def parse_tokens(text: str) -> int:
 
 def spread_ms(fn, runs: int, warmup: int = 5) -> dict[str, float]:
     """Median and 10th/90th percentiles of `runs` calls' GPU times (CUDA events)."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(runs):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    times.sort()
+    times = sorted(t * 1e3 for t in event_seconds(fn, runs, warmup))
     return {"median": statistics.median(times), "p10": times[len(times) // 10],
             "p90": times[(9 * len(times)) // 10], "runs": runs}
 

@@ -65,7 +65,7 @@ def device_copy_bandwidth(num_bytes: int, reps: int = 10) -> float | None:
     def seconds() -> float:  # the buffers are freed on return
         src = torch.empty(num_bytes, dtype=torch.uint8, device="cuda")
         dst = torch.empty_like(src)
-        return statistics.median(_event_seconds(lambda: dst.copy_(src), reps, warmup=3))
+        return statistics.median(event_seconds(lambda: dst.copy_(src), reps, warmup=3))
 
     rate = 2 * num_bytes / seconds()
     torch.cuda.empty_cache()
@@ -84,11 +84,12 @@ def matmul_rate(reps: int = 20) -> float | None:
     n = 8192
     a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
     b = torch.randn_like(a)
-    seconds = statistics.median(_event_seconds(lambda: a @ b, reps, warmup=3))
+    seconds = statistics.median(event_seconds(lambda: a @ b, reps, warmup=3))
     return 2 * n**3 / seconds
 
 
-def _event_seconds(fn: Any, reps: int, warmup: int) -> list[float]:
+def event_seconds(fn: Any, reps: int, warmup: int) -> list[float]:
+    """GPU seconds of `reps` calls of fn (a CUDA event pair each, from an idle GPU)."""
     import torch
 
     for _ in range(warmup):

@@ -12,8 +12,10 @@ smaller id; mixed batches equal solo runs; Memory Interleave equals the referenc
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -110,7 +112,9 @@ def engine(ckpt, banks, tp: int, **extra):
 def tp1(checkpoints, banks):
     """The TP=1 engine's ordered selections of QUESTIONS over every bank (the baseline)."""
     with engine(checkpoints(), banks, 1) as llm:
-        yield {name: ask(llm, name, banks[name]) for name in banks}
+        answers = {name: ask(llm, name, banks[name]) for name in banks}
+        answers["llm"] = llm
+        yield answers
 
 
 def ask(llm, bank_name, bank, top_k=None):
@@ -238,3 +242,30 @@ def test_tp4_shards_with_an_empty_one(checkpoints, banks, tp1):
     with engine(checkpoints(), served, 4) as llm:
         check_serving(llm, served, list(served), tp1, checkpoints())
         check_shares(llm, served, 4)
+
+
+def mapping_processes(path: str) -> set[int]:
+    """Processes whose address space maps `path` (from /proc/*/maps)."""
+    pids = set()
+    for maps in Path("/proc").glob("[0-9]*/maps"):
+        with contextlib.suppress(OSError):
+            if path in maps.read_text():
+                pids.add(int(maps.parent.name))
+    return pids
+
+
+def test_engines_of_a_node_map_one_host_copy(server, tp1, banks):
+    """Two engine processes serving the same bank (the shared HTTP server and the TP=1 engine,
+    as two data-parallel replicas would) map one host copy: the same shared-memory files,
+    whose bytes are one host tier, not two."""
+    from vllm_msa.attention import host_share
+
+    (state,) = tp1["llm"].collective_rpc("msa_state")
+    files = state["bank_tiers"]["docs"]["shared_files"]
+    bank = banks["docs"]
+    assert len(files) == 2 * len(bank.router_layers)  # K̄ and V̄ of every router layer
+    assert sum(Path(f).stat().st_size for f in files) == bank.tier_bytes()["host_kv"]
+    # (Other engines of this module split the heads otherwise: their tiers are other files.)
+    assert not list(host_share.SHM_DIR.glob(Path(files[0]).name.split("-L")[0] + "*.partial"))
+    for f in files:
+        assert len(mapping_processes(f)) >= 2, f  # the server's worker and this engine's

@@ -58,6 +58,8 @@ def test_bank_of_another_model(checkpoints, default_banks):
     ({"banks": {"docs": "x"}, "top_k": 0}, "top_k must be a positive integer"),
     ({"bankz": {}}, "unknown keys"),
     ({"banks": {"docs": "x"}, "decode_graphs": "full"}, "decode_graphs must be one of"),
+    ({"banks": {"docs": "x"}, "index_parallel": "split"}, "index_parallel must be one of"),
+    ({"banks": {"docs": "x"}, "share_host": "yes"}, "share_host must be true or false"),
 ])
 def test_bad_serving_config(checkpoints, msa, message):
     with pytest.raises(Exception, match=message):

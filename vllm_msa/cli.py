@@ -95,6 +95,12 @@ def _add_bank_parsers(sub, with_engine_args: bool) -> None:
                       help="... and host bytes per node for this many replicas")
     info.add_argument("--index-parallel", choices=("shard", "replicate"), default="shard",
                       help='the engine option additional_config["msa"]["index_parallel"]')
+    info.add_argument("--no-share-host", action="store_true",
+                      help='as with additional_config["msa"]["share_host"]: false')
+
+    shm = bsub.add_parser("shm", help="the host tiers engines share on this node (/dev/shm)")
+    shm.add_argument("--clean", action="store_true",
+                     help="remove those no running engine maps (left by killed engines)")
 
     verify = bsub.add_parser("verify", help="check a bank's checksums (and a model's fit)")
     verify.add_argument("bank")
@@ -213,8 +219,9 @@ def _print_info(s: dict[str, Any]) -> None:
              f"{layout['gpus']} GPUs on one node"),
             ("  GPU index per rank", f"{_human(layout['gpu_index_per_rank'])}  (largest share)"),
             ("  host RAM per rank", _human(layout["host_per_rank"])),
-            ("  host RAM per node", f"{_human(layout['host_per_node'])}  (every replica loads "
-                                    "its own host tier)"),
+            ("  host RAM per node", f"{_human(layout['host_per_node'])}  (" + (
+                "one shared copy for every replica" if layout["share_host"]
+                else "every replica loads its own") + ")"),
         ]
     if s.get("synthetic"):
         rows.insert(2, ("content", "SYNTHETIC: random tensors, placeholder texts (bank synth)"))
@@ -253,7 +260,8 @@ def _run(args: argparse.Namespace) -> int:
                   file=sys.stderr)
             return 2
         summary["layout"] = layout_bytes(bank, args.tensor_parallel_size,
-                                         args.data_parallel_size, args.index_parallel).to_json()
+                                         args.data_parallel_size, args.index_parallel,
+                                         not args.no_share_host).to_json()
         if args.json:
             print(json.dumps(summary, indent=2))
         else:
@@ -268,6 +276,17 @@ def _run(args: argparse.Namespace) -> int:
             return 1
         fit = f"; matches model {args.model}" if args.model else ""
         print(f"OK {bank.path}: {len(bank.manifest['files'])} files intact{fit}")
+        return 0
+    if args.bank_cmd == "shm":
+        from .attention import host_share
+
+        files = {path: path.stat().st_size
+                 for path in host_share.SHM_DIR.glob(host_share.PREFIX + "*")}
+        unused = {path for path, _ in host_share.clean(dry_run=not args.clean)}
+        for path, size in sorted(files.items()):
+            state = "in use" if path not in unused else "removed" if args.clean else "unused"
+            print(f"{_human(size):>12}  {state:<7}  {path}")
+        print(f"{len(files)} shared host tier file(s) in {host_share.SHM_DIR}")
         return 0
     raise AssertionError(args)
 

@@ -23,6 +23,10 @@ Engine-wide (`LLM(..., additional_config={"msa": {...}})` or
   and the ranks exchange their top-k candidates (`vllm_msa.attention.index_parallel`), so
   the index capacity grows with the GPUs; "replicate" keeps the whole index on every rank.
   Selections are the same either way.
+- `share_host`: true (default) keeps each bank's K̄/V̄ in the node's shared memory
+  (/dev/shm), one copy for every engine process on the node that serves the bank
+  (data-parallel replicas, other servers), falling back to private memory where it does
+  not fit; false gives each process its own copy.
 - `staging_mib`: size of the device staging pool for selected documents' K̄/V̄; by default
   sized for `max_num_seqs` requests each holding the configured top-k largest documents of
   every router layer (capped at 4 GiB, logged).
@@ -50,7 +54,7 @@ SCORE_MODES = ("auto", "dot", "cosine")
 DECODE_GRAPH_MODES = ("auto", "piecewise")
 INDEX_PARALLEL_MODES = ("shard", "replicate")
 ENGINE_KEYS = ("banks", "default_bank", "top_k", "score", "staging_mib", "decode_graphs",
-               "verify", "index_parallel")
+               "verify", "index_parallel", "share_host")
 _BANK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 # Keys a request may set; `msa_span` is written by the front end, never by callers.
@@ -87,6 +91,7 @@ class ServingConfig:
     decode_graphs: str = "auto"  # "auto": full CUDA graphs for decode where supported
     verify: bool = True  # checksums and finite values checked while banks load
     index_parallel: str = "shard"  # the routing index over tensor-parallel ranks
+    share_host: bool = True  # one host tier per node, in shared memory
 
     @classmethod
     def from_additional_config(cls, additional: Mapping[str, Any] | None) -> ServingConfig:
@@ -132,19 +137,25 @@ class ServingConfig:
         if decode_graphs not in DECODE_GRAPH_MODES:
             raise MSAServingConfigError(f"msa decode_graphs must be one of "
                                         f"{DECODE_GRAPH_MODES}, got {decode_graphs!r}")
-        verify = raw.get("verify", True)
-        if not isinstance(verify, bool):
-            raise MSAServingConfigError(f"msa verify must be true or false, got {verify!r}")
+        verify = _flag(raw, "verify")
         index_parallel = raw.get("index_parallel", "shard")
         if index_parallel not in INDEX_PARALLEL_MODES:
             raise MSAServingConfigError(f"msa index_parallel must be one of "
                                         f"{INDEX_PARALLEL_MODES}, got {index_parallel!r}")
+        share_host = _flag(raw, "share_host")
         return cls(dict(banks), default, top_k, score, staging, decode_graphs, verify,
-                   index_parallel)
+                   index_parallel, share_host)
 
     def configured_top_k(self, msa: MSAParams) -> int:
         """The top-k a request gets by default, and the global RoPE offset (msa-spec §3)."""
         return self.top_k if self.top_k is not None else msa.top_k
+
+
+def _flag(raw: Mapping[str, Any], key: str, default: bool = True) -> bool:
+    value = raw.get(key, default)
+    if not isinstance(value, bool):
+        raise MSAServingConfigError(f"msa {key} must be true or false, got {value!r}")
+    return value
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,8 @@ def runtime_state() -> dict[str, Any]:
                                         "host_bytes": bank.host_bytes,
                                         "documents": [bank.shard.documents.start,
                                                       bank.shard.documents.stop],
-                                        "chunks": bank.shard.num_chunks}
+                                        "chunks": bank.shard.num_chunks,
+                                        "shared_files": list(bank.shared_files)}
                                  for name, bank in runtime.banks.items()})
     if torch.cuda.is_available():
         state["gpu_allocated"] = torch.cuda.memory_allocated()

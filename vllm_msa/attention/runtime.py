@@ -69,6 +69,9 @@ class MemoryRuntime:
         self.shard = ((self.tp_rank, self.tp_size)
                       if self.serving.index_parallel == "shard" else (0, 1))
         self.exchange = exchange_candidates if self.shard[1] > 1 else None
+        # Pipeline parallelism: a stage routes (and loads the index of) its own router layers.
+        self.router_layers = stage_router_layers(
+            msa.router_layers, vllm_config.model_config.hf_config.num_hidden_layers)
         self.fold_router_query = folds_router_query(self.routing, num_heads, num_kv_heads,
                                                     self.tp_size)
         self.layers: dict[str, RouterLayer] = {}
@@ -100,7 +103,7 @@ class MemoryRuntime:
                                           device)
         else:
             self.pool = StagingPool.for_batch(
-                vllm_config.scheduler_config.max_num_seqs * len(msa.router_layers)
+                vllm_config.scheduler_config.max_num_seqs * len(self.router_layers)
                 * max(bank.worst_case_chunks(self.rope_offset) for bank in self.banks.values()),
                 local_kv, head_dim, dtype, device)
         self.graphs = self._decode_graphs(vllm_config, device) if self.banks else None
@@ -117,7 +120,7 @@ class MemoryRuntime:
             return None
         rows = max(compilation.max_cudagraph_capture_size or 0,
                    vllm_config.scheduler_config.max_num_seqs)
-        return DecodeGraphs(list(self.msa.router_layers), rows, self.pool.num_slots, device)
+        return DecodeGraphs(list(self.router_layers), rows, self.pool.num_slots, device)
 
     def _open_banks(self, vllm_config: Any) -> dict[str, ServedBank]:
         if not self.serving.banks:
@@ -138,7 +141,8 @@ class MemoryRuntime:
         # verifies them (a corrupt bank stops the engine's start wherever it is found).
         served = ServedBank.load(name, bank, self.device, self.kv_heads,
                                  verify=self.serving.verify, checksums=self.tp_rank == 0,
-                                 shard=self.shard)
+                                 shard=self.shard, layers=self.router_layers,
+                                 share_host=self.serving.share_host)
         if self.serving.score == "cosine" and not info.normalized_routing_keys:
             served.index = {
                 layer: dataclasses.replace(
@@ -180,7 +184,7 @@ class MemoryRuntime:
         only the op's Python can do: such a step must not replay a full CUDA graph. Notes
         the requests that never will again (plain, or every layer staged) for
         `all_settled`; preemption and finishing forget them."""
-        layers = len(self.msa.router_layers)
+        layers = len(self.router_layers)
         eager = False
         for req_id, extra in requests:
             if req_id in self._settled:
@@ -256,7 +260,7 @@ class MemoryRuntime:
         if self.rows:
             self.memory_steps["full_graph" if full_graph else "op_python"] += 1
         if full_graph and self.graphs is not None:
-            layers = self.msa.router_layers
+            layers = self.router_layers
             if any(layer not in row.request.staged for row in self.rows for layer in layers):
                 raise RuntimeError("a full CUDA graph step with a request that routes or "
                                    "stages; the runner hook should have prevented it")
@@ -317,6 +321,19 @@ class MemoryRuntime:
     def take_reports(self) -> dict[str, dict[str, Any]]:
         """Selections made since the last call, for requests that asked for them."""
         return selection_reports(self.requests)
+
+
+def stage_router_layers(router_layers: Any, num_layers: int) -> list[int]:
+    """The router layers of this pipeline stage (vLLM's own split of the decoder layers:
+    `get_pp_indices`, which honours VLLM_PP_LAYER_PARTITION); all of them without PP."""
+    from vllm.distributed import get_pp_group
+    from vllm.distributed.utils import get_pp_indices
+
+    group = get_pp_group()
+    if group.world_size == 1:
+        return list(router_layers)
+    start, end = get_pp_indices(num_layers, group.rank_in_group, group.world_size)
+    return [layer for layer in router_layers if start <= layer < end]
 
 
 def create_runtime(vllm_config: Any, msa: MSAParams, **dims: Any) -> MemoryRuntime:

@@ -23,7 +23,8 @@ import torch
 
 from ..bank.format import BankError
 from ..bank.reader import MemoryBank
-from .index_parallel import IndexShard, index_bytes
+from .host_share import SHM_DIR, shared_tensor
+from .index_parallel import IndexShard, bank_identity, index_bytes
 from .routing import RoutingIndex
 from .uploads import ranges
 
@@ -76,6 +77,11 @@ def release_freed_heap() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
+def shared_name(bank: MemoryBank) -> str:
+    """The prefix of a bank's shared host-tier files: what the bank holds, not where."""
+    return f"{bank_identity(bank)[:32]}-{str(bank.dtype).removeprefix('torch.')}"
+
+
 @dataclass
 class ServedBank:
     name: str
@@ -86,25 +92,30 @@ class ServedBank:
     doc_position: dict[int, int]  # doc id -> position in bank order
     chunk_offsets: list[int]  # bank order: document i owns chunks offsets[i]:offsets[i+1]
     shard: IndexShard  # the documents this rank's routing index holds
+    shared_files: list[str] = field(default_factory=list)  # host tensors in shared memory
     _prepared: dict[int, Any] = field(default_factory=dict)
     _tables: dict[torch.device, tuple] = field(default_factory=dict)
 
     @classmethod
     def load(cls, name: str, bank: MemoryBank, device: torch.device, kv_heads: slice,
              verify: bool = True, checksums: bool | None = None,
-             shard: tuple[int, int] = (0, 1)) -> ServedBank:
+             shard: tuple[int, int] = (0, 1), layers: Any = None,
+             share_host: bool = False) -> ServedBank:
         """Read `bank` into its tiers: the routing index of the documents of `shard`
         ((rank, ranks): `index_parallel.shard_bounds`; the whole bank by default), the host
         tier of every document for heads `kv_heads`. With `verify` every value read must be
         finite, and (unless `checksums` is False: tensor-parallel ranks after the first)
         every file's checksum is checked on background threads while the tensors are read
         (the same bytes: the second read comes from the page cache). Either problem refuses
-        the bank with the reason instead of serving wrong memory."""
+        the bank with the reason instead of serving wrong memory. `layers`: the router
+        layers to load (a pipeline stage's own; all by default). `share_host`: K̄/V̄ in the
+        node's shared memory, one copy for every engine process that serves the bank
+        (`host_share.py`), where it fits."""
         checksums = verify if checksums is None else checksums and verify
         offsets = bank.doc_chunk_offsets.tolist()
         own = IndexShard.of(offsets, *shard)
         pin = device.type == "cuda"
-        index, keys, values = {}, {}, {}
+        index, keys, values, shared = {}, {}, {}, []
         started = time.monotonic()
         # Checks run beside the reading: the checksums (several files at once), and the
         # finite check of each host-tier part as soon as it is read (device parts are
@@ -119,9 +130,15 @@ class ServedBank:
                 else:
                     finite.append(pool.submit(bank.check_finite_part, where, part))
 
+            def checked() -> None:  # every check so far passed (before a tier is shared)
+                for future in finite:
+                    future.result()
+
             try:
                 cls._read_tiers(bank, device, kv_heads, own, pin, check if verify else None,
-                                index, keys, values)
+                                bank.router_layers if layers is None else list(layers),
+                                index, keys, values,
+                                shared_name(bank) if share_host else None, checked, shared)
             finally:
                 problems = hashed.result() if hashed is not None else []
                 for future in finite:
@@ -145,27 +162,31 @@ class ServedBank:
             doc_position={d: i for i, d in enumerate(bank.doc_ids)},
             chunk_offsets=offsets,
             shard=own,
+            shared_files=shared,
         )
         sharded = (f"; index shard {own.rank + 1}/{own.size}: documents "
                    f"{own.documents.start}:{own.documents.stop} of {bank.num_documents}, "
                    f"{own.num_chunks} of {bank.num_chunks} chunks" if own.size > 1 else "")
         logger.info(
             "MSA bank %r (%s): %d documents, %d chunks, %d tokens; device index %.1f MiB, "
-            "host K/V %.1f MiB (%s)%s", name, bank.path, bank.num_documents, bank.num_chunks,
-            bank.num_tokens, served.index_bytes / 2**20, served.host_bytes / 2**20,
-            "pinned" if pin else "plain memory", sharded)
+            "host K/V %.1f MiB (%s%s)%s", name, bank.path, bank.num_documents,
+            bank.num_chunks, bank.num_tokens, served.index_bytes / 2**20,
+            served.host_bytes / 2**20, "pinned" if pin else "plain memory",
+            f", shared by the node's engines in {len(shared)} {SHM_DIR} files" if shared
+            else "", sharded)
         return served
 
     @staticmethod
     def _read_tiers(bank: MemoryBank, device: torch.device, kv_heads: slice,
-                    shard: IndexShard, pin: bool, check: Any, index: dict, keys: dict,
-                    values: dict) -> None:
+                    shard: IndexShard, pin: bool, check: Any, layers: list[int],
+                    index: dict, keys: dict, values: dict, share: str | None = None,
+                    checked: Any = None, shared_files: list | None = None) -> None:
         # One chunk -> document map for every layer (bank order is the same in all of them).
         doc_index, doc_ids = RoutingIndex.document_map(bank, device)
         info = bank.model_info
         routed = (shard.num_chunks, info.num_kv_heads, info.head_dim)
         local = (bank.num_chunks, len(range(info.num_kv_heads)[kv_heads]), info.head_dim)
-        for layer in bank.router_layers:
+        for layer in layers:
             # Straight into the buffers serving reads, a segment at a time (the bank object
             # keeps no copy: that would double host memory for the life of the server).
             routing_keys = torch.empty(routed, dtype=bank.dtype, device=device)
@@ -174,8 +195,24 @@ class ServedBank:
             index[layer] = RoutingIndex.of_shard(routing_keys, doc_index, doc_ids,
                                                  bank.doc_chunk_offsets, shard)
             for part, tier in (("keys", keys), ("values", values)):
-                host = torch.empty(local, dtype=bank.dtype, device="cpu")
-                bank.read_layer_into(layer, part, host, kv_heads, on_segment=check)
+                def fill(host: torch.Tensor, layer: int = layer, part: str = part) -> None:
+                    bank.read_layer_into(layer, part, host, kv_heads, on_segment=check)
+                    if checked is not None:
+                        checked()  # a shared tier is published only once it checks out
+
+                shared = None
+                if share is not None:
+                    heads = range(info.num_kv_heads)[kv_heads]
+                    shared = shared_tensor(
+                        f"{share}-L{layer}-{part}-h{heads.start}-{heads.stop}", local,
+                        bank.dtype, fill)
+                if shared is None:
+                    host = torch.empty(local, dtype=bank.dtype, device="cpu")
+                    fill(host)
+                else:
+                    host = shared.tensor
+                    if shared_files is not None:
+                        shared_files.append(str(shared.path))
                 tier[layer] = page_lock(host) if pin else host
 
     def prepared_index(self, layer: int) -> Any:

@@ -82,8 +82,10 @@ def _warm_bank(name: str, bank: ServedBank, pool: StagingPool, routing: MSAParam
                max_requests: int) -> list[str]:
     from ..kernels import routing as rk
 
-    # Every router layer of a bank has the same shapes: its first layer stands for all.
-    layer = bank.bank.router_layers[0]
+    # Every router layer of a bank has the same shapes: its first one here stands for all.
+    if not bank.index:  # a pipeline stage without router layers
+        return []
+    layer = next(iter(bank.index))
     prep = bank.prepared_index(layer)
     device = prep.keys.device
     top_k = min(top_k, bank.num_documents)

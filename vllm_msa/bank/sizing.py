@@ -8,8 +8,10 @@ The rules are the runtime's (`vllm_msa/attention/tiers.py`, `index_parallel.py`)
   copied to each rank (`"replicate"`); each rank also keeps the chunk -> document map of its
   chunks and a few tables of every document (ids, offsets, tie-break ranks);
 - the host tier (K̄/V̄) is split by KV heads over the TP ranks as vLLM splits attention heads
-  (where there are more ranks than KV heads, ranks share a head and hold it each); every
-  data-parallel replica is an engine of its own and loads its own host tier.
+  (where there are more ranks than KV heads, ranks share a head and hold it each); the
+  engine processes of a node map one copy of each tensor in shared memory
+  (`share_host`, the default), so data-parallel replicas add no host memory; without
+  sharing every replica holds its own.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ class LayoutBytes:
     host_per_rank: int
     host_per_node: int  # every replica's host tier, all on one node
     gpus: int
+    share_host: bool
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -45,7 +48,7 @@ def local_kv_head_count(total: int, tp_size: int) -> int:
 
 
 def layout_bytes(bank: Any, tensor_parallel_size: int = 1, data_parallel_size: int = 1,
-                 index_parallel: str = "shard") -> LayoutBytes:
+                 index_parallel: str = "shard", share_host: bool = True) -> LayoutBytes:
     """Predicted bytes of serving `bank` (a `MemoryBank`, or anything with its `model_info`,
     `dtype`, `num_documents` and `doc_chunk_offsets`) on tensor_parallel_size x
     data_parallel_size GPUs."""
@@ -68,10 +71,13 @@ def layout_bytes(bank: Any, tensor_parallel_size: int = 1, data_parallel_size: i
     else:
         chunks = [int(offsets[-1])] * tp
     per_rank = [c * (per_chunk_keys + CHUNK_MAP_BYTES) + tables for c in chunks]
-    host_rank = (2 * layers * int(offsets[-1]) * local_kv_head_count(info.num_kv_heads, tp)
+    heads = local_kv_head_count(info.num_kv_heads, tp)
+    # Ranks holding the same heads (replicas; TP ranks sharing a KV head) share one copy.
+    copies = (min(tp, info.num_kv_heads) if share_host else tp * dp)
+    host_rank = (2 * layers * int(offsets[-1]) * heads
                  * info.head_dim * itemsize)
     return LayoutBytes(tp, dp, index_parallel, max(per_rank), sum(per_rank), host_rank,
-                       host_rank * tp * dp, tp * dp)
+                       host_rank * copies, tp * dp, share_host)
 
 
 def _itemsize(dtype: Any) -> int:
