@@ -184,3 +184,4 @@ def test_sharded_routing_selects_what_the_whole_index_selects(path, head, query,
 @parent_only
 def test_kernel_under_triton_interpreter():
     rerun_under_interpreter(__file__)
+

@@ -269,3 +269,48 @@ def test_engines_of_a_node_map_one_host_copy(server, tp1, banks):
     assert not list(host_share.SHM_DIR.glob(Path(files[0]).name.split("-L")[0] + "*.partial"))
     for f in files:
         assert len(mapping_processes(f)) >= 2, f  # the server's worker and this engine's
+
+
+# ---------------------------------------------------------------- ranks that disagree
+def _check_in_rank(rank, store, paths, out):
+    import torch.distributed as dist
+
+    from vllm_msa.attention.index_parallel import check_same_bank
+    from vllm_msa.bank.reader import MemoryBank
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank,
+                            world_size=len(paths))
+    try:
+        check_same_bank("docs", MemoryBank.open(paths[rank]), len(paths),
+                        group=dist.group.WORLD)
+        out.put((rank, None))
+    except Exception as e:
+        out.put((rank, str(e)))
+    finally:
+        dist.destroy_process_group()
+
+
+def ranks_check(paths, tmp_path) -> dict[int, str | None]:
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_check_in_rank, args=(r, str(tmp_path / "store"), paths, out))
+             for r in range(len(paths))]
+    for p in procs:
+        p.start()
+    results = dict(out.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(30)
+    return results
+
+
+def test_ranks_that_opened_different_banks_refuse_to_start(default_banks, tmp_path):
+    docs, small = (str(default_banks[n].path) for n in ("docs", "small"))
+    (tmp_path / "same").mkdir()
+    (tmp_path / "differ").mkdir()
+    assert ranks_check([docs, docs], tmp_path / "same") == {0: None, 1: None}
+    refused = ranks_check([docs, small], tmp_path / "differ")
+    for rank in (0, 1):
+        assert "differs across tensor-parallel ranks" in refused[rank]
+        assert f"rank 1: {small}" in refused[rank]

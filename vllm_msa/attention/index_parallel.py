@@ -106,18 +106,22 @@ def bank_identity(bank: Any) -> str:
     return hashlib.sha256(json.dumps(bank.manifest, sort_keys=True).encode()).hexdigest()
 
 
-def check_same_bank(name: str, bank: Any, tp_size: int) -> None:
+def check_same_bank(name: str, bank: Any, tp_size: int, group: Any = None) -> None:
     """Refuse to start unless every tensor-parallel rank opened the same bank: with the index
     dealt over the ranks (and K̄/V̄ split by heads), ranks that read different copies (another
-    node's disk, a bank rebuilt between two starts) would combine unrelated documents."""
+    node's disk, a bank rebuilt between two starts) would combine unrelated documents.
+    `group`: the ranks' CPU process group (vLLM's tensor-parallel group by default)."""
     if tp_size == 1:
         return
     import torch.distributed as dist
-    from vllm.distributed import get_tp_group
 
+    if group is None:  # vLLM's tensor-parallel group (its CPU side: no device traffic)
+        from vllm.distributed import get_tp_group
+
+        group = get_tp_group().cpu_group
     mine = (bank_identity(bank), str(bank.path))
     every: list[Any] = [None] * tp_size
-    dist.all_gather_object(every, mine, group=get_tp_group().cpu_group)
+    dist.all_gather_object(every, mine, group=group)
     if any(other[0] != mine[0] for other in every):
         ranks = ", ".join(f"rank {r}: {path} ({digest[:12]})"
                           for r, (digest, path) in enumerate(every))
