@@ -88,6 +88,7 @@ def test_only_fully_staged_steps_may_replay_full_graphs():
 
     runtime = MemoryRuntime.__new__(MemoryRuntime)
     runtime.msa = type("MSA", (), {"router_layers": LAYERS})()
+    runtime.router_layers = list(LAYERS)  # (one pipeline stage: all of them)
     runtime.pool = StagingPool(4, 1, 8, torch.float32, torch.device("cpu"))
     runtime._settled, runtime.num_preempted = set(), 0
     full = Request("staged", {layer: staged(torch.arange(2), 2) for layer in LAYERS})
@@ -118,6 +119,7 @@ def make_decode_runtime(template_len: int = 3):
 
     runtime = MemoryRuntime.__new__(MemoryRuntime)
     runtime.msa = type("MSA", (), {"router_layers": LAYERS})()
+    runtime.router_layers = list(LAYERS)  # (one pipeline stage: all of them)
     runtime.pool = StagingPool(16, 1, 8, torch.float32, torch.device("cpu"))
     runtime.graphs = DecodeGraphs(LAYERS, max_rows=4, max_slots=16, device=torch.device("cpu"))
     runtime._settled, runtime._last_full, runtime.requests = set(), None, {}
