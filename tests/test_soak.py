@@ -43,9 +43,11 @@ pytestmark = pytest.mark.slow
 REQUESTS = 120
 CONCURRENCY = 8
 MAX_TOKENS = 24
-# 12 blocks of 32 tokens: six requests of ~80 tokens (hung-up ones of up to ~300) do not fit.
+# 11 blocks of 32 tokens (the fewest this server starts with): three requests of ~80 tokens
+# fill them before they decode, so running requests must be preempted whatever the timing
+# of the clients (12 blocks once let a slow machine go without any preemption).
 SERVER_ARGS = ("--max-num-seqs", "6", "--max-num-batched-tokens", "128", "--block-size", "32",
-               "--num-gpu-blocks-override", "12", "--max-model-len", "320", *soak_extra_args())
+               "--num-gpu-blocks-override", "11", "--max-model-len", "320", *soak_extra_args())
 DEV_MODE = {"VLLM_SERVER_DEV_MODE": "1"}  # vLLM's /collective_rpc, to read the MSA state
 
 
