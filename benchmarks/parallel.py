@@ -56,12 +56,11 @@ def spread_ms(fn, runs: int, warmup: int = 5) -> dict[str, float]:
 
 
 def shard_of(index: RoutingIndex, rank: int, size: int) -> RoutingIndex:
-    offsets = torch.zeros(index.num_documents + 1, dtype=torch.int64)
-    torch.cumsum(torch.bincount(index.chunk_doc_index.cpu(), minlength=index.num_documents), 0,
-                 out=offsets[1:])
-    shard = IndexShard.of(offsets.numpy(), rank, size)
+    offsets = _offsets(index)
+    shard = IndexShard.of(offsets, rank, size)
     keys = index.routing_keys[shard.chunks].clone()
-    return RoutingIndex.of_shard(keys, index.chunk_doc_index, index.doc_ids, offsets, shard)
+    return RoutingIndex.of_shard(keys, index.chunk_doc_index, index.doc_ids,
+                                 torch.from_numpy(offsets), shard)
 
 
 def memory_bytes(bank_tokens: int, tp: int, shard_chunks: int) -> dict[str, int]:

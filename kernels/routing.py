@@ -727,8 +727,7 @@ def route_batched_keys(
         else:
             local = top_candidates(document_keys_batched(chunk, prep, msa, top, block_n),
                                    k_local)
-        best = local if k_local == k_top else best.index_copy_(
-            1, torch.arange(k_local, device=keys.device), local)
+        best[:, :k_local] = local
     if exchange is not None:  # a shard of the index: the best of every rank's candidates
         best = top_candidates(exchange(best), k_top)
     return RoutedBatch(best, [min(k, k_top) for k in ks], prep)
