@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .bank.dtypes import BANK_DTYPES
 from .bank.format import DEFAULT_SEGMENT_MB
 from .reduce_methods import CHUNK_REDUCE_METHODS, HEAD_REDUCE_METHODS, QUERY_REDUCE_METHODS
 
@@ -54,6 +55,9 @@ def _add_bank_parsers(sub, with_engine_args: bool) -> None:
     )
     build.add_argument("--docs", required=True, help='JSONL file of {"id": int, "text": str}')
     build.add_argument("--out", required=True, help="bank directory to create (or resume)")
+    build.add_argument("--bank-dtype", choices=BANK_DTYPES, default="auto",
+                       help="K/V tier dtype: the model's (auto) or FP8 e4m3 with a scale per "
+                       "chunk and KV head (half the host RAM)")
     build.add_argument("--segment-mb", type=float, default=DEFAULT_SEGMENT_MB,
                        help="bank data per resumable segment, MiB (default %(default)s)")
     build.add_argument("--no-progress", action="store_true")
@@ -79,12 +83,25 @@ def _add_bank_parsers(sub, with_engine_args: bool) -> None:
     synth.add_argument("--out", required=True, help="bank directory to create (or resume)")
     synth.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
                        help="dtype the model will be served in (default: its config)")
+    synth.add_argument("--bank-dtype", choices=BANK_DTYPES, default="auto",
+                       help="K/V tier dtype: the model's (auto) or FP8 e4m3 with a scale per "
+                       "chunk and KV head (half the host RAM)")
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--segment-mb", type=_positive_float, default=DEFAULT_SEGMENT_MB,
                        help="bank data per resumable segment, MiB (default %(default)s)")
     synth.add_argument("--dry-run", action="store_true",
                        help="print the predicted bank and write nothing")
     synth.add_argument("--no-progress", action="store_true")
+
+    convert = bsub.add_parser(
+        "convert", help="write a copy of a bank with other tier dtypes (e.g. FP8 K/V)",
+        description="Write a copy of bank SRC into --out with its K/V tier in --bank-dtype. "
+        "SRC is only read. Atomic and resumable like build: an interrupted run resumes when "
+        "re-run.")
+    convert.add_argument("src", help="the bank to convert")
+    convert.add_argument("--out", required=True, help="bank directory to create (or resume)")
+    convert.add_argument("--bank-dtype", choices=BANK_DTYPES, required=True)
+    convert.add_argument("--no-progress", action="store_true")
 
     info = bsub.add_parser("info", help="what a bank holds and where it will sit")
     info.add_argument("bank")
@@ -183,6 +200,7 @@ def bank_summary(bank) -> dict[str, Any]:
         "head_dim": info.head_dim,
         "pooling_kernel_size": info.pooling_kernel_size,
         "dtype": info.dtype,
+        "tiers": bank.dtypes.to_json(),
         "bytes": {
             "gpu_index": tiers["gpu_index"],
             "host_kv": tiers["host_kv"],
@@ -192,6 +210,11 @@ def bank_summary(bank) -> dict[str, Any]:
         "model_fingerprint": info.fingerprint,
         "synthetic": "synthetic" in (bank.manifest.get("source") or {}),
     }
+
+
+def _tier(s: dict[str, Any], tier: str) -> str:
+    dtype = s["tiers"][tier]
+    return f"{dtype}, a scale per chunk and KV head" if dtype.startswith("float8") else dtype
 
 
 def _print_info(s: dict[str, Any]) -> None:
@@ -204,9 +227,11 @@ def _print_info(s: dict[str, Any]) -> None:
         ("tokens", f"{s['tokens']:,}"),
         ("chunks", f"{s['chunks']:,} (pooling {s['pooling_kernel_size']} tokens)"),
         ("router layers", f"{len(layers)}: {','.join(map(str, layers))}"),
-        ("kv heads x head_dim", f"{s['num_kv_heads']} x {s['head_dim']}, {s['dtype']}"),
-        ("GPU memory (index)", f"{_human(b['gpu_index'])}  routing keys + chunk->document map"),
-        ("host RAM (K/V tier)", f"{_human(b['host_kv'])}  pooled keys and values"),
+        ("kv heads x head_dim", f"{s['num_kv_heads']} x {s['head_dim']}, model {s['dtype']}"),
+        ("GPU memory (index)", f"{_human(b['gpu_index'])}  routing keys ({_tier(s, 'index')}) "
+                               "+ chunk->document map"),
+        ("host RAM (K/V tier)", f"{_human(b['host_kv'])}  pooled keys and values "
+                                f"({_tier(s, 'kv')})"),
         ("template K/V", f"{_human(b['template'])}  ({s['template_tokens']} tokens, all layers)"),
         ("on disk", _human(b["on_disk"])),
         ("model fingerprint", s["model_fingerprint"]),
@@ -245,11 +270,18 @@ def _run(args: argparse.Namespace) -> int:
         from .bank.build import build_bank
 
         bank = build_bank(args.model, args.docs, args.out, segment_mb=args.segment_mb,
-                          progress=not args.no_progress, **_engine_kwargs(args))
+                          progress=not args.no_progress, bank_dtype=args.bank_dtype,
+                          **_engine_kwargs(args))
         _print_info(bank_summary(bank))
         return 0
     if args.bank_cmd == "synth":
         return _synth(args)
+    if args.bank_cmd == "convert":
+        from .bank.convert import convert_bank
+
+        _print_info(bank_summary(convert_bank(args.src, args.out, args.bank_dtype,
+                                              progress=not args.no_progress)))
+        return 0
     if args.bank_cmd == "info":
         from .bank.sizing import layout_bytes
 
@@ -296,7 +328,7 @@ def _synth(args: argparse.Namespace) -> int:
     from .bank.synth import plan_synth, synth_bank
 
     plan = plan_synth(args.model, args.tokens, args.doc_tokens, dtype=args.dtype,
-                      seed=args.seed, segment_mb=args.segment_mb)
+                      seed=args.seed, segment_mb=args.segment_mb, bank_dtype=args.bank_dtype)
     last = plan.doc_num_tokens(plan.num_documents - 1)
     shorter = f", the last one {last:,}" if last != plan.doc_tokens else ""
     print(f"predicted bank: {plan.num_documents:,} synthetic documents of "

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from ..encoder import DOCUMENT_MODE, ENCODE_MODE_KEY, TEMPLATE_MODE
 from ..prompt import TEMPLATE_HEAD, document_text
 from .documents import Document, read_documents
+from .dtypes import BankDtypes
 from .format import DEFAULT_SEGMENT_MB, MANIFEST, BankError
 from .model_info import ModelInfo, dtype_name, resolve_checkpoint
 from .reader import MemoryBank
@@ -43,9 +44,11 @@ def build_bank(
     segment_mb: float = DEFAULT_SEGMENT_MB,
     progress: bool = True,
     llm: Any | None = None,
+    bank_dtype: str = "auto",
     **engine_args: Any,
 ) -> MemoryBank:
-    """Encode `docs` (a DOCS.jsonl) with checkpoint `model` into the bank directory `out`.
+    """Encode `docs` (a DOCS.jsonl) with checkpoint `model` into the bank directory `out`,
+    its K̄/V̄ tier stored as `bank_dtype` (`dtypes.BANK_DTYPES`).
 
     Re-running after an interruption finishes the same build; re-running after success returns
     the existing bank. `engine_args` go to `vllm.LLM` (tensor_parallel_size, dtype,
@@ -55,17 +58,19 @@ def build_bank(
     checkpoint = resolve_checkpoint(model)
     source = {"documents_sha256": docs_sha256, "num_documents": len(documents)}
     if (Path(out) / MANIFEST).exists():  # finished before: no engine needed
-        return _existing_bank(out, source, ModelInfo.from_checkpoint(checkpoint).fingerprint)
+        return _existing_bank(out, source, ModelInfo.from_checkpoint(checkpoint).fingerprint,
+                              bank_dtype)
 
     if llm is None:
         llm = encoder_llm(checkpoint, **engine_args)
         try:
-            return _build(llm, checkpoint, documents, source, out, segment_mb, progress)
+            return _build(llm, checkpoint, documents, source, out, segment_mb, progress,
+                          bank_dtype)
         finally:
             # Stop the engine's processes now, not whenever the garbage collector (or the
             # interpreter's exit) gets to the LLM object.
             shutdown_engine(llm)
-    return _build(llm, checkpoint, documents, source, out, segment_mb, progress)
+    return _build(llm, checkpoint, documents, source, out, segment_mb, progress, bank_dtype)
 
 
 def shutdown_engine(llm: Any) -> None:
@@ -75,9 +80,11 @@ def shutdown_engine(llm: Any) -> None:
 
 
 def _build(llm: Any, checkpoint: Path, documents: list[Document], source: dict[str, Any],
-           out: str | Path, segment_mb: float, progress: bool) -> MemoryBank:
+           out: str | Path, segment_mb: float, progress: bool, bank_dtype: str = "auto"
+           ) -> MemoryBank:
     info = ModelInfo.from_checkpoint(checkpoint, dtype_name(llm.llm_engine.model_config.dtype))
-    writer = BankWriter.open(out, info, source, {"segment_mb": segment_mb})
+    writer = BankWriter.open(out, info, source, {"segment_mb": segment_mb},
+                             BankDtypes.of_model(info.dtype, bank_dtype))
 
     tokenizer = llm.get_tokenizer()
     itemsize = torch.empty((), dtype=getattr(torch, info.dtype)).element_size()
@@ -121,8 +128,13 @@ def _build(llm: Any, checkpoint: Path, documents: list[Document], source: dict[s
     return MemoryBank.open(out, info)
 
 
-def _existing_bank(out: str | Path, source: dict[str, Any], fingerprint: str) -> MemoryBank:
+def _existing_bank(out: str | Path, source: dict[str, Any], fingerprint: str,
+                   bank_dtype: str = "auto") -> MemoryBank:
     bank = MemoryBank.open(out)
+    if bank.dtypes != BankDtypes.of_model(bank.model_info.dtype, bank_dtype):
+        raise BankError(f"{out} already holds this bank with its K/V tier in "
+                        f"{bank.dtypes.kv}; `vllm-msa bank convert` writes a copy in another "
+                        "dtype")
     if bank.manifest["source"] != source or bank.model_info.fingerprint != fingerprint:
         raise BankError(
             f"{out} already holds a bank built from other documents or another model; "

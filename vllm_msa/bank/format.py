@@ -5,7 +5,8 @@ A bank is a directory:
     manifest.json                  written last; its presence is what makes the bank loadable
     template.safetensors           template_ids [T] and every layer's template-head K/V [T, kv, hd]
     segments/seg-NNNNN.safetensors a run of documents in bank order: per router layer L
-                                   `layer.L.routing_keys|keys|values` [chunks, kv, hd], plus
+                                   `layer.L.routing_keys|keys|values` [chunks, kv, hd] (an FP8
+                                   tier adds `layer.L.<name>.scale` [chunks, kv] float32), plus
                                    chunk_doc_ids [chunks], doc_ids, doc_num_chunks, doc_num_tokens
     documents.jsonl                {"id", "text"} per document, in bank order
 
@@ -23,7 +24,9 @@ from pathlib import Path
 from typing import Any
 
 FORMAT_NAME = "vllm-msa-bank"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # what a bank with every tier in the model's dtype is written as
+COMPRESSED_VERSION = 2  # a bank with an FP8 tier (its manifest has "tiers"; scales beside)
+READABLE_VERSIONS = (1, 2)
 MANIFEST = "manifest.json"
 BUILD_STATE = "build-state.json"
 TEMPLATE_FILE = "template.safetensors"

@@ -20,13 +20,15 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
+from .dtypes import SAFETENSORS_DTYPES, SCALE_DTYPE, BankDtypes
 from .format import (
     BUILD_STATE,
+    COMPRESSED_VERSION,
     DOCUMENTS_FILE,
     FORMAT_NAME,
-    FORMAT_VERSION,
     MANIFEST,
     POOLED_ORDER,
+    READABLE_VERSIONS,
     TEMPLATE_FILE,
     BankError,
     file_problem,
@@ -34,6 +36,7 @@ from .format import (
     read_json,
 )
 from .model_info import ModelInfo
+from .quant import FP8, SCALE_SUFFIX, dequantize, fp8_finite
 
 
 @dataclass(frozen=True)
@@ -95,21 +98,24 @@ class MemoryBank:
                 )
         info = self.model_info
         kv_shape = (info.num_kv_heads, info.head_dim)
+        model_dtype = getattr(torch, info.dtype)
         for seg in self.manifest["segments"]:
-            expected = {layer_key(layer, name): (seg["chunks"], *kv_shape)
-                        for layer in info.router_layers for name in POOLED_ORDER}
-            expected["chunk_doc_ids"] = (seg["chunks"],)
+            expected = {key: (shape, dtype) for layer in info.router_layers
+                        for key, dtype, shape in self.dtypes.layer_tensors(
+                            layer, seg["chunks"], *kv_shape)}
+            expected["chunk_doc_ids"] = ((seg["chunks"],), torch.int64)
             for name in ("doc_ids", "doc_num_chunks", "doc_num_tokens"):
-                expected[name] = (seg["documents"],)
+                expected[name] = ((seg["documents"],), torch.int64)
             self._check_header(seg["file"], expected)
         t = self.manifest["counts"]["template_tokens"]
-        expected = {"template_ids": (t,)}
+        expected = {"template_ids": ((t,), torch.int64)}
         for layer in range(info.num_layers):
-            expected[layer_key(layer, "keys")] = (t, *kv_shape)
-            expected[layer_key(layer, "values")] = (t, *kv_shape)
+            expected[layer_key(layer, "keys")] = ((t, *kv_shape), model_dtype)
+            expected[layer_key(layer, "values")] = ((t, *kv_shape), model_dtype)
         self._check_header(TEMPLATE_FILE, expected)
 
-    def _check_header(self, name: str, expected: dict[str, tuple[int, ...]]) -> None:
+    def _check_header(self, name: str,
+                      expected: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> None:
         try:
             with safe_open(self.path / name, framework="pt") as f:
                 keys = set(f.keys())
@@ -118,15 +124,14 @@ class MemoryBank:
                         f"bank {self.path}: {name} holds tensors {sorted(keys)}, "
                         f"expected {sorted(expected)}"
                     )
-                for key, shape in expected.items():
+                for key, (shape, dtype) in expected.items():
                     sl = f.get_slice(key)
                     got = tuple(sl.get_shape())
                     if got != shape:
                         raise BankError(
                             f"bank {self.path}: {name}:{key} has shape {got}, expected {shape}"
                         )
-                    want_dtype = "I64" if key.endswith("ids") or "doc_num" in key else None
-                    want_dtype = want_dtype or _SAFETENSORS_DTYPES[self.model_info.dtype]
+                    want_dtype = _ST_NAMES[dtype]
                     if sl.get_dtype() != want_dtype:
                         raise BankError(
                             f"bank {self.path}: {name}:{key} has dtype {sl.get_dtype()}, "
@@ -158,7 +163,20 @@ class MemoryBank:
 
     @property
     def dtype(self) -> torch.dtype:
+        """The model's dtype: what `layer()` returns and a full-precision tier holds."""
         return getattr(torch, self.model_info.dtype)
+
+    @cached_property
+    def dtypes(self) -> BankDtypes:
+        """The stored dtype of each tier (`dtypes.py`)."""
+        return BankDtypes.from_manifest(self.manifest, self.path)
+
+    def stored_dtype(self, name: str) -> torch.dtype:
+        """The dtype `read_layer_into` reads pooled tensor `name` in (its scales, for
+        `name + ".scale"`, are float32)."""
+        if name.endswith(SCALE_SUFFIX):
+            return SCALE_DTYPE
+        return getattr(torch, self.dtypes.of(name))
 
     # ----------------------------------------------------------------- tensors
     def _read(self, name: str, key: str) -> torch.Tensor:
@@ -167,6 +185,13 @@ class MemoryBank:
 
     def _concat(self, key: str) -> torch.Tensor:
         return torch.cat([self._read(seg["file"], key) for seg in self.manifest["segments"]])
+
+    def _pooled(self, layer: int, name: str) -> torch.Tensor:
+        """A pooled tensor of every chunk in the model's dtype (FP8 tiers dequantised)."""
+        key = layer_key(layer, name)
+        if not self.dtypes.scaled(name):
+            return self._concat(key)
+        return dequantize(self._concat(key), self._concat(key + SCALE_SUFFIX), self.dtype)
 
     def read_layer_into(self, layer: int, name: str, out: torch.Tensor,
                         kv_heads: slice = slice(None),
@@ -210,6 +235,26 @@ class MemoryBank:
                             f"{out.shape[0]}")
         return out
 
+    def read_segment(self, index: int) -> tuple[dict[str, list[int]],
+                                                 dict[int, dict[str, torch.Tensor]]]:
+        """Segment `index` as a writer takes it: its document tables ("doc_ids",
+        "doc_num_tokens", "doc_num_chunks") and every router layer's pooled tensors in the
+        model's dtype (FP8 tiers dequantised)."""
+        seg = self.manifest["segments"][index]
+        with safe_open(self.path / seg["file"], framework="pt") as f:
+            tables = {name: f.get_tensor(name).tolist()
+                      for name in ("doc_ids", "doc_num_tokens", "doc_num_chunks")}
+            layers = {}
+            for layer in self.router_layers:
+                layers[layer] = {}
+                for name in POOLED_ORDER:
+                    t = f.get_tensor(layer_key(layer, name))
+                    if self.dtypes.scaled(name):
+                        t = dequantize(t, f.get_tensor(layer_key(layer, name) + SCALE_SUFFIX),
+                                       self.dtype)
+                    layers[layer][name] = t
+        return tables, layers
+
     def check_finite_part(self, where: str, part: torch.Tensor) -> None:
         """Refuse `part` (the tensor `where` of this bank, or a piece of it) if it holds NaN
         or infinite values."""
@@ -218,15 +263,15 @@ class MemoryBank:
                             "the bank cannot be served: rebuild it")
 
     def layer(self, layer: int, cache: bool = True) -> BankLayer:
-        """Routing keys K̄r, keys K̄ and values V̄ of router layer `layer` (loaded on first use;
-        `cache=False` reads without keeping them, for callers that copy them elsewhere)."""
+        """Routing keys K̄r, keys K̄ and values V̄ of router layer `layer`, in the model's
+        dtype (an FP8 tier dequantised: exactly what serving stages); loaded on first use,
+        `cache=False` reads without keeping them, for callers that copy them elsewhere."""
         if layer not in self.model_info.router_layers:
             raise KeyError(f"layer {layer} is not a router layer of this bank "
                            f"(router layers: {self.router_layers})")
         if layer in self._layers:
             return self._layers[layer]
-        tensors = BankLayer(
-            **{name: self._concat(layer_key(layer, name)) for name in POOLED_ORDER})
+        tensors = BankLayer(**{name: self._pooled(layer, name) for name in POOLED_ORDER})
         if cache:
             self._layers[layer] = tensors
         return tensors
@@ -299,14 +344,15 @@ class MemoryBank:
         (K̄/V̄ fetched on demand), plus the template K/V."""
         info = self.model_info
         itemsize = torch.empty((), dtype=self.dtype).element_size()
-        per_layer_tensor = self.num_chunks * info.num_kv_heads * info.head_dim * itemsize
-        num_router = len(info.router_layers)
+        values = self.num_chunks * info.num_kv_heads * info.head_dim * len(info.router_layers)
         template = 2 * info.num_layers * self.manifest["counts"]["template_tokens"] * (
             info.num_kv_heads * info.head_dim * itemsize
         )
+        per_value = {name: self.dtypes.element_bytes(name, info.head_dim)
+                     for name in POOLED_ORDER}
         return {
-            "gpu_index": num_router * per_layer_tensor + self.num_chunks * 8,
-            "host_kv": 2 * num_router * per_layer_tensor,
+            "gpu_index": round(values * per_value["routing_keys"]) + self.num_chunks * 8,
+            "host_kv": round(values * (per_value["keys"] + per_value["values"])),
             "template": template,
         }
 
@@ -322,6 +368,8 @@ def all_finite(t: torch.Tensor) -> bool:
     survive a sum; a sum that overflows from finite values is re-checked exactly)."""
     if t.numel() == 0:
         return True
+    if t.dtype == FP8:
+        return fp8_finite(t)
     if t.is_cuda or t.dtype not in (*_EXPONENT_BITS, torch.float32):
         return bool(torch.isfinite(t).all())
     if t.dtype == torch.float32:
@@ -345,16 +393,19 @@ def unfinished_build_message(path: Path) -> str:
 
 
 _SAFETENSORS_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
+_ST_NAMES = {getattr(torch, name): st for name, st in SAFETENSORS_DTYPES.items()}
+_ST_NAMES[torch.int64] = "I64"
 
 
 def _check_manifest(path: Path, manifest: dict[str, Any]) -> None:
     if manifest.get("format") != FORMAT_NAME:
         raise BankError(f"{path}/{MANIFEST} is not a vllm-msa bank manifest")
     version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
+    if version not in READABLE_VERSIONS:
         raise BankError(
-            f"bank {path} has format version {version}; this vllm-msa reads version "
-            f"{FORMAT_VERSION}: rebuild the bank or use a matching vllm-msa"
+            f"bank {path} has format version {version}; this vllm-msa reads versions "
+            f"{', '.join(map(str, READABLE_VERSIONS))}: rebuild the bank or use a matching "
+            "vllm-msa"
         )
     for key in ("model", "counts", "segments", "files"):
         if key not in manifest:
@@ -376,3 +427,6 @@ def _check_manifest(path: Path, manifest: dict[str, Any]) -> None:
         raise BankError(f"bank {path}: malformed model section in manifest ({e})") from None
     if manifest["model"].get("dtype") not in _SAFETENSORS_DTYPES:
         raise BankError(f"bank {path}: unsupported dtype {manifest['model'].get('dtype')!r}")
+    dtypes = BankDtypes.from_manifest(manifest, path)
+    if dtypes.compressed and version < COMPRESSED_VERSION:
+        raise BankError(f"bank {path}: format version {version} cannot hold FP8 tiers")

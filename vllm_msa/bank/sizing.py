@@ -50,8 +50,8 @@ def local_kv_head_count(total: int, tp_size: int) -> int:
 def layout_bytes(bank: Any, tensor_parallel_size: int = 1, data_parallel_size: int = 1,
                  index_parallel: str = "shard", share_host: bool = True) -> LayoutBytes:
     """Predicted bytes of serving `bank` (a `MemoryBank`, or anything with its `model_info`,
-    `dtype`, `num_documents` and `doc_chunk_offsets`) on tensor_parallel_size x
-    data_parallel_size GPUs."""
+    `dtypes`, `num_documents` and `doc_chunk_offsets`) on tensor_parallel_size x
+    data_parallel_size GPUs (an FP8 tier counts its values and scales)."""
     from ..attention.index_parallel import shard_bounds
 
     tp, dp = tensor_parallel_size, data_parallel_size
@@ -60,10 +60,11 @@ def layout_bytes(bank: Any, tensor_parallel_size: int = 1, data_parallel_size: i
     if index_parallel not in ("shard", "replicate"):
         raise ValueError(f"index_parallel must be 'shard' or 'replicate', got {index_parallel!r}")
     info = bank.model_info
-    itemsize = _itemsize(bank.dtype)
+    index_value = bank.dtypes.element_bytes("routing_keys", info.head_dim)
+    kv_value = bank.dtypes.element_bytes("keys", info.head_dim)
     layers = len(info.router_layers)
     offsets = np.asarray(bank.doc_chunk_offsets, dtype=np.int64)
-    per_chunk_keys = layers * info.num_kv_heads * info.head_dim * itemsize
+    per_chunk_keys = round(layers * info.num_kv_heads * info.head_dim * index_value)
     tables = DOCUMENT_TABLE_BYTES * bank.num_documents
     if index_parallel == "shard" and tp > 1:
         bounds = shard_bounds(offsets, tp)
@@ -74,13 +75,7 @@ def layout_bytes(bank: Any, tensor_parallel_size: int = 1, data_parallel_size: i
     heads = local_kv_head_count(info.num_kv_heads, tp)
     # Ranks holding the same heads (replicas; TP ranks sharing a KV head) share one copy.
     copies = (min(tp, info.num_kv_heads) if share_host else tp * dp)
-    host_rank = (2 * layers * int(offsets[-1]) * heads
-                 * info.head_dim * itemsize)
+    host_rank = round(2 * layers * int(offsets[-1]) * heads * info.head_dim * kv_value)
     return LayoutBytes(tp, dp, index_parallel, max(per_rank), sum(per_rank), host_rank,
                        host_rank * copies, tp * dp, share_host)
 
-
-def _itemsize(dtype: Any) -> int:
-    import torch
-
-    return torch.empty((), dtype=dtype).element_size()

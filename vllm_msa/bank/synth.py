@@ -36,6 +36,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..prompt import TEMPLATE_HEAD
+from .dtypes import BankDtypes
 from .format import (
     DEFAULT_SEGMENT_MB,
     DOCUMENTS_FILE,
@@ -57,7 +58,7 @@ _PIECE_ELEMS = 1 << 21  # values per independently seeded piece (the unit of par
 _PREPARE_DEPTH = 2  # segments serialised and hashed at once
 # safetensors writes tensors sorted by dtype (descending enum order), then name.
 _ST_DTYPES = {torch.int64: ("I64", 3), torch.float32: ("F32", 2), torch.bfloat16: ("BF16", 1),
-              torch.float16: ("F16", 0)}
+              torch.float16: ("F16", 0), torch.float8_e4m3fn: ("F8_E4M3", -1)}
 
 
 def document_text(index: int) -> str:
@@ -75,6 +76,11 @@ class SynthPlan:
     seed: int
     docs_per_segment: int
     template_ids: tuple[int, ...]
+    dtypes: BankDtypes | None = None  # the tiers' stored dtypes (default: the model's)
+
+    @property
+    def tiers(self) -> BankDtypes:
+        return self.dtypes or BankDtypes.of_model(self.model.dtype)
 
     @property
     def num_documents(self) -> int:
@@ -107,9 +113,8 @@ class SynthPlan:
     def _segment_entry(self, index: int, docs: range) -> dict[str, Any]:
         chunks = self.run_total(docs, self.doc_num_chunks)
         kv = (self.model.num_kv_heads, self.model.head_dim)
-        dtype = getattr(torch, self.model.dtype)
-        specs = [(layer_key(layer, name), dtype, (chunks, *kv))
-                 for layer in self.model.router_layers for name in POOLED_ORDER]
+        specs = [spec for layer in self.model.router_layers
+                 for spec in self.tiers.layer_tensors(layer, chunks, *kv)]
         specs += [("chunk_doc_ids", torch.int64, (chunks,))]
         specs += [(n, torch.int64, (len(docs),))
                   for n in ("doc_ids", "doc_num_chunks", "doc_num_tokens")]
@@ -133,7 +138,7 @@ class SynthPlan:
         files = {seg["file"]: {"sha256": "", "bytes": seg["bytes"]} for seg in segments}
         files[TEMPLATE_FILE] = {"sha256": "", "bytes": _safetensors_size(template)}
         files[DOCUMENTS_FILE] = {"sha256": "", "bytes": _documents_size(self.num_documents)}
-        return build_manifest(self.model, self.source, segments, files, t)
+        return build_manifest(self.model, self.source, segments, files, t, self.tiers)
 
 
 def plan_synth(
@@ -144,9 +149,11 @@ def plan_synth(
     dtype: str | None = None,
     seed: int = 0,
     segment_mb: float = DEFAULT_SEGMENT_MB,
+    bank_dtype: str = "auto",
 ) -> SynthPlan:
     """Plan a synthetic bank of `tokens` tokens in documents of `doc_tokens` for checkpoint
-    `model` (served in `dtype`, default its config's). Reads only the config, the weights'
+    `model` (served in `dtype`, default its config's), its tiers stored as `bank_dtype`
+    (`dtypes.BANK_DTYPES`). Reads only the config, the weights'
     fingerprint and the tokenizer (for the template head's ids)."""
     if tokens < 1 or doc_tokens < 1:
         raise ValueError(f"tokens and doc_tokens must be >= 1, got {tokens} and {doc_tokens}")
@@ -169,7 +176,8 @@ def plan_synth(
     chunk_bytes = 3 * len(info.router_layers) * info.num_kv_heads * info.head_dim * itemsize
     doc_bytes = -(-doc_tokens // info.pooling_kernel_size) * chunk_bytes
     docs_per_segment = max(1, int(segment_mb * 2**20 // doc_bytes))
-    return SynthPlan(info, tokens, doc_tokens, seed, docs_per_segment, template_ids)
+    return SynthPlan(info, tokens, doc_tokens, seed, docs_per_segment, template_ids,
+                     BankDtypes.of_model(info.dtype, bank_dtype))
 
 
 def synth_bank(
@@ -180,13 +188,14 @@ def synth_bank(
     out = Path(out)
     if (out / MANIFEST).exists():
         bank = MemoryBank.open(out)
-        if bank.manifest.get("source") == plan.source and bank.model_info == plan.model:
+        if (bank.manifest.get("source") == plan.source and bank.model_info == plan.model
+                and bank.dtypes == plan.tiers):
             return bank
         raise BankError(f"{out} already holds a different bank; choose another --out or "
                         "delete it")
     manifest = plan.predicted_manifest()
     _check_free_space(manifest, out)
-    writer = BankWriter.open(out, plan.model, plan.source)
+    writer = BankWriter.open(out, plan.model, plan.source, dtypes=plan.tiers)
     segments = list(plan.segments())
     seg_bytes = [manifest["files"][segment_name(i)]["bytes"] for i in range(len(segments))]
     done = len(writer.segments)

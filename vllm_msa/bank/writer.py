@@ -20,8 +20,10 @@ import torch
 from safetensors.torch import save
 
 from .. import __version__
+from .dtypes import BankDtypes
 from .format import (
     BUILD_STATE,
+    COMPRESSED_VERSION,
     DOCUMENTS_FILE,
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -38,6 +40,7 @@ from .format import (
     write_json_atomic,
 )
 from .model_info import ModelInfo
+from .quant import SCALE_SUFFIX, quantize
 
 
 @dataclass
@@ -68,21 +71,25 @@ class BankWriter:
     """Appends segments of encoded documents, then commits the bank with `finish()`."""
 
     def __init__(self, out: Path, model: ModelInfo, source: dict[str, Any],
-                 options: dict[str, Any] | None = None) -> None:
+                 options: dict[str, Any] | None = None,
+                 dtypes: BankDtypes | None = None) -> None:
         self.out = out
         self.model = model
         self.source = source
         self.options = dict(options or {})  # build options that shape the files
+        self.dtypes = dtypes or BankDtypes.of_model(model.dtype)
         self.segments: list[dict[str, Any]] = []
 
     @classmethod
     def open(cls, out: str | Path, model: ModelInfo, source: dict[str, Any],
-             options: dict[str, Any] | None = None) -> BankWriter:
+             options: dict[str, Any] | None = None,
+             dtypes: BankDtypes | None = None) -> BankWriter:
         """Start a new build in `out`, or resume the interrupted build of the same inputs
         and `options` (e.g. {"segment_mb": 512}: a resume with other options would mix two
-        layouts, so it is refused, naming what changed)."""
+        layouts, so it is refused, naming what changed). `dtypes`: the tiers' stored
+        dtypes (default: the model's)."""
         out = Path(out)
-        writer = cls(out, model, source, options)
+        writer = cls(out, model, source, options, dtypes)
         if (out / MANIFEST).exists():
             raise BankExistsError(f"{out} already holds a complete bank")
         state_path = out / BUILD_STATE
@@ -103,7 +110,10 @@ class BankWriter:
         return writer
 
     def _identity(self) -> dict[str, Any]:
-        return {"model": self.model.to_json(), "source": self.source, "options": self.options}
+        options = dict(self.options)
+        if self.dtypes.compressed:  # (uncompressed builds keep the identity they always had)
+            options["bank_dtype"] = self.dtypes.kv
+        return {"model": self.model.to_json(), "source": self.source, "options": options}
 
     def _save_state(self, stopped: dict[str, str] | None = None) -> None:
         state: dict[str, Any] = {"identity": self._identity(), "segments": self.segments}
@@ -143,7 +153,8 @@ class BankWriter:
         """Durably append the next run of documents given as whole-run tensors.
 
         `layers[L][name]` (every router layer L, every name in `POOLED_ORDER`) is
-        [sum(doc_num_chunks), kv, hd] in the bank dtype. Producers that already hold per-layer
+        [sum(doc_num_chunks), kv, hd] in the model's dtype (an FP8 tier is quantised here,
+        `quant.py`). Producers that already hold per-layer
         tensors (the synthetic generator) use this, or its two halves, directly and skip
         `add_segment`'s per-document concatenation; every path writes identical segments.
         """
@@ -180,7 +191,12 @@ class BankWriter:
                         f"layer {layer} {name}: got {tuple(t.shape)} {t.dtype}, the bank "
                         f"needs {shape} {dtype}"
                     )
-                tensors[layer_key(layer, name)] = t.contiguous()
+                if self.dtypes.scaled(name):
+                    values, scale = quantize(t)
+                    tensors[layer_key(layer, name)] = values
+                    tensors[layer_key(layer, name) + SCALE_SUFFIX] = scale
+                else:
+                    tensors[layer_key(layer, name)] = t.contiguous()
         ids = torch.tensor(list(doc_ids), dtype=torch.int64)
         chunks = torch.tensor(list(doc_num_chunks), dtype=torch.int64)
         tensors["chunk_doc_ids"] = torch.repeat_interleave(ids, chunks)
@@ -232,7 +248,7 @@ class BankWriter:
         for name, data in ((TEMPLATE_FILE, template_data), (DOCUMENTS_FILE, docs_data)):
             files[name] = {**digests(data), "bytes": len(data)}
         manifest = build_manifest(self.model, self.source, self.segments, files,
-                                  len(template_ids))
+                                  len(template_ids), self.dtypes)
         write_json_atomic(self.out / MANIFEST, manifest)
         (self.out / BUILD_STATE).unlink(missing_ok=True)
         for stale in (self.out / SEGMENTS_DIR).glob("*.tmp"):
@@ -261,12 +277,17 @@ def build_manifest(
     segments: Sequence[dict[str, Any]],
     files: dict[str, dict[str, Any]],
     template_tokens: int,
+    dtypes: BankDtypes | None = None,
 ) -> dict[str, Any]:
     """The manifest of a bank with these segments and files (`finish()` commits it; the
-    synthetic generator's dry run shows a predicted one through `bank info`'s summary)."""
+    synthetic generator's dry run shows a predicted one through `bank info`'s summary).
+    A bank with an FP8 tier is format 2 and records its tiers; others stay format 1."""
+    compressed = dtypes is not None and dtypes.compressed
+    tiers = {"tiers": dtypes.to_json()} if compressed else {}
     return {
         "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
+        "format_version": COMPRESSED_VERSION if compressed else FORMAT_VERSION,
+        **tiers,
         "created_by": f"vllm-msa {__version__}",
         "model": model.to_json(),
         "source": source,
