@@ -52,6 +52,11 @@ from typing import Any
 
 import torch
 
+try:  # the dequantising row copy the kernels call (a Triton function: looked up as a global)
+    from .fp8_rows import copy_fp8_rows
+except ImportError:  # pragma: no cover - no Triton: the kernels are never built
+    copy_fp8_rows = None
+
 __all__ = [
     "DEFAULT_METHOD",
     "GatherConfig",
@@ -101,14 +106,22 @@ def _row_bytes(t: torch.Tensor) -> int:
 
 
 def _check(src_k: torch.Tensor, src_v: torch.Tensor, dst_k: torch.Tensor,
-           dst_v: torch.Tensor, pinned: bool = True) -> None:
+           dst_v: torch.Tensor, pinned: bool = True, scales: Any = None) -> None:
+    fp8 = scales is not None
+    if fp8 != (src_k.dtype == torch.float8_e4m3fn):
+        raise ValueError("fetch: an FP8 source needs its scales (and only an FP8 source has "
+                         "them)")
+    if fp8 and any(s.shape != src_k.shape[:2] or s.dtype != torch.float32 or
+                   not s.is_contiguous() for s in scales):
+        raise ValueError(f"fetch: FP8 scales must be float32 {tuple(src_k.shape[:2])}, "
+                         "contiguous")
     if src_k.shape != src_v.shape or src_k.dtype != src_v.dtype:
         raise ValueError(f"fetch: K {tuple(src_k.shape)} {src_k.dtype} and V "
                          f"{tuple(src_v.shape)} {src_v.dtype} sources differ")
     for name, dst in (("K", dst_k), ("V", dst_v)):
         if dst.device.type != "cuda":
             raise ValueError(f"fetch: the {name} destination must be on a CUDA device")
-        if dst.dtype != src_k.dtype or dst.shape[1:] != src_k.shape[1:]:
+        if (dst.dtype != src_k.dtype and not fp8) or dst.shape[1:] != src_k.shape[1:]:
             raise ValueError(
                 f"fetch: {name} destination {tuple(dst.shape)} {dst.dtype} does not hold rows "
                 f"of the source {tuple(src_k.shape[1:])} {src_k.dtype}")
@@ -187,10 +200,13 @@ def _gather_kernel() -> Any:
 
     # Row counts vary per call: don't compile a variant per divisibility of n_rows.
     @triton.jit(do_not_specialize=["n_rows", "num_blocks"])
-    def gather_kv_kernel(src_k, src_v, dst_k, dst_v, rows, dst_rows, n_rows, num_blocks,
-                         ROW: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
-                         SCATTER: tl.constexpr):
+    def gather_kv_kernel(src_k, src_v, dst_k, dst_v, rows, dst_rows, scale_k, scale_v, n_rows,
+                         num_blocks, ROW: tl.constexpr, BLOCK_R: tl.constexpr,
+                         BLOCK_C: tl.constexpr, SCATTER: tl.constexpr, FP8: tl.constexpr,
+                         HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr):
         # src_*: [*, ROW] words (pinned host through UVA, or device); dst_*: [*, ROW] words.
+        # FP8: src_* are e4m3 bytes [*, HEADS, HEAD_DIM] with float32 scales [*, HEADS],
+        # dst_* typed rows of the model dtype (dequantised on the way: `fp8_rows.py`).
         pid = tl.program_id(0)
         nprog = tl.num_programs(0)
         r_in = tl.arange(0, BLOCK_R)
@@ -204,20 +220,24 @@ def _gather_kernel() -> Any:
                 dst_row = tl.load(dst_rows + r, mask=rmask, other=0).to(tl.int64)
             else:
                 dst_row = r.to(tl.int64)
-            src_base = src_row * ROW
-            dst_base = dst_row * ROW
-            for c0 in tl.static_range(0, ROW, BLOCK_C):
-                c = c0 + cols
-                if ROW % BLOCK_C == 0:  # noqa: SIM108 (a compile-time branch)
-                    mask = rmask[:, None]
-                else:
-                    mask = rmask[:, None] & (c < ROW)[None, :]
-                s_off = src_base[:, None] + c[None, :]
-                d_off = dst_base[:, None] + c[None, :]
-                k = tl.load(src_k + s_off, mask=mask)
-                v = tl.load(src_v + s_off, mask=mask)
-                tl.store(dst_k + d_off, k, mask=mask)
-                tl.store(dst_v + d_off, v, mask=mask)
+            if FP8:
+                copy_fp8_rows(src_k, src_v, scale_k, scale_v, dst_k, dst_v, src_row, dst_row,
+                              rmask, HEADS, HEAD_DIM, D_PAD)
+            else:
+                src_base = src_row * ROW
+                dst_base = dst_row * ROW
+                for c0 in tl.static_range(0, ROW, BLOCK_C):
+                    c = c0 + cols
+                    if ROW % BLOCK_C == 0:  # (a compile-time branch)
+                        mask = rmask[:, None]
+                    else:
+                        mask = rmask[:, None] & (c < ROW)[None, :]
+                    s_off = src_base[:, None] + c[None, :]
+                    d_off = dst_base[:, None] + c[None, :]
+                    k = tl.load(src_k + s_off, mask=mask)
+                    v = tl.load(src_v + s_off, mask=mask)
+                    tl.store(dst_k + d_off, k, mask=mask)
+                    tl.store(dst_v + d_off, v, mask=mask)
 
     return gather_kv_kernel
 
@@ -252,12 +272,27 @@ def _use_views() -> None:
     _WRAP_POINTERS = False
 
 
+def _typed(t: torch.Tensor) -> Any:
+    """A typed pointer argument (FP8 dequantisation's destinations and scales)."""
+    return _Words(t, t.dtype) if _WRAP_POINTERS else t
+
+
+def fp8_layout(src: torch.Tensor, scales: Any) -> tuple[bool, int, int, int]:
+    """The kernels' FP8 constants for rows of `src` [N, heads, head_dim]: (FP8, HEADS,
+    HEAD_DIM, D_PAD); (False, 1, 1, 1) for a full-precision source."""
+    if scales is None:
+        return (False, 1, 1, 1)
+    heads, head_dim = src.shape[1], math.prod(src.shape[2:])
+    return (True, heads, head_dim, _next_pow2(head_dim))
+
+
 def _word_view(t: torch.Tensor, word: torch.dtype) -> torch.Tensor:
     """`t` [rows, ...] (contiguous) as [rows, row_words] integer words (a reinterpreting
     view: the copy is bit-exact and never touches floating-point values)."""
     if not t.is_contiguous():
         raise ValueError("fetch: source and destination must be contiguous row-major tensors")
-    return t.view(t.shape[0], math.prod(t.shape[1:])).view(torch.uint8).view(word)
+    flat = t.view(t.shape[0], math.prod(t.shape[1:]))
+    return flat.view(torch.uint8) if word == torch.uint8 else flat.view(torch.uint8).view(word)
 
 
 def _on_device(device: torch.device) -> Any:
@@ -306,6 +341,7 @@ def _shape(row_bytes: int, block_rows: int, tile_bytes: int
 def gather_rows(src_k: torch.Tensor, src_v: torch.Tensor, rows: torch.Tensor,
                 dst_k: torch.Tensor, dst_v: torch.Tensor, *,
                 dst_rows: torch.Tensor | None = None,
+                scales: tuple[torch.Tensor, torch.Tensor] | None = None,
                 stream: torch.cuda.Stream | None = None, wait: bool = True,
                 block_rows: int | None = None, num_warps: int | None = None,
                 max_programs: int | None = -1) -> torch.cuda.Event:
@@ -320,8 +356,9 @@ def gather_rows(src_k: torch.Tensor, src_v: torch.Tensor, rows: torch.Tensor,
     hole in a reservation the device filled without the host knowing its size).
     dst_k, dst_v: device `[M, ...]` contiguous, same row shape and dtype, M >= n (M > every
     `dst_rows` entry). Launch shape: `GatherConfig` unless given (`max_programs=None`: one
-    program per block of rows)."""
-    _check(src_k, src_v, dst_k, dst_v, pinned=False)
+    program per block of rows). `scales`: an FP8 source's float32 [N, heads] scales (K, V;
+    where the source is), dequantised into dst's dtype on the device (`fp8_rows.py`)."""
+    _check(src_k, src_v, dst_k, dst_v, pinned=False, scales=scales)
     _check_rows(rows, src_k.shape[0], "rows")
     n = rows.numel()
     _check_destination_rows(rows, dst_rows, dst_k, dst_v)
@@ -333,7 +370,7 @@ def gather_rows(src_k: torch.Tensor, src_v: torch.Tensor, rows: torch.Tensor,
         with _on_stream(stream, current):
             if n:
                 _launch(src_k, src_v, rows, dst_k, dst_v, dst_rows, n, device, stream,
-                        block_rows, num_warps, max_programs, keep)
+                        block_rows, num_warps, max_programs, keep, scales)
             event.record(stream)
         if keep or _IN_FLIGHT:
             _keep_until(event, tuple(keep))
@@ -341,22 +378,30 @@ def gather_rows(src_k: torch.Tensor, src_v: torch.Tensor, rows: torch.Tensor,
 
 
 def _launch(src_k, src_v, rows, dst_k, dst_v, dst_rows, n, device, stream, block_rows,
-            num_warps, max_programs, keep) -> None:
+            num_warps, max_programs, keep, scales=None) -> None:
     word, row_words, block_c, block_r = _shape(_row_bytes(src_k),
                                                block_rows or GatherConfig.block_rows,
                                                GatherConfig.tile_bytes)
+    fp8 = fp8_layout(src_k, scales)
     num_warps = num_warps or GatherConfig.num_warps
     num_blocks = -(-n // block_r)
     cap = GatherConfig.max_programs if max_programs == -1 else max_programs
     grid0 = min(num_blocks, cap) if cap else num_blocks
     rows_k = _kernel_rows(rows, device, keep)
     dst_k_rows = _kernel_rows(dst_rows, device, keep) if dst_rows is not None else rows_k
-    consts = (row_words, block_r, block_c, dst_rows is not None)
+    consts = (row_words, block_r, block_c, dst_rows is not None, *fp8)
     try:
         while True:
             wrap = _Words if _WRAP_POINTERS else _word_view
-            args = (wrap(src_k, word), wrap(src_v, word), wrap(dst_k, word), wrap(dst_v, word),
-                    rows_k, dst_k_rows, n, num_blocks)
+            if fp8[0]:
+                src = (wrap(src_k, torch.uint8), wrap(src_v, torch.uint8))
+                dst = (_typed(dst_k), _typed(dst_v))
+                scale = (_typed(scales[0]), _typed(scales[1]))
+            else:
+                src = (wrap(src_k, word), wrap(src_v, word))
+                dst = (wrap(dst_k, word), wrap(dst_v, word))
+                scale = (rows_k, rows_k)  # (unused)
+            args = (*src, *dst, rows_k, dst_k_rows, *scale, n, num_blocks)
             try:
                 _run_kernel(grid0, args, consts, num_warps, word, device, stream)
                 break
@@ -386,9 +431,10 @@ def _run_kernel(grid0: int, args: tuple, consts: tuple, num_warps: int, word: to
                 device: torch.device, stream: torch.cuda.Stream) -> None:
     global _FAST_LAUNCH
     aligned = ((args[0].data_ptr() | args[1].data_ptr() | args[2].data_ptr()
-                | args[3].data_ptr() | args[4].data_ptr() | args[5].data_ptr()) & 15) == 0
-    fast = _FAST_LAUNCH and aligned and args[6] < 2**31
-    key = (device.index, word, num_warps, consts)
+                | args[3].data_ptr() | args[4].data_ptr() | args[5].data_ptr()
+                | args[6].data_ptr() | args[7].data_ptr()) & 15) == 0
+    fast = _FAST_LAUNCH and aligned and args[8] < 2**31
+    key = (device.index, word, args[2].dtype, num_warps, consts)
     compiled = _COMPILED.get(key) if fast else None
     if compiled is not None:
         try:
@@ -404,9 +450,10 @@ def _run_kernel(grid0: int, args: tuple, consts: tuple, num_warps: int, word: to
             return
         except (ImportError, TypeError, AttributeError, SystemError):
             _FAST_LAUNCH = False  # another Triton's launcher: use the plain launch
-    row_words, block_r, block_c, scatter = consts
+    row_words, block_r, block_c, scatter, fp8, heads, head_dim, d_pad = consts
     compiled = _gather_kernel()[(grid0,)](*args, ROW=row_words, BLOCK_R=block_r,
-                                          BLOCK_C=block_c, SCATTER=scatter,
+                                          BLOCK_C=block_c, SCATTER=scatter, FP8=fp8,
+                                          HEADS=heads, HEAD_DIM=head_dim, D_PAD=d_pad,
                                           num_warps=num_warps)
     if fast and hasattr(compiled, "packed_metadata") and hasattr(compiled, "launch_metadata"):
         _COMPILED[key] = compiled

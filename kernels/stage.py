@@ -30,6 +30,11 @@ import os
 
 import torch
 
+try:  # the dequantising row copy the kernels call (a Triton function: looked up as a global)
+    from .fp8_rows import copy_fp8_rows
+except ImportError:  # pragma: no cover - no Triton: the kernels are never built
+    copy_fp8_rows = None
+
 __all__ = ["stage_routed"]
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -43,7 +48,8 @@ def _next_pow2(x: int) -> int:
 def stage_routed(src_k: torch.Tensor, src_v: torch.Tensor, dst_k: torch.Tensor,
                  dst_v: torch.Tensor, keys: torch.Tensor, ks: torch.Tensor,
                  positions: torch.Tensor, doc_start: torch.Tensor, table: torch.Tensor,
-                 counts: torch.Tensor, max_doc_chunks: int) -> None:
+                 counts: torch.Tensor, max_doc_chunks: int,
+                 scales: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
     """On the current stream: for every request r, the chunks of the first ks[r] documents of
     `keys[r]` into pool rows `table[r, 0:n_r]`, and counts[r] = n_r.
 
@@ -51,21 +57,32 @@ def stage_routed(src_k: torch.Tensor, src_v: torch.Tensor, dst_k: torch.Tensor,
     dst_k, dst_v: [slots, ...] device pool; keys: [R, k_top] int64 sort keys; ks: [R] int32;
     positions: [N] int64, the bank position of each tie-break value; doc_start: [N + 1] int64
     chunk offsets by bank position; table: [R, W] int64 reserved slots (W >= every n_r);
-    counts: [R] int64, written; max_doc_chunks: the bank's largest document, in chunks."""
+    counts: [R] int64, written; max_doc_chunks: the bank's largest document, in chunks;
+    scales: an FP8 source's float32 [chunks, heads] scales (K, V), dequantised into the
+    pool's dtype on the way (`fp8_rows.py`)."""
     num, k_top = keys.shape
     if num == 0 or k_top == 0:
         return
-    from .fetch import _shape, _word_view, _Words  # the gather kernel's view of rows
+    from .fetch import _shape, _word_view, _Words, fp8_layout  # the gather kernel's views
 
     words = _word_view if INTERPRET else _Words  # the interpreter reads real tensors
     row_bytes = math.prod(src_k.shape[1:]) * src_k.element_size()
     word, row_words, block_c, block_r = _shape(row_bytes, BLOCK_ROWS, 8192)
+    fp8, heads, head_dim, d_pad = fp8_layout(src_k, scales)
+    if fp8:
+        def typed(t: torch.Tensor):
+            return t if INTERPRET else _Words(t, t.dtype)
+
+        pointers = (words(src_k, torch.uint8), words(src_v, torch.uint8), typed(dst_k),
+                    typed(dst_v), typed(scales[0]), typed(scales[1]))
+    else:
+        pointers = (words(src_k, word), words(src_v, word), words(dst_k, word),
+                    words(dst_v, word), keys, keys)  # (no scales: unused)
     grid = (num, k_top, -(-max_doc_chunks // block_r))
     _kernel()[grid](
-        words(src_k, word), words(src_v, word), words(dst_k, word), words(dst_v, word),
-        keys, ks, positions, doc_start, table, counts, keys.stride(0), table.stride(0),
-        ROW=row_words, K_PAD=max(2, _next_pow2(k_top)), BLOCK_R=block_r, BLOCK_C=block_c,
-        num_warps=4,
+        *pointers, keys, ks, positions, doc_start, table, counts, keys.stride(0),
+        table.stride(0), ROW=row_words, K_PAD=max(2, _next_pow2(k_top)), BLOCK_R=block_r,
+        BLOCK_C=block_c, FP8=fp8, HEADS=heads, HEAD_DIM=head_dim, D_PAD=d_pad, num_warps=4,
     )
 
 
@@ -75,10 +92,11 @@ def _kernel():
     import triton.language as tl
 
     @triton.jit(do_not_specialize=["keys_stride", "table_stride"])
-    def stage_routed_kernel(src_k, src_v, dst_k, dst_v, keys, ks, positions, doc_start,
-                            table, counts, keys_stride, table_stride,
+    def stage_routed_kernel(src_k, src_v, dst_k, dst_v, scale_k, scale_v, keys, ks, positions,
+                            doc_start, table, counts, keys_stride, table_stride,
                             ROW: tl.constexpr, K_PAD: tl.constexpr, BLOCK_R: tl.constexpr,
-                            BLOCK_C: tl.constexpr):
+                            BLOCK_C: tl.constexpr, FP8: tl.constexpr, HEADS: tl.constexpr,
+                            HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr):
         r = tl.program_id(0)
         j = tl.program_id(1)
         blk = tl.program_id(2)
@@ -103,13 +121,17 @@ def _kernel():
         src_row = (my_start + i).to(tl.int64)
         dst_row = tl.load(table + r * table_stride + my_before + i, mask=rows_ok,
                           other=0).to(tl.int64)
-        cols = tl.arange(0, BLOCK_C)
-        for c0 in tl.static_range(0, ROW, BLOCK_C):
-            c = c0 + cols
-            mask = rows_ok[:, None] & (c < ROW)[None, :]
-            s_off = src_row[:, None] * ROW + c[None, :]
-            d_off = dst_row[:, None] * ROW + c[None, :]
-            tl.store(dst_k + d_off, tl.load(src_k + s_off, mask=mask), mask=mask)
-            tl.store(dst_v + d_off, tl.load(src_v + s_off, mask=mask), mask=mask)
+        if FP8:
+            copy_fp8_rows(src_k, src_v, scale_k, scale_v, dst_k, dst_v, src_row, dst_row,
+                          rows_ok, HEADS, HEAD_DIM, D_PAD)
+        else:
+            cols = tl.arange(0, BLOCK_C)
+            for c0 in tl.static_range(0, ROW, BLOCK_C):
+                c = c0 + cols
+                mask = rows_ok[:, None] & (c < ROW)[None, :]
+                s_off = src_row[:, None] * ROW + c[None, :]
+                d_off = dst_row[:, None] * ROW + c[None, :]
+                tl.store(dst_k + d_off, tl.load(src_k + s_off, mask=mask), mask=mask)
+                tl.store(dst_v + d_off, tl.load(src_v + s_off, mask=mask), mask=mask)
 
     return stage_routed_kernel

@@ -10,7 +10,7 @@ and never imports the code under test.
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from reference import ReferenceMSA
@@ -237,14 +237,18 @@ def reference_answer(ref: ReferenceMSA, prompt_ids: list[int],
                      rope_offset_k: int, template_len: int, max_tokens: int,
                      head_reduce: str = "mean", query_reduce: str = "max",
                      chunk_reduce: str = "max", score: str = "auto",
-                     forced: list[int] | None = None) -> ReferenceAnswer:
+                     forced: list[int] | None = None,
+                     memory_kv: dict[int, tuple[Tensor, Tensor]] | None = None
+                     ) -> ReferenceAnswer:
     """Selections, scores, greedy tokens and logprobs of one request (spec §3).
 
     `span` is the routing span [lo, hi) or a list of such ranges (their tokens, in order, form
     the routing query). docs=None is the plugin's no-bank path: plain causal Qwen3 at
     positions 0..n-1, no offset. docs=[] or top_k=0 keeps the MSA layout (offset positions)
     with an empty memory. `forced` replaces the greedy choice by these tokens (logprobs are
-    still the model's), for outputs scripted through the engine.
+    still the model's), for outputs scripted through the engine. `memory_kv` replaces the
+    pooled K̄/V̄ attended to (per router layer, [chunks, kv, hd] in bank order; e.g. an FP8
+    bank's stored values), while routing keeps the reference's own routing keys.
     """
     ranges = [tuple(span)] if isinstance(span[0], int) else [tuple(r) for r in span]
     if docs is None:
@@ -254,7 +258,11 @@ def reference_answer(ref: ReferenceMSA, prompt_ids: list[int],
         if any(b < a for a, b in itertools.pairwise(bounds)) or any(a == b for a, b in ranges):
             raise ValueError(f"bad span {span} for template_len {template_len}")
         routing = RoutingConfig(top_k, head_reduce, query_reduce, chunk_reduce, score)
-        request = _Request(ref, encode_bank(ref, docs), ranges, routing)
+        bank = encode_bank(ref, docs)
+        for layer, (keys, values) in (memory_kv or {}).items():
+            assert keys.shape == bank[layer].keys.shape, (layer, keys.shape)
+            bank[layer] = replace(bank[layer], keys=keys.double(), values=values.double())
+        request = _Request(ref, bank, ranges, routing)
     tokens = list(prompt_ids)
     generated, logprobs = [], []
     for step in range(max_tokens):

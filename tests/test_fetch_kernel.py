@@ -17,7 +17,7 @@ GPU = torch.cuda.is_available()
 
 # ------------------------------------------------------------------ CPU: run splitting, checks
 def test_kernel_is_built_lazily():
-    # Importing the module defines no Triton kernel (Triton is imported on first use).
+    # Importing the module builds no Triton kernel (each is built on first use).
     assert GPU or fetch._gather_kernel.cache_info().currsize == 0
 
 
@@ -122,6 +122,34 @@ def test_fetch_matches_reference(method, shape, dtype):
         assert torch.equal(dst_v[:n], ref_v), (method, name)
         assert torch.isnan(dst_k[n:].float()).all() and torch.isnan(dst_v[n:].float()).all(), (
             method, name, "wrote past the selection")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(8, 128), (3, 20)], ids=["msa4b", "odd"])
+@pytest.mark.parametrize("scatter", [False, True], ids=["dense", "slots"])
+def test_fp8_source_is_dequantised_on_the_way(shape, scatter):
+    """An FP8 host tier (`quant.py`): pinned e4m3 rows and scales in, the model dtype out,
+    bit-identical to `quant.dequantize` of the selected rows (the torch path's result)."""
+    from vllm_msa.bank.quant import dequantize, quantize
+
+    n_rows = 301
+    raw_k, raw_v = _bank(n_rows, shape, torch.bfloat16, seed=6)
+    (src_k, sk), (src_v, sv) = quantize(raw_k * 40), quantize(raw_v / 300)
+    src_k, src_v, sk, sv = (t.pin_memory() for t in (src_k, src_v, sk, sv))
+    for name, rows in _selections(n_rows, seed=7).items():
+        n = rows.numel()
+        slots = torch.randperm(n + 50)[:n] if scatter else None
+        dst_k, dst_v = _poisoned(n + 50, shape, torch.bfloat16), _poisoned(n + 50, shape,
+                                                                           torch.bfloat16)
+        fetch.gather_rows(src_k, src_v, rows, dst_k, dst_v, dst_rows=slots,
+                          scales=(sk, sv)).synchronize()
+        where = (slots if scatter else torch.arange(n)).cuda()
+        assert torch.equal(dst_k[where].cpu(), dequantize(src_k[rows], sk[rows],
+                                                          torch.bfloat16)), name
+        assert torch.equal(dst_v[where].cpu(), dequantize(src_v[rows], sv[rows],
+                                                          torch.bfloat16)), name
+    with pytest.raises(ValueError, match="scales"):
+        fetch.gather_rows(src_k, src_v, rows, dst_k, dst_v)
 
 
 @pytest.mark.gpu

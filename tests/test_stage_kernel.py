@@ -58,9 +58,14 @@ def sort_key(score: float, tiebreak: int) -> int:
 
 
 @needs_kernel
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
 @pytest.mark.parametrize("seed", range(6))
-def test_staged_rows_are_the_documents_chunks(seed):
+def test_staged_rows_are_the_documents_chunks(seed, fp8):
+    """With an FP8 host tier the rows are dequantised on the way: the pool holds exactly
+    `quant.dequantize` of the chunks (head_dim 24 exercises the kernel's padded columns)."""
     from vllm_msa.kernels.stage import stage_routed
+
+    from vllm_msa.bank.quant import dequantize, quantize
 
     rng = random.Random(seed)
     bank = random_bank(rng, num_docs=rng.randint(5, 60))
@@ -69,9 +74,17 @@ def test_staged_rows_are_the_documents_chunks(seed):
     ks = [rng.randint(1, k_top) for _ in range(rng.randint(1, 6))]  # mixed per-request k
     lists = [rng.sample(bank.bank.doc_ids, k_top) for _ in ks]
     keys = torch.tensor([[sort_key(rng.random(), tie[d]) for d in lst] for lst in lists])
-    chunks, kv, hd = bank.chunk_offsets[-1], 2, 16
+    chunks, kv, hd = bank.chunk_offsets[-1], 2, 24 if fp8 and seed % 2 else 16
     src_k = torch.randn(chunks, kv, hd, dtype=torch.bfloat16)
     src_v = torch.randn(chunks, kv, hd, dtype=torch.bfloat16)
+    scales = None
+    if fp8:
+        (src_k, scale_k), (src_v, scale_v) = quantize(src_k * 3), quantize(src_v / 5)
+        scales = (scale_k.to(DEVICE), scale_v.to(DEVICE))
+        want_k = dequantize(src_k, scale_k, torch.bfloat16)
+        want_v = dequantize(src_v, scale_v, torch.bfloat16)
+    else:
+        want_k, want_v = src_k, src_v
     width = bank.worst_case_chunks(k_top)
     pool_size = len(ks) * width + 5
     table = torch.randperm(pool_size)[:len(ks) * width].view(len(ks), width)
@@ -86,14 +99,14 @@ def test_staged_rows_are_the_documents_chunks(seed):
         keys = wide[:, :k_top]
     stage_routed(src_k.to(DEVICE), src_v.to(DEVICE), dst_k, dst_v, keys,
                  torch.tensor(ks, dtype=torch.int32, device=DEVICE), positions.to(DEVICE),
-                 doc_start.to(DEVICE), table.to(DEVICE), counts, int(sizes.max()))
+                 doc_start.to(DEVICE), table.to(DEVICE), counts, int(sizes.max()), scales)
     written = set()
     for r, (lst, k) in enumerate(zip(lists, ks, strict=True)):
         want = bank.chunk_indices(lst[:k])  # the first k keys: the request's own top-k
         assert counts[r].item() == want.numel()
         slots = table[r, :want.numel()]
-        assert torch.equal(dst_k.cpu()[slots], src_k[want])
-        assert torch.equal(dst_v.cpu()[slots], src_v[want])
+        assert torch.equal(dst_k.cpu()[slots], want_k[want])
+        assert torch.equal(dst_v.cpu()[slots], want_v[want])
         written.update(slots.tolist())
     untouched = [s for s in range(pool_size) if s not in written]
     assert (dst_k.cpu()[untouched] == 7.0).all() and (dst_v.cpu()[untouched] == 7.0).all()

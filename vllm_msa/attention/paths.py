@@ -92,7 +92,8 @@ def stage_routed(runtime: MemoryRuntime, bank: ServedBank, layer_idx: int,
     first = selections[0]
     if not (isinstance(first, RoutedSelection)
             and runtime.pool.reads_host_directly(bank.host_keys[layer_idx],
-                                                 bank.host_values[layer_idx])
+                                                 bank.host_values[layer_idx],
+                                                 bank.scales(layer_idx))
             and len(first.batch.ks) == len(requests)
             and all(isinstance(s, RoutedSelection) and s.batch is first.batch
                     and s.row == i for i, s in enumerate(selections))):
@@ -101,7 +102,7 @@ def stage_routed(runtime: MemoryRuntime, bank: ServedBank, layer_idx: int,
     return runtime.pool.stage_routed(
         bank.host_keys[layer_idx], bank.host_values[layer_idx], first.batch,
         runtime.step_upload(("top-k", *ks), lambda: ks, runtime.pool.keys.device, torch.int32),
-        widths, bank.max_document_chunks)
+        widths, bank.max_document_chunks, bank.scales(layer_idx))
 
 
 def stage_selected(runtime: MemoryRuntime, bank: ServedBank, layer_idx: int,
@@ -114,7 +115,8 @@ def stage_selected(runtime: MemoryRuntime, bank: ServedBank, layer_idx: int,
                torch.nn.utils.rnn.pad_sequence(ids, batch_first=True, padding_value=-1))
     starts, counts = bank.selected_chunks(doc_ids)
     return runtime.pool.stage_documents(bank.host_keys[layer_idx],
-                                        bank.host_values[layer_idx], starts, counts, widths)
+                                        bank.host_values[layer_idx], starts, counts, widths,
+                                        bank.scales(layer_idx))
 
 
 def fetch_stream(runtime: MemoryRuntime) -> torch.cuda.Stream | None:

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..bank.quant import dequantize
 from .uploads import upload
 
 logger = logging.getLogger(__name__)
@@ -58,9 +59,13 @@ class Staged:
         return int(self.counts[self.row].item())
 
 
-def _kernel_copy(host_keys: torch.Tensor, host_values: torch.Tensor, keys: torch.Tensor
-                 ) -> bool:
-    return keys.is_cuda and host_keys.is_pinned() and host_values.is_pinned()
+Scales = tuple[torch.Tensor, torch.Tensor]  # an FP8 host tier's K and V scales [chunks, kv]
+
+
+def _kernel_copy(host_keys: torch.Tensor, host_values: torch.Tensor, keys: torch.Tensor,
+                 scales: Scales | None = None) -> bool:
+    return (keys.is_cuda and host_keys.is_pinned() and host_values.is_pinned()
+            and (scales is None or all(s.is_pinned() for s in scales)))
 
 
 def chunk_rows(starts: torch.Tensor, counts: torch.Tensor, width: int
@@ -128,12 +133,14 @@ class StagingPool:
 
     def stage_documents(self, host_keys: torch.Tensor, host_values: torch.Tensor,
                         starts: torch.Tensor, counts: torch.Tensor,
-                        requests: list[tuple[str, int]]) -> list[Staged]:
+                        requests: list[tuple[str, int]], scales: Scales | None = None
+                        ) -> list[Staged]:
         """Stage one layer's selected documents of several requests (same bank) with one
         copy: `starts`/`counts` [R, K] from `ServedBank.selected_chunks`, `requests` the
         (owner, slots to reserve) of each row. The host never learns how many chunks routing
         chose: each request reserves its worst case, and the device writes how many it used
-        (`Staged.count`), so staging queues behind routing without a host-device wait."""
+        (`Staged.count`), so staging queues behind routing without a host-device wait.
+        `scales`: an FP8 host tier's, dequantised into the pool's dtype as it is copied."""
         widths = [width for _, width in requests]
         rows, used = chunk_rows(starts, counts, max(widths, default=0))
         table, private = self._reserve(requests)
@@ -142,16 +149,16 @@ class StagingPool:
             pooled = rows if not private else rows.index_fill(
                 0, upload(private, rows.device), -1)
             self.copy_rows(host_keys, host_values, pooled.flatten(), self.keys, self.values,
-                       slots.flatten())
+                           slots.flatten(), scales)
         staged = [Staged(slots, i, width, used) for i, width in enumerate(widths)]
         for i in private:
             staged[i] = self._stage_private(host_keys, host_values, rows[i, :widths[i]], i,
-                                            used)
+                                            used, scales)
         return staged
 
     def stage_routed(self, host_keys: torch.Tensor, host_values: torch.Tensor, routed: Any,
-                     ks: torch.Tensor, requests: list[tuple[str, int]], max_doc_chunks: int
-                     ) -> list[Staged] | None:
+                     ks: torch.Tensor, requests: list[tuple[str, int]], max_doc_chunks: int,
+                     scales: Scales | None = None) -> list[Staged] | None:
         """`stage_documents` straight from routing's sort keys (`RoutedBatch`, one row per
         request; `ks` its per-request k on the device) with one kernel launch
         (`vllm_msa.kernels.stage`); None, with nothing reserved, when the requests do not all
@@ -167,7 +174,8 @@ class StagingPool:
         counts = torch.empty(len(requests), dtype=torch.int64, device=device)
         prep = routed.prep
         stage_routed(host_keys, host_values, self.keys, self.values, routed.keys, ks,
-                     prep.positions_by_tiebreak, prep.bank_doc_start, slots, counts, max_doc_chunks)
+                     prep.positions_by_tiebreak, prep.bank_doc_start, slots, counts,
+                     max_doc_chunks, scales)
         return [Staged(slots, i, width, counts) for i, width in enumerate(widths)]
 
     def _reserve(self, requests: list[tuple[str, int]]) -> tuple[np.ndarray, list[int]]:
@@ -188,7 +196,8 @@ class StagingPool:
         return table, unfit
 
     def _stage_private(self, host_keys: torch.Tensor, host_values: torch.Tensor,
-                       rows: torch.Tensor, row: int, counts: torch.Tensor) -> Staged:
+                       rows: torch.Tensor, row: int, counts: torch.Tensor,
+                       scales: Scales | None = None) -> Staged:
         self.overflows += 1
         if self.overflows == 1:
             logger.warning(
@@ -196,31 +205,36 @@ class StagingPool:
                 "additional_config msa.staging_mib for steady throughput.", self.num_slots)
         keys = self.keys.new_empty((rows.numel(), *self.keys.shape[1:]))
         values = torch.empty_like(keys)
-        self.copy_rows(host_keys, host_values, rows, keys, values, None)
+        self.copy_rows(host_keys, host_values, rows, keys, values, None, scales)
         return Staged(None, row, rows.numel(), counts, private=(keys, values))
 
-    def reads_host_directly(self, host_keys: torch.Tensor, host_values: torch.Tensor) -> bool:
+    def reads_host_directly(self, host_keys: torch.Tensor, host_values: torch.Tensor,
+                            scales: Scales | None = None) -> bool:
         """Whether staging into this pool runs the Triton kernels that read the host tier in
         place (a device pool, a pinned host tier); elsewhere torch copies."""
-        return _kernel_copy(host_keys, host_values, self.keys)
+        return _kernel_copy(host_keys, host_values, self.keys, scales)
 
     @staticmethod
     def copy_rows(host_keys: torch.Tensor, host_values: torch.Tensor, rows: torch.Tensor,
-                  keys: torch.Tensor, values: torch.Tensor, slots: torch.Tensor | None
-                  ) -> None:
+                  keys: torch.Tensor, values: torch.Tensor, slots: torch.Tensor | None,
+                  scales: Scales | None = None) -> None:
         """keys[slots] = host_keys[rows] (and values), skipping rows < 0 and slots < 0, on the
-        current stream."""
-        if _kernel_copy(host_keys, host_values, keys):
+        current stream; an FP8 host tier (`scales`) is dequantised into keys' dtype."""
+        if _kernel_copy(host_keys, host_values, keys, scales):
             from ..kernels.fetch import gather_rows
 
-            gather_rows(host_keys, host_values, rows, keys, values, dst_rows=slots)
+            gather_rows(host_keys, host_values, rows, keys, values, dst_rows=slots,
+                        scales=scales)
             return
         keep = rows >= 0 if slots is None else (rows >= 0) & (slots >= 0)
         index = torch.nonzero(keep).flatten()  # plain-torch path: may wait for the device
         source = rows.index_select(0, index).to(host_keys.device)
         target = index if slots is None else slots.index_select(0, index)
-        for src, dst in ((host_keys, keys), (host_values, values)):
-            dst.index_copy_(0, target, src.index_select(0, source).to(dst.device))
+        for i, (src, dst) in enumerate(((host_keys, keys), (host_values, values))):
+            rows_of = src.index_select(0, source)
+            if scales is not None:
+                rows_of = dequantize(rows_of, scales[i].index_select(0, source), dst.dtype)
+            dst.index_copy_(0, target, rows_of.to(dst.device))
 
     def read(self, staged: Staged) -> tuple[torch.Tensor, torch.Tensor]:
         """The staged K̄ and V̄, each [chunks, kv_heads, head_dim]."""

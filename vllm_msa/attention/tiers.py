@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from ..bank.format import BankError
+from ..bank.quant import SCALE_SUFFIX, check_scales
 from ..bank.reader import MemoryBank
 from .host_share import SHM_DIR, shared_tensor
 from .index_parallel import IndexShard, bank_identity, index_bytes
@@ -77,6 +78,13 @@ def release_freed_heap() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
+def _check_scales(bank: MemoryBank, where: str, part: torch.Tensor) -> None:
+    problem = check_scales(part)
+    if problem:
+        raise BankError(f"bank {bank.path}: {where} {problem}: its FP8 values cannot be "
+                        "read back; convert the bank again from its source")
+
+
 def shared_name(bank: MemoryBank) -> str:
     """The prefix of a bank's shared host-tier files: what the bank holds, not where."""
     return f"{bank_identity(bank)[:32]}-{str(bank.dtype).removeprefix('torch.')}"
@@ -88,11 +96,13 @@ class ServedBank:
     bank: MemoryBank
     index: dict[int, RoutingIndex]  # router layer -> device routing index
     host_keys: dict[int, torch.Tensor]  # router layer -> [chunks, local kv, hd], host
-    host_values: dict[int, torch.Tensor]
+    host_values: dict[int, torch.Tensor]  # (stored dtype: the model's, or FP8)
     doc_position: dict[int, int]  # doc id -> position in bank order
     chunk_offsets: list[int]  # bank order: document i owns chunks offsets[i]:offsets[i+1]
     shard: IndexShard  # the documents this rank's routing index holds
     shared_files: list[str] = field(default_factory=list)  # host tensors in shared memory
+    # An FP8 host tier's scales: router layer -> (K, V) [chunks, local kv] float32, host.
+    host_scales: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     _prepared: dict[int, Any] = field(default_factory=dict)
     _tables: dict[torch.device, tuple] = field(default_factory=dict)
 
@@ -115,7 +125,7 @@ class ServedBank:
         offsets = bank.doc_chunk_offsets.tolist()
         own = IndexShard.of(offsets, *shard)
         pin = device.type == "cuda"
-        index, keys, values, shared = {}, {}, {}, []
+        index, keys, values, shared, scales = {}, {}, {}, [], {}
         started = time.monotonic()
         # Checks run beside the reading: the checksums (several files at once), and the
         # finite check of each host-tier part as soon as it is read (device parts are
@@ -138,7 +148,8 @@ class ServedBank:
                 cls._read_tiers(bank, device, kv_heads, own, pin, check if verify else None,
                                 bank.router_layers if layers is None else list(layers),
                                 index, keys, values,
-                                shared_name(bank) if share_host else None, checked, shared)
+                                shared_name(bank) if share_host else None, checked, shared,
+                                scales)
             finally:
                 problems = hashed.result() if hashed is not None else []
                 for future in finite:
@@ -163,15 +174,16 @@ class ServedBank:
             chunk_offsets=offsets,
             shard=own,
             shared_files=shared,
+            host_scales=scales,
         )
         sharded = (f"; index shard {own.rank + 1}/{own.size}: documents "
                    f"{own.documents.start}:{own.documents.stop} of {bank.num_documents}, "
                    f"{own.num_chunks} of {bank.num_chunks} chunks" if own.size > 1 else "")
         logger.info(
             "MSA bank %r (%s): %d documents, %d chunks, %d tokens; device index %.1f MiB, "
-            "host K/V %.1f MiB (%s%s)%s", name, bank.path, bank.num_documents,
+            "host K/V %.1f MiB (%s, %s%s)%s", name, bank.path, bank.num_documents,
             bank.num_chunks, bank.num_tokens, served.index_bytes / 2**20,
-            served.host_bytes / 2**20, "pinned" if pin else "plain memory",
+            served.host_bytes / 2**20, bank.dtypes.kv, "pinned" if pin else "plain memory",
             f", shared by the node's engines in {len(shared)} {SHM_DIR} files" if shared
             else "", sharded)
         return served
@@ -180,7 +192,8 @@ class ServedBank:
     def _read_tiers(bank: MemoryBank, device: torch.device, kv_heads: slice,
                     shard: IndexShard, pin: bool, check: Any, layers: list[int],
                     index: dict, keys: dict, values: dict, share: str | None = None,
-                    checked: Any = None, shared_files: list | None = None) -> None:
+                    checked: Any = None, shared_files: list | None = None,
+                    scales: dict | None = None) -> None:
         # One chunk -> document map for every layer (bank order is the same in all of them).
         doc_index, doc_ids = RoutingIndex.document_map(bank, device)
         info = bank.model_info
@@ -194,9 +207,18 @@ class ServedBank:
                                  chunks=shard.chunks)
             index[layer] = RoutingIndex.of_shard(routing_keys, doc_index, doc_ids,
                                                  bank.doc_chunk_offsets, shard)
-            for part, tier in (("keys", keys), ("values", values)):
-                def fill(host: torch.Tensor, layer: int = layer, part: str = part) -> None:
-                    bank.read_layer_into(layer, part, host, kv_heads, on_segment=check)
+            host = {}
+            for part in ("keys", "values", *(
+                    (f"keys{SCALE_SUFFIX}", f"values{SCALE_SUFFIX}")
+                    if bank.dtypes.scaled("keys") else ())):
+                shape = local if not part.endswith(SCALE_SUFFIX) else local[:2]
+                dtype = bank.stored_dtype(part)
+
+                def fill(out: torch.Tensor, layer: int = layer, part: str = part) -> None:
+                    on_segment = check
+                    if part.endswith(SCALE_SUFFIX):
+                        on_segment = functools.partial(_check_scales, bank)
+                    bank.read_layer_into(layer, part, out, kv_heads, on_segment=on_segment)
                     if checked is not None:
                         checked()  # a shared tier is published only once it checks out
 
@@ -204,16 +226,23 @@ class ServedBank:
                 if share is not None:
                     heads = range(info.num_kv_heads)[kv_heads]
                     shared = shared_tensor(
-                        f"{share}-L{layer}-{part}-h{heads.start}-{heads.stop}", local,
-                        bank.dtype, fill)
+                        f"{share}-L{layer}-{part}-h{heads.start}-{heads.stop}", shape,
+                        dtype, fill)
                 if shared is None:
-                    host = torch.empty(local, dtype=bank.dtype, device="cpu")
-                    fill(host)
+                    tensor = torch.empty(shape, dtype=dtype, device="cpu")
+                    fill(tensor)
                 else:
-                    host = shared.tensor
+                    tensor = shared.tensor
                     if shared_files is not None:
                         shared_files.append(str(shared.path))
-                tier[layer] = page_lock(host) if pin else host
+                host[part] = page_lock(tensor) if pin else tensor
+            keys[layer], values[layer] = host["keys"], host["values"]
+            if scales is not None and f"keys{SCALE_SUFFIX}" in host:
+                scales[layer] = (host[f"keys{SCALE_SUFFIX}"], host[f"values{SCALE_SUFFIX}"])
+
+    def scales(self, layer: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The FP8 host tier's (K, V) scales of `layer`; None for a full-precision tier."""
+        return self.host_scales.get(layer)
 
     def prepared_index(self, layer: int) -> Any:
         """The layer's routing index with what the batched routing kernel derives from it
@@ -232,9 +261,10 @@ class ServedBank:
 
     @property
     def host_bytes(self) -> int:
-        """Host bytes of this rank's K̄/V̄ (its KV heads of every document)."""
-        return sum(t.numel() * t.element_size()
-                   for tier in (self.host_keys, self.host_values) for t in tier.values())
+        """Host bytes of this rank's K̄/V̄ (its KV heads of every document; FP8 scales too)."""
+        scales = [t for pair in self.host_scales.values() for t in pair]
+        return sum(t.numel() * t.element_size() for t in (
+            *self.host_keys.values(), *self.host_values.values(), *scales))
 
     @property
     def template_len(self) -> int:

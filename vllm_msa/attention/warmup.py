@@ -102,14 +102,15 @@ def _warm_bank(name: str, bank: ServedBank, pool: StagingPool, routing: MSAParam
     if routed is None or top_k == 0:
         return done
     host_k, host_v = bank.host_keys[layer], bank.host_values[layer]
-    if not pool.reads_host_directly(host_k, host_v):
+    scales = bank.scales(layer)  # (an FP8 tier compiles the dequantising variants)
+    if not pool.reads_host_directly(host_k, host_v, scales):
         return done  # staging copies with torch ops
     width = bank.worst_case_chunks(top_k)
     first = rk.RoutedBatch(routed.keys[:1], routed.ks[:1], routed.prep)
     ks = torch.tensor([top_k], dtype=torch.int32, device=device)
     try:
         if pool.stage_routed(host_k, host_v, first, ks, [(WARMUP_OWNER, width)],
-                             bank.max_document_chunks) is not None:
+                             bank.max_document_chunks, scales) is not None:
             done.append(f"bank {name}: staging from routing keys")
     finally:
         pool.release(WARMUP_OWNER)
@@ -117,12 +118,13 @@ def _warm_bank(name: str, bank: ServedBank, pool: StagingPool, routing: MSAParam
     # private copy of a request the full pool cannot hold.
     starts, counts = bank.selected_chunks(first.decoded[0])
     try:
-        pool.stage_documents(host_k, host_v, starts, counts, [(WARMUP_OWNER, width)])
+        pool.stage_documents(host_k, host_v, starts, counts, [(WARMUP_OWNER, width)], scales)
     finally:
         pool.release(WARMUP_OWNER)
     rows = torch.zeros(1, dtype=torch.int64, device=device)
     private = pool.keys.new_empty((1, *pool.keys.shape[1:]))
-    StagingPool.copy_rows(host_k, host_v, rows, private, torch.empty_like(private), None)
+    StagingPool.copy_rows(host_k, host_v, rows, private, torch.empty_like(private), None,
+                          scales)
     done.append(f"bank {name}: staging from document ids (pool, private)")
     return done
 

@@ -16,6 +16,18 @@ finite value). Why this shape:
 Error (round to nearest even, no overflow since amax / s <= 448): for |x| / s >= 2^-6 (e4m3's
 normal range) |x - x̂| <= 2^-4 |x|; below it the spacing is 2^-9, so |x - x̂| <= 2^-10 s.
 Together: |x - x̂| <= max(2^-4 |x|, 2^-10 s). `quantisation_error` measures the realised one.
+
+What it does to attention (`attention_drift_bound`), for one query q over memory entries i
+(K̄/V̄ quantised) merged with any entries left exact (the template head, the request's own
+tokens): each memory logit moves by at most e_i = c |q|·u_i, where c is the softmax scale
+and u_i the elementwise bound above (Hölder). Every softmax weight is then multiplied by a
+factor in [e^-2e, e^2e] (e = max e_i: numerator and normaliser each move by at most e^e), so
+|Σ p̂_i v̂_i - Σ p_i v_i| <= Σ p̂_i |v̂_i - v_i| + Σ |p̂_i - p_i| |v_i|
+                        <= max_i |v̂_i - v_i| + (e^2e - 1) max_j |v_j|,   per output element,
+the last max over every entry j attended to, the exact ones included (their weights move
+with the normaliser).
+That bounds one router layer's memory attention; how a change there carries to the logits
+goes through the rest of the network, so end-to-end drift is measured (README).
 """
 
 from __future__ import annotations
@@ -88,3 +100,33 @@ def quantisation_error(x: torch.Tensor) -> dict[str, float]:
     return {"max_relative_to_rms": float((err / rms).max()),
             "rms_relative_to_rms": float((err / rms).pow(2).mean().sqrt()),
             "worst_vs_bound": float((err / bound).max())}
+
+
+def elementwise_bound(x_hat: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The largest |x - x̂| any x quantising to x̂ can have, from the stored values alone
+    ([rows, kv, hd] dequantised, scales [rows, kv]): rounding to nearest moves x by at most
+    half the spacing at x̂, 2^-4 |x̂| / (1 - 2^-4) in the normal range (|x| >= |x̂| (1 - 2^-4)),
+    and 2^-10 s below it."""
+    relative = RELATIVE_BOUND / (1 - RELATIVE_BOUND) * x_hat.abs()
+    return torch.maximum(relative, ABSOLUTE_BOUND * scale[..., None].to(x_hat.dtype))
+
+
+def attention_drift_bound(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                          key_scale: torch.Tensor, value_scale: torch.Tensor,
+                          softmax_scale: float, exact_values: torch.Tensor | None = None
+                          ) -> torch.Tensor:
+    """Per query head and output element, the most attention's output can move because its
+    memory K̄/V̄ were quantised (module docstring). q: [heads, hd]; keys, values: the
+    dequantised memory [rows, kv, hd] with their scales [rows, kv]; exact_values: the values
+    of the other entries attended to ([n, kv, hd]: template head, own tokens); query head h
+    reads KV head h // (heads / kv). Returns [heads, hd]."""
+    heads, kv = q.shape[0], keys.shape[1]
+    group = heads // kv
+    uk = elementwise_bound(keys, key_scale).repeat_interleave(group, 1)  # [rows, heads, hd]
+    uv = elementwise_bound(values, value_scale).repeat_interleave(group, 1)
+    v = values.repeat_interleave(group, 1)
+    e = softmax_scale * torch.einsum("hd,rhd->rh", q.abs(), uk).amax(0)  # [heads]
+    v_max = (v.abs() + uv).amax(0)  # the exact values are within uv of the stored ones
+    if exact_values is not None and exact_values.numel():
+        v_max = torch.maximum(v_max, exact_values.repeat_interleave(group, 1).abs().amax(0))
+    return uv.amax(0) + torch.expm1(2 * e)[:, None] * v_max
