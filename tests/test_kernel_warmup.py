@@ -101,18 +101,21 @@ def spies(monkeypatch):
     monkeypatch.setattr(fetch, "_COMPILED", {})  # launches skip the spy once cached here
     if DEVICE == "cpu":  # the interpreter's staging kernel reads CPU tensors: as if pinned
         # (the gather kernel needs CUDA streams: on CPU both runs copy with torch instead)
-        monkeypatch.setattr(StagingPool, "reads_host_directly", lambda self, k, v: True)
+        monkeypatch.setattr(StagingPool, "reads_host_directly",
+                            lambda self, k, v, scales=None: True)
     return seen
 
 
-@pytest.fixture(scope="module")
-def served_bank(checkpoints, tmp_path_factory):
+@pytest.fixture(scope="module", params=["auto", "fp8_e4m3"])
+def served_bank(checkpoints, tmp_path_factory, request):
     """A synthetic bf16 bank of the tiny checkpoint, served from DEVICE: 20 documents of 5
-    chunks (20 tokens) and a last short one."""
+    chunks (20 tokens) and a last short one; its K/V tier bf16 or FP8 (whose staging
+    kernels are variants of their own)."""
     ckpt = checkpoints(dtype="bfloat16")
     out = tmp_path_factory.mktemp("warmup") / "bank"
     assert main(["bank", "synth", "--model", str(ckpt), "--tokens", "403", "--doc-tokens",
-                 "20", "--out", str(out), "--dtype", "bfloat16", "--no-progress"]) == 0
+                 "20", "--out", str(out), "--dtype", "bfloat16", "--no-progress",
+                 "--bank-dtype", request.param]) == 0
     bank = MemoryBank.open(out, ModelInfo.from_checkpoint(ckpt, "bfloat16"))
     return ServedBank.load("docs", bank, torch.device(DEVICE), slice(None))
 
@@ -156,6 +159,7 @@ def test_warm_up_covers_routing_and_staging(spies, served_bank, head, query):
     layer = served_bank.bank.router_layers[-1]  # another layer than the warm-up's
     prep = served_bank.prepared_index(layer)
     host_k, host_v = served_bank.host_keys[layer], served_bank.host_values[layer]
+    scales = served_bank.scales(layer)
     for step in STEPS:
         if len(step) > MAX_REQUESTS or sum(step) > MAX_TOKENS:
             continue
@@ -167,11 +171,11 @@ def test_warm_up_covers_routing_and_staging(spies, served_bank, head, query):
         widths = [(f"r{i}", served_bank.worst_case_chunks(top_k)) for i in range(len(step))]
         ks = torch.tensor(routed.ks, dtype=torch.int32, device=DEVICE)
         assert pool.stage_routed(host_k, host_v, routed, ks, widths,
-                                 served_bank.max_document_chunks) is not None
+                                 served_bank.max_document_chunks, scales) is not None
         for owner, _ in widths:
             pool.release(owner)
         starts, counts = served_bank.selected_chunks(routed.decoded[0])
-        pool.stage_documents(host_k, host_v, starts, counts, widths)
+        pool.stage_documents(host_k, host_v, starts, counts, widths, scales)
         for owner, _ in widths:
             pool.release(owner)
     used = {name: set(variants) for name, variants in spies.items()}

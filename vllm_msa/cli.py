@@ -12,8 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .bank.dtypes import BANK_DTYPES
-from .bank.format import DEFAULT_SEGMENT_MB
+from .bank.format import BANK_DTYPES, DEFAULT_SEGMENT_MB
 from .reduce_methods import CHUNK_REDUCE_METHODS, HEAD_REDUCE_METHODS, QUERY_REDUCE_METHODS
 
 

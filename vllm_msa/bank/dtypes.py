@@ -12,11 +12,9 @@ from typing import Any
 
 import torch
 
-from .format import POOLED_ORDER, BankError, layer_key
+from .format import BANK_DTYPES, POOLED_ORDER, BankError, layer_key
 from .quant import FP8_NAMES, SCALE_SUFFIX
 
-# The CLI's names for a tier dtype: the model's own, or FP8 with scales.
-BANK_DTYPES = ("auto", "fp8_e4m3")
 SAFETENSORS_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16",
                       "float8_e4m3fn": "F8_E4M3"}
 SCALE_DTYPE = torch.float32

@@ -33,6 +33,8 @@ TEMPLATE_FILE = "template.safetensors"
 DOCUMENTS_FILE = "documents.jsonl"
 SEGMENTS_DIR = "segments"
 DEFAULT_SEGMENT_MB = 512  # bank data per resumable segment
+# The command line's names for a tier dtype: the model's own, or FP8 with scales (dtypes.py).
+BANK_DTYPES = ("auto", "fp8_e4m3")
 # Order of the three pooled tensors along dim 2 of the encoder's per-document output.
 POOLED_ORDER = ("keys", "values", "routing_keys")
 
