@@ -238,8 +238,8 @@ def reference_answer(ref: ReferenceMSA, prompt_ids: list[int],
                      head_reduce: str = "mean", query_reduce: str = "max",
                      chunk_reduce: str = "max", score: str = "auto",
                      forced: list[int] | None = None,
-                     memory_kv: dict[int, tuple[Tensor, Tensor]] | None = None
-                     ) -> ReferenceAnswer:
+                     memory_kv: dict[int, tuple[Tensor, Tensor]] | None = None,
+                     memory: dict[int, BankLayer] | None = None) -> ReferenceAnswer:
     """Selections, scores, greedy tokens and logprobs of one request (spec §3).
 
     `span` is the routing span [lo, hi) or a list of such ranges (their tokens, in order, form
@@ -248,7 +248,8 @@ def reference_answer(ref: ReferenceMSA, prompt_ids: list[int],
     with an empty memory. `forced` replaces the greedy choice by these tokens (logprobs are
     still the model's), for outputs scripted through the engine. `memory_kv` replaces the
     pooled K̄/V̄ attended to (per router layer, [chunks, kv, hd] in bank order; e.g. an FP8
-    bank's stored values), while routing keeps the reference's own routing keys.
+    bank's stored values), while routing keeps the reference's own routing keys. `memory`
+    replaces the encoded bank altogether (a synthetic bank's tensors; `docs` is then unused).
     """
     ranges = [tuple(span)] if isinstance(span[0], int) else [tuple(r) for r in span]
     if docs is None:
@@ -258,7 +259,7 @@ def reference_answer(ref: ReferenceMSA, prompt_ids: list[int],
         if any(b < a for a, b in itertools.pairwise(bounds)) or any(a == b for a, b in ranges):
             raise ValueError(f"bad span {span} for template_len {template_len}")
         routing = RoutingConfig(top_k, head_reduce, query_reduce, chunk_reduce, score)
-        bank = encode_bank(ref, docs)
+        bank = dict(memory) if memory is not None else encode_bank(ref, docs)
         for layer, (keys, values) in (memory_kv or {}).items():
             assert keys.shape == bank[layer].keys.shape, (layer, keys.shape)
             bank[layer] = replace(bank[layer], keys=keys.double(), values=values.double())

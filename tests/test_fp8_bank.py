@@ -48,6 +48,7 @@ from vllm_msa.bank.quant import (
     quantize,
 )
 from vllm_msa.bank.synth import plan_synth, synth_bank
+from vllm_msa.bank.virtual import write_virtual
 
 FP8_MAX = 448.0  # e4m3fn's largest finite value
 # The worst logprob drift (any of the top-5 of any generated token) an FP8 K/V tier caused
@@ -287,13 +288,19 @@ def stored_kv(bank: MemoryBank) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
 
 @pytest.fixture(scope="module")
 def fp8_served(checkpoints, default_banks, tmp_path_factory):
+    """One engine: the default bank, its FP8 conversion and a virtual FP8 bank (17 synthetic
+    documents of 37 tokens, generated as the engine opens it)."""
     ckpt = checkpoints()
     full = default_banks["docs"]
-    fp8 = convert_bank(full.path, tmp_path_factory.mktemp("fp8") / "docs8", "fp8_e4m3",
-                       progress=False)
+    out = tmp_path_factory.mktemp("fp8")
+    fp8 = convert_bank(full.path, out / "docs8", "fp8_e4m3", progress=False)
+    virtual = write_virtual(plan_synth(ckpt, 600, 37, dtype="float32", seed=3,
+                                       bank_dtype="fp8_e4m3"), out / "virtual")
+    banks = {"docs": full.path, "docs8": fp8.path, "virtual": virtual.path}
     with running_llm(model=str(ckpt), enforce_eager=True, additional_config={
-            "msa": {"banks": {"docs": str(full.path), "docs8": str(fp8.path)}}}) as llm:
-        yield {"llm": llm, "ref": ReferenceMSA(ckpt), "full": full, "fp8": fp8}
+            "msa": {"banks": {name: str(path) for name, path in banks.items()}}}) as llm:
+        yield {"llm": llm, "ref": ReferenceMSA(ckpt), "full": full, "fp8": fp8,
+               "virtual": virtual}
 
 
 @pytest.mark.slow
@@ -325,3 +332,26 @@ def test_fp8_bank_serves_its_stored_values_exactly(fp8_served):
                 drift = max(drift, abs(logprob.logprob - want.logprobs[step][token_id].item()))
     print(f"FP8 K/V drift vs the full-precision bank: max |dlogprob| = {drift:.2e}")
     assert drift <= DRIFT_TOL
+
+
+@pytest.mark.slow
+def test_virtual_bank_serves_the_tensors_it_defines(fp8_served):
+    """A virtual bank (a manifest only) serves exactly what `MemoryBank.layer()` generates:
+    selections and logprobs equal the float64 reference fed those tensors."""
+    from msa_reference import BankLayer
+
+    llm, ref, bank = fp8_served["llm"], fp8_served["ref"], fp8_served["virtual"]
+    assert [p.name for p in bank.path.iterdir()] == ["manifest.json"]
+    chunk_doc = bank.chunk_doc_ids.tolist()
+    memory = {layer: BankLayer(routing_keys=t.routing_keys.double(), keys=t.keys.double(),
+                               values=t.values.double(), chunk_doc=chunk_doc)
+              for layer in bank.router_layers for t in [bank.layer(layer)]}
+    tokenizer = llm.get_tokenizer()
+    prompts = [expected_prompt(tokenizer, q) for q in QUESTIONS]
+    outputs = llm.generate([{"prompt_token_ids": ids} for ids, _ in prompts],
+                           [sampling(msa_bank="virtual", msa_return_selection=True)] * 2,
+                           use_tqdm=False)
+    for (ids, span), got in zip(prompts, outputs, strict=True):
+        want = reference_answer(ref, ids, span, [], top_k=4, rope_offset_k=4,
+                                template_len=span[0], max_tokens=MAX_TOKENS, memory=memory)
+        check_against_reference(got, want, ref.router_layers)

@@ -90,6 +90,9 @@ def _add_bank_parsers(sub, with_engine_args: bool) -> None:
                        help="bank data per resumable segment, MiB (default %(default)s)")
     synth.add_argument("--dry-run", action="store_true",
                        help="print the predicted bank and write nothing")
+    synth.add_argument("--virtual", action="store_true",
+                       help="write the manifest only: the tensors are generated when the bank "
+                       "is opened (a bank larger than the disk, for capacity and speed work)")
     synth.add_argument("--no-progress", action="store_true")
 
     convert = bsub.add_parser(
@@ -208,6 +211,7 @@ def bank_summary(bank) -> dict[str, Any]:
         },
         "model_fingerprint": info.fingerprint,
         "synthetic": "synthetic" in (bank.manifest.get("source") or {}),
+        "virtual": "virtual" in bank.manifest,
     }
 
 
@@ -247,7 +251,10 @@ def _print_info(s: dict[str, Any]) -> None:
                 "one shared copy for every replica" if layout["share_host"]
                 else "every replica loads its own") + ")"),
         ]
-    if s.get("synthetic"):
+    if s.get("virtual"):
+        rows.insert(2, ("content", "SYNTHETIC, virtual: a manifest only; its random tensors "
+                                   "are generated when it is opened (bank synth --virtual)"))
+    elif s.get("synthetic"):
         rows.insert(2, ("content", "SYNTHETIC: random tensors, placeholder texts (bank synth)"))
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
@@ -336,7 +343,12 @@ def _synth(args: argparse.Namespace) -> int:
     if args.dry_run:
         return 0
     sys.stdout.flush()
-    bank = synth_bank(plan, args.out, progress=not args.no_progress)
+    if args.virtual:
+        from .bank.virtual import write_virtual
+
+        bank = write_virtual(plan, args.out)
+    else:
+        bank = synth_bank(plan, args.out, progress=not args.no_progress)
     print()
     _print_info(bank_summary(bank))
     return 0

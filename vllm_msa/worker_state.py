@@ -18,6 +18,7 @@ def runtime_state() -> dict[str, Any]:
     import torch
 
     from .attention.runtime import current_runtime
+    from .attention.tiers import synthetic_label
 
     runtime = current_runtime()
     state: dict[str, Any] = {"banks": 0, "requests": 0, "slots_in_use": 0, "slots": 0,
@@ -33,7 +34,9 @@ def runtime_state() -> dict[str, Any]:
                                         "documents": [bank.shard.documents.start,
                                                       bank.shard.documents.stop],
                                         "chunks": bank.shard.num_chunks,
-                                        "shared_files": list(bank.shared_files)}
+                                        "shared_files": list(bank.shared_files),
+                                        "tiers": bank.bank.dtypes.to_json(),
+                                        "synthetic": synthetic_label(bank.bank).rstrip(": ")}
                                  for name, bank in runtime.banks.items()})
     if torch.cuda.is_available():
         state["gpu_allocated"] = torch.cuda.memory_allocated()

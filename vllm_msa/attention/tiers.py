@@ -78,6 +78,14 @@ def release_freed_heap() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
+def synthetic_label(bank: MemoryBank) -> str:
+    """"SYNTHETIC " (and "virtual") for a bank of random tensors, so no log passes it off as
+    real memory."""
+    if "virtual" in bank.manifest:
+        return "SYNTHETIC, virtual: "
+    return "SYNTHETIC: " if "synthetic" in (bank.manifest.get("source") or {}) else ""
+
+
 def _check_scales(bank: MemoryBank, where: str, part: torch.Tensor) -> None:
     problem = check_scales(part)
     if problem:
@@ -180,8 +188,9 @@ class ServedBank:
                    f"{own.documents.start}:{own.documents.stop} of {bank.num_documents}, "
                    f"{own.num_chunks} of {bank.num_chunks} chunks" if own.size > 1 else "")
         logger.info(
-            "MSA bank %r (%s): %d documents, %d chunks, %d tokens; device index %.1f MiB, "
-            "host K/V %.1f MiB (%s, %s%s)%s", name, bank.path, bank.num_documents,
+            "MSA bank %r (%s%s): %d documents, %d chunks, %d tokens; device index %.1f MiB, "
+            "host K/V %.1f MiB (%s, %s%s)%s", name, synthetic_label(bank), bank.path,
+            bank.num_documents,
             bank.num_chunks, bank.num_tokens, served.index_bytes / 2**20,
             served.host_bytes / 2**20, bank.dtypes.kv, "pinned" if pin else "plain memory",
             f", shared by the node's engines in {len(shared)} {SHM_DIR} files" if shared

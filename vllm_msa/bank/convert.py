@@ -28,6 +28,9 @@ def convert_bank(src: str | Path, out: str | Path, bank_dtype: str, *,
     (`dtypes.BANK_DTYPES`); returns the converted bank (or the finished one a previous run
     of the same conversion left)."""
     source = MemoryBank.open(src)
+    if "virtual" in source.manifest:
+        raise BankError(f"bank {source.path} is virtual: it has no files to convert; "
+                        "synthesise it with the --bank-dtype you want")
     out = Path(out)
     if out.resolve() == source.path.resolve():
         raise BankError(f"{out}: the converted bank must go to another directory")
