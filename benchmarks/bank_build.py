@@ -53,8 +53,26 @@ def common_arguments(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--doc-tokens", type=int, default=200)
     parser.add_argument("--work", default="/tmp/vllm-msa-bench")
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.85)
+    parser.add_argument("--bank-dtype", choices=("auto", "fp8_e4m3"), default="auto",
+                        help="the synthetic banks' K/V tier dtype (`bank synth --bank-dtype`)")
+    parser.add_argument("--virtual", action="store_true",
+                        help="virtual synthetic banks: a manifest only, tensors generated as "
+                        "the engine opens them (`bank synth --virtual`; no disk needed)")
     parser.add_argument("--json", help="write results here (default benchmarks/results/...)")
     return parser
+
+
+def synthetic_bank(args: argparse.Namespace, ckpt: Path, tokens: int, dtype: str | None,
+                   work: Path):
+    """The synthetic bank of `tokens` these arguments ask for (written, or virtual)."""
+    from vllm_msa.bank.synth import plan_synth, synth_bank
+    from vllm_msa.bank.virtual import write_virtual
+
+    plan = plan_synth(ckpt, tokens, args.doc_tokens, dtype=dtype, bank_dtype=args.bank_dtype)
+    name = f"synth-{args.shape}-{tokens}" + ("-fp8" if args.bank_dtype != "auto" else "")
+    if args.virtual:
+        return write_virtual(plan, work / (name + "-virtual"))
+    return synth_bank(plan, work / name, progress=False)
 
 
 def prepare(args: argparse.Namespace) -> tuple[Path, Path, dict]:

@@ -37,7 +37,7 @@ import statistics
 import time
 from pathlib import Path
 
-from bank_build import common_arguments, prepare, write_result
+from bank_build import common_arguments, prepare, synthetic_bank, write_result
 from report import (
     card_name,
     device_copy_bandwidth,
@@ -267,8 +267,6 @@ def main() -> None:
     args = parser.parse_args()
     work, ckpt, engine = prepare(args)
 
-    from vllm_msa.bank.synth import plan_synth, synth_bank
-
     batches = [int(b) for b in args.batches.split(",")]
     sizes = [parse_count(s) for s in args.bank_tokens.split(",")]
     wanted = ({"plain", *sizes} if not args.engines else
@@ -285,11 +283,11 @@ def main() -> None:
         if size not in wanted:
             continue
         t = time.perf_counter()
-        plan = plan_synth(ckpt, size, args.doc_tokens, dtype=engine.get("dtype"))
-        bank = synth_bank(plan, work / f"synth-{args.shape}-{size}", progress=False)
+        bank = synthetic_bank(args, ckpt, size, engine.get("dtype"), work)
         banks[size] = str(bank.path)
         described[size] = {"tokens": bank.num_tokens, "documents": bank.num_documents,
-                           "bytes": bank.tier_bytes()}
+                           "bytes": bank.tier_bytes(), "tiers": bank.dtypes.to_json(),
+                           "virtual": args.virtual}
         print(f"synthetic bank of {size:,} tokens ready in {time.perf_counter() - t:.0f} s")
     index_bytes = {size: info["bytes"]["gpu_index"] for size, info in described.items()}
     # A layer's index size, but never a small buffer (the copy rate sags below ~256 MiB):
@@ -350,6 +348,8 @@ def main() -> None:
         "shape": args.shape,
         "copy_bandwidth_bytes_per_s": bandwidth,
         "banks": {str(s): described[s] for s in measured},
+        "bank_tokens": max(measured, default=None),
+        "bank_dtype": args.bank_dtype,
         "decode_tokens": args.decode_tokens,
         "rows": rows,
         "goal_metric": f"median decode tokens/s with memory / plain vLLM, batch {max(batches)}, "

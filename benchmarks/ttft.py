@@ -31,7 +31,7 @@ os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # before vLLM is imported
 os.environ["VLLM_MSA_PROFILE_RANGES"] = "1"
 os.environ.setdefault("VLLM_MSA_FETCH_STREAM", "0")
 
-from bank_build import common_arguments, prepare, write_result
+from bank_build import common_arguments, prepare, synthetic_bank, write_result
 from report import (
     DEVICE_EVENTS,
     card_name,
@@ -142,14 +142,12 @@ def main() -> None:
 
     import vllm_msa
     from vllm_msa.attention import profiling
-    from vllm_msa.bank.synth import plan_synth, synth_bank
     from vllm_msa.config import MSAParams
     from vllm_msa.prompt import build_prompt, find_routing_span
 
     size = parse_count(args.bank_tokens)
     t = time.perf_counter()
-    bank = synth_bank(plan_synth(ckpt, size, args.doc_tokens, dtype=engine.get("dtype")),
-                      work / f"synth-{args.shape}-{size}", progress=False)
+    bank = synthetic_bank(args, ckpt, size, engine.get("dtype"), work)
     print(f"synthetic bank of {size:,} tokens ready in {time.perf_counter() - t:.0f} s")
     index_bytes = bank.tier_bytes()["gpu_index"]
     layers = len(bank.router_layers)
@@ -260,6 +258,9 @@ def main() -> None:
         "card": card,
         "shape": args.shape,
         "bank_tokens": size,
+        "bank_dtype": args.bank_dtype,
+        "tiers": bank.dtypes.to_json(),
+        "virtual": args.virtual,
         "index_bytes": index_bytes,
         "router_layers": layers,
         "copy_bandwidth_bytes_per_s": bandwidth,

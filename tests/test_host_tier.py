@@ -22,8 +22,16 @@ def rss() -> int:
         return int(f.read().split()[1]) * 4096
 
 
+@pytest.mark.parametrize("share", [False, True], ids=["private", "shared"])
 @pytest.mark.parametrize("device", DEVICES)
-def test_dropped_bank_releases_host_memory(checkpoints, tmp_path, device):
+def test_dropped_bank_releases_host_memory(checkpoints, tmp_path, monkeypatch, device, share):
+    """Also for a host tier in shared memory (`host_share.py`), page-locked in place on a GPU:
+    the last user of each file removes it."""
+    from vllm_msa.attention import host_share
+
+    shm = tmp_path / "shm"
+    shm.mkdir()
+    monkeypatch.setattr(host_share, "SHM_DIR", shm)
     bank = synth_bank(plan_synth(checkpoints(), 300_000, 500, dtype="float32"),
                       tmp_path / "bank", progress=False)
     host_bytes = bank.tier_bytes()["host_kv"]
@@ -31,7 +39,9 @@ def test_dropped_bank_releases_host_memory(checkpoints, tmp_path, device):
     heads = slice(0, bank.model_info.num_kv_heads)
 
     def load() -> ServedBank:
-        served = ServedBank.load("b", MemoryBank.open(bank.path), torch.device(device), heads)
+        served = ServedBank.load("b", MemoryBank.open(bank.path), torch.device(device), heads,
+                                 share_host=share)
+        assert len(served.shared_files) == (2 * len(bank.router_layers) if share else 0)
         if device == "cuda":
             assert all(t.is_pinned() for t in served.host_keys.values())
         return served
@@ -48,3 +58,4 @@ def test_dropped_bank_releases_host_memory(checkpoints, tmp_path, device):
     release_freed_heap()
     # Four loads kept would be 4x host_bytes; one leftover allocator arena is tolerated.
     assert rss() - before < 0.5 * host_bytes
+    assert not list(shm.iterdir())  # the last user removed the shared files
