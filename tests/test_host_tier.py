@@ -22,15 +22,21 @@ def rss() -> int:
         return int(f.read().split()[1]) * 4096
 
 
-@pytest.mark.parametrize("share", [False, True], ids=["private", "shared"])
+@pytest.mark.parametrize("share", ["private", "shared", "shared on disk"])
 @pytest.mark.parametrize("device", DEVICES)
 def test_dropped_bank_releases_host_memory(checkpoints, tmp_path, monkeypatch, device, share):
-    """Also for a host tier in shared memory (`host_share.py`), page-locked in place on a GPU:
-    the last user of each file removes it."""
+    """Also for a host tier in shared memory (`host_share.py`), page-locked in place on a GPU
+    (the last user of each file removes it), and for shared files outside tmpfs, which CUDA
+    cannot page-lock: the tier is copied into pinned memory instead, and CUDA goes on."""
+    import tempfile
+    from pathlib import Path
+
     from vllm_msa.attention import host_share
 
-    shm = tmp_path / "shm"
-    shm.mkdir()
+    # A directory of its own on the node's tmpfs (CUDA page-locks shared mappings there; a
+    # file on disk cannot be registered and would be copied into torch's pinned memory).
+    tmpfs = Path("/dev/shm").is_dir() and share == "shared"
+    shm = Path(tempfile.mkdtemp(dir="/dev/shm" if tmpfs else tmp_path))
     monkeypatch.setattr(host_share, "SHM_DIR", shm)
     bank = synth_bank(plan_synth(checkpoints(), 300_000, 500, dtype="float32"),
                       tmp_path / "bank", progress=False)
@@ -40,8 +46,9 @@ def test_dropped_bank_releases_host_memory(checkpoints, tmp_path, monkeypatch, d
 
     def load() -> ServedBank:
         served = ServedBank.load("b", MemoryBank.open(bank.path), torch.device(device), heads,
-                                 share_host=share)
-        assert len(served.shared_files) == (2 * len(bank.router_layers) if share else 0)
+                                 share_host=share != "private")
+        assert len(served.shared_files) == (
+            0 if share == "private" else 2 * len(bank.router_layers))
         if device == "cuda":
             assert all(t.is_pinned() for t in served.host_keys.values())
         return served
@@ -59,3 +66,4 @@ def test_dropped_bank_releases_host_memory(checkpoints, tmp_path, monkeypatch, d
     # Four loads kept would be 4x host_bytes; one leftover allocator arena is tolerated.
     assert rss() - before < 0.5 * host_bytes
     assert not list(shm.iterdir())  # the last user removed the shared files
+    shm.rmdir()

@@ -60,6 +60,8 @@ def page_lock(tensor: torch.Tensor) -> torch.Tensor:
         return tensor
     if registered:  # registered, yet torch does not see it as pinned: undo, use torch's
         _unregister(storage.data_ptr())
+    else:  # (e.g. a file mapping outside tmpfs) clear the error, or the next CUDA call raises
+        torch.cuda.cudart().cudaGetLastError()
     logger.warning("cudaHostRegister failed (%s); pinning through torch's allocator", err)
     return tensor.pin_memory()
 
