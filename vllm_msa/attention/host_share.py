@@ -158,6 +158,25 @@ def _map(path: Path, fd: int, shape, dtype, nbytes: int, created: bool) -> Share
     return shared
 
 
+def on_tmpfs(path: Path) -> bool:
+    """Whether `path` lies on a memory filesystem (tmpfs, ramfs, hugetlbfs): mappings of such
+    files can be page-locked by CUDA; mappings of files on disk cannot."""
+    best, fstype = "", ""
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8") as f:
+            for line in f:
+                fields = line.split()
+                mount = fields[4]
+                kind = fields[fields.index("-") + 1]
+                target = str(Path(path).resolve())
+                if (target == mount or target.startswith(mount.rstrip("/") + "/")) and \
+                        len(mount) > len(best):
+                    best, fstype = mount, kind
+    except (OSError, ValueError, IndexError):
+        return False
+    return fstype in ("tmpfs", "ramfs", "hugetlbfs")
+
+
 def in_use(path: Path) -> bool:
     """Whether a process holds this shared file's lock: maps it (complete) or fills it
     (`.partial`)."""

@@ -24,7 +24,7 @@ import torch
 from ..bank.format import BankError
 from ..bank.quant import SCALE_SUFFIX, check_scales
 from ..bank.reader import MemoryBank
-from .host_share import SHM_DIR, shared_tensor
+from .host_share import SHM_DIR, on_tmpfs, shared_tensor
 from .index_parallel import IndexShard, bank_identity, index_bytes
 from .routing import RoutingIndex
 from .uploads import ranges
@@ -60,10 +60,22 @@ def page_lock(tensor: torch.Tensor) -> torch.Tensor:
         return tensor
     if registered:  # registered, yet torch does not see it as pinned: undo, use torch's
         _unregister(storage.data_ptr())
-    else:  # (e.g. a file mapping outside tmpfs) clear the error, or the next CUDA call raises
-        torch.cuda.cudart().cudaGetLastError()
+    else:  # the error stays as CUDA's last error, which the next CUDA call would raise
+        _clear_cuda_error()
     logger.warning("cudaHostRegister failed (%s); pinning through torch's allocator", err)
     return tensor.pin_memory()
+
+
+def _clear_cuda_error() -> None:
+    """Reset CUDA's last error (torch's `cudart()` bindings lack cudaGetLastError): through
+    the runtime library the process has loaded, where it can be found."""
+    for name in (None, "libcudart.so", *(f"libcudart.so.{v}" for v in (13, 12, 11))):
+        try:
+            ctypes.CDLL(name).cudaGetLastError()
+            return
+        except (OSError, AttributeError):
+            continue
+    logger.warning("could not reset CUDA's last error after a failed cudaHostRegister")
 
 
 def _unregister(address: int) -> None:
@@ -246,6 +258,9 @@ class ServedBank:
                     tensor = shared.tensor
                     if shared_files is not None:
                         shared_files.append(str(shared.path))
+                    if pin and not on_tmpfs(shared.path):  # CUDA cannot page-lock it
+                        host[part] = tensor.pin_memory()
+                        continue
                 host[part] = page_lock(tensor) if pin else tensor
             keys[layer], values[layer] = host["keys"], host["values"]
             if scales is not None and f"keys{SCALE_SUFFIX}" in host:
