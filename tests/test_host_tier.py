@@ -59,7 +59,10 @@ def test_dropped_bank_releases_host_memory(checkpoints, tmp_path, monkeypatch, d
     before = rss()
     for _ in range(4):
         served = load()
-        assert rss() - before > 0.8 * host_bytes  # the K/V really are in RAM while served
+        if not (device == "cuda" and share == "shared on disk"):
+            # (pinned by copy there: torch's pinned-memory cache hands the first load's
+            # block back to the next, so the process's RSS does not grow again)
+            assert rss() - before > 0.8 * host_bytes  # the K/V really are in RAM while served
         del served
         gc.collect()
     release_freed_heap()
