@@ -122,10 +122,20 @@ def host_profile(run, batch: int, decode: int, top: int = 15) -> dict:
             "plugin_functions_us_per_step": largest_us(plugin, top)}
 
 
+def cache_stats(worker) -> dict | None:
+    """Inside the worker: the disk tier's hit rate and read rate so far (None: in RAM)."""
+    from vllm_msa.attention.runtime import current_runtime
+
+    runtime = current_runtime()
+    cache = runtime.banks["b"].host_cache if runtime is not None and runtime.banks else None
+    return cache.stats() if cache is not None else None
+
+
 def measure(ckpt, engine: dict, bank_path: str | None, batches: list[int], decode: int,
             prompts_text: list[str], staging_mib: int, eager: bool,
             profile_decode: bool = False, profile_host: bool = False,
-            decode_runs: int = 5, ttft_runs: int = 5) -> list[dict]:
+            decode_runs: int = 5, ttft_runs: int = 5,
+            host_cache_gib: float | None = None) -> list[dict]:
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # before vLLM is imported (see above)
     os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # collective_rpc(memory_steps)
     from vllm import LLM, SamplingParams
@@ -136,6 +146,8 @@ def measure(ckpt, engine: dict, bank_path: str | None, batches: list[int], decod
     if bank_path:
         extra["additional_config"] = {"msa": {"banks": {"b": bank_path},
                                               "staging_mib": staging_mib}}
+        if host_cache_gib:
+            extra["additional_config"]["msa"]["host_cache_gib"] = host_cache_gib
     llm = LLM(model=str(ckpt), enforce_eager=eager, max_num_seqs=max(batches),
               disable_log_stats=False, **engine, **extra)  # stats: per-request timestamps
     tokenizer = llm.get_tokenizer()
@@ -174,7 +186,9 @@ def measure(ckpt, engine: dict, bank_path: str | None, batches: list[int], decod
             ttft = statistics.median(ttfts)
             timed = [run(b, decode) for _ in range(decode_runs)]
             rates = sorted(rate for _, rate, _ in timed)
+            cache = llm.collective_rpc(cache_stats)[0] if bank_path else None
             rows.append({"batch": b, "ttft_s": ttft, "ttft_runs_s": ttfts,
+                         "host_cache": cache,
                          "total_s": statistics.median(w for w, _, _ in timed),
                          "decode_tokens_per_s": statistics.median(rates),
                          "decode_tokens_per_s_range": [rates[0], rates[-1]],
@@ -262,6 +276,10 @@ def main() -> None:
     parser.add_argument("--profile-host", action="store_true",
                         help="at the largest batch, cProfile a decode run: host Python time "
                         "per step, the plugin's share and the top functions")
+    parser.add_argument("--host-cache-gib", type=float,
+                        help="serve the banks from disk through a host cache of this size "
+                        '(additional_config["msa"]["host_cache_gib"]): hit rate and read '
+                        "rate are recorded per batch size")
     parser.add_argument("--partial", help="engine results kept across runs (default: "
                         "<work>/serve-<shape>-partial.json)")
     args = parser.parse_args()
@@ -305,7 +323,7 @@ def main() -> None:
         runs[f"MSA, {size:,}-token bank"] = measure_in_child(
             ckpt, engine, path, batches, args.decode_tokens, texts, args.staging_mib,
             args.eager, args.profile_decode, args.profile_host, args.decode_runs,
-            args.ttft_runs)
+            args.ttft_runs, args.host_cache_gib)
     partial_path.write_text(json.dumps({"bandwidth": bandwidth, "runs": runs,
                                         "banks": {str(s): d for s, d in described.items()}},
                                        indent=1))
@@ -350,6 +368,7 @@ def main() -> None:
         "banks": {str(s): described[s] for s in measured},
         "bank_tokens": max(measured, default=None),
         "bank_dtype": args.bank_dtype,
+        "host_cache_gib": args.host_cache_gib,
         "decode_tokens": args.decode_tokens,
         "rows": rows,
         "goal_metric": f"median decode tokens/s with memory / plain vLLM, batch {max(batches)}, "

@@ -296,9 +296,19 @@ def fp8_served(checkpoints, default_banks, tmp_path_factory):
     fp8 = convert_bank(full.path, out / "docs8", "fp8_e4m3", progress=False)
     virtual = write_virtual(plan_synth(ckpt, 600, 37, dtype="float32", seed=3,
                                        bank_dtype="fp8_e4m3"), out / "virtual")
-    banks = {"docs": full.path, "docs8": fp8.path, "virtual": virtual.path}
-    with running_llm(model=str(ckpt), enforce_eager=True, additional_config={
-            "msa": {"banks": {name: str(path) for name, path in banks.items()}}}) as llm:
+    banks = {name: str(path) for name, path in
+             (("docs", full.path), ("docs8", fp8.path), ("virtual", virtual.path))}
+    # The same two banks again from disk, through caches of two requests' worst case (the
+    # engine's max_num_seqs), a fraction of each bank.
+    for name, bank in (("docs-disk", full), ("docs8-disk", fp8)):
+        info = bank.model_info
+        rows = 2 * bank.doc_num_chunks.sort(descending=True).values[:4].sum().item()
+        assert rows < bank.num_chunks / 2
+        row_bytes = 2 * len(info.router_layers) * info.num_kv_heads * info.head_dim * \
+            bank.dtypes.element_bytes("keys", info.head_dim)
+        banks[name] = {"path": str(bank.path), "host_cache_gib": rows * row_bytes / 2**30}
+    with running_llm(model=str(ckpt), enforce_eager=True, max_num_seqs=2,
+                     additional_config={"msa": {"banks": banks}}) as llm:
         yield {"llm": llm, "ref": ReferenceMSA(ckpt), "full": full, "fp8": fp8,
                "virtual": virtual}
 
@@ -355,3 +365,37 @@ def test_virtual_bank_serves_the_tensors_it_defines(fp8_served):
         want = reference_answer(ref, ids, span, [], top_k=4, rope_offset_k=4,
                                 template_len=span[0], max_tokens=MAX_TOKENS, memory=memory)
         check_against_reference(got, want, ref.router_layers)
+
+
+def cache_stats(worker) -> dict:
+    from vllm_msa.attention.runtime import current_runtime
+
+    return {name: bank.host_cache.stats() for name, bank in current_runtime().banks.items()
+            if bank.host_cache is not None}
+
+
+CACHE_QUESTIONS = [*QUESTIONS, "What did the baker sell?", "Where was the treaty signed?",
+                   "Who found the silver key?", "When did the storm reach the harbour?"]
+
+
+@pytest.mark.slow
+def test_disk_tier_serves_what_the_bank_in_ram_serves(fp8_served):
+    """A cache much smaller than the bank (documents read from the files as selected, the
+    least recently selected evicted) changes nothing: same tokens, logprobs, selections."""
+    llm = fp8_served["llm"]
+    tokenizer = llm.get_tokenizer()
+    prompts = [{"prompt_token_ids": expected_prompt(tokenizer, q)[0]} for q in CACHE_QUESTIONS]
+    for ram, disk in (("docs", "docs-disk"), ("docs8", "docs8-disk")):
+        want = llm.generate(prompts, [sampling(msa_bank=ram, msa_return_selection=True)]
+                            * len(prompts), use_tqdm=False)
+        got = llm.generate(prompts, [sampling(msa_bank=disk, msa_return_selection=True)]
+                           * len(prompts), use_tqdm=False)
+        for a, b in zip(got, want, strict=True):
+            assert a.outputs[0].token_ids == b.outputs[0].token_ids
+            assert a.kv_transfer_params == b.kv_transfer_params  # selections and scores
+            for x, y in zip(a.outputs[0].logprobs, b.outputs[0].logprobs, strict=True):
+                assert {t: v.logprob for t, v in x.items()} == {
+                    t: v.logprob for t, v in y.items()}
+    stats = llm.collective_rpc(cache_stats)[0]
+    for name in ("docs-disk", "docs8-disk"):
+        assert stats[name]["evictions"] > 0 and stats[name]["hits"] > 0, stats[name]

@@ -60,10 +60,21 @@ def test_bank_of_another_model(checkpoints, default_banks):
     ({"banks": {"docs": "x"}, "decode_graphs": "full"}, "decode_graphs must be one of"),
     ({"banks": {"docs": "x"}, "index_parallel": "split"}, "index_parallel must be one of"),
     ({"banks": {"docs": "x"}, "share_host": "yes"}, "share_host must be true or false"),
+    ({"banks": {"docs": "x"}, "host_cache_gib": 0}, "host_cache_gib must be a positive"),
+    ({"banks": {"docs": {"path": "x", "host_cache_gib": "1"}}}, "host_cache_gib must be a"),
+    ({"banks": {"docs": {"path": "x", "cache": 1}}}, "an entry is a path or"),
 ])
 def test_bad_serving_config(checkpoints, msa, message):
     with pytest.raises(Exception, match=message):
         start(checkpoints(), msa)
+
+
+def test_too_small_a_disk_tier_cache_is_refused_at_start(checkpoints, default_banks, capfd):
+    bank = str(default_banks["docs"].path)
+    with pytest.raises(Exception, match="initialization failed"):
+        start(checkpoints(), {"banks": {"docs": {"path": bank, "host_cache_gib": 1e-6}}})
+    log = "".join(capfd.readouterr())
+    assert "chunks per router layer; a full batch" in log and "raise host_cache_gib" in log
 
 
 def test_flipped_bit_is_refused_when_the_bank_loads(checkpoints, bank_copy, capfd):

@@ -6,7 +6,8 @@ Interleave and the HTTP route), so it depends on none of them.
 Engine-wide (`LLM(..., additional_config={"msa": {...}})` or
 `vllm serve CKPT --additional-config '{"msa": {...}}'`):
 
-- `banks`: {name: path} — the memory banks this engine serves (opened by every worker).
+- `banks`: {name: path} — the memory banks this engine serves (opened by every worker); an
+  entry may also be {"path": ..., "host_cache_gib": ...}, that bank's own disk-tier cache.
 - `default_bank`: the bank a request without `msa_bank` uses; absent means such a request
   runs without memory (plain Qwen3).
 - `top_k`: overrides the checkpoint's top-k (`doc_top_k`/`top_k_docs`); it is also the global
@@ -27,6 +28,11 @@ Engine-wide (`LLM(..., additional_config={"msa": {...}})` or
   (/dev/shm), one copy for every engine process on the node that serves the bank
   (data-parallel replicas, other servers), falling back to private memory where it does
   not fit; false gives each process its own copy.
+- `host_cache_gib`: serve banks from disk: instead of reading each bank's K̄/V̄ into host
+  RAM, keep a page-locked cache of this many GiB per bank (per rank) and read documents
+  from the bank files as requests select them, least recently selected out first
+  (`vllm_msa.attention.host_cache`); for banks larger than host RAM. Absent: all in RAM.
+  A bank entry's own `host_cache_gib` overrides it.
 - `staging_mib`: size of the device staging pool for selected documents' K̄/V̄; by default
   sized for `max_num_seqs` requests each holding the configured top-k largest documents of
   every router layer (capped at 4 GiB, logged).
@@ -54,7 +60,7 @@ SCORE_MODES = ("auto", "dot", "cosine")
 DECODE_GRAPH_MODES = ("auto", "piecewise")
 INDEX_PARALLEL_MODES = ("shard", "replicate")
 ENGINE_KEYS = ("banks", "default_bank", "top_k", "score", "staging_mib", "decode_graphs",
-               "verify", "index_parallel", "share_host")
+               "verify", "index_parallel", "share_host", "host_cache_gib")
 _BANK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 # Keys a request may set; `msa_span` is written by the front end, never by callers.
@@ -92,6 +98,12 @@ class ServingConfig:
     verify: bool = True  # checksums and finite values checked while banks load
     index_parallel: str = "shard"  # the routing index over tensor-parallel ranks
     share_host: bool = True  # one host tier per node, in shared memory
+    host_cache_gib: float | None = None  # the disk tier's cache per bank; None: all in RAM
+    bank_cache_gib: dict[str, float] = field(default_factory=dict)  # per-bank overrides
+
+    def cache_gib(self, bank: str) -> float | None:
+        """The disk tier's cache of `bank` in GiB (None: its K̄/V̄ all in host RAM)."""
+        return self.bank_cache_gib.get(bank, self.host_cache_gib)
 
     @classmethod
     def from_additional_config(cls, additional: Mapping[str, Any] | None) -> ServingConfig:
@@ -108,9 +120,11 @@ class ServingConfig:
             )
         banks = raw.get("banks") or {}
         if not isinstance(banks, Mapping) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in banks.items()
+            isinstance(k, str) and isinstance(v, str | Mapping) for k, v in banks.items()
         ):
-            raise MSAServingConfigError('msa "banks" must map bank names to paths (strings)')
+            raise MSAServingConfigError('msa "banks" must map bank names to paths (strings), '
+                                        'or to {"path": ..., "host_cache_gib": ...}')
+        banks, bank_caches = _bank_entries(banks)
         for name in banks:
             if not _BANK_NAME.match(name):
                 raise MSAServingConfigError(
@@ -143,12 +157,39 @@ class ServingConfig:
             raise MSAServingConfigError(f"msa index_parallel must be one of "
                                         f"{INDEX_PARALLEL_MODES}, got {index_parallel!r}")
         share_host = _flag(raw, "share_host")
+        cache = _cache_gib(raw.get("host_cache_gib"), "msa host_cache_gib")
         return cls(dict(banks), default, top_k, score, staging, decode_graphs, verify,
-                   index_parallel, share_host)
+                   index_parallel, share_host, cache, bank_caches)
 
     def configured_top_k(self, msa: MSAParams) -> int:
         """The top-k a request gets by default, and the global RoPE offset (msa-spec §3)."""
         return self.top_k if self.top_k is not None else msa.top_k
+
+
+def _cache_gib(value: Any, what: str) -> float | None:
+    if value is not None and (not isinstance(value, int | float) or isinstance(value, bool)
+                              or not 0 < value < float("inf")):
+        raise MSAServingConfigError(f"{what} must be a positive number of GiB, got {value!r}")
+    return value
+
+
+def _bank_entries(banks: Mapping[str, Any]) -> tuple[dict[str, str], dict[str, float]]:
+    """{name: path} and the per-bank `host_cache_gib` of entries given as objects."""
+    paths, caches = {}, {}
+    for name, entry in banks.items():
+        if isinstance(entry, str):
+            paths[name] = entry
+            continue
+        unknown = set(entry) - {"path", "host_cache_gib"}
+        if unknown or not isinstance(entry.get("path"), str):
+            raise MSAServingConfigError(
+                f'msa bank {name!r}: an entry is a path or {{"path": str, "host_cache_gib": '
+                f"number}}, got keys {sorted(entry)}")
+        paths[name] = entry["path"]
+        cache = _cache_gib(entry.get("host_cache_gib"), f"msa bank {name!r} host_cache_gib")
+        if cache is not None:
+            caches[name] = cache
+    return paths, caches
 
 
 def _flag(raw: Mapping[str, Any], key: str, default: bool = True) -> bool:

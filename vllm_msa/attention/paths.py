@@ -90,6 +90,8 @@ def stage_routed(runtime: MemoryRuntime, bank: ServedBank, layer_idx: int,
     routed together in this step (the usual prefill) and the pool holds them all."""
     selections = [r.selections[layer_idx] for r in requests]
     first = selections[0]
+    if bank.host_cache is not None:
+        return None  # the disk tier must learn the documents first: `stage_selected`
     if not (isinstance(first, RoutedSelection)
             and runtime.pool.reads_host_directly(bank.host_keys[layer_idx],
                                                  bank.host_values[layer_idx],
@@ -114,9 +116,14 @@ def stage_selected(runtime: MemoryRuntime, bank: ServedBank, layer_idx: int,
     doc_ids = (torch.stack(ids) if len({d.numel() for d in ids}) == 1 else
                torch.nn.utils.rnn.pad_sequence(ids, batch_first=True, padding_value=-1))
     starts, counts = bank.selected_chunks(doc_ids)
+    row_map = None
+    if bank.host_cache is not None:  # read what is not cached yet (waits for the routing)
+        ids = doc_ids.flatten().tolist()
+        bank.host_cache.ensure(layer_idx, (bank.doc_position[d] for d in ids if d >= 0))
+        row_map = bank.host_cache.slot_table(layer_idx)
     return runtime.pool.stage_documents(bank.host_keys[layer_idx],
                                         bank.host_values[layer_idx], starts, counts, widths,
-                                        bank.scales(layer_idx))
+                                        bank.scales(layer_idx), row_map)
 
 
 def fetch_stream(runtime: MemoryRuntime) -> torch.cuda.Stream | None:

@@ -23,7 +23,7 @@ import torch
 from ..bank.model_info import ModelInfo
 from ..bank.reader import MemoryBank
 from ..config import MSAParams
-from ..options import RequestOptions, ServingConfig
+from ..options import MSAServingConfigError, RequestOptions, ServingConfig
 from .decode_graphs import DecodeGraphs
 from .fused import FusedAttention
 from .index_parallel import check_same_bank, exchange_candidates
@@ -131,10 +131,12 @@ class MemoryRuntime:
         # The model is built under vLLM's default-device context; bank tables are host data.
         with torch.device("cpu"):
             for name, path in self.serving.banks.items():
-                banks[name] = self._open_bank(name, path, info)
+                banks[name] = self._open_bank(name, path, info,
+                                              vllm_config.scheduler_config.max_num_seqs)
         return banks
 
-    def _open_bank(self, name: str, path: str, info: ModelInfo) -> ServedBank:
+    def _open_bank(self, name: str, path: str, info: ModelInfo, max_num_seqs: int
+                   ) -> ServedBank:
         bank = MemoryBank.open(path, info)
         check_same_bank(name, bank, self.tp_size)
         # Every rank reads its part of every file; the first of each tensor-parallel group
@@ -142,7 +144,21 @@ class MemoryRuntime:
         served = ServedBank.load(name, bank, self.device, self.kv_heads,
                                  verify=self.serving.verify, checksums=self.tp_rank == 0,
                                  shard=self.shard, layers=self.router_layers,
-                                 share_host=self.serving.share_host)
+                                 share_host=self.serving.share_host,
+                                 host_cache_bytes=None if self.serving.cache_gib(name) is None
+                                 else self.serving.cache_gib(name) * 2**30)
+        cache = served.host_cache
+        if cache is not None:
+            # One step stages at most max_num_seqs requests' top-k largest documents per layer.
+            need = max_num_seqs * served.worst_case_chunks(self.rope_offset)
+            if cache.rows < need:
+                raise MSAServingConfigError(
+                    f"bank {name!r}: host_cache_gib {self.serving.cache_gib(name)} holds "
+                    f"{cache.rows} chunks per router layer; a full batch (max_num_seqs "
+                    f"{max_num_seqs} x the top-{self.rope_offset} largest documents) can "
+                    f"select {need}: raise host_cache_gib to at least "
+                    f"{self.serving.cache_gib(name) * need / max(cache.rows, 1):.3g} or lower "
+                    "max_num_seqs")
         if self.serving.score == "cosine" and not info.normalized_routing_keys:
             served.index = {
                 layer: dataclasses.replace(

@@ -133,16 +133,20 @@ class StagingPool:
 
     def stage_documents(self, host_keys: torch.Tensor, host_values: torch.Tensor,
                         starts: torch.Tensor, counts: torch.Tensor,
-                        requests: list[tuple[str, int]], scales: Scales | None = None
-                        ) -> list[Staged]:
+                        requests: list[tuple[str, int]], scales: Scales | None = None,
+                        row_map: torch.Tensor | None = None) -> list[Staged]:
         """Stage one layer's selected documents of several requests (same bank) with one
         copy: `starts`/`counts` [R, K] from `ServedBank.selected_chunks`, `requests` the
         (owner, slots to reserve) of each row. The host never learns how many chunks routing
         chose: each request reserves its worst case, and the device writes how many it used
         (`Staged.count`), so staging queues behind routing without a host-device wait.
-        `scales`: an FP8 host tier's, dequantised into the pool's dtype as it is copied."""
+        `scales`: an FP8 host tier's, dequantised into the pool's dtype as it is copied.
+        `row_map`: [bank chunks] device table of the host rows holding each chunk (the disk
+        tier's cache, `host_cache.py`); by default chunk c is host row c."""
         widths = [width for _, width in requests]
         rows, used = chunk_rows(starts, counts, max(widths, default=0))
+        if row_map is not None:
+            rows = torch.where(rows >= 0, row_map[rows.clamp(min=0)], -1)
         table, private = self._reserve(requests)
         slots = upload(table, self.keys.device)
         if len(private) < len(requests):

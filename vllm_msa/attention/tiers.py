@@ -24,6 +24,7 @@ import torch
 from ..bank.format import BankError
 from ..bank.quant import SCALE_SUFFIX, check_scales
 from ..bank.reader import MemoryBank
+from .host_cache import HostCache
 from .host_share import SHM_DIR, on_tmpfs, shared_tensor
 from .index_parallel import IndexShard, bank_identity, index_bytes
 from .routing import RoutingIndex
@@ -125,6 +126,9 @@ class ServedBank:
     shared_files: list[str] = field(default_factory=list)  # host tensors in shared memory
     # An FP8 host tier's scales: router layer -> (K, V) [chunks, local kv] float32, host.
     host_scales: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    # The disk tier (`host_cache.py`): host_keys/values/scales are its buffers, indexed by
+    # cache row through `host_cache.slot_table(layer)`; None: the whole tier is in RAM.
+    host_cache: HostCache | None = None
     _prepared: dict[int, Any] = field(default_factory=dict)
     _tables: dict[torch.device, tuple] = field(default_factory=dict)
 
@@ -132,7 +136,7 @@ class ServedBank:
     def load(cls, name: str, bank: MemoryBank, device: torch.device, kv_heads: slice,
              verify: bool = True, checksums: bool | None = None,
              shard: tuple[int, int] = (0, 1), layers: Any = None,
-             share_host: bool = False) -> ServedBank:
+             share_host: bool = False, host_cache_bytes: float | None = None) -> ServedBank:
         """Read `bank` into its tiers: the routing index of the documents of `shard`
         ((rank, ranks): `index_parallel.shard_bounds`; the whole bank by default), the host
         tier of every document for heads `kv_heads`. With `verify` every value read must be
@@ -142,7 +146,8 @@ class ServedBank:
         the bank with the reason instead of serving wrong memory. `layers`: the router
         layers to load (a pipeline stage's own; all by default). `share_host`: K̄/V̄ in the
         node's shared memory, one copy for every engine process that serves the bank
-        (`host_share.py`), where it fits."""
+        (`host_share.py`), where it fits. `host_cache_bytes`: read K̄/V̄ on demand from the
+        bank files into a cache of this many host bytes instead (`host_cache.py`)."""
         checksums = verify if checksums is None else checksums and verify
         offsets = bank.doc_chunk_offsets.tolist()
         own = IndexShard.of(offsets, *shard)
@@ -166,12 +171,12 @@ class ServedBank:
                 for future in finite:
                     future.result()
 
+            layers = bank.router_layers if layers is None else list(layers)
             try:
                 cls._read_tiers(bank, device, kv_heads, own, pin, check if verify else None,
-                                bank.router_layers if layers is None else list(layers),
-                                index, keys, values,
+                                layers, index, keys, values,
                                 shared_name(bank) if share_host else None, checked, shared,
-                                scales)
+                                scales, host=host_cache_bytes is None)
             finally:
                 problems = hashed.result() if hashed is not None else []
                 for future in finite:
@@ -186,6 +191,17 @@ class ServedBank:
                         "checksums and values" if checksums else "values",
                         time.monotonic() - started)
         release_freed_heap()
+        cache = None
+        if host_cache_bytes is not None:
+            heads = len(range(bank.model_info.num_kv_heads)[kv_heads])
+            cache = HostCache(bank, layers, kv_heads,
+                              HostCache.rows_for(bank, len(layers), heads, host_cache_bytes),
+                              device, page_lock if pin else None)
+            for layer, parts in cache.buffers.items():
+                keys[layer], values[layer] = parts["keys"], parts["values"]
+                if f"keys{SCALE_SUFFIX}" in parts:
+                    scales[layer] = (parts[f"keys{SCALE_SUFFIX}"],
+                                     parts[f"values{SCALE_SUFFIX}"])
         served = cls(
             name=name,
             bank=bank,
@@ -197,6 +213,7 @@ class ServedBank:
             shard=own,
             shared_files=shared,
             host_scales=scales,
+            host_cache=cache,
         )
         sharded = (f"; index shard {own.rank + 1}/{own.size}: documents "
                    f"{own.documents.start}:{own.documents.stop} of {bank.num_documents}, "
@@ -208,7 +225,8 @@ class ServedBank:
             bank.num_chunks, bank.num_tokens, served.index_bytes / 2**20,
             served.host_bytes / 2**20, bank.dtypes.kv, "pinned" if pin else "plain memory",
             f", shared by the node's engines in {len(shared)} {SHM_DIR} files" if shared
-            else "", sharded)
+            else f", a disk tier cache of {cache.rows} chunks per layer: documents are read "
+            "from the bank files as requests select them" if cache else "", sharded)
         return served
 
     @staticmethod
@@ -216,7 +234,7 @@ class ServedBank:
                     shard: IndexShard, pin: bool, check: Any, layers: list[int],
                     index: dict, keys: dict, values: dict, share: str | None = None,
                     checked: Any = None, shared_files: list | None = None,
-                    scales: dict | None = None) -> None:
+                    scales: dict | None = None, host: bool = True) -> None:
         # One chunk -> document map for every layer (bank order is the same in all of them).
         doc_index, doc_ids = RoutingIndex.document_map(bank, device)
         info = bank.model_info
@@ -230,7 +248,9 @@ class ServedBank:
                                  chunks=shard.chunks)
             index[layer] = RoutingIndex.of_shard(routing_keys, doc_index, doc_ids,
                                                  bank.doc_chunk_offsets, shard)
-            host = {}
+            if not host:
+                continue  # the disk tier reads K̄/V̄ on demand
+            tiers = {}
             for part in ("keys", "values", *(
                     (f"keys{SCALE_SUFFIX}", f"values{SCALE_SUFFIX}")
                     if bank.dtypes.scaled("keys") else ())):
@@ -259,12 +279,12 @@ class ServedBank:
                     if shared_files is not None:
                         shared_files.append(str(shared.path))
                     if pin and not on_tmpfs(shared.path):  # CUDA cannot page-lock it
-                        host[part] = tensor.pin_memory()
+                        tiers[part] = tensor.pin_memory()
                         continue
-                host[part] = page_lock(tensor) if pin else tensor
-            keys[layer], values[layer] = host["keys"], host["values"]
-            if scales is not None and f"keys{SCALE_SUFFIX}" in host:
-                scales[layer] = (host[f"keys{SCALE_SUFFIX}"], host[f"values{SCALE_SUFFIX}"])
+                tiers[part] = page_lock(tensor) if pin else tensor
+            keys[layer], values[layer] = tiers["keys"], tiers["values"]
+            if scales is not None and f"keys{SCALE_SUFFIX}" in tiers:
+                scales[layer] = (tiers[f"keys{SCALE_SUFFIX}"], tiers[f"values{SCALE_SUFFIX}"])
 
     def scales(self, layer: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The FP8 host tier's (K, V) scales of `layer`; None for a full-precision tier."""

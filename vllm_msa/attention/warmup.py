@@ -108,17 +108,21 @@ def _warm_bank(name: str, bank: ServedBank, pool: StagingPool, routing: MSAParam
     width = bank.worst_case_chunks(top_k)
     first = rk.RoutedBatch(routed.keys[:1], routed.ks[:1], routed.prep)
     ks = torch.tensor([top_k], dtype=torch.int32, device=device)
+    cache = bank.host_cache  # (the disk tier stages only from decoded ids, through its table)
     try:
-        if pool.stage_routed(host_k, host_v, first, ks, [(WARMUP_OWNER, width)],
-                             bank.max_document_chunks, scales) is not None:
+        if cache is None and pool.stage_routed(host_k, host_v, first, ks,
+                                               [(WARMUP_OWNER, width)],
+                                               bank.max_document_chunks, scales) is not None:
             done.append(f"bank {name}: staging from routing keys")
     finally:
         pool.release(WARMUP_OWNER)
     # Staging from decoded ids (requests back from preemption): into the pool, and the
-    # private copy of a request the full pool cannot hold.
+    # private copy of a request the full pool cannot hold. (Nothing is cached yet: the disk
+    # tier's table turns every row into a hole, and the kernel is compiled all the same.)
     starts, counts = bank.selected_chunks(first.decoded[0])
     try:
-        pool.stage_documents(host_k, host_v, starts, counts, [(WARMUP_OWNER, width)], scales)
+        pool.stage_documents(host_k, host_v, starts, counts, [(WARMUP_OWNER, width)], scales,
+                             cache.slot_table(layer) if cache is not None else None)
     finally:
         pool.release(WARMUP_OWNER)
     rows = torch.zeros(1, dtype=torch.int64, device=device)

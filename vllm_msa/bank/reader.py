@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors import safe_open
 
@@ -239,6 +241,47 @@ class MemoryBank:
                             f"{out.shape[0]}")
         return out
 
+    def read_ranges(self, layer: int, name: str, ranges: list[tuple[int, int]],
+                    kv_heads: slice = slice(None)) -> torch.Tensor:
+        """Chunks lo:hi of each range (a document's, or part of one: a range never crosses
+        segments) of router layer `layer`'s tensor `name` (a pooled tensor or its `.scale`),
+        in its stored dtype, KV heads `kv_heads`, concatenated: read from the memory-mapped
+        segment files, so only those rows leave the page cache or the disk (the disk tier,
+        `attention/host_cache.py`)."""
+        key = layer_key(layer, name)
+        starts = self._segment_starts
+        parts = []
+        for lo, hi in ranges:
+            seg = int(np.searchsorted(starts, lo, side="right")) - 1
+            if not 0 <= seg < len(starts) - 1 or hi > starts[seg + 1] or hi < lo:
+                raise BankError(f"bank {self.path}: chunks {lo}:{hi} are not within one "
+                                "segment")
+            rows = self._mapped(seg, key)
+            parts.append(rows[lo - starts[seg]:hi - starts[seg], kv_heads])
+        if not parts:
+            return torch.empty((0,), dtype=self.stored_dtype(name))
+        return torch.cat(parts)
+
+    @cached_property
+    def _segment_starts(self) -> np.ndarray:
+        chunks = [int(seg["chunks"]) for seg in self.manifest["segments"]]
+        return np.concatenate([[0], np.cumsum(chunks)]).astype(np.int64)
+
+    def _mapped(self, seg: int, key: str) -> torch.Tensor:
+        """Tensor `key` of segment `seg`, memory-mapped (copy-on-write: never written)."""
+        cache = self.__dict__.setdefault("_maps", {})
+        if (seg, key) not in cache:
+            path = self.path / self.manifest["segments"][seg]["file"]
+            with open(path, "rb") as f:
+                size = struct.unpack("<Q", f.read(8))[0]
+                meta = json.loads(f.read(size))[key]
+            lo, hi = meta["data_offsets"]
+            raw = np.memmap(path, dtype=np.uint8, mode="c", offset=8 + size + lo,
+                            shape=(hi - lo,))
+            dtype = _TORCH_DTYPES[meta["dtype"]]
+            cache[(seg, key)] = torch.from_numpy(raw).view(dtype).view(meta["shape"])
+        return cache[(seg, key)]
+
     def read_segment(self, index: int) -> tuple[dict[str, list[int]],
                                                  dict[int, dict[str, torch.Tensor]]]:
         """Segment `index` as a writer takes it: its document tables ("doc_ids",
@@ -399,6 +442,7 @@ def unfinished_build_message(path: Path) -> str:
 _SAFETENSORS_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
 _ST_NAMES = {getattr(torch, name): st for name, st in SAFETENSORS_DTYPES.items()}
 _ST_NAMES[torch.int64] = "I64"
+_TORCH_DTYPES = {st: dtype for dtype, st in _ST_NAMES.items()}
 
 
 def _check_manifest(path: Path, manifest: dict[str, Any]) -> None:

@@ -168,6 +168,13 @@ class VirtualBank(MemoryBank):
                 on_segment(f"virtual:layer.{layer}.{name}[{lo}:{hi}]", target)
         return out
 
+    def read_ranges(self, layer: int, name: str, ranges: list[tuple[int, int]],
+                    kv_heads: slice = slice(None)) -> torch.Tensor:
+        heads = range(self.model_info.num_kv_heads)[kv_heads]
+        cpu = torch.device("cpu")
+        return torch.cat([self._stored(layer, name, range(lo, hi), heads, cpu)
+                          for lo, hi in ranges])
+
     def _pooled(self, layer: int, name: str) -> torch.Tensor:
         rows, heads = range(self.num_chunks), range(self.model_info.num_kv_heads)
         if not self.dtypes.scaled(name):
