@@ -15,10 +15,12 @@ and answers exactly as before the kill.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import signal
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -30,6 +32,7 @@ from soak import (  # benchmarks/ is not a package: on sys.path above
     Soak,
     leak_report,
     request_specs,
+    same,
     send,
     settled,
     soak_extra_args,
@@ -44,8 +47,8 @@ REQUESTS = 120
 CONCURRENCY = 8
 MAX_TOKENS = 24
 # 11 blocks of 32 tokens (the fewest this server starts with): three requests of ~80 tokens
-# fill them before they decode, so running requests must be preempted whatever the timing
-# of the clients (12 blocks once let a slow machine go without any preemption).
+# fill them before they decode. The storm's preemptions depend on the clients' timing (they
+# may hit plain requests only); `_preempt_memory_requests` makes sure memory requests are.
 SERVER_ARGS = ("--max-num-seqs", "6", "--max-num-batched-tokens", "128", "--block-size", "32",
                "--num-gpu-blocks-override", "11", "--max-model-len", "320", *soak_extra_args())
 DEV_MODE = {"VLLM_SERVER_DEV_MODE": "1"}  # vLLM's /collective_rpc, to read the MSA state
@@ -63,6 +66,7 @@ def test_soak_then_kill_and_restart(checkpoints, default_banks, tmp_path):
         soak.solo()
         rss_start, states_start = tree_rss(srv["proc"].pid), settled(srv["base"])
         result = soak.storm(REQUESTS, CONCURRENCY)
+        _preempt_memory_requests(srv["base"], specs)
         leaks = leak_report(srv["base"], srv["proc"].pid, rss_start, states_start)
         assert result.failures == [] and result.differing == [], (result.failures,
                                                                   result.differing)
@@ -88,6 +92,26 @@ def test_soak_then_kill_and_restart(checkpoints, default_banks, tmp_path):
                         env=DEV_MODE) as srv, httpx.Client(timeout=600) as client:
         for spec in specs:  # the same command as before the kill (conftest.server_command)
             assert send(client, srv["base"], spec) == soak.expected[spec.name], spec.name
+
+
+def _preempt_memory_requests(base: str, specs) -> None:
+    """Memory requests long enough (~200 tokens, 7 of the 11 KV blocks) that any two running
+    together outgrow the cache: some are preempted and recomputed whatever the clients'
+    timing in the storm (which may preempt only plain requests); each must still equal its
+    solo run (logprobs within 1e-4, as in the storm)."""
+    burst = [dataclasses.replace(s, name=s.name + " long", body={**s.body, "max_tokens": 120})
+             for s in specs if s.name.startswith("memory[")][:4]
+    with httpx.Client(timeout=600) as client:
+        solo = [send(client, base, spec) for spec in burst]
+
+    def run(spec):
+        with httpx.Client(timeout=600) as client:
+            return send(client, base, spec)
+
+    with ThreadPoolExecutor(len(burst)) as pool:
+        together = list(pool.map(run, burst))
+    for spec, got, want in zip(burst, together, solo, strict=True):
+        assert same(got, want, 1e-4), spec.name
 
 
 def _swallow(base: str, spec) -> None:
