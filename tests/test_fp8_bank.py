@@ -392,7 +392,9 @@ def test_disk_tier_serves_what_the_bank_in_ram_serves(fp8_served):
                            * len(prompts), use_tqdm=False)
         for a, b in zip(got, want, strict=True):
             assert a.outputs[0].token_ids == b.outputs[0].token_ids
-            assert a.kv_transfer_params == b.kv_transfer_params  # selections and scores
+            # The same documents and scores in every router layer (the bank's name differs).
+            assert a.kv_transfer_params["msa_selection"]["layers"] == \
+                b.kv_transfer_params["msa_selection"]["layers"]
             for x, y in zip(a.outputs[0].logprobs, b.outputs[0].logprobs, strict=True):
                 assert {t: v.logprob for t, v in x.items()} == {
                     t: v.logprob for t, v in y.items()}
