@@ -117,6 +117,28 @@ def _add_bank_parsers(sub, with_engine_args: bool) -> None:
     info.add_argument("--no-share-host", action="store_true",
                       help='as with additional_config["msa"]["share_host"]: false')
 
+    cap = bsub.add_parser(
+        "capacity", help="the largest bank a machine holds, for a model and a layout",
+        description="The most memory tokens whose routing index fits --gpu-gib on every GPU "
+        "and whose host tier fits --host-gib per node, by the sizes `bank info` predicts. "
+        "Give the memory left for the bank: the GPU's minus the model, the KV cache and "
+        "activations; the node's RAM minus the processes'.")
+    cap.add_argument("--model", required=True, help="the MSA checkpoint")
+    cap.add_argument("--gpu-gib", type=_positive_float, required=True,
+                     help="GPU memory per GPU for the routing index, GiB")
+    cap.add_argument("--host-gib", type=_positive_float, required=True,
+                     help="host RAM per node for the K/V tier, GiB")
+    cap.add_argument("--doc-tokens", type=parse_count, default=512,
+                     help="tokens per document (default %(default)s)")
+    cap.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                     help="dtype the model will be served in (default: its config)")
+    cap.add_argument("--bank-dtype", choices=BANK_DTYPES, default="auto")
+    cap.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
+    cap.add_argument("--data-parallel-size", "-dp", type=int, default=1)
+    cap.add_argument("--index-parallel", choices=("shard", "replicate"), default="shard")
+    cap.add_argument("--no-share-host", action="store_true")
+    cap.add_argument("--json", action="store_true", help="machine-readable output")
+
     shm = bsub.add_parser("shm", help="the host tiers engines share on this node (/dev/shm)")
     shm.add_argument("--clean", action="store_true",
                      help="remove those no running engine maps (left by killed engines)")
@@ -315,6 +337,8 @@ def _run(args: argparse.Namespace) -> int:
         fit = f"; matches model {args.model}" if args.model else ""
         print(f"OK {bank.path}: {len(bank.manifest['files'])} files intact{fit}")
         return 0
+    if args.bank_cmd == "capacity":
+        return _capacity(args)
     if args.bank_cmd == "shm":
         from .attention import host_share
 
@@ -327,6 +351,46 @@ def _run(args: argparse.Namespace) -> int:
         print(f"{len(files)} shared host tier file(s) in {host_share.SHM_DIR}")
         return 0
     raise AssertionError(args)
+
+
+def _capacity(args: argparse.Namespace) -> int:
+    from .bank.dtypes import BankDtypes
+    from .bank.model_info import ModelInfo, resolve_checkpoint
+    from .bank.sizing import largest_bank
+
+    if args.tensor_parallel_size < 1 or args.data_parallel_size < 1:
+        print("error: --tensor-parallel-size and --data-parallel-size must be >= 1",
+              file=sys.stderr)
+        return 2
+    info = ModelInfo.from_checkpoint(resolve_checkpoint(args.model), args.dtype)
+    dtypes = BankDtypes.of_model(info.dtype, args.bank_dtype)
+    tokens, layout = largest_bank(info, dtypes, args.doc_tokens, args.gpu_gib * 2**30,
+                                  args.host_gib * 2**30, args.tensor_parallel_size,
+                                  args.data_parallel_size, args.index_parallel,
+                                  not args.no_share_host)
+    result = {"tokens": tokens, "doc_tokens": args.doc_tokens, "tiers": dtypes.to_json(),
+              "gpu_gib": args.gpu_gib, "host_gib": args.host_gib,
+              "layout": layout.to_json() if layout else None}
+    if layout is not None:
+        gpu_share = layout.gpu_index_per_rank / (args.gpu_gib * 2**30)
+        host_share = layout.host_per_node / (args.host_gib * 2**30)
+        result["bound_by"] = "GPU index" if gpu_share >= host_share else "host RAM"
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    if layout is None:
+        print("not even one document fits")
+        return 1
+    print(f"largest bank: {tokens:,} tokens ({tokens // args.doc_tokens:,} documents of "
+          f"{args.doc_tokens:,}), K/V tier {dtypes.kv}, index {dtypes.index}; bound by "
+          f"{result['bound_by']}")
+    print(f"  GPU index per rank  {_human(layout.gpu_index_per_rank)} of "
+          f"{_human(args.gpu_gib * 2**30)}  (TP={layout.tensor_parallel_size}, "
+          f"{layout.index_parallel})")
+    print(f"  host RAM per node   {_human(layout.host_per_node)} of "
+          f"{_human(args.host_gib * 2**30)}  (DP={layout.data_parallel_size}, "
+          + ("shared" if layout.share_host else "a copy per replica") + ")")
+    return 0
 
 
 def _synth(args: argparse.Namespace) -> int:

@@ -79,3 +79,53 @@ def layout_bytes(bank: Any, tensor_parallel_size: int = 1, data_parallel_size: i
     return LayoutBytes(tp, dp, index_parallel, max(per_rank), sum(per_rank), host_rank,
                        host_rank * copies, tp * dp, share_host)
 
+
+
+@dataclass(frozen=True)
+class PlannedBank:
+    """What `layout_bytes` reads of a bank not built yet: `tokens` memory tokens in documents
+    of `doc_tokens` (the last one shorter), stored as `dtypes`."""
+
+    model_info: Any
+    dtypes: Any
+    tokens: int
+    doc_tokens: int
+
+    @property
+    def num_documents(self) -> int:
+        return -(-self.tokens // self.doc_tokens)
+
+    @property
+    def doc_chunk_offsets(self) -> np.ndarray:
+        pooling = self.model_info.pooling_kernel_size
+        chunks = np.full(self.num_documents, -(-self.doc_tokens // pooling), dtype=np.int64)
+        last = self.tokens - (self.num_documents - 1) * self.doc_tokens
+        chunks[-1] = -(-last // pooling)
+        return np.concatenate([[0], np.cumsum(chunks)])
+
+
+def largest_bank(model_info: Any, dtypes: Any, doc_tokens: int, gpu_index_bytes: float,
+                 host_bytes: float, tensor_parallel_size: int = 1, data_parallel_size: int = 1,
+                 index_parallel: str = "shard", share_host: bool = True
+                 ) -> tuple[int, LayoutBytes | None]:
+    """The most memory tokens, in whole documents of `doc_tokens`, whose layout fits
+    `gpu_index_bytes` of routing index on every GPU and `host_bytes` of host tier per node;
+    with its `LayoutBytes` (0 and None when not even one document fits)."""
+    def layout(docs: int) -> LayoutBytes:
+        return layout_bytes(PlannedBank(model_info, dtypes, docs * doc_tokens, doc_tokens),
+                            tensor_parallel_size, data_parallel_size, index_parallel,
+                            share_host)
+
+    def fits(docs: int) -> bool:
+        lb = layout(docs)
+        return lb.gpu_index_per_rank <= gpu_index_bytes and lb.host_per_node <= host_bytes
+
+    if not fits(1):
+        return 0, None
+    lo, hi = 1, 2
+    while fits(hi):  # sizes grow linearly with the documents: doubling finds a bound
+        lo, hi = hi, hi * 2
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo * doc_tokens, layout(lo)
