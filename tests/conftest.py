@@ -172,6 +172,20 @@ def server_env() -> dict[str, str]:
     return {**os.environ, "VLLM_PLUGINS": "msa,msa_answer", "PYTHONPATH": path}
 
 
+def kill_group_when(proc: subprocess.Popen, ready, timeout: float, what: str,
+                    poll: float = 0.005) -> None:
+    """SIGKILL `proc`'s whole process group (started with `start_new_session`) as soon as
+    `ready()` holds, as when a machine dies mid-write; fails if it exits or times out first."""
+    deadline = time.monotonic() + timeout
+    while not ready():
+        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+        assert time.monotonic() < deadline, f"no {what} in time"
+        time.sleep(poll)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    proc.stderr.close()
+
+
 def stop_server(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
     """Signal the server's whole process group (API server, engine core, workers)."""
     with contextlib.suppress(ProcessLookupError):

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
 
 import pytest
 from bank_checks import assert_bank_matches_reference, read_docs
-from conftest import SAMPLE_DOCS
+from conftest import SAMPLE_DOCS, kill_group_when
 
 from vllm_msa.bank import BankError, MemoryBank
 
@@ -49,14 +48,8 @@ def test_killed_build_never_loads_and_rerun_finishes(checkpoints, tmp_path):
     # machine dies; nothing gets to clean up.
     proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 400
-    while committed_segments(out) < 2:
-        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
-        assert time.monotonic() < deadline, "no segment committed in time"
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    proc.stderr.close()
+    kill_group_when(proc, lambda: committed_segments(out) >= 2, 400, "segment committed",
+                    poll=0.05)
     done_at_kill = committed_segments(out)
     assert 2 <= done_at_kill < len(docs)
 

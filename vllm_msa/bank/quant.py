@@ -42,10 +42,6 @@ RELATIVE_BOUND = 2.0**-4  # |x - x̂| <= max(RELATIVE_BOUND |x|, ABSOLUTE_BOUND 
 ABSOLUTE_BOUND = 2.0**-10
 
 
-def is_fp8(dtype: torch.dtype | str) -> bool:
-    return dtype in (FP8, "float8_e4m3fn")
-
-
 def scales_of(x: torch.Tensor) -> torch.Tensor:
     """[rows, kv, hd] -> [rows, kv] float32: the power-of-two scale of each row and head."""
     amax = x.detach().abs().amax(-1).float()

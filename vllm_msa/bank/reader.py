@@ -58,6 +58,7 @@ class MemoryBank:
         self.manifest = manifest
         self.model_info = ModelInfo.from_json(manifest["model"])
         self._layers: dict[int, BankLayer] = {}
+        self._maps: dict[tuple[int, str], torch.Tensor] = {}  # memory-mapped tensors
 
     # ----------------------------------------------------------------- opening
     @classmethod
@@ -269,7 +270,7 @@ class MemoryBank:
 
     def _mapped(self, seg: int, key: str) -> torch.Tensor:
         """Tensor `key` of segment `seg`, memory-mapped (copy-on-write: never written)."""
-        cache = self.__dict__.setdefault("_maps", {})
+        cache = self._maps
         if (seg, key) not in cache:
             path = self.path / self.manifest["segments"][seg]["file"]
             with open(path, "rb") as f:

@@ -71,6 +71,11 @@ def generate_rows(seed: int, tensor: str, rows: range, heads: range, num_heads: 
 class VirtualBank(MemoryBank):
     """A bank whose tensors are generated on read (module docstring)."""
 
+    def __init__(self, path: Path, manifest: dict[str, Any]) -> None:
+        super().__init__(path, manifest)
+        # An FP8 tier's scales, kept from generating its values until they are read.
+        self._scales: dict[tuple, torch.Tensor] = {}
+
     def _check_files(self) -> None:
         v = self.manifest.get("virtual")
         if not isinstance(v, dict) or v.get("generator") != GENERATOR:
@@ -135,11 +140,19 @@ class VirtualBank(MemoryBank):
                 device: torch.device) -> torch.Tensor:
         """Tensor `name` (or `<name>.scale`) as a stored bank would hold it."""
         base = name.removesuffix(SCALE_SUFFIX)
+        key = (layer, base, rows.start, rows.stop, heads.start, heads.stop)
+        if name.endswith(SCALE_SUFFIX) and key in self._scales:
+            return self._scales.pop(key).to(device)  # made with the values: not generated twice
         values = self._full(layer, base, rows, heads, device)
         if not self.dtypes.scaled(base):
             return values
         q, scale = quantize(values)
-        return scale if name.endswith(SCALE_SUFFIX) else q
+        if name.endswith(SCALE_SUFFIX):
+            return scale
+        if any(k[0] != layer for k in self._scales):
+            self._scales.clear()  # scales are read layer by layer: keep one layer's at most
+        self._scales[key] = scale.cpu()  # (read next: the host tier reads values, then scales)
+        return q
 
     def read_layer_into(self, layer: int, name: str, out: torch.Tensor,
                         kv_heads: slice = slice(None),
