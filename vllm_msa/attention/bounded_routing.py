@@ -1,0 +1,314 @@
+"""Routing over an 8-bit index that selects exactly what the full-precision index selects.
+
+Two passes per router layer and batch of requests:
+
+1. **Bounded pass** over the compressed keys (`compressed_index.py`): for every request r and
+   document d an interval [lo, hi] that certainly holds S_r(d), the document score that the
+   full-precision routing (`routing.route`, or the Triton kernels on a GPU) computes.
+2. **Exact re-score** of the candidates: the documents whose hi reaches the k-th largest lo.
+   Their full-precision keys are read back (the bank files, memory-mapped) and routed by the
+   same full-precision code, as a small index of their own; its top-k is the answer.
+
+Why the answer is exactly the full-precision one (ids, order, scores). Let τ_r be the k-th
+largest lo_r(d). At least k documents have S_r(d) >= lo_r(d) >= τ_r, so the k-th best score
+S_r(k) >= τ_r; a document with hi_r(d) < τ_r has S_r(d) < τ_r <= S_r(k), so it is strictly
+outside the top-k, ties included. Every document of the top-k is thus a candidate, and the
+full-precision code scores each candidate exactly as it scores it in the whole index (a
+document's score depends only on its own chunks: `routing.PAD_CHUNKS`, and the kernels reduce
+by position within the document), with the same tie rule (the bank's document ids). Taking
+the union of the batch's candidates for every request only adds documents that lose.
+
+The interval. Write the scores in real arithmetic with the exact scorer's query q (after
+normalisation, scale and, for the head mean, each KV group's mean of heads: the head mean of
+q_h . k_kv(h) equals Σ_kv q̄_kv . k_kv). For one token and chunk:
+
+    head mean:  s = Σ_kv q̄_kv . k_kv,   ŝ = Σ_kv q̄_kv . k̂_kv,   |s - ŝ| <= Σ_kv ||q̄_kv|| ρ_kv
+    head max:   s = max_h q_h . k_kv(h), and per head |q_h . k - q_h . k̂| <= ||q_h|| ρ_kv(h),
+
+(Cauchy-Schwarz, ρ >= ||k - k̂||: `CompressedKeys.residual`), so lo = ŝ - E and hi = ŝ + E
+bracket s (for max: the max over heads of each head's bounds; max is monotone). The token
+reduce (max, mean, last) and the chunk reduce (max, mean) are monotone too, so reducing lo
+and hi as the scores are reduced brackets S_r(d) in real arithmetic.
+
+Floating point. Every quantity involved, each path's own way of computing it included, is at
+most A = Q_r * M_d in magnitude, with Q_r the largest over r's tokens of Σ_kv ||q̄_kv||
+(mean; the torch path's per-head mean (1/H) Σ_h ||q_h||) or max_h ||q_h|| (max), and M_d
+the largest `magnitude` of d's chunks (>= ||k||, ||k̂||). A dot product of D terms, a sum of
+H heads and a reduce of n values, computed in float32 in any order, are within
+(D + H) u_dot A and n u_sum A of their real values. With u_dot = 2^-20 (IEEE float32 rounds
+at 2^-24; the margin covers tensor-core accumulators and the scale and norm roundings) and
+u_sum = 2^-23 for the plain float32 token and chunk reduces, both the full-precision score
+and the computed lo/hi are within γ A of their real values, γ = (D + H + 8) u_dot +
+(T + C_d + 8) u_sum (T: the request's routing tokens; C_d: the document's chunks). Widening
+[lo, hi] by 2 γ A on each side makes it hold the computed S_r(d).
+
+What it costs: the pass reads 1 byte a value instead of 2, and computes the intervals; the
+re-score reads 2 bytes a value of the candidates only. How many candidates there are depends
+on how close the scores near the k-th are (docs/compressed-banks.md has measured rates);
+`RescoreStats` counts them.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..config import MSAParams
+from .compressed_index import CompressedKeys, ExactKeys
+from .routing import RoutingIndex
+
+DOT_UNIT = 2.0**-20
+SUM_UNIT = 2.0**-23
+MAX_TILE_ELEMENTS = 1 << 26  # float32 scores per tile of the bounded pass (256 MiB)
+
+
+@dataclass
+class RescoreStats:
+    """How much exact re-scoring the bounded pass left, summed over routing calls."""
+
+    calls: int = 0
+    requests: int = 0
+    documents: int = 0  # the index's documents, per call
+    candidates: int = 0  # documents re-scored, per call (the union over its requests)
+    chunks_read: int = 0
+    bytes_read: int = 0
+    seconds: float = 0.0  # reading the candidates' exact keys and moving them to the device
+
+    def add(self, requests: int, documents: int, candidates: int, chunks: int,
+            nbytes: int, seconds: float) -> None:
+        self.calls += 1
+        self.requests += requests
+        self.documents += documents
+        self.candidates += candidates
+        self.chunks_read += chunks
+        self.bytes_read += nbytes
+        self.seconds += seconds
+
+    def to_json(self) -> dict[str, Any]:
+        return {"calls": self.calls, "requests": self.requests, "documents": self.documents,
+                "candidates": self.candidates,
+                "rescored_fraction": self.candidates / self.documents if self.documents else 0.0,
+                "chunks_read": self.chunks_read, "bytes_read": self.bytes_read,
+                "seconds": round(self.seconds, 6)}
+
+
+@dataclass(frozen=True)
+class CompressedRoutingIndex:
+    """A router layer's index served from `CompressedKeys`, with the way back to exact keys.
+
+    `layout` is the `RoutingIndex` the full-precision keys would make (the chunk -> document
+    map, ids, shard); its `routing_keys` are the 8-bit values (for shapes and device only)."""
+
+    layout: RoutingIndex
+    keys: CompressedKeys
+    exact: ExactKeys
+    model_dtype: torch.dtype  # the full-precision keys' dtype (what the kernels multiply)
+    prepared: Any  # kernels.routing.PreparedRoutingIndex of `layout`: offsets, tie-breaks
+    doc_magnitude: torch.Tensor  # [n] float32: the largest `magnitude` of each document
+    max_doc_chunks: int
+    stats: RescoreStats = field(default_factory=RescoreStats, compare=False)
+
+    @classmethod
+    def build(cls, layout: RoutingIndex, keys: CompressedKeys, exact: ExactKeys,
+              model_dtype: torch.dtype) -> CompressedRoutingIndex:
+        from ..kernels.routing import prepare_index
+
+        prepared = prepare_index(layout)
+        n = layout.num_documents
+        docs = layout.chunk_doc_index.to(keys.magnitude.device)
+        magnitude = torch.zeros(n, dtype=torch.float32, device=keys.magnitude.device)
+        if docs.numel():
+            magnitude = magnitude.scatter_reduce(0, docs, keys.magnitude, reduce="amax",
+                                                 include_self=False)
+        counts = prepared.doc_start.diff()
+        return cls(layout, keys, exact, model_dtype, prepared, magnitude,
+                   int(counts.max()) if n else 0)
+
+    @property
+    def num_documents(self) -> int:
+        return self.layout.num_documents
+
+    @property
+    def nbytes(self) -> int:
+        return self.keys.nbytes + self.doc_magnitude.numel() * 4
+
+
+@dataclass(frozen=True)
+class BoundQueries:
+    """The queries of the bounded pass, as the exact scorer multiplies them."""
+
+    q: torch.Tensor  # [T', QH, D] float32: QH = KV (head mean, folded) or H (head max)
+    cu: list[int]  # request r's rows are cu[r]:cu[r + 1] of q
+    head_max: bool
+    magnitude: torch.Tensor  # [R] float32: Q_r (module docstring)
+    num_tokens: int  # the most routing tokens of any request (T in γ)
+    num_heads: int  # the model's query heads (H in γ)
+
+
+def bound_queries(qr_all: torch.Tensor, cu: list[int], num_kv_heads: int, msa: MSAParams,
+                  kernel_dtype: torch.dtype | None) -> BoundQueries:
+    """The exact scorer's queries: the kernels' (rounded to `kernel_dtype`, as
+    `kernels.routing.prepare_queries` makes them) or, with `kernel_dtype` None, the torch
+    path's (`routing.chunk_scores`: float32, per head)."""
+    from ..kernels.routing import prepare_queries, prepare_queries_torch
+
+    num_heads, d = qr_all.shape[1], qr_all.shape[2]
+    tokens = max(b - a for a, b in itertools.pairwise(cu))
+    if kernel_dtype is not None:
+        q, cu_q, head_max = prepare_queries(qr_all, cu, num_kv_heads, msa, kernel_dtype)
+        q = q.float()
+        norms = q.norm(dim=-1)
+        per_token = norms.amax(1) if head_max else norms.sum(1)
+        rows = cu_q  # (with the "last" reduce: one row per request)
+    else:
+        q, cu_q, head_max = prepare_queries_torch(qr_all, cu, num_kv_heads, msa, torch.float32)
+        heads = qr_all.float()
+        if msa.normalize_routing:
+            heads = torch.nn.functional.normalize(heads, p=2, dim=-1)
+        norms = heads.norm(dim=-1) * msa.routing_scale(d)  # [T, H]
+        per_token = norms.amax(1) if head_max else norms.sum(1) / num_heads
+        rows = cu  # (every token: an upper bound of the last one's)
+    magnitude = torch.stack([per_token[a:b].amax() for a, b in itertools.pairwise(rows)])
+    return BoundQueries(q, cu_q, head_max, magnitude, tokens, num_heads)
+
+
+def chunk_bounds(queries: BoundQueries, keys: CompressedKeys, query_reduce: str
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(lo, hi): [R, C] float32 brackets of every request's chunk scores S(c), before the
+    floating-point widening (`document_bounds`)."""
+    q = queries.q
+    t, qh, d = q.shape
+    kv = keys.values.shape[1]
+    group = qh // kv
+    num_requests = len(queries.cu) - 1
+    chunks = keys.num_chunks
+    lo = torch.empty(num_requests, chunks, dtype=torch.float32, device=q.device)
+    hi = torch.empty_like(lo)
+    q_norm = q.norm(dim=-1)  # [T', QH]
+    tile = max(64, MAX_TILE_ELEMENTS // max(1, t * qh))
+    for start in range(0, chunks, tile):
+        stop = min(chunks, start + tile)
+        k_hat = keys.dequantized(start, stop)  # [c, KV, D]
+        rho = keys.residual[start:stop]  # [c, KV]
+        if queries.head_max:
+            s = torch.einsum("tkgd,ckd->tkgc", q.view(t, kv, group, d), k_hat)
+            e = q_norm.view(t, kv, group, 1) * rho.t().reshape(1, kv, 1, -1)
+            tile_lo = (s - e).amax(dim=(1, 2))
+            tile_hi = (s + e).amax(dim=(1, 2))
+        else:
+            s = torch.einsum("tkd,ckd->tc", q, k_hat)
+            e = q_norm @ rho.t()
+            tile_lo, tile_hi = s - e, s + e
+        for r, (a, b) in enumerate(zip(queries.cu, queries.cu[1:], strict=False)):
+            if query_reduce == "mean":
+                lo[r, start:stop] = tile_lo[a:b].mean(0)
+                hi[r, start:stop] = tile_hi[a:b].mean(0)
+            else:  # max; "last": the queries hold the last token only
+                lo[r, start:stop] = tile_lo[a:b].amax(0)
+                hi[r, start:stop] = tile_hi[a:b].amax(0)
+    return lo, hi
+
+
+def document_bounds(queries: BoundQueries, index: CompressedRoutingIndex, msa: MSAParams,
+                    lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chunk brackets reduced to documents as `routing.document_scores` reduces scores, then
+    widened by 2 γ A (module docstring): [R, n] each, certain to hold S_r(d) as computed."""
+    n = index.num_documents
+    reduce = "amax" if msa.chunk_reduce == "max" else "mean"
+    docs = index.layout.chunk_doc_index.to(lo.device).expand(lo.shape[0], -1)
+    out = []
+    for x in (lo, hi):
+        init = torch.full((x.shape[0], n), float("-inf") if reduce == "amax" else 0.0,
+                          dtype=torch.float32, device=x.device)
+        out.append(init.scatter_reduce(1, docs, x, reduce=reduce, include_self=False)
+                   if x.shape[1] else init)
+    gamma = ((queries.q.shape[2] + queries.num_heads + 8) * DOT_UNIT
+             + (queries.num_tokens + index.max_doc_chunks + 8) * SUM_UNIT)
+    slack = (2 * gamma) * queries.magnitude[:, None] * index.doc_magnitude[None, :]
+    return out[0] - slack, out[1] + slack
+
+
+def candidates(doc_lo: torch.Tensor, doc_hi: torch.Tensor, top_ks: list[int]) -> torch.Tensor:
+    """[n] bool: the documents some request may select (hi >= that request's k-th lo)."""
+    n = doc_lo.shape[1]
+    mask = torch.zeros(n, dtype=torch.bool, device=doc_lo.device)
+    for r, k in enumerate(top_ks):
+        k = min(k, n)
+        if k:
+            tau = torch.topk(doc_lo[r], k).values[-1]
+            mask |= doc_hi[r] >= tau
+    return mask
+
+
+def candidate_index(index: CompressedRoutingIndex, docs: torch.Tensor, device: torch.device
+                    ) -> tuple[Any, int, int]:
+    """The candidates `docs` (index positions, ascending) as a full-precision
+    `PreparedRoutingIndex` of their own, with the whole index's tie-breaks and bank tables
+    (so its sort keys and selections are those of the whole index). Returns (it, chunks
+    read, bytes read)."""
+    from ..kernels.routing import PreparedRoutingIndex
+
+    prep = index.prepared
+    start = prep.doc_start[docs].tolist()
+    stop = prep.doc_start[docs + 1].tolist()
+    ranges: list[tuple[int, int]] = []
+    for a, b in zip(start, stop, strict=True):
+        if ranges and ranges[-1][1] == a:
+            ranges[-1] = (ranges[-1][0], b)
+        else:
+            ranges.append((a, b))
+    kv, d = index.keys.values.shape[1:]
+    keys = (index.exact(ranges) if ranges
+            else torch.empty(0, kv, d, dtype=index.model_dtype))
+    keys = keys.to(device=device, dtype=index.model_dtype).contiguous()
+    counts = torch.tensor([b - a for a, b in zip(start, stop, strict=True)], dtype=torch.int64)
+    doc_start = torch.zeros(len(start) + 1, dtype=torch.int64)
+    torch.cumsum(counts, 0, out=doc_start[1:])
+    chunk_doc = torch.repeat_interleave(torch.arange(len(start)), counts).to(device)
+    layout = index.layout
+    bank_ids = layout.doc_ids if layout.bank_doc_ids is None else layout.bank_doc_ids
+    sub = RoutingIndex(keys, chunk_doc, layout.doc_ids[docs.to(layout.doc_ids.device)],
+                       bank_doc_ids=bank_ids, bank_doc_start=prep.bank_doc_start)
+    return (PreparedRoutingIndex(index=sub, keys=keys, doc_start=doc_start.to(device),
+                                 tiebreak=prep.tiebreak[docs.to(prep.tiebreak.device)],
+                                 ids_by_tiebreak=prep.ids_by_tiebreak,
+                                 positions_by_tiebreak=prep.positions_by_tiebreak,
+                                 bank_doc_start=prep.bank_doc_start),
+            keys.shape[0], keys.numel() * keys.element_size())
+
+
+def route_compressed(qr_all: torch.Tensor, cu_tokens, index: CompressedRoutingIndex,
+                     msa: MSAParams, top_k, exchange: Any = None, keys_only: bool = False
+                     ) -> Any:
+    """Routing of R requests over a compressed index, exactly as the full-precision index
+    routes them: the kernels' `RoutedBatch` (`keys_only`, where the kernels run) or one
+    `Selection` per request (`kernels.routing.route_batched`'s contract)."""
+    from ..kernels.routing import (
+        _token_ranges,
+        _top_ks,
+        kernel_supported,
+        route_batched,
+        route_batched_keys,
+    )
+
+    cu = _token_ranges(cu_tokens, qr_all.shape[0])
+    ks = _top_ks(top_k, len(cu) - 1)
+    device = index.keys.values.device
+    kv, d = index.keys.values.shape[1:]
+    probe = torch.empty(0, kv, d, dtype=index.model_dtype, device=device)
+    kernel = kernel_supported(qr_all, probe)
+    queries = bound_queries(qr_all, cu, kv, msa, index.model_dtype if kernel else None)
+    lo, hi = chunk_bounds(queries, index.keys, msa.query_reduce)
+    doc_lo, doc_hi = document_bounds(queries, index, msa, lo, hi)
+    docs = candidates(doc_lo, doc_hi, ks).nonzero().flatten()
+    started = time.perf_counter()
+    sub, chunks, nbytes = candidate_index(index, docs, device)
+    index.stats.add(len(ks), index.num_documents, int(docs.numel()), chunks, nbytes,
+                    time.perf_counter() - started)
+    if kernel and keys_only:
+        return route_batched_keys(qr_all, cu, sub, msa, ks, exchange=exchange)
+    return route_batched(qr_all, cu, sub, msa, ks, exchange=exchange)
