@@ -307,6 +307,11 @@ def fp8_served(checkpoints, default_banks, tmp_path_factory):
         row_bytes = 2 * len(info.router_layers) * info.num_kv_heads * info.head_dim * \
             bank.dtypes.element_bytes("keys", info.head_dim)
         banks[name] = {"path": str(bank.path), "host_cache_gib": rows * row_bytes / 2**30}
+    # The same banks with 8-bit routing indexes (`compressed_index.py`), quantised at load.
+    for name, path, dtype in (("docs-int8", full.path, "int8"),
+                              ("docs8-e4m3", fp8.path, "fp8_e4m3"),
+                              ("virtual-int8", virtual.path, "int8")):
+        banks[name] = {"path": str(path), "index_dtype": dtype}
     with running_llm(model=str(ckpt), enforce_eager=True, max_num_seqs=2,
                      additional_config={"msa": {"banks": banks}}) as llm:
         yield {"llm": llm, "ref": ReferenceMSA(ckpt), "full": full, "fp8": fp8,
@@ -401,3 +406,41 @@ def test_disk_tier_serves_what_the_bank_in_ram_serves(fp8_served):
     stats = llm.collective_rpc(cache_stats)[0]
     for name in ("docs-disk", "docs8-disk"):
         assert stats[name]["evictions"] > 0 and stats[name]["hits"] > 0, stats[name]
+
+
+def index_state(worker) -> dict:
+    from vllm_msa.worker_state import runtime_state
+
+    return runtime_state()["bank_tiers"]
+
+
+@pytest.mark.slow
+def test_8bit_index_serves_what_the_full_index_serves(fp8_served):
+    """A bank served from an 8-bit routing index (int8 or e4m3, the disk files or a virtual
+    bank's generator as the exact keys) gives the same tokens, logprobs and selections, best
+    first, as the same bank's full-precision index."""
+    llm = fp8_served["llm"]
+    tokenizer = llm.get_tokenizer()
+    prompts = [{"prompt_token_ids": expected_prompt(tokenizer, q)[0]} for q in CACHE_QUESTIONS]
+    for full, small in (("docs", "docs-int8"), ("docs8", "docs8-e4m3"),
+                        ("virtual", "virtual-int8")):
+        want = llm.generate(prompts, [sampling(msa_bank=full, msa_return_selection=True)]
+                            * len(prompts), use_tqdm=False)
+        got = llm.generate(prompts, [sampling(msa_bank=small, msa_return_selection=True)]
+                           * len(prompts), use_tqdm=False)
+        for a, b in zip(got, want, strict=True):
+            assert a.outputs[0].token_ids == b.outputs[0].token_ids
+            assert a.kv_transfer_params["msa_selection"]["layers"] == \
+                b.kv_transfer_params["msa_selection"]["layers"]
+            for x, y in zip(a.outputs[0].logprobs, b.outputs[0].logprobs, strict=True):
+                assert {t: v.logprob for t, v in x.items()} == {
+                    t: v.logprob for t, v in y.items()}
+    state = llm.collective_rpc(index_state)[0]
+    for name, dtype in (("docs-int8", "int8"), ("docs8-e4m3", "fp8_e4m3"),
+                        ("virtual-int8", "int8")):
+        tier, full = state[name], state[name.split("-")[0]]
+        assert tier["index_dtype"] == dtype and tier["index_bytes"] < full["index_bytes"]
+        rescore = tier["rescore"]
+        assert rescore["calls"] > 0 and rescore["requests"] >= len(prompts), rescore
+        assert 0 < rescore["candidates"] <= rescore["documents"], rescore
+    assert state["docs"]["rescore"] is None

@@ -7,7 +7,8 @@ Engine-wide (`LLM(..., additional_config={"msa": {...}})` or
 `vllm serve CKPT --additional-config '{"msa": {...}}'`):
 
 - `banks`: {name: path} — the memory banks this engine serves (opened by every worker); an
-  entry may also be {"path": ..., "host_cache_gib": ...}, that bank's own disk-tier cache.
+  entry may also be {"path": ..., "host_cache_gib": ..., "index_dtype": ...}, that bank's
+  own disk-tier cache and routing-index dtype.
 - `default_bank`: the bank a request without `msa_bank` uses; absent means such a request
   runs without memory (plain Qwen3).
 - `top_k`: overrides the checkpoint's top-k (`doc_top_k`/`top_k_docs`); it is also the global
@@ -33,6 +34,11 @@ Engine-wide (`LLM(..., additional_config={"msa": {...}})` or
   from the bank files as requests select them, least recently selected out first
   (`vllm_msa.attention.host_cache`); for banks larger than host RAM. Absent: all in RAM.
   A bank entry's own `host_cache_gib` overrides it.
+- `index_dtype`: "auto" (default: the routing index on the GPU in the bank's dtype), "int8"
+  or "fp8_e4m3": the index in 8 bits (half the GPU memory of a bf16 index), quantised at
+  load; routing then selects exactly what the full-precision index selects, re-scoring the
+  documents whose 8-bit score is too close to the k-th from the bank files
+  (`vllm_msa.attention.bounded_routing`). A bank entry's own `index_dtype` overrides it.
 - `staging_mib`: size of the device staging pool for selected documents' K̄/V̄; by default
   sized for `max_num_seqs` requests each holding the configured top-k largest documents of
   every router layer (capped at 4 GiB, logged).
@@ -57,10 +63,11 @@ from typing import Any
 from .config import MSAParams
 
 SCORE_MODES = ("auto", "dot", "cosine")
+INDEX_DTYPES = ("auto", "int8", "fp8_e4m3")  # (`attention.compressed_index`, without torch)
 DECODE_GRAPH_MODES = ("auto", "piecewise")
 INDEX_PARALLEL_MODES = ("shard", "replicate")
 ENGINE_KEYS = ("banks", "default_bank", "top_k", "score", "staging_mib", "decode_graphs",
-               "verify", "index_parallel", "share_host", "host_cache_gib")
+               "verify", "index_parallel", "share_host", "host_cache_gib", "index_dtype")
 _BANK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 # Keys a request may set; `msa_span` is written by the front end, never by callers.
@@ -100,10 +107,16 @@ class ServingConfig:
     share_host: bool = True  # one host tier per node, in shared memory
     host_cache_gib: float | None = None  # the disk tier's cache per bank; None: all in RAM
     bank_cache_gib: dict[str, float] = field(default_factory=dict)  # per-bank overrides
+    index_dtype: str = "auto"  # the routing index on the GPU: "auto", "int8", "fp8_e4m3"
+    bank_index_dtype: dict[str, str] = field(default_factory=dict)  # per-bank overrides
 
     def cache_gib(self, bank: str) -> float | None:
         """The disk tier's cache of `bank` in GiB (None: its K̄/V̄ all in host RAM)."""
         return self.bank_cache_gib.get(bank, self.host_cache_gib)
+
+    def index_dtype_of(self, bank: str) -> str:
+        """The dtype `bank`'s routing index is served in ("auto": the bank's own)."""
+        return self.bank_index_dtype.get(bank, self.index_dtype)
 
     @classmethod
     def from_additional_config(cls, additional: Mapping[str, Any] | None) -> ServingConfig:
@@ -123,8 +136,9 @@ class ServingConfig:
             isinstance(k, str) and isinstance(v, str | Mapping) for k, v in banks.items()
         ):
             raise MSAServingConfigError('msa "banks" must map bank names to paths (strings), '
-                                        'or to {"path": ..., "host_cache_gib": ...}')
-        banks, bank_caches = _bank_entries(banks)
+                                        'or to {"path": ..., "host_cache_gib": ..., '
+                                        '"index_dtype": ...}')
+        banks, bank_caches, bank_index = _bank_entries(banks)
         for name in banks:
             if not _BANK_NAME.match(name):
                 raise MSAServingConfigError(
@@ -158,8 +172,9 @@ class ServingConfig:
                                         f"{INDEX_PARALLEL_MODES}, got {index_parallel!r}")
         share_host = _flag(raw, "share_host")
         cache = _cache_gib(raw.get("host_cache_gib"), "msa host_cache_gib")
+        index_dtype = _index_dtype(raw.get("index_dtype", "auto"), "msa index_dtype")
         return cls(dict(banks), default, top_k, score, staging, decode_graphs, verify,
-                   index_parallel, share_host, cache, bank_caches)
+                   index_parallel, share_host, cache, bank_caches, index_dtype, bank_index)
 
     def configured_top_k(self, msa: MSAParams) -> int:
         """The top-k a request gets by default, and the global RoPE offset (msa-spec §3)."""
@@ -173,23 +188,33 @@ def _cache_gib(value: Any, what: str) -> float | None:
     return value
 
 
-def _bank_entries(banks: Mapping[str, Any]) -> tuple[dict[str, str], dict[str, float]]:
-    """{name: path} and the per-bank `host_cache_gib` of entries given as objects."""
-    paths, caches = {}, {}
+def _index_dtype(value: Any, what: str) -> str:
+    if value not in INDEX_DTYPES:
+        raise MSAServingConfigError(f"{what} must be one of {INDEX_DTYPES}, got {value!r}")
+    return value
+
+
+def _bank_entries(banks: Mapping[str, Any]
+                  ) -> tuple[dict[str, str], dict[str, float], dict[str, str]]:
+    """{name: path}, and the per-bank `host_cache_gib` and `index_dtype` of entries given as
+    objects."""
+    paths, caches, index = {}, {}, {}
     for name, entry in banks.items():
         if isinstance(entry, str):
             paths[name] = entry
             continue
-        unknown = set(entry) - {"path", "host_cache_gib"}
+        unknown = set(entry) - {"path", "host_cache_gib", "index_dtype"}
         if unknown or not isinstance(entry.get("path"), str):
             raise MSAServingConfigError(
                 f'msa bank {name!r}: an entry is a path or {{"path": str, "host_cache_gib": '
-                f"number}}, got keys {sorted(entry)}")
+                f'number, "index_dtype": str}}, got keys {sorted(entry)}')
         paths[name] = entry["path"]
         cache = _cache_gib(entry.get("host_cache_gib"), f"msa bank {name!r} host_cache_gib")
         if cache is not None:
             caches[name] = cache
-    return paths, caches
+        if "index_dtype" in entry:
+            index[name] = _index_dtype(entry["index_dtype"], f"msa bank {name!r} index_dtype")
+    return paths, caches, index
 
 
 def _flag(raw: Mapping[str, Any], key: str, default: bool = True) -> bool:

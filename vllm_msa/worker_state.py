@@ -36,6 +36,8 @@ def runtime_state() -> dict[str, Any]:
                                         "chunks": bank.shard.num_chunks,
                                         "shared_files": list(bank.shared_files),
                                         "tiers": bank.bank.dtypes.to_json(),
+                                        "index_dtype": bank.index_dtype,
+                                        "rescore": bank.rescore_stats(),
                                         "host_cache": bank.host_cache.stats()
                                         if bank.host_cache is not None else None,
                                         "synthetic": synthetic_label(bank.bank).rstrip(": ")}

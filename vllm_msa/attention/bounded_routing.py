@@ -59,7 +59,7 @@ import torch
 
 from ..config import MSAParams
 from .compressed_index import CompressedKeys, ExactKeys
-from .routing import RoutingIndex
+from .routing import RoutingIndex, normalized_keys
 
 DOT_UNIT = 2.0**-20
 SUM_UNIT = 2.0**-23
@@ -110,11 +110,13 @@ class CompressedRoutingIndex:
     prepared: Any  # kernels.routing.PreparedRoutingIndex of `layout`: offsets, tie-breaks
     doc_magnitude: torch.Tensor  # [n] float32: the largest `magnitude` of each document
     max_doc_chunks: int
+    normalize: bool = False  # the served keys are the stored ones L2-normalised (cosine)
     stats: RescoreStats = field(default_factory=RescoreStats, compare=False)
 
     @classmethod
     def build(cls, layout: RoutingIndex, keys: CompressedKeys, exact: ExactKeys,
-              model_dtype: torch.dtype) -> CompressedRoutingIndex:
+              model_dtype: torch.dtype, normalize: bool = False) -> CompressedRoutingIndex:
+        """`keys`: the served keys compressed (normalised first where `normalize`)."""
         from ..kernels.routing import prepare_index
 
         prepared = prepare_index(layout)
@@ -126,7 +128,7 @@ class CompressedRoutingIndex:
                                                  include_self=False)
         counts = prepared.doc_start.diff()
         return cls(layout, keys, exact, model_dtype, prepared, magnitude,
-                   int(counts.max()) if n else 0)
+                   int(counts.max()) if n else 0, normalize)
 
     @property
     def num_documents(self) -> int:
@@ -265,6 +267,8 @@ def candidate_index(index: CompressedRoutingIndex, docs: torch.Tensor, device: t
     keys = (index.exact(ranges) if ranges
             else torch.empty(0, kv, d, dtype=index.model_dtype))
     keys = keys.to(device=device, dtype=index.model_dtype).contiguous()
+    if index.normalize:  # as the load normalised them: on the device, the same bits
+        keys = normalized_keys(keys)
     counts = torch.tensor([b - a for a, b in zip(start, stop, strict=True)], dtype=torch.int64)
     doc_start = torch.zeros(len(start) + 1, dtype=torch.int64)
     torch.cumsum(counts, 0, out=doc_start[1:])
@@ -288,11 +292,14 @@ def route_compressed(qr_all: torch.Tensor, cu_tokens, index: CompressedRoutingIn
     routes them: the kernels' `RoutedBatch` (`keys_only`, where the kernels run) or one
     `Selection` per request (`kernels.routing.route_batched`'s contract)."""
     from ..kernels.routing import (
+        KernelConfig,
         _token_ranges,
         _top_ks,
+        document_block,
         kernel_supported,
         route_batched,
         route_batched_keys,
+        triton,
     )
 
     cu = _token_ranges(cu_tokens, qr_all.shape[0])
@@ -309,6 +316,12 @@ def route_compressed(qr_all: torch.Tensor, cu_tokens, index: CompressedRoutingIn
     sub, chunks, nbytes = candidate_index(index, docs, device)
     index.stats.add(len(ks), index.num_documents, int(docs.numel()), chunks, nbytes,
                     time.perf_counter() - started)
+    config = None
+    if kernel:  # the whole index's document blocks: the variants warm-up compiled
+        n = index.num_documents
+        top = triton.next_power_of_2(max(1, min(max(ks), index.prepared.num_bank_documents,
+                                                n)))
+        config = KernelConfig(block_n=document_block(max(n, 1), top))
     if kernel and keys_only:
-        return route_batched_keys(qr_all, cu, sub, msa, ks, exchange=exchange)
-    return route_batched(qr_all, cu, sub, msa, ks, exchange=exchange)
+        return route_batched_keys(qr_all, cu, sub, msa, ks, config, exchange)
+    return route_batched(qr_all, cu, sub, msa, ks, config, exchange)

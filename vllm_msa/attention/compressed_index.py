@@ -28,18 +28,33 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from ..bank.quant import FP8, quantize
+from ..options import INDEX_DTYPES
 
-INDEX_DTYPES = ("auto", "int8", "fp8_e4m3")
 INT8_MAX = 127.0
 TILE_CHUNKS = 1 << 15  # chunks compressed at a time (float64 temporaries stay ~100s of MiB)
 
-# The exact (full-precision, as served: normalised for cosine) routing keys of chunk ranges
-# [start, stop) of this index, concatenated: [chunks, num_kv_heads, head_dim], any device.
+# The exact (full-precision, as stored) routing keys of chunk ranges [start, stop) of this
+# index, concatenated: [chunks, num_kv_heads, head_dim], any device.
 ExactKeys = Callable[[list[tuple[int, int]]], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class BankExactKeys:
+    """`ExactKeys` from a bank's files (memory-mapped; a virtual bank regenerates them), for
+    an index whose first chunk is the bank's chunk `first` (a shard's)."""
+
+    bank: Any  # vllm_msa.bank.reader.MemoryBank
+    layer: int
+    first: int = 0
+
+    def __call__(self, ranges: list[tuple[int, int]]) -> torch.Tensor:
+        return self.bank.read_ranges(self.layer, "routing_keys",
+                                     [(a + self.first, b + self.first) for a, b in ranges])
 
 
 @dataclass(frozen=True)

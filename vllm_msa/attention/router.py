@@ -99,6 +99,7 @@ def select_pending(runtime: MemoryRuntime, layer: RouterLayer, q: torch.Tensor,
     in this layer yet: per bank, one batched routing call (the index is read once for all
     of them; `vllm_msa.kernels.routing`, plain torch where Triton cannot run)."""
     from ..kernels.routing import route_batched, route_batched_keys
+    from .bounded_routing import CompressedRoutingIndex, route_compressed
 
     pending: dict[str, list[StepRow]] = {}
     for row in runtime.rows:
@@ -113,12 +114,18 @@ def select_pending(runtime: MemoryRuntime, layer: RouterLayer, q: torch.Tensor,
         qr = routing_query(runtime, layer, q, h, token_rows(runtime, spans, q.device))
         index = rows[0].request.bank.prepared_index(layer.layer_idx)
         top_ks = [r.request.options.top_k for r in rows]
-        routed = route_batched_keys(qr, cu, index, runtime.routing, top_ks,
-                                    exchange=runtime.exchange)
-        if routed is None:  # no Triton here: plain torch, decoded selections
-            selections = route_batched(qr, cu, index, runtime.routing, top_ks,
-                                       exchange=runtime.exchange)
-        else:  # left on the device as sort keys, for the staging kernel
+        if isinstance(index, CompressedRoutingIndex):  # 8-bit pass, exact re-score
+            routed = route_compressed(qr, cu, index, runtime.routing, top_ks,
+                                      exchange=runtime.exchange, keys_only=True)
+            if isinstance(routed, list):  # the torch path's decoded selections
+                routed, selections = None, routed
+        else:
+            routed = route_batched_keys(qr, cu, index, runtime.routing, top_ks,
+                                        exchange=runtime.exchange)
+            if routed is None:  # no Triton here: plain torch, decoded selections
+                selections = route_batched(qr, cu, index, runtime.routing, top_ks,
+                                           exchange=runtime.exchange)
+        if routed is not None:  # left on the device as sort keys, for the staging kernel
             selections = [RoutedSelection(routed, i) for i in range(len(rows))]
         for row, selection in zip(rows, selections, strict=True):
             row.request.selections[layer.layer_idx] = selection

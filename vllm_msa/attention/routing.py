@@ -64,6 +64,13 @@ class RoutingIndex:
         return self.doc_ids.shape[0]
 
 
+def normalized_keys(keys: torch.Tensor) -> torch.Tensor:
+    """Routing keys L2-normalised in float32, back in their dtype (cosine scores of a bank
+    built for dot products): at load, and for the exact keys a compressed index reads back,
+    on the same device, so both are the same bits."""
+    return torch.nn.functional.normalize(keys.float(), dim=-1).to(keys.dtype)
+
+
 @dataclass(frozen=True)
 class Selection:
     """The selected documents, best first, with their scores (as msa-spec §3 defines them)."""

@@ -13,7 +13,6 @@ backend untouched, so they compute exactly what Qwen3 computes. Per-request stat
 from __future__ import annotations
 
 import collections
-import dataclasses
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -146,7 +145,10 @@ class MemoryRuntime:
                                  shard=self.shard, layers=self.router_layers,
                                  share_host=self.serving.share_host,
                                  host_cache_bytes=None if self.serving.cache_gib(name) is None
-                                 else self.serving.cache_gib(name) * 2**30)
+                                 else self.serving.cache_gib(name) * 2**30,
+                                 index_dtype=self.serving.index_dtype_of(name),
+                                 normalize=self.serving.score == "cosine"
+                                 and not info.normalized_routing_keys)
         cache = served.host_cache
         if cache is not None:
             # One step stages at most max_num_seqs requests' top-k largest documents per layer.
@@ -159,13 +161,6 @@ class MemoryRuntime:
                     f"select {need}: raise host_cache_gib to at least "
                     f"{self.serving.cache_gib(name) * need / max(cache.rows, 1):.3g} or lower "
                     "max_num_seqs")
-        if self.serving.score == "cosine" and not info.normalized_routing_keys:
-            served.index = {
-                layer: dataclasses.replace(
-                    idx, routing_keys=torch.nn.functional.normalize(
-                        idx.routing_keys.float(), dim=-1).to(idx.routing_keys.dtype))
-                for layer, idx in served.index.items()
-            }
         return served
 
     # ------------------------------------------------------------------ lifecycle

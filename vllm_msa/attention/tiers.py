@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import functools
 import logging
 import time
@@ -24,10 +25,12 @@ import torch
 from ..bank.format import BankError
 from ..bank.quant import SCALE_SUFFIX, check_scales
 from ..bank.reader import MemoryBank
+from .bounded_routing import CompressedRoutingIndex, RescoreStats
+from .compressed_index import BankExactKeys, compress
 from .host_cache import HostCache
 from .host_share import SHM_DIR, on_tmpfs, shared_tensor
 from .index_parallel import IndexShard, bank_identity, index_bytes
-from .routing import RoutingIndex
+from .routing import RoutingIndex, normalized_keys
 from .uploads import ranges
 
 logger = logging.getLogger(__name__)
@@ -136,7 +139,8 @@ class ServedBank:
     def load(cls, name: str, bank: MemoryBank, device: torch.device, kv_heads: slice,
              verify: bool = True, checksums: bool | None = None,
              shard: tuple[int, int] = (0, 1), layers: Any = None,
-             share_host: bool = False, host_cache_bytes: float | None = None) -> ServedBank:
+             share_host: bool = False, host_cache_bytes: float | None = None,
+             index_dtype: str = "auto", normalize: bool = False) -> ServedBank:
         """Read `bank` into its tiers: the routing index of the documents of `shard`
         ((rank, ranks): `index_parallel.shard_bounds`; the whole bank by default), the host
         tier of every document for heads `kv_heads`. With `verify` every value read must be
@@ -147,7 +151,10 @@ class ServedBank:
         layers to load (a pipeline stage's own; all by default). `share_host`: K̄/V̄ in the
         node's shared memory, one copy for every engine process that serves the bank
         (`host_share.py`), where it fits. `host_cache_bytes`: read K̄/V̄ on demand from the
-        bank files into a cache of this many host bytes instead (`host_cache.py`)."""
+        bank files into a cache of this many host bytes instead (`host_cache.py`).
+        `index_dtype` "int8" | "fp8_e4m3": the routing index in 8 bits on the device
+        (`compressed_index.py`; routing re-reads the bank files for exact scores);
+        `normalize`: L2-normalise the routing keys (cosine scores of a bank built for dot)."""
         checksums = verify if checksums is None else checksums and verify
         offsets = bank.doc_chunk_offsets.tolist()
         own = IndexShard.of(offsets, *shard)
@@ -176,7 +183,8 @@ class ServedBank:
                 cls._read_tiers(bank, device, kv_heads, own, pin, check if verify else None,
                                 layers, index, keys, values,
                                 shared_name(bank) if share_host else None, checked, shared,
-                                scales, host=host_cache_bytes is None)
+                                scales, host=host_cache_bytes is None,
+                                index_dtype=index_dtype, normalize=normalize)
             finally:
                 problems = hashed.result() if hashed is not None else []
                 for future in finite:
@@ -234,7 +242,8 @@ class ServedBank:
                     shard: IndexShard, pin: bool, check: Any, layers: list[int],
                     index: dict, keys: dict, values: dict, share: str | None = None,
                     checked: Any = None, shared_files: list | None = None,
-                    scales: dict | None = None, host: bool = True) -> None:
+                    scales: dict | None = None, host: bool = True,
+                    index_dtype: str = "auto", normalize: bool = False) -> None:
         # One chunk -> document map for every layer (bank order is the same in all of them).
         doc_index, doc_ids = RoutingIndex.document_map(bank, device)
         info = bank.model_info
@@ -246,8 +255,19 @@ class ServedBank:
             routing_keys = torch.empty(routed, dtype=bank.dtype, device=device)
             bank.read_layer_into(layer, "routing_keys", routing_keys, on_segment=check,
                                  chunks=shard.chunks)
-            index[layer] = RoutingIndex.of_shard(routing_keys, doc_index, doc_ids,
-                                                 bank.doc_chunk_offsets, shard)
+            if normalize:
+                routing_keys = normalized_keys(routing_keys)
+            if index_dtype == "auto":
+                index[layer] = RoutingIndex.of_shard(routing_keys, doc_index, doc_ids,
+                                                     bank.doc_chunk_offsets, shard)
+            else:
+                compressed = compress(routing_keys, index_dtype)
+                del routing_keys  # (only the 8-bit index stays on the device)
+                index[layer] = CompressedRoutingIndex.build(
+                    RoutingIndex.of_shard(compressed.values, doc_index, doc_ids,
+                                          bank.doc_chunk_offsets, shard),
+                    compressed, BankExactKeys(bank, layer, shard.chunks.start or 0),
+                    bank.dtype, normalize)
             if not host:
                 continue  # the disk tier reads K̄/V̄ on demand
             tiers = {}
@@ -292,7 +312,9 @@ class ServedBank:
 
     def prepared_index(self, layer: int) -> Any:
         """The layer's routing index with what the batched routing kernel derives from it
-        (document offsets, tie-break ranks), computed once."""
+        (document offsets, tie-break ranks), computed once; a compressed index as it is."""
+        if isinstance(self.index[layer], CompressedRoutingIndex):
+            return self.index[layer]
         prepared = self._prepared.get(layer)
         if prepared is None:
             from ..kernels.routing import prepare_index
@@ -303,7 +325,29 @@ class ServedBank:
     @property
     def index_bytes(self) -> int:
         """Device bytes of this rank's routing keys (every router layer)."""
-        return index_bytes({layer: idx.routing_keys for layer, idx in self.index.items()})
+        return sum(idx.nbytes if isinstance(idx, CompressedRoutingIndex)
+                   else index_bytes({layer: idx.routing_keys})
+                   for layer, idx in self.index.items())
+
+    @property
+    def index_dtype(self) -> str:
+        """The dtype the routing index is served in ("int8", "fp8_e4m3", or the bank's)."""
+        first = next(iter(self.index.values()), None)
+        if isinstance(first, CompressedRoutingIndex):
+            return first.keys.dtype_name
+        return str(self.bank.dtype).removeprefix("torch.")
+
+    def rescore_stats(self) -> dict[str, Any] | None:
+        """A compressed index's exact re-scoring so far, summed over its layers."""
+        totals = RescoreStats()
+        compressed = [idx for idx in self.index.values()
+                      if isinstance(idx, CompressedRoutingIndex)]
+        if not compressed:
+            return None
+        for idx in compressed:
+            for f in dataclasses.fields(RescoreStats):
+                setattr(totals, f.name, getattr(totals, f.name) + getattr(idx.stats, f.name))
+        return totals.to_json()
 
     @property
     def host_bytes(self) -> int:

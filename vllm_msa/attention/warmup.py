@@ -35,6 +35,7 @@ from collections.abc import Mapping
 import torch
 
 from ..config import MSAParams
+from .bounded_routing import CompressedRoutingIndex, route_compressed
 from .staging import StagingPool
 from .tiers import ServedBank
 
@@ -87,15 +88,22 @@ def _warm_bank(name: str, bank: ServedBank, pool: StagingPool, routing: MSAParam
         return []
     layer = next(iter(bank.index))
     prep = bank.prepared_index(layer)
-    device = prep.keys.device
+    compressed = isinstance(prep, CompressedRoutingIndex)  # (its re-score runs the kernels)
+    device = prep.keys.values.device if compressed else prep.keys.device
+    keys_dtype = prep.model_dtype if compressed else prep.keys.dtype
     top_k = min(top_k, bank.num_documents)
-    block_t = rk.resolve_config(None, prep.keys.dtype, routing.head_reduce == "max").block_t
+    block_t = rk.resolve_config(None, keys_dtype, routing.head_reduce == "max").block_t
     done, routed = [], None
     for tokens, requests in routing_shapes(block_t, routing.query_reduce == "last",
                                            max_tokens, max_requests):
         qr = torch.randn(tokens, num_heads, head_dim, dtype=dtype, device=device)
         cu = [tokens * r // requests for r in range(requests + 1)]
-        routed = rk.route_batched_keys(qr, cu, prep, routing, [top_k] * requests)
+        if compressed:
+            routed = route_compressed(qr, cu, prep, routing, [top_k] * requests,
+                                      keys_only=True)
+            routed = routed if isinstance(routed, rk.RoutedBatch) else None
+        else:
+            routed = rk.route_batched_keys(qr, cu, prep, routing, [top_k] * requests)
         if routed is None:  # no Triton for this index: routing runs in torch
             return done
         done.append(f"bank {name}: routing of {tokens} tokens, {requests} requests")
