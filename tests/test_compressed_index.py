@@ -24,7 +24,13 @@ from test_index_parallel import (
     route_sharded,
     shard_indexes,
 )
-from triton_interpreter import DEVICE, INTERPRET, parent_only, rerun_under_interpreter
+from triton_interpreter import (
+    DEVICE,
+    INTERPRET,
+    needs_kernel,
+    parent_only,
+    rerun_under_interpreter,
+)
 from vllm_msa.kernels.routing import route_batched
 
 from vllm_msa.attention.bounded_routing import (
@@ -136,6 +142,27 @@ def near_tie_bank(kv: int, d: int, gen, spread: float, dtype=torch.float32) -> R
     keys = torch.cat([docs[i] for i in order])
     return RoutingIndex(keys.to(dtype), torch.arange(60).repeat_interleave(3),
                         torch.randperm(500, generator=gen)[:60])
+
+
+@needs_kernel
+@pytest.mark.parametrize(("head", "query", "chunk"), COMBOS[::3])
+@pytest.mark.parametrize("dtype", ["int8", "fp8_e4m3"])
+@pytest.mark.parametrize("keys_dtype", [torch.bfloat16, torch.float32])
+def test_bounds_kernel_computes_the_torch_brackets(head, query, chunk, dtype, keys_dtype):
+    """The Triton bounded pass against `chunk_bounds` in torch on the same queries (float32
+    rounding apart: the kernel sums heads and multiplies the scale in another order)."""
+    msa = msa_params(head, query, chunk)
+    gen = torch.Generator().manual_seed(11)
+    full = on_device(make_index(torch.randint(1, 6, (50,), generator=gen).tolist(), 2, 32,
+                                gen, dtype=keys_dtype))
+    index = compressed(full, dtype)
+    qr = queries(13, 8, 32, gen)
+    cu = [0, 6, 7, 13]
+    kernel = bound_queries(qr, cu, 2, msa, keys_dtype)
+    torch_path = dataclasses.replace(kernel, kernel_q=None)
+    for got, want in zip(chunk_bounds(kernel, index.keys, query),
+                         chunk_bounds(torch_path, index.keys, query), strict=True):
+        assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("spread", [0.0, 1e-6, 1e-4, 1e-2])

@@ -149,6 +149,7 @@ class BoundQueries:
     magnitude: torch.Tensor  # [R] float32: Q_r (module docstring)
     num_tokens: int  # the most routing tokens of any request (T in γ)
     num_heads: int  # the model's query heads (H in γ)
+    kernel_q: torch.Tensor | None = None  # q in the kernels' dtype: the bounds kernel reads it
 
 
 def bound_queries(qr_all: torch.Tensor, cu: list[int], num_kv_heads: int, msa: MSAParams,
@@ -161,13 +162,14 @@ def bound_queries(qr_all: torch.Tensor, cu: list[int], num_kv_heads: int, msa: M
     num_heads, d = qr_all.shape[1], qr_all.shape[2]
     tokens = max(b - a for a, b in itertools.pairwise(cu))
     if kernel_dtype is not None:
-        q, cu_q, head_max = prepare_queries(qr_all, cu, num_kv_heads, msa, kernel_dtype)
-        q = q.float()
+        kernel_q, cu_q, head_max = prepare_queries(qr_all, cu, num_kv_heads, msa, kernel_dtype)
+        q = kernel_q.float()
         norms = q.norm(dim=-1)
         per_token = norms.amax(1) if head_max else norms.sum(1)
         rows = cu_q  # (with the "last" reduce: one row per request)
     else:
         q, cu_q, head_max = prepare_queries_torch(qr_all, cu, num_kv_heads, msa, torch.float32)
+        kernel_q = None
         heads = qr_all.float()
         if msa.normalize_routing:
             heads = torch.nn.functional.normalize(heads, p=2, dim=-1)
@@ -175,13 +177,20 @@ def bound_queries(qr_all: torch.Tensor, cu: list[int], num_kv_heads: int, msa: M
         per_token = norms.amax(1) if head_max else norms.sum(1) / num_heads
         rows = cu  # (every token: an upper bound of the last one's)
     magnitude = torch.stack([per_token[a:b].amax() for a, b in itertools.pairwise(rows)])
-    return BoundQueries(q, cu_q, head_max, magnitude, tokens, num_heads)
+    return BoundQueries(q, cu_q, head_max, magnitude, tokens, num_heads, kernel_q)
 
 
 def chunk_bounds(queries: BoundQueries, keys: CompressedKeys, query_reduce: str
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """(lo, hi): [R, C] float32 brackets of every request's chunk scores S(c), before the
-    floating-point widening (`document_bounds`)."""
+    floating-point widening (`document_bounds`). With the kernels' queries, in one Triton
+    pass (`kernels/routing_bounds.py`); else in torch, a tile of chunks at a time."""
+    if queries.kernel_q is not None:
+        from ..kernels.routing_bounds import chunk_bounds_kernel
+
+        return chunk_bounds_kernel(queries.kernel_q, queries.cu, queries.head_max,
+                                   query_reduce == "mean", keys.values, keys.scale,
+                                   keys.residual)
     q = queries.q
     t, qh, d = q.shape
     kv = keys.values.shape[1]
