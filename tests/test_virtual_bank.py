@@ -103,40 +103,56 @@ def test_cli_writes_a_manifest_marked_synthetic_and_virtual(checkpoints, tmp_pat
     assert other.returncode == 1 and "already holds a different bank" in other.stderr
 
 
-@pytest.mark.parametrize(("bank_dtype", "tp"), [("auto", 1), ("fp8_e4m3", 1), ("fp8_e4m3", 2)])
+@pytest.mark.parametrize(("bank_dtype", "tp", "index_dtype"),
+                         [("auto", 1, "auto"), ("fp8_e4m3", 1, "auto"), ("fp8_e4m3", 2, "auto"),
+                          ("fp8_e4m3", 1, "int8"), ("auto", 2, "fp8_e4m3")])
 def test_capacity_is_the_largest_bank_that_fits_and_loads_as_predicted(
-        checkpoints, tmp_path, bank_dtype, tp):
+        checkpoints, tmp_path, bank_dtype, tp, index_dtype):
     """`bank capacity`'s answer fits both budgets, one more document does not, and a bank of
     that size, loaded, takes the bytes predicted (each rank's index share, its heads' K/V)."""
     from vllm_msa.bank.dtypes import BankDtypes
     from vllm_msa.bank.model_info import ModelInfo
-    from vllm_msa.bank.sizing import PlannedBank, largest_bank, layout_bytes
+    from vllm_msa.bank.sizing import (
+        COMPRESSED_DOCUMENT_BYTES,
+        PlannedBank,
+        index_chunk_bytes,
+        largest_bank,
+        layout_bytes,
+    )
 
     ckpt = checkpoints()
     info = ModelInfo.from_checkpoint(ckpt, "float32")
     dtypes = BankDtypes.of_model(info.dtype, bank_dtype)
     gpu, host = 0.4 * 2**20, 1.0 * 2**20
-    tokens, layout = largest_bank(info, dtypes, 50, gpu, host, tp)
+    tokens, layout = largest_bank(info, dtypes, 50, gpu, host, tp, index_dtype=index_dtype)
     assert tokens > 0 and tokens % 50 == 0
     assert layout.gpu_index_per_rank <= gpu and layout.host_per_node <= host
-    more = layout_bytes(PlannedBank(info, dtypes, tokens + 50, 50), tp)
+    more = layout_bytes(PlannedBank(info, dtypes, tokens + 50, 50), tp,
+                        index_dtype=index_dtype)
     assert more.gpu_index_per_rank > gpu or more.host_per_node > host
     bank = write_virtual(plan_synth(ckpt, tokens, 50, dtype="float32", bank_dtype=bank_dtype),
                          tmp_path / "v")
-    assert layout_bytes(bank, tp) == layout
+    assert layout_bytes(bank, tp, index_dtype=index_dtype) == layout
     run = subprocess.run([sys.executable, "-m", "vllm_msa.cli", "bank", "capacity", "--model",
                           str(ckpt), "--dtype", "float32", "--gpu-gib", str(gpu / 2**30),
                           "--host-gib", str(host / 2**30), "--doc-tokens", "50",
-                          "--bank-dtype", bank_dtype, "-tp", str(tp), "--json"],
+                          "--bank-dtype", bank_dtype, "-tp", str(tp), "--index-dtype",
+                          index_dtype, "--json"],
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     assert json.loads(run.stdout)["tokens"] == tokens
     heads = info.num_kv_heads // tp
     for rank in range(tp):
         served = ServedBank.load("v", bank, torch.device("cpu"),
-                                 slice(rank * heads, (rank + 1) * heads), shard=(rank, tp))
+                                 slice(rank * heads, (rank + 1) * heads), shard=(rank, tp),
+                                 index_dtype=index_dtype)
         assert served.host_bytes == layout.host_per_rank
-        tables = served.index_bytes - sum(
-            i.routing_keys.numel() * i.routing_keys.element_size()
-            for i in served.index.values())
-        assert served.index_bytes <= layout.gpu_index_per_rank and tables >= 0
+        assert served.index_bytes <= layout.gpu_index_per_rank
+        if index_dtype == "auto":
+            continue
+        # An 8-bit index: exactly the bytes `sizing` counts for it (tables and map aside).
+        layers = len(info.router_layers)
+        assert served.index_dtype == index_dtype
+        assert served.index_bytes == served.shard.num_chunks * index_chunk_bytes(
+            info, dtypes, index_dtype) + COMPRESSED_DOCUMENT_BYTES * layers * len(
+            range(bank.num_documents)[served.shard.documents])

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .bank.format import BANK_DTYPES, DEFAULT_SEGMENT_MB
+from .bank.format import BANK_DTYPES, DEFAULT_SEGMENT_MB, INDEX_DTYPES
 from .reduce_methods import CHUNK_REDUCE_METHODS, HEAD_REDUCE_METHODS, QUERY_REDUCE_METHODS
 
 
@@ -116,6 +116,8 @@ def _add_bank_parsers(sub, with_engine_args: bool) -> None:
                       help='the engine option additional_config["msa"]["index_parallel"]')
     info.add_argument("--no-share-host", action="store_true",
                       help='as with additional_config["msa"]["share_host"]: false')
+    info.add_argument("--index-dtype", choices=INDEX_DTYPES, default="auto",
+                      help='the engine option additional_config["msa"]["index_dtype"]')
 
     cap = bsub.add_parser(
         "capacity", help="the largest bank a machine holds, for a model and a layout",
@@ -137,6 +139,8 @@ def _add_bank_parsers(sub, with_engine_args: bool) -> None:
     cap.add_argument("--data-parallel-size", "-dp", type=int, default=1)
     cap.add_argument("--index-parallel", choices=("shard", "replicate"), default="shard")
     cap.add_argument("--no-share-host", action="store_true")
+    cap.add_argument("--index-dtype", choices=INDEX_DTYPES, default="auto",
+                     help='the routing index served in 8 bits (engine option "index_dtype")')
     cap.add_argument("--json", action="store_true", help="machine-readable output")
 
     shm = bsub.add_parser("shm", help="the host tiers engines share on this node (/dev/shm)")
@@ -273,6 +277,10 @@ def _print_info(s: dict[str, Any]) -> None:
                 "one shared copy for every replica" if layout["share_host"]
                 else "every replica loads its own") + ")"),
         ]
+    if layout and layout.get("index_dtype", "auto") != "auto":
+        rows[1:1] = [("GPU index as served", f"{_human(layout['gpu_index_per_rank'])}  "
+                      f"in {layout['index_dtype']} (engine option index_dtype; exact "
+                      "re-scores read the bank files)")]
     if s.get("virtual"):
         rows.insert(2, ("content", "SYNTHETIC, virtual: a manifest only; its random tensors "
                                    "are generated when it is opened (bank synth --virtual)"))
@@ -321,7 +329,7 @@ def _run(args: argparse.Namespace) -> int:
             return 2
         summary["layout"] = layout_bytes(bank, args.tensor_parallel_size,
                                          args.data_parallel_size, args.index_parallel,
-                                         not args.no_share_host).to_json()
+                                         not args.no_share_host, args.index_dtype).to_json()
         if args.json:
             print(json.dumps(summary, indent=2))
         else:
@@ -367,8 +375,10 @@ def _capacity(args: argparse.Namespace) -> int:
     tokens, layout = largest_bank(info, dtypes, args.doc_tokens, args.gpu_gib * 2**30,
                                   args.host_gib * 2**30, args.tensor_parallel_size,
                                   args.data_parallel_size, args.index_parallel,
-                                  not args.no_share_host)
-    result = {"tokens": tokens, "doc_tokens": args.doc_tokens, "tiers": dtypes.to_json(),
+                                  not args.no_share_host, args.index_dtype)
+    index = dtypes.index if args.index_dtype == "auto" else args.index_dtype
+    result = {"tokens": tokens, "doc_tokens": args.doc_tokens,
+              "tiers": {**dtypes.to_json(), "index": index},
               "gpu_gib": args.gpu_gib, "host_gib": args.host_gib,
               "layout": layout.to_json() if layout else None}
     if layout is not None:
@@ -382,7 +392,7 @@ def _capacity(args: argparse.Namespace) -> int:
         print("not even one document fits")
         return 1
     print(f"largest bank: {tokens:,} tokens ({tokens // args.doc_tokens:,} documents of "
-          f"{args.doc_tokens:,}), K/V tier {dtypes.kv}, index {dtypes.index}; bound by "
+          f"{args.doc_tokens:,}), K/V tier {dtypes.kv}, index {index}; bound by "
           f"{result['bound_by']}")
     print(f"  GPU index per rank  {_human(layout.gpu_index_per_rank)} of "
           f"{_human(args.gpu_gib * 2**30)}  (TP={layout.tensor_parallel_size}, "

@@ -60,10 +60,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from .bank.format import INDEX_DTYPES
 from .config import MSAParams
 
 SCORE_MODES = ("auto", "dot", "cosine")
-INDEX_DTYPES = ("auto", "int8", "fp8_e4m3")  # (`attention.compressed_index`, without torch)
 DECODE_GRAPH_MODES = ("auto", "piecewise")
 INDEX_PARALLEL_MODES = ("shard", "replicate")
 ENGINE_KEYS = ("banks", "default_bank", "top_k", "score", "staging_mib", "decode_graphs",

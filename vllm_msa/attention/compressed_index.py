@@ -32,8 +32,8 @@ from typing import Any
 
 import torch
 
+from ..bank.format import INDEX_DTYPES
 from ..bank.quant import FP8, quantize
-from ..options import INDEX_DTYPES
 
 INT8_MAX = 127.0
 TILE_CHUNKS = 1 << 15  # chunks compressed at a time (float64 temporaries stay ~100s of MiB)

@@ -35,6 +35,9 @@ SEGMENTS_DIR = "segments"
 DEFAULT_SEGMENT_MB = 512  # bank data per resumable segment
 # The command line's names for a tier dtype: the model's own, or FP8 with scales (dtypes.py).
 BANK_DTYPES = ("auto", "fp8_e4m3")
+# How serving may hold a bank's routing index on the GPU (the engine option `index_dtype`:
+# `vllm_msa/attention/compressed_index.py`); the bank files keep it in the model's dtype.
+INDEX_DTYPES = ("auto", "int8", "fp8_e4m3")
 # Order of the three pooled tensors along dim 2 of the encoder's per-document output.
 POOLED_ORDER = ("keys", "values", "routing_keys")
 

@@ -24,6 +24,19 @@ import numpy as np
 # Per document, on every rank: ids, bank offsets, tie-break and position tables (int64).
 DOCUMENT_TABLE_BYTES = 8 * 8
 CHUNK_MAP_BYTES = 8  # per chunk of the rank's index: the chunk's document (int64)
+# An 8-bit index (`attention/compressed_index.py`), per chunk and layer: a byte a value, a
+# float32 scale and residual bound per KV head, a float32 magnitude; per document a float32.
+COMPRESSED_HEAD_BYTES = 8
+COMPRESSED_CHUNK_BYTES = 4
+COMPRESSED_DOCUMENT_BYTES = 4
+
+
+def index_chunk_bytes(info: Any, dtypes: Any, index_dtype: str = "auto") -> int:
+    """Device bytes of one chunk's routing keys over every router layer."""
+    layers, kv, d = len(info.router_layers), info.num_kv_heads, info.head_dim
+    if index_dtype != "auto":
+        return layers * (kv * d + kv * COMPRESSED_HEAD_BYTES + COMPRESSED_CHUNK_BYTES)
+    return round(layers * kv * d * dtypes.element_bytes("routing_keys", d))
 
 
 @dataclass(frozen=True)
@@ -31,6 +44,7 @@ class LayoutBytes:
     tensor_parallel_size: int
     data_parallel_size: int
     index_parallel: str
+    index_dtype: str
     gpu_index_per_rank: int  # the largest rank's device index
     gpu_index_total: int  # all ranks of one replica
     host_per_rank: int
@@ -48,10 +62,12 @@ def local_kv_head_count(total: int, tp_size: int) -> int:
 
 
 def layout_bytes(bank: Any, tensor_parallel_size: int = 1, data_parallel_size: int = 1,
-                 index_parallel: str = "shard", share_host: bool = True) -> LayoutBytes:
+                 index_parallel: str = "shard", share_host: bool = True,
+                 index_dtype: str = "auto") -> LayoutBytes:
     """Predicted bytes of serving `bank` (a `MemoryBank`, or anything with its `model_info`,
     `dtypes`, `num_documents` and `doc_chunk_offsets`) on tensor_parallel_size x
-    data_parallel_size GPUs (an FP8 tier counts its values and scales)."""
+    data_parallel_size GPUs (an FP8 tier counts its values and scales), its routing index
+    served in `index_dtype` (the engine option: "auto", "int8", "fp8_e4m3")."""
     from ..attention.index_parallel import shard_bounds
 
     tp, dp = tensor_parallel_size, data_parallel_size
@@ -60,12 +76,12 @@ def layout_bytes(bank: Any, tensor_parallel_size: int = 1, data_parallel_size: i
     if index_parallel not in ("shard", "replicate"):
         raise ValueError(f"index_parallel must be 'shard' or 'replicate', got {index_parallel!r}")
     info = bank.model_info
-    index_value = bank.dtypes.element_bytes("routing_keys", info.head_dim)
     kv_value = bank.dtypes.element_bytes("keys", info.head_dim)
     layers = len(info.router_layers)
     offsets = np.asarray(bank.doc_chunk_offsets, dtype=np.int64)
-    per_chunk_keys = round(layers * info.num_kv_heads * info.head_dim * index_value)
-    tables = DOCUMENT_TABLE_BYTES * bank.num_documents
+    per_chunk_keys = index_chunk_bytes(info, bank.dtypes, index_dtype)
+    tables = (DOCUMENT_TABLE_BYTES + (COMPRESSED_DOCUMENT_BYTES * layers
+                                      if index_dtype != "auto" else 0)) * bank.num_documents
     if index_parallel == "shard" and tp > 1:
         bounds = shard_bounds(offsets, tp)
         chunks = [int(offsets[bounds[r + 1]] - offsets[bounds[r]]) for r in range(tp)]
@@ -76,7 +92,7 @@ def layout_bytes(bank: Any, tensor_parallel_size: int = 1, data_parallel_size: i
     # Ranks holding the same heads (replicas; TP ranks sharing a KV head) share one copy.
     copies = (min(tp, info.num_kv_heads) if share_host else tp * dp)
     host_rank = round(2 * layers * int(offsets[-1]) * heads * info.head_dim * kv_value)
-    return LayoutBytes(tp, dp, index_parallel, max(per_rank), sum(per_rank), host_rank,
+    return LayoutBytes(tp, dp, index_parallel, index_dtype, max(per_rank), sum(per_rank), host_rank,
                        host_rank * copies, tp * dp, share_host)
 
 
@@ -106,15 +122,15 @@ class PlannedBank:
 
 def largest_bank(model_info: Any, dtypes: Any, doc_tokens: int, gpu_index_bytes: float,
                  host_bytes: float, tensor_parallel_size: int = 1, data_parallel_size: int = 1,
-                 index_parallel: str = "shard", share_host: bool = True
-                 ) -> tuple[int, LayoutBytes | None]:
+                 index_parallel: str = "shard", share_host: bool = True,
+                 index_dtype: str = "auto") -> tuple[int, LayoutBytes | None]:
     """The most memory tokens, in whole documents of `doc_tokens`, whose layout fits
     `gpu_index_bytes` of routing index on every GPU and `host_bytes` of host tier per node;
     with its `LayoutBytes` (0 and None when not even one document fits)."""
     def layout(docs: int) -> LayoutBytes:
         return layout_bytes(PlannedBank(model_info, dtypes, docs * doc_tokens, doc_tokens),
                             tensor_parallel_size, data_parallel_size, index_parallel,
-                            share_host)
+                            share_host, index_dtype)
 
     def fits(docs: int) -> bool:
         lb = layout(docs)
