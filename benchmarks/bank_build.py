@@ -58,6 +58,9 @@ def common_arguments(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--virtual", action="store_true",
                         help="virtual synthetic banks: a manifest only, tensors generated as "
                         "the engine opens them (`bank synth --virtual`; no disk needed)")
+    parser.add_argument("--index-dtype", choices=("auto", "int8", "fp8_e4m3"), default="auto",
+                        help='the routing index on the GPU (additional_config["msa"]'
+                        '["index_dtype"]): 8 bits, exact selections by re-scoring')
     parser.add_argument("--json", help="write results here (default benchmarks/results/...)")
     return parser
 

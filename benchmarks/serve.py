@@ -135,7 +135,7 @@ def measure(ckpt, engine: dict, bank_path: str | None, batches: list[int], decod
             prompts_text: list[str], staging_mib: int, eager: bool,
             profile_decode: bool = False, profile_host: bool = False,
             decode_runs: int = 5, ttft_runs: int = 5,
-            host_cache_gib: float | None = None) -> list[dict]:
+            host_cache_gib: float | None = None, index_dtype: str = "auto") -> list[dict]:
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # before vLLM is imported (see above)
     os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # collective_rpc(memory_steps)
     from vllm import LLM, SamplingParams
@@ -148,6 +148,7 @@ def measure(ckpt, engine: dict, bank_path: str | None, batches: list[int], decod
                                               "staging_mib": staging_mib}}
         if host_cache_gib:
             extra["additional_config"]["msa"]["host_cache_gib"] = host_cache_gib
+        extra["additional_config"]["msa"]["index_dtype"] = index_dtype
     llm = LLM(model=str(ckpt), enforce_eager=eager, max_num_seqs=max(batches),
               disable_log_stats=False, **engine, **extra)  # stats: per-request timestamps
     tokenizer = llm.get_tokenizer()
@@ -323,7 +324,7 @@ def main() -> None:
         runs[f"MSA, {size:,}-token bank"] = measure_in_child(
             ckpt, engine, path, batches, args.decode_tokens, texts, args.staging_mib,
             args.eager, args.profile_decode, args.profile_host, args.decode_runs,
-            args.ttft_runs, args.host_cache_gib)
+            args.ttft_runs, args.host_cache_gib, args.index_dtype)
     partial_path.write_text(json.dumps({"bandwidth": bandwidth, "runs": runs,
                                         "banks": {str(s): d for s, d in described.items()}},
                                        indent=1))
@@ -369,6 +370,7 @@ def main() -> None:
         "bank_tokens": max(measured, default=None),
         "bank_dtype": args.bank_dtype,
         "host_cache_gib": args.host_cache_gib,
+        "index_dtype": args.index_dtype,
         "decode_tokens": args.decode_tokens,
         "rows": rows,
         "goal_metric": f"median decode tokens/s with memory / plain vLLM, batch {max(batches)}, "

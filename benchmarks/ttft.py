@@ -142,14 +142,16 @@ def main() -> None:
 
     import vllm_msa
     from vllm_msa.attention import profiling
+    from vllm_msa.bank.sizing import layout_bytes
     from vllm_msa.config import MSAParams
     from vllm_msa.prompt import build_prompt, find_routing_span
+    from vllm_msa.worker_state import runtime_state
 
     size = parse_count(args.bank_tokens)
     t = time.perf_counter()
     bank = synthetic_bank(args, ckpt, size, engine.get("dtype"), work)
     print(f"synthetic bank of {size:,} tokens ready in {time.perf_counter() - t:.0f} s")
-    index_bytes = bank.tier_bytes()["gpu_index"]
+    index_bytes = layout_bytes(bank, index_dtype=args.index_dtype).gpu_index_per_rank
     layers = len(bank.router_layers)
     bandwidth = device_copy_bandwidth(index_bytes // layers)
     rate = matmul_rate()
@@ -159,7 +161,8 @@ def main() -> None:
     batches = [int(b) for b in args.batches.split(",")]
 
     llm = LLM(model=str(ckpt), max_num_seqs=max(batches), **engine,
-              additional_config={"msa": {"banks": {"b": str(bank.path)}}})
+              additional_config={"msa": {"banks": {"b": str(bank.path)},
+                                         "index_dtype": args.index_dtype}})
     tokenizer = llm.get_tokenizer()
     prompts = [build_prompt(tokenizer, q)
                for q in questions(max(batches), args.question_words)]
@@ -219,6 +222,9 @@ def main() -> None:
                       for name in ("route", "fetch", "attention")},
                    "gpu_route_kernels_s": route_kernels}
             rows.append(row)
+        # An 8-bit index: how many documents the bounded pass left to re-score, and the
+        # time reading their exact keys took (the engine runs in this process).
+        rescore = runtime_state()["bank_tiers"]["b"]["rescore"]
     finally:
         llm.llm_engine.engine_core.shutdown()
 
@@ -248,6 +254,12 @@ def main() -> None:
           + (" (under cProfile)" if first_request_host else ""))
     for name, seconds in (first_request_host or {}).items():
         print(f"  {seconds * 1e3:8.1f} ms  {name}")
+    if rescore:
+        print(f"\n{args.index_dtype} index: {rescore['candidates']:,} of "
+              f"{rescore['documents']:,} documents re-scored "
+              f"({rescore['rescored_fraction']:.1%}) over {rescore['calls']} routing calls; "
+              f"{rescore['bytes_read'] / 1e9:.2f} GB of exact keys read in "
+              f"{rescore['seconds']:.2f} s")
     for r in rows[:1]:
         print(f"\nrouting's kernels at batch {r['batch']}, GPU us per router layer:")
         for name, seconds in r["gpu_route_kernels_s"].items():
@@ -260,6 +272,8 @@ def main() -> None:
         "bank_tokens": size,
         "bank_dtype": args.bank_dtype,
         "tiers": bank.dtypes.to_json(),
+        "index_dtype": args.index_dtype,
+        "rescore": rescore,
         "virtual": args.virtual,
         "index_bytes": index_bytes,
         "router_layers": layers,

@@ -76,6 +76,10 @@ def test_served_tiers_equal_layer(checkpoints, tmp_path, bank_dtype):
                 values = dequantize(values, v_scale, bank.dtype)
             assert torch.equal(keys, want.keys[:, heads])
             assert torch.equal(values, want.values[:, heads])
+            # The exact keys an 8-bit index reads back: any ranges, generated in one pass.
+            ranges = [(3, 9), (9, 10), (40, 41), (0, 2)]
+            got = bank.read_ranges(layer, "routing_keys", ranges)
+            assert torch.equal(got, torch.cat([want.routing_keys[a:b] for a, b in ranges]))
     assert bank.text(5) == "synthetic document 5"
     for t in bank.template_kv(info.num_layers - 1):
         assert t.shape == (len(bank.template_ids), info.num_kv_heads, info.head_dim)

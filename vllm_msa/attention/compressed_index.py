@@ -51,10 +51,12 @@ class BankExactKeys:
     bank: Any  # vllm_msa.bank.reader.MemoryBank
     layer: int
     first: int = 0
+    device: Any = None  # where a virtual bank generates them (a bank of files: the host)
 
     def __call__(self, ranges: list[tuple[int, int]]) -> torch.Tensor:
         return self.bank.read_ranges(self.layer, "routing_keys",
-                                     [(a + self.first, b + self.first) for a, b in ranges])
+                                     [(a + self.first, b + self.first) for a, b in ranges],
+                                     device=self.device)
 
 
 @dataclass(frozen=True)

@@ -266,7 +266,7 @@ class ServedBank:
                 index[layer] = CompressedRoutingIndex.build(
                     RoutingIndex.of_shard(compressed.values, doc_index, doc_ids,
                                           bank.doc_chunk_offsets, shard),
-                    compressed, BankExactKeys(bank, layer, shard.chunks.start or 0),
+                    compressed, BankExactKeys(bank, layer, shard.chunks.start or 0, device),
                     bank.dtype, normalize)
             if not host:
                 continue  # the disk tier reads K̄/V̄ on demand

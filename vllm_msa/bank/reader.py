@@ -243,12 +243,13 @@ class MemoryBank:
         return out
 
     def read_ranges(self, layer: int, name: str, ranges: list[tuple[int, int]],
-                    kv_heads: slice = slice(None)) -> torch.Tensor:
+                    kv_heads: slice = slice(None), device: Any = None) -> torch.Tensor:
         """Chunks lo:hi of each range (a document's, or part of one: a range never crosses
         segments) of router layer `layer`'s tensor `name` (a pooled tensor or its `.scale`),
         in its stored dtype, KV heads `kv_heads`, concatenated: read from the memory-mapped
         segment files, so only those rows leave the page cache or the disk (the disk tier,
-        `attention/host_cache.py`)."""
+        `attention/host_cache.py`), into host memory. (`device`: where a virtual bank
+        generates them; a bank of files reads to the host whatever it says.)"""
         key = layer_key(layer, name)
         starts = self._segment_starts
         parts = []

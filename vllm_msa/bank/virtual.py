@@ -58,10 +58,12 @@ def generate(seed: int, tensor: str, index: torch.Tensor) -> torch.Tensor:
     return (total - 2 * 0xFFFF).to(torch.float32).mul_(2.0**-15)
 
 
-def generate_rows(seed: int, tensor: str, rows: range, heads: range, num_heads: int,
-                  head_dim: int, device: torch.device) -> torch.Tensor:
-    """[rows, heads, head_dim] float32 of a [*, num_heads, head_dim] tensor."""
-    r = torch.arange(rows.start, rows.stop, device=device)
+def generate_rows(seed: int, tensor: str, rows: range | torch.Tensor, heads: range,
+                  num_heads: int, head_dim: int, device: torch.device) -> torch.Tensor:
+    """[rows, heads, head_dim] float32 of a [*, num_heads, head_dim] tensor (`rows`: a range,
+    or int64 row numbers)."""
+    r = (rows.to(device) if torch.is_tensor(rows)
+         else torch.arange(rows.start, rows.stop, device=device))
     h = torch.arange(heads.start, heads.stop, device=device)
     d = torch.arange(head_dim, device=device)
     index = (r[:, None, None] * num_heads + h[None, :, None]) * head_dim + d[None, None, :]
@@ -125,7 +127,7 @@ class VirtualBank(MemoryBank):
                         "synthesise it with the --bank-dtype you want")
 
     # ----------------------------------------------------------------- tensors
-    def _full(self, layer: int, name: str, rows: range, heads: range,
+    def _full(self, layer: int, name: str, rows: range | torch.Tensor, heads: range,
               device: torch.device) -> torch.Tensor:
         """The full-precision values of pooled tensor `name` (model dtype)."""
         info = self.model_info
@@ -182,11 +184,19 @@ class VirtualBank(MemoryBank):
         return out
 
     def read_ranges(self, layer: int, name: str, ranges: list[tuple[int, int]],
-                    kv_heads: slice = slice(None)) -> torch.Tensor:
+                    kv_heads: slice = slice(None), device: Any = None) -> torch.Tensor:
+        """As `MemoryBank.read_ranges`, generated on `device` (the host by default); a
+        full-precision tensor in one pass over all the ranges' rows."""
         heads = range(self.model_info.num_kv_heads)[kv_heads]
-        cpu = torch.device("cpu")
-        return torch.cat([self._stored(layer, name, range(lo, hi), heads, cpu)
-                          for lo, hi in ranges])
+        device = torch.device(device or "cpu")
+        if name.endswith(SCALE_SUFFIX) or self.dtypes.scaled(name):
+            return torch.cat([self._stored(layer, name, range(lo, hi), heads, device)
+                              for lo, hi in ranges])
+        starts = torch.tensor([lo for lo, _ in ranges], dtype=torch.int64)
+        counts = torch.tensor([hi - lo for lo, hi in ranges], dtype=torch.int64)
+        first = torch.cumsum(counts, 0) - counts  # each range's first output row
+        rows = torch.arange(int(counts.sum())) + torch.repeat_interleave(starts - first, counts)
+        return self._full(layer, name, rows, heads, device)
 
     def _pooled(self, layer: int, name: str) -> torch.Tensor:
         rows, heads = range(self.num_chunks), range(self.model_info.num_kv_heads)

@@ -1,0 +1,214 @@
+"""8-bit routing index: what the exact selections cost, on MSA-4B-shaped router layers.
+
+For one router layer's index (32 query heads, 8 KV heads, head_dim 128, documents of ~8
+chunks) of each size and 1 / 8 / 64 questions of ~48 routing tokens, in the same run:
+
+* full    the full-precision (bf16) index routed by the Triton kernels (the baseline);
+* bounds  the bounded pass alone over the 8-bit index (`kernels/routing_bounds.py`): GPU time,
+          against its floor, one read of the 8-bit index at the device-copy bandwidth;
+* total   the whole 8-bit routing call (`bounded_routing.route_compressed`): bounds, the
+          candidates, their exact keys gathered from host memory (as from a bank file in the
+          page cache) and moved to the GPU, and the kernels over them; latency from an idle
+          GPU to the sort keys, host work included;
+* the documents re-scored (the union over the batch's questions) and the bytes read back.
+
+Every call's sort keys are checked equal to the full-precision kernels' (ids, order, scores).
+Two kinds of keys: "iid" (independent Gaussian keys and queries: no document stands out, the
+hardest case for the bounds) and "topical" (each document's chunks share a topic direction and
+each question leans towards one document's: a few documents stand out, as routing is trained
+for). No vLLM needed.
+
+    python benchmarks/compressed_routing.py                      # GPU; writes
+        # benchmarks/results/compressed-routing-<card>.json and .png
+    python benchmarks/compressed_routing.py --sizes 1e6 --questions 1 --out-dir /tmp  # quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from report import card_name, card_slug, device_copy_bandwidth, pyplot  # noqa: E402
+from routing import MSA_4B, SHAPE, make_index, make_questions, median_ms  # noqa: E402
+from vllm_msa.kernels.routing import prepare_index, route_batched_keys  # noqa: E402
+
+from vllm_msa.attention.bounded_routing import (  # noqa: E402
+    CompressedRoutingIndex,
+    bound_queries,
+    chunk_bounds,
+    route_compressed,
+)
+from vllm_msa.attention.compressed_index import compress  # noqa: E402
+from vllm_msa.config import MSAParams  # noqa: E402
+
+DEVICE = "cuda"
+
+
+def topical(index, gen: torch.Generator, weight: float = 0.7):
+    """`index` with each document's chunks pulled towards a topic of its own."""
+    keys = index.routing_keys.float()
+    n = index.num_documents
+    topics = torch.randn(n, *keys.shape[1:], device=keys.device, generator=gen)
+    keys = (1 - weight) * keys + weight * topics[index.chunk_doc_index]
+    return type(index)(keys.to(torch.bfloat16), index.chunk_doc_index, index.doc_ids)
+
+
+def aimed(q: torch.Tensor, cu: list[int], index, gen: torch.Generator) -> torch.Tensor:
+    """Questions leaning towards one document each: its first chunk's keys, every head."""
+    group = SHAPE["heads"] // SHAPE["kv_heads"]
+    docs = torch.randint(0, index.num_documents, (len(cu) - 1,), generator=gen)
+    starts = prepare_index(index).doc_start[docs.to(DEVICE)]
+    target = index.routing_keys[starts].float().repeat_interleave(group, 1)  # [R, H, D]
+    rows = torch.repeat_interleave(torch.arange(len(cu) - 1, device=DEVICE),
+                                   torch.tensor(cu).diff().to(DEVICE))
+    return (0.5 * q.float() + target[rows]).to(q.dtype)
+
+
+def host_keys(index):
+    """The exact keys in pinned host memory, read back by chunk ranges (one gather)."""
+    host = index.routing_keys.cpu().pin_memory()
+
+    def exact(ranges):
+        starts = torch.tensor([a for a, _ in ranges])
+        counts = torch.tensor([b - a for a, b in ranges])
+        first = torch.cumsum(counts, 0) - counts
+        rows = torch.arange(int(counts.sum())) + torch.repeat_interleave(starts - first, counts)
+        return host.index_select(0, rows)
+
+    return exact
+
+
+def spread(values: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def bench(size: int, kind: str, dtype: str, questions: list[int], args, msa, bandwidth,
+          gen) -> list[dict]:
+    full = make_index(size, gen)
+    if kind == "topical":
+        full = topical(full, gen)
+    prep = prepare_index(full)
+    keys = compress(full.routing_keys, dtype)
+    index = CompressedRoutingIndex.build(
+        type(full)(keys.values, full.chunk_doc_index, full.doc_ids), keys, host_keys(full),
+        torch.bfloat16)
+    full_bytes = full.routing_keys.numel() * 2
+    rows = []
+    for n in questions:
+        q, cu = make_questions(n, args.tokens, gen)
+        if kind == "topical":
+            q = aimed(q, cu, full, gen)
+        ks = [SHAPE["top_k"]] * n
+        want = route_batched_keys(q, cu, prep, msa, ks)
+        got = route_compressed(q, cu, index, msa, ks, keys_only=True)
+        if not torch.equal(want.keys, got.keys):
+            raise AssertionError(f"{kind} {size:,} x{n}: 8-bit routing selected otherwise")
+        before = index.stats.candidates, index.stats.calls, index.stats.seconds
+        bq = bound_queries(q, cu, SHAPE["kv_heads"], msa, torch.bfloat16)
+        bounds = [median_ms(lambda bq=bq: chunk_bounds(bq, index.keys, msa.query_reduce),
+                            args.reps, 2) for _ in range(args.runs)]
+        base = [median_ms(lambda q=q, cu=cu, ks=ks: route_batched_keys(q, cu, prep, msa, ks),
+                          args.reps, 2) for _ in range(args.runs)]
+        totals = []
+        for _ in range(args.runs * args.reps):
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            route_compressed(q, cu, index, msa, ks, keys_only=True).keys.sum().item()
+            totals.append((time.perf_counter() - t) * 1e3)
+        calls = index.stats.calls - before[1]
+        candidates = (index.stats.candidates - before[0]) / calls
+        floor = keys.values.numel() / bandwidth * 1e3 if bandwidth else None
+        row = {"tokens": size, "keys": kind, "index_dtype": dtype, "questions": n,
+               "documents": index.num_documents, "candidates": candidates,
+               "rescored_fraction": candidates / index.num_documents,
+               "rescore_host_ms": (index.stats.seconds - before[2]) / calls * 1e3,
+               "full_ms": spread(base), "bounds_ms": spread(bounds), "total_ms": spread(totals),
+               "index_bytes": keys.nbytes, "full_index_bytes": full_bytes,
+               "floor_8bit_ms": floor,
+               "bounds_vs_floor": statistics.median(bounds) / floor if floor else None}
+        rows.append(row)
+        print(f"{kind:>8} {dtype:>8} {size:>12,} {n:>3}  docs {index.num_documents:>9,}  "
+              f"re-scored {candidates:>9,.0f} ({row['rescored_fraction']:6.1%})  "
+              f"full {row['full_ms']['median']:7.3f}  bounds {row['bounds_ms']['median']:7.3f}"
+              f" (floor {floor or 0:6.3f}, {row['bounds_vs_floor'] or 0:4.2f}x)  "
+              f"total {row['total_ms']['median']:8.2f} [{row['total_ms']['min']:.2f}-"
+              f"{row['total_ms']['max']:.2f}] ms", flush=True)
+    return rows
+
+
+def plot(rows: list[dict], path: Path, card: str) -> str:
+    plt = pyplot()
+    if plt is None:
+        return "(no matplotlib: no plot)"
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    labels = [f"{r['keys']}\n{r['index_dtype']}\n{r['tokens'] / 1e6:g}M x{r['questions']}"
+              for r in rows]
+    x = range(len(rows))
+    w = 0.27
+    ax.bar([i - w for i in x], [r["full_ms"]["median"] for r in rows], w, label="bf16 index")
+    ax.bar(list(x), [r["bounds_ms"]["median"] for r in rows], w, label="8-bit bounded pass")
+    ax.bar([i + w for i in x], [r["total_ms"]["median"] for r in rows], w,
+           label="8-bit total (with re-score)")
+    ax.set_yscale("log")
+    ax.set_xticks(list(x), labels, fontsize=7)
+    ax.set_ylabel("ms per router layer (median)")
+    ax.set_title(f"Exact routing from an 8-bit index, {card}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return f"plot: {path}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="1e7,1e8", help="memory tokens per index")
+    parser.add_argument("--questions", default="1,8,64")
+    parser.add_argument("--tokens", type=int, default=48, help="routing tokens per question")
+    parser.add_argument("--kinds", default="iid,topical")
+    parser.add_argument("--index-dtypes", default="int8,fp8_e4m3")
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--runs", type=int, default=3, help="repeats of each timing (spread)")
+    parser.add_argument("--out-dir", default=str(ROOT / "benchmarks" / "results"))
+    args = parser.parse_args()
+    msa = MSAParams.from_dict(MSA_4B, num_layers=36)
+    sizes = [int(float(s)) for s in args.sizes.split(",")]
+    questions = [int(n) for n in args.questions.split(",")]
+    bandwidth = device_copy_bandwidth(max(sizes) // SHAPE["pooling"] * SHAPE["kv_heads"]
+                                      * SHAPE["head_dim"])
+    gen = torch.Generator(device=DEVICE).manual_seed(0)
+    rows = []
+    for size in sizes:
+        for kind in args.kinds.split(","):
+            for dtype in args.index_dtypes.split(","):
+                rows.extend(bench(size, kind, dtype, questions, args, msa, bandwidth, gen))
+                torch.cuda.empty_cache()  # (the last index is freed with the call)
+    card = card_name()
+    first = next((r for r in rows if r["tokens"] == max(sizes) and r["questions"] == 1
+                  and r["index_dtype"] == "int8"), rows[0])
+    result = {
+        "benchmark": "compressed_routing", "card": card, "torch": torch.__version__,
+        "command": " ".join(sys.argv), "copy_bandwidth_bytes_per_s": bandwidth,
+        "shape": SHAPE, "rows": rows, "selections_identical": True,
+        "goal_metric": "GPU time of the int8 bounded pass / one read of the int8 index at the "
+                       f"device-copy bandwidth, {first['keys']} keys, one question, "
+                       f"{first['tokens']:,} tokens",
+        "goal": 1.2, "achieved": first["bounds_vs_floor"],
+    }
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"compressed-routing-{card_slug(card)}.json"
+    path.write_text(json.dumps(result, indent=1))
+    print(f"wrote {path}\n{plot(rows, path.with_suffix('.png'), card)}")
+
+
+if __name__ == "__main__":
+    main()
