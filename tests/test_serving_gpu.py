@@ -191,9 +191,10 @@ def test_full_decode_graphs_match_piecewise(checkpoints, bf16_bank):
     and of three memory requests, decode in full graphs and on piecewise graphs."""
     ckpt = checkpoints()
     ref = ReferenceMSA(ckpt)
+    banks = {"docs": str(bf16_bank.path),
+             "docs-int8": {"path": str(bf16_bank.path), "index_dtype": "int8"}}
     with running_llm(model=str(ckpt), dtype="bfloat16", enable_prefix_caching=False,
-                     additional_config={"msa": {"banks": {"docs": str(bf16_bank.path)}}}
-                     ) as llm:
+                     additional_config={"msa": {"banks": banks}}) as llm:
         compiles, warmed = llm.collective_rpc(worker_compiles)[0]
         assert warmed, "the runtime did not warm its kernels up at start"
         prompts, memory, plain = bf16_requests(llm.get_tokenizer())
@@ -212,6 +213,18 @@ def test_full_decode_graphs_match_piecewise(checkpoints, bf16_bank):
             llm.collective_rpc(worker_graphs, args=("auto",))
         tol = bf16_error(ref, prompts[0], graphs[-1])
         assert_same_outputs(graphs, piecewise, tol)
+        # The same bank from an 8-bit routing index (the bounds kernel, then the exact
+        # kernels over the re-scored documents): the same selections, best first, and
+        # outputs, in full graphs too.
+        small = [(prompt, sampling(msa_bank="docs-int8", msa_return_selection=True))
+                 for prompt, _ in memory]
+        full = [(prompt, sampling(msa_bank="docs", msa_return_selection=True))
+                for prompt, _ in memory]
+        got, want = generate(llm, [*small, plain]), generate(llm, [*full, plain])
+        for a, b in zip(got[:-1], want[:-1], strict=True):
+            assert a.kv_transfer_params["msa_selection"]["layers"] == \
+                b.kv_transfer_params["msa_selection"]["layers"]
+        assert_same_outputs(got, want, tol)
         assert_staging_released(llm)
         compiles, _ = llm.collective_rpc(worker_compiles)[0]
         assert not compiles, f"compiled while serving: {compiles}"
