@@ -65,8 +65,8 @@ def topical(index, gen: torch.Generator, weight: float = 0.7):
 def aimed(q: torch.Tensor, cu: list[int], index, gen: torch.Generator) -> torch.Tensor:
     """Questions leaning towards one document each: its first chunk's keys, every head."""
     group = SHAPE["heads"] // SHAPE["kv_heads"]
-    docs = torch.randint(0, index.num_documents, (len(cu) - 1,), generator=gen)
-    starts = prepare_index(index).doc_start[docs.to(DEVICE)]
+    docs = torch.randint(0, index.num_documents, (len(cu) - 1,), generator=gen, device=DEVICE)
+    starts = prepare_index(index).doc_start[docs]
     target = index.routing_keys[starts].float().repeat_interleave(group, 1)  # [R, H, D]
     rows = torch.repeat_interleave(torch.arange(len(cu) - 1, device=DEVICE),
                                    torch.tensor(cu).diff().to(DEVICE))

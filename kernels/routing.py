@@ -159,6 +159,7 @@ def prepare_index(index: RoutingIndex | PreparedRoutingIndex) -> PreparedRouting
 
 
 if HAS_TRITON:
+    from vllm_msa.kernels.fp8_rows import e4m3_to_f32
 
     @triton.jit
     def _prepare_queries_kernel(
@@ -197,18 +198,25 @@ if HAS_TRITON:
         tl.store(out, (acc * post).to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _add_kv_head(acc, k, q_head_ptr, stride_qh, mask_t, Q_PER_KV: tl.constexpr,
+    def _add_kv_head(acc, k, scale, q_head_ptr, stride_qh, mask_t, Q_PER_KV: tl.constexpr,
                      HEAD_MAX: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                     UPCAST: tl.constexpr):
+                     UPCAST: tl.constexpr, SCALED: tl.constexpr):
         """`acc` [BLOCK_C, BLOCK_T] with one KV head's key tile `k` scored against the query
-        heads that share it (`q_head_ptr`: the first of them): summed, or maxed over heads."""
+        heads that share it (`q_head_ptr`: the first of them): summed, or maxed over heads.
+        SCALED: `k` holds 8-bit values and each score is multiplied by its chunk's `scale`."""
         if UPCAST:
             k = k.to(tl.float32)
         for g in tl.static_range(Q_PER_KV):
             q = tl.load(q_head_ptr + g * stride_qh, mask=mask_t[:, None], other=0.0)
             if UPCAST:
                 q = q.to(tl.float32)
-            if HEAD_MAX:
+            if SCALED:
+                s = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * scale[:, None]
+                if HEAD_MAX:
+                    acc = tl.maximum(acc, s)
+                else:
+                    acc += s
+            elif HEAD_MAX:
                 s = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
                 acc = tl.maximum(acc, s)
             else:
@@ -222,7 +230,8 @@ if HAS_TRITON:
     @triton.jit(do_not_specialize=["num_requests", "num_tokens"])
     def _chunk_scores_kernel(
         q_ptr,  # [T_total, QH, D]: prepared queries (normalised, scaled, maybe head-folded)
-        k_ptr,  # [C, KV, D]
+        k_ptr,  # [C, KV, D]: keys in the queries' dtype, or 8-bit values (SCALED)
+        scale_ptr,  # [C, KV] fp32: the 8-bit values' scales (SCALED; else unused)
         cu_ptr,  # [R + 1] int32: request r's routing tokens are cu[r]:cu[r + 1] of q
         out_ptr,  # [R, C] fp32: S(c) per request
         num_chunks,
@@ -242,6 +251,8 @@ if HAS_TRITON:
         QUERY_MEAN: tl.constexpr,
         DOT_PRECISION: tl.constexpr,
         UPCAST: tl.constexpr,
+        SCALED: tl.constexpr = False,  # 8-bit keys (`attention/compressed_index.py`)
+        FP8: tl.constexpr = False,  # ... as e4m3 bytes (else int8)
     ):
         pid = tl.program_id(0)
         offs_c = pid.to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -268,9 +279,21 @@ if HAS_TRITON:
             else:
                 acc = tl.zeros([BLOCK_C, BLOCK_T], dtype=tl.float32)
             for j in range(KV_HEADS):
-                k = tl.load(k_tile + j * stride_kh, mask=mask_c[:, None], other=0.0)
-                acc = _add_kv_head(acc, k, q_tile + j * Q_PER_KV * stride_qh, stride_qh,
-                                   mask_t, Q_PER_KV, HEAD_MAX, DOT_PRECISION, UPCAST)
+                scale = None
+                if SCALED:  # widened exactly (8-bit values fit the queries' dtype)
+                    raw = tl.load(k_tile + j * stride_kh, mask=mask_c[:, None], other=0)
+                    if FP8:  # noqa: SIM108 (constexpr branches)
+                        k = e4m3_to_f32(raw.to(tl.int32))
+                    else:
+                        k = raw.to(tl.float32)
+                    if not UPCAST:
+                        k = k.to(q_ptr.dtype.element_ty)
+                    scale = tl.load(scale_ptr + offs_c * KV_HEADS + j, mask=mask_c, other=0.0)
+                else:
+                    k = tl.load(k_tile + j * stride_kh, mask=mask_c[:, None], other=0.0)
+                acc = _add_kv_head(acc, k, scale, q_tile + j * Q_PER_KV * stride_qh,
+                                   stride_qh, mask_t, Q_PER_KV, HEAD_MAX, DOT_PRECISION,
+                                   UPCAST, SCALED)
             t1 = t0 + BLOCK_T
             more = r < num_requests
             while more:
@@ -533,29 +556,43 @@ def chunk_scores_batched(
 
 def _chunk_scores(qr_all, cu, prep: PreparedRoutingIndex, msa: MSAParams,
                   config: KernelConfig | None) -> torch.Tensor:
-    keys = prep.keys
+    q, cu, head_max = prepare_queries(qr_all, cu, prep.keys.shape[1], msa, prep.keys.dtype)
+    return launch_chunk_scores(q, cu, head_max, msa.query_reduce == "mean", prep.keys,
+                               config=config)
+
+
+def launch_chunk_scores(q: torch.Tensor, cu: list[int], head_max: bool, query_mean: bool,
+                        keys: torch.Tensor, scale: torch.Tensor | None = None,
+                        config: KernelConfig | None = None) -> torch.Tensor:
+    """S(c) [R, C] fp32 of prepared queries `q` (`prepare_queries`) against `keys` in their
+    dtype, or against 8-bit keys (int8, or e4m3 as `torch.float8_e4m3fn`) times `scale`
+    [C, KV] (`attention/bounded_routing.py`'s bounded pass)."""
     num_chunks, kv, d = keys.shape
-    q, cu, head_max = prepare_queries(qr_all, cu, kv, msa, keys.dtype)
     num_requests, num_tokens = len(cu) - 1, q.shape[0]
     out = torch.empty(num_requests, num_chunks, dtype=torch.float32, device=keys.device)
     if num_chunks == 0:
         return out
+    scaled = scale is not None
+    fp8 = scaled and keys.dtype != torch.int8
+    if fp8:
+        keys = keys.view(torch.uint8)  # decoded with integer ops (`fp8_rows.e4m3_to_f32`)
     cu_dev = _int_tensor(cu, keys.device)
-    cfg = resolve_config(config, keys.dtype, head_max)
+    cfg = resolve_config(config, q.dtype, head_max)
     shape_key = (cfg, keys.dtype, head_max, q.shape[1] // kv, d, keys.device)
     cfg = _FITTED.get(shape_key, cfg)
     while True:
         block_t = min(cfg.block_t, max(16, triton.next_power_of_2(num_tokens)))
         try:
             _chunk_scores_kernel[(triton.cdiv(num_chunks, cfg.block_c),)](
-                q, keys, cu_dev, out,
+                q, keys, scale if scaled else out, cu_dev, out,
                 num_chunks, num_requests, num_tokens,
                 q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), out.stride(0),
                 KV_HEADS=kv, Q_PER_KV=q.shape[1] // kv, HEAD_DIM=d,
                 BLOCK_C=cfg.block_c, BLOCK_T=block_t,
-                HEAD_MAX=head_max, QUERY_MEAN=msa.query_reduce == "mean",
-                DOT_PRECISION="ieee" if keys.dtype == torch.float32 else "tf32",
-                UPCAST=INTERPRET and keys.dtype != torch.float32,
+                HEAD_MAX=head_max, QUERY_MEAN=query_mean,
+                DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+                UPCAST=INTERPRET and q.dtype != torch.float32,
+                SCALED=scaled, FP8=fp8,
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages,
             )
         except Exception as e:  # Triton's OutOfResources: shrink defaults, never explicit

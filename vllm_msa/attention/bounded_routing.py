@@ -20,15 +20,20 @@ the union of the batch's candidates for every request only adds documents that l
 
 The interval. Write the scores in real arithmetic with the exact scorer's query q (after
 normalisation, scale and, for the head mean, each KV group's mean of heads: the head mean of
-q_h . k_kv(h) equals Σ_kv q̄_kv . k_kv). For one token and chunk:
+q_h . k_kv(h) equals Σ_kv q̄_kv . k_kv), and ŝ for the same computed with k̂ instead of k.
+For one token t and chunk c, by Cauchy-Schwarz with ρ >= ||k - k̂|| (`residual`):
 
-    head mean:  s = Σ_kv q̄_kv . k_kv,   ŝ = Σ_kv q̄_kv . k̂_kv,   |s - ŝ| <= Σ_kv ||q̄_kv|| ρ_kv
-    head max:   s = max_h q_h . k_kv(h), and per head |q_h . k - q_h . k̂| <= ||q_h|| ρ_kv(h),
+    head mean:  |s_t - ŝ_t| <= Σ_kv ||q̄_t,kv|| ρ_kv
+    head max:   |s_t - ŝ_t| <= max_h ||q_t,h|| ρ_kv(h)   (a max moves at most as its terms)
 
-(Cauchy-Schwarz, ρ >= ||k - k̂||: `CompressedKeys.residual`), so lo = ŝ - E and hi = ŝ + E
-bracket s (for max: the max over heads of each head's bounds; max is monotone). The token
-reduce (max, mean, last) and the chunk reduce (max, mean) are monotone too, so reducing lo
-and hi as the scores are reduced brackets S_r(d) in real arithmetic.
+The token reduce moves by at most the largest per-token move (max, last) or their mean
+(mean), so the chunk score S(c) is within E_r(c) of Ŝ(c): E = Σ_kv n_kv ρ_c,kv (head mean) or
+max_kv n_kv ρ_c,kv (head max), where n_kv is, over the request's tokens, the mean of
+||q̄_t,kv|| (head mean with the token mean) or else the largest ||q_t,h|| of the group's heads.
+[Ŝ - E, Ŝ + E] reduced over each document's chunks like the scores (max and mean are
+monotone) brackets S_r(d). So the bounded pass is the exact routing computation run on k̂
+(the chunk-score kernel reading 8-bit values and scales: `kernels.routing`) plus a small
+[requests, chunks] product for E; no per-token bound is ever formed.
 
 Floating point. Every quantity involved, each path's own way of computing it included, is at
 most A = Q_r * M_d in magnitude, with Q_r the largest over r's tokens of Σ_kv ||q̄_kv||
@@ -180,48 +185,57 @@ def bound_queries(qr_all: torch.Tensor, cu: list[int], num_kv_heads: int, msa: M
     return BoundQueries(q, cu_q, head_max, magnitude, tokens, num_heads, kernel_q)
 
 
-def chunk_bounds(queries: BoundQueries, keys: CompressedKeys, query_reduce: str
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(lo, hi): [R, C] float32 brackets of every request's chunk scores S(c), before the
-    floating-point widening (`document_bounds`). With the kernels' queries, in one Triton
-    pass (`kernels/routing_bounds.py`); else in torch, a tile of chunks at a time."""
-    if queries.kernel_q is not None:
-        from ..kernels.routing_bounds import chunk_bounds_kernel
+def query_norms(queries: BoundQueries, num_kv_heads: int, query_reduce: str) -> torch.Tensor:
+    """n [R, KV] of the module docstring: each request's query norms per KV head."""
+    norms = queries.q.norm(dim=-1)  # [T', QH]
+    if queries.head_max:
+        norms = norms.view(norms.shape[0], num_kv_heads, -1).amax(-1)
+    mean = query_reduce == "mean" and not queries.head_max
+    return torch.stack([norms[a:b].mean(0) if mean else norms[a:b].amax(0)
+                        for a, b in itertools.pairwise(queries.cu)])
 
-        return chunk_bounds_kernel(queries.kernel_q, queries.cu, queries.head_max,
-                                   query_reduce == "mean", keys.values, keys.scale,
-                                   keys.residual)
+
+def approximate_scores(queries: BoundQueries, keys: CompressedKeys, query_reduce: str
+                       ) -> torch.Tensor:
+    """Ŝ [R, C]: the chunk scores of the 8-bit keys k̂, computed as the exact scorer computes
+    them: by the chunk-score kernel (one read of the 8-bit index) with the kernels' queries,
+    else in torch a tile of chunks at a time."""
+    if queries.kernel_q is not None:
+        from ..kernels.routing import launch_chunk_scores
+
+        return launch_chunk_scores(queries.kernel_q, queries.cu, queries.head_max,
+                                   query_reduce == "mean", keys.values, keys.scale)
     q = queries.q
     t, qh, d = q.shape
     kv = keys.values.shape[1]
-    group = qh // kv
-    num_requests = len(queries.cu) - 1
-    chunks = keys.num_chunks
-    lo = torch.empty(num_requests, chunks, dtype=torch.float32, device=q.device)
-    hi = torch.empty_like(lo)
-    q_norm = q.norm(dim=-1)  # [T', QH]
+    out = torch.empty(len(queries.cu) - 1, keys.num_chunks, dtype=torch.float32,
+                      device=q.device)
     tile = max(64, MAX_TILE_ELEMENTS // max(1, t * qh))
-    for start in range(0, chunks, tile):
-        stop = min(chunks, start + tile)
+    for start in range(0, keys.num_chunks, tile):
+        stop = min(keys.num_chunks, start + tile)
         k_hat = keys.dequantized(start, stop)  # [c, KV, D]
-        rho = keys.residual[start:stop]  # [c, KV]
         if queries.head_max:
-            s = torch.einsum("tkgd,ckd->tkgc", q.view(t, kv, group, d), k_hat)
-            e = q_norm.view(t, kv, group, 1) * rho.t().reshape(1, kv, 1, -1)
-            tile_lo = (s - e).amax(dim=(1, 2))
-            tile_hi = (s + e).amax(dim=(1, 2))
+            s = torch.einsum("tkgd,ckd->tkgc", q.view(t, kv, qh // kv, d), k_hat)
+            s = s.amax(dim=(1, 2))
         else:
             s = torch.einsum("tkd,ckd->tc", q, k_hat)
-            e = q_norm @ rho.t()
-            tile_lo, tile_hi = s - e, s + e
-        for r, (a, b) in enumerate(zip(queries.cu, queries.cu[1:], strict=False)):
-            if query_reduce == "mean":
-                lo[r, start:stop] = tile_lo[a:b].mean(0)
-                hi[r, start:stop] = tile_hi[a:b].mean(0)
-            else:  # max; "last": the queries hold the last token only
-                lo[r, start:stop] = tile_lo[a:b].amax(0)
-                hi[r, start:stop] = tile_hi[a:b].amax(0)
-    return lo, hi
+        for r, (a, b) in enumerate(itertools.pairwise(queries.cu)):
+            # max; "last": the queries hold each request's last token only
+            out[r, start:stop] = s[a:b].mean(0) if query_reduce == "mean" else s[a:b].amax(0)
+    return out
+
+
+def chunk_bounds(queries: BoundQueries, keys: CompressedKeys, query_reduce: str
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(lo, hi) = Ŝ -/+ E: [R, C] float32 brackets of every request's chunk scores S(c),
+    before the floating-point widening (`document_bounds`)."""
+    s_hat = approximate_scores(queries, keys, query_reduce)
+    norms = query_norms(queries, keys.values.shape[1], query_reduce)
+    if queries.head_max:
+        err = torch.stack([(keys.residual * n).amax(-1) for n in norms])
+    else:
+        err = norms @ keys.residual.t()
+    return s_hat - err, s_hat + err
 
 
 def document_bounds(queries: BoundQueries, index: CompressedRoutingIndex, msa: MSAParams,
