@@ -103,6 +103,14 @@ def test_compressed_keys_bound_their_error():
             # The bound is the error, not a loose stand-in for it.
             rel = (c.residual.double() / exact.double().norm(dim=-1).clamp_min(1e-30))[8:]
             assert float(rel.max()) < (0.02 if dtype == "int8" else 0.08)
+    # Bounds stay float32 under a 16-bit default dtype (vLLM loads models under one).
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        c = compress(keys, "int8")
+    finally:
+        torch.set_default_dtype(default)
+    assert {c.scale.dtype, c.residual.dtype, c.magnitude.dtype} == {torch.float32}
 
 
 @pytest.mark.parametrize(("head", "query", "chunk", "score", "layout", "dtype"),

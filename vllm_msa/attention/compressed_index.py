@@ -111,9 +111,10 @@ def compress(keys: torch.Tensor, dtype: str = "int8") -> CompressedKeys:
     device = keys.device
     values = torch.empty(chunks, kv, d, device=device,
                          dtype=torch.int8 if dtype == "int8" else FP8)
-    scale = torch.empty(chunks, kv, device=device)
-    residual = torch.empty(chunks, kv, device=device)
-    magnitude = torch.empty(chunks, device=device)
+    # (explicit dtypes: vLLM loads the model under the model's default dtype)
+    scale = torch.empty(chunks, kv, dtype=torch.float32, device=device)
+    residual = torch.empty(chunks, kv, dtype=torch.float32, device=device)
+    magnitude = torch.empty(chunks, dtype=torch.float32, device=device)
     out = CompressedKeys(values, scale, residual, magnitude)
     for start in range(0, chunks, TILE_CHUNKS):
         stop = min(chunks, start + TILE_CHUNKS)
