@@ -677,12 +677,16 @@ def _block_counters(device: torch.device, rows: int) -> torch.Tensor:
     return counters
 
 
+def key_scores(keys: torch.Tensor) -> torch.Tensor:
+    """The fp32 scores that sort keys hold (their high halves), exactly."""
+    high = (keys >> 32).to(torch.int32)
+    return torch.where(high < 0, high ^ 0x7FFFFFFF, high).view(torch.float32)
+
+
 def decode_keys(keys: torch.Tensor, prep: PreparedRoutingIndex) -> tuple[torch.Tensor,
                                                                            torch.Tensor]:
     """(document ids, fp32 scores) of sort keys (exact: the keys hold the scores' bits)."""
-    ids = prep.ids_by_tiebreak[keys & 0xFFFFFFFF]
-    high = (keys >> 32).to(torch.int32)
-    return ids, torch.where(high < 0, high ^ 0x7FFFFFFF, high).view(torch.float32)
+    return prep.ids_by_tiebreak[keys & 0xFFFFFFFF], key_scores(keys)
 
 
 def selection_keys(selections: list[Selection], prep: PreparedRoutingIndex, width: int

@@ -39,6 +39,7 @@ from vllm_msa.attention.bounded_routing import (
     chunk_bounds,
     document_bounds,
     route_compressed,
+    widened,
 )
 from vllm_msa.attention.compressed_index import compress
 from vllm_msa.attention.routing import RoutingIndex, chunk_scores, document_scores
@@ -129,7 +130,8 @@ def test_selects_exactly_what_the_full_index_selects(head, query, chunk, score, 
     assert_same(route_compressed(qr, cu, index, msa, ks), route_batched(qr, cu, full, msa, ks))
     # The certified intervals hold every document's score as the torch path computes it.
     bq = bound_queries(qr, cu, kv, msa, None)
-    lo, hi = document_bounds(bq, index, msa, *chunk_bounds(bq, index.keys, msa.query_reduce))
+    lo, hi = document_bounds(index, msa, *widened(bq, index, *chunk_bounds(
+        bq, index.keys, msa.query_reduce)))
     for r, (a, b) in enumerate(itertools.pairwise(cu)):
         exact = document_scores(chunk_scores(qr[a:b], full, msa), full, msa)
         assert bool((lo[r] <= exact).all()) and bool((exact <= hi[r]).all())
@@ -222,7 +224,7 @@ def test_a_bound_too_small_is_caught():
     qr = queries(3, 4, 16, gen).cpu()
     index = compressed(full)
     wrong = dataclasses.replace(index, keys=dataclasses.replace(
-        index.keys, residual=index.keys.residual * 0), doc_magnitude=index.doc_magnitude * 0)
+        index.keys, residual=index.keys.residual * 0, magnitude=index.keys.magnitude * 0))
     differs = 0
     for k in range(1, 30):
         want = route_batched(qr, [0, 3], full, msa, [k])[0].doc_ids.tolist()

@@ -117,7 +117,6 @@ def test_capacity_is_the_largest_bank_that_fits_and_loads_as_predicted(
     from vllm_msa.bank.dtypes import BankDtypes
     from vllm_msa.bank.model_info import ModelInfo
     from vllm_msa.bank.sizing import (
-        COMPRESSED_DOCUMENT_BYTES,
         PlannedBank,
         index_chunk_bytes,
         largest_bank,
@@ -154,9 +153,7 @@ def test_capacity_is_the_largest_bank_that_fits_and_loads_as_predicted(
         assert served.index_bytes <= layout.gpu_index_per_rank
         if index_dtype == "auto":
             continue
-        # An 8-bit index: exactly the bytes `sizing` counts for it (tables and map aside).
-        layers = len(info.router_layers)
+        # An 8-bit index takes exactly the bytes `sizing` counts for it.
         assert served.index_dtype == index_dtype
         assert served.index_bytes == served.shard.num_chunks * index_chunk_bytes(
-            info, dtypes, index_dtype) + COMPRESSED_DOCUMENT_BYTES * layers * len(
-            range(bank.num_documents)[served.shard.documents])
+            info, dtypes, index_dtype)

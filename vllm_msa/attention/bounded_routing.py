@@ -45,7 +45,8 @@ at 2^-24; the margin covers tensor-core accumulators and the scale and norm roun
 u_sum = 2^-23 for the plain float32 token and chunk reduces, both the full-precision score
 and the computed lo/hi are within γ A of their real values, γ = (D + H + 8) u_dot +
 (T + C_d + 8) u_sum (T: the request's routing tokens; C_d: the document's chunks). Widening
-[lo, hi] by 2 γ A on each side makes it hold the computed S_r(d).
+each chunk's [lo, hi] by 2 γ A on each side (A with its document's M_d) makes it hold the
+computed chunk score; the document reduce, monotone, then holds the computed S_r(d).
 
 What it costs: the pass reads 1 byte a value instead of 2, and computes the intervals; the
 re-score reads 2 bytes a value of the candidates only. How many candidates there are depends
@@ -55,6 +56,7 @@ on how close the scores near the k-th are (docs/compressed-banks.md has measured
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import time
 from dataclasses import dataclass, field
@@ -113,7 +115,6 @@ class CompressedRoutingIndex:
     exact: ExactKeys
     model_dtype: torch.dtype  # the full-precision keys' dtype (what the kernels multiply)
     prepared: Any  # kernels.routing.PreparedRoutingIndex of `layout`: offsets, tie-breaks
-    doc_magnitude: torch.Tensor  # [n] float32: the largest `magnitude` of each document
     max_doc_chunks: int
     normalize: bool = False  # the served keys are the stored ones L2-normalised (cosine)
     stats: RescoreStats = field(default_factory=RescoreStats, compare=False)
@@ -121,18 +122,19 @@ class CompressedRoutingIndex:
     @classmethod
     def build(cls, layout: RoutingIndex, keys: CompressedKeys, exact: ExactKeys,
               model_dtype: torch.dtype, normalize: bool = False) -> CompressedRoutingIndex:
-        """`keys`: the served keys compressed (normalised first where `normalize`)."""
+        """`keys`: the served keys compressed (normalised first where `normalize`). Each
+        chunk's `magnitude` becomes its document's largest (M_d, module docstring)."""
         from ..kernels.routing import prepare_index
 
         prepared = prepare_index(layout)
         n = layout.num_documents
         docs = layout.chunk_doc_index.to(keys.magnitude.device)
-        magnitude = torch.zeros(n, dtype=torch.float32, device=keys.magnitude.device)
         if docs.numel():
-            magnitude = magnitude.scatter_reduce(0, docs, keys.magnitude, reduce="amax",
-                                                 include_self=False)
+            per_doc = torch.zeros(n, dtype=torch.float32, device=docs.device).scatter_reduce(
+                0, docs, keys.magnitude, reduce="amax", include_self=False)
+            keys = dataclasses.replace(keys, magnitude=per_doc[docs])
         counts = prepared.doc_start.diff()
-        return cls(layout, keys, exact, model_dtype, prepared, magnitude,
+        return cls(layout, keys, exact, model_dtype, prepared,
                    int(counts.max()) if n else 0, normalize)
 
     @property
@@ -141,7 +143,7 @@ class CompressedRoutingIndex:
 
     @property
     def nbytes(self) -> int:
-        return self.keys.nbytes + self.doc_magnitude.numel() * 4
+        return self.keys.nbytes
 
 
 @dataclass(frozen=True)
@@ -238,10 +240,26 @@ def chunk_bounds(queries: BoundQueries, keys: CompressedKeys, query_reduce: str
     return s_hat - err, s_hat + err
 
 
-def document_bounds(queries: BoundQueries, index: CompressedRoutingIndex, msa: MSAParams,
-                    lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Chunk brackets reduced to documents as `routing.document_scores` reduces scores, then
-    widened by 2 γ A (module docstring): [R, n] each, certain to hold S_r(d) as computed."""
+def widened(queries: BoundQueries, index: CompressedRoutingIndex, lo: torch.Tensor,
+            hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chunk brackets widened by 2 γ A for floating point (module docstring): [R, C] each,
+    certain to hold each chunk score as the exact scorer computes it."""
+    gamma = ((queries.q.shape[2] + queries.num_heads + 8) * DOT_UNIT
+             + (queries.num_tokens + index.max_doc_chunks + 8) * SUM_UNIT)
+    slack = (2 * gamma) * queries.magnitude[:, None] * index.keys.magnitude[None, :]
+    return lo - slack, hi + slack
+
+
+def document_bounds(index: CompressedRoutingIndex, msa: MSAParams, lo: torch.Tensor,
+                    hi: torch.Tensor, kernel: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Widened chunk brackets reduced to documents as the exact scorer reduces scores: by
+    the document kernel (`kernels.routing`, its keys' score half) or as
+    `routing.document_scores` does. [R, n] each."""
+    if kernel:
+        from ..kernels.routing import document_keys_batched, key_scores
+
+        return tuple(key_scores(document_keys_batched(x, index.prepared, msa))
+                     for x in (lo, hi))
     n = index.num_documents
     reduce = "amax" if msa.chunk_reduce == "max" else "mean"
     docs = index.layout.chunk_doc_index.to(lo.device).expand(lo.shape[0], -1)
@@ -251,22 +269,19 @@ def document_bounds(queries: BoundQueries, index: CompressedRoutingIndex, msa: M
                           dtype=torch.float32, device=x.device)
         out.append(init.scatter_reduce(1, docs, x, reduce=reduce, include_self=False)
                    if x.shape[1] else init)
-    gamma = ((queries.q.shape[2] + queries.num_heads + 8) * DOT_UNIT
-             + (queries.num_tokens + index.max_doc_chunks + 8) * SUM_UNIT)
-    slack = (2 * gamma) * queries.magnitude[:, None] * index.doc_magnitude[None, :]
-    return out[0] - slack, out[1] + slack
+    return out[0], out[1]
 
 
 def candidates(doc_lo: torch.Tensor, doc_hi: torch.Tensor, top_ks: list[int]) -> torch.Tensor:
     """[n] bool: the documents some request may select (hi >= that request's k-th lo)."""
     n = doc_lo.shape[1]
-    mask = torch.zeros(n, dtype=torch.bool, device=doc_lo.device)
-    for r, k in enumerate(top_ks):
-        k = min(k, n)
-        if k:
-            tau = torch.topk(doc_lo[r], k).values[-1]
-            mask |= doc_hi[r] >= tau
-    return mask
+    ks = [min(k, n) for k in top_ks]
+    if not n or not max(ks):
+        return torch.zeros(n, dtype=torch.bool, device=doc_lo.device)
+    best = torch.topk(doc_lo, max(ks), dim=1).values  # one launch for the batch
+    picks = torch.tensor([k - 1 for k in ks], device=doc_lo.device)
+    tau = best.gather(1, picks[:, None])
+    return (doc_hi >= tau).any(0)
 
 
 def candidate_index(index: CompressedRoutingIndex, docs: torch.Tensor, device: torch.device
@@ -332,8 +347,8 @@ def route_compressed(qr_all: torch.Tensor, cu_tokens, index: CompressedRoutingIn
     probe = torch.empty(0, kv, d, dtype=index.model_dtype, device=device)
     kernel = kernel_supported(qr_all, probe)
     queries = bound_queries(qr_all, cu, kv, msa, index.model_dtype if kernel else None)
-    lo, hi = chunk_bounds(queries, index.keys, msa.query_reduce)
-    doc_lo, doc_hi = document_bounds(queries, index, msa, lo, hi)
+    lo, hi = widened(queries, index, *chunk_bounds(queries, index.keys, msa.query_reduce))
+    doc_lo, doc_hi = document_bounds(index, msa, lo, hi, kernel)
     docs = candidates(doc_lo, doc_hi, ks).nonzero().flatten()
     started = time.perf_counter()
     sub, chunks, nbytes = candidate_index(index, docs, device)

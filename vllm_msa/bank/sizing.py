@@ -25,10 +25,9 @@ import numpy as np
 DOCUMENT_TABLE_BYTES = 8 * 8
 CHUNK_MAP_BYTES = 8  # per chunk of the rank's index: the chunk's document (int64)
 # An 8-bit index (`attention/compressed_index.py`), per chunk and layer: a byte a value, a
-# float32 scale and residual bound per KV head, a float32 magnitude; per document a float32.
+# float32 scale and residual bound per KV head, a float32 magnitude.
 COMPRESSED_HEAD_BYTES = 8
 COMPRESSED_CHUNK_BYTES = 4
-COMPRESSED_DOCUMENT_BYTES = 4
 
 
 def index_chunk_bytes(info: Any, dtypes: Any, index_dtype: str = "auto") -> int:
@@ -80,8 +79,7 @@ def layout_bytes(bank: Any, tensor_parallel_size: int = 1, data_parallel_size: i
     layers = len(info.router_layers)
     offsets = np.asarray(bank.doc_chunk_offsets, dtype=np.int64)
     per_chunk_keys = index_chunk_bytes(info, bank.dtypes, index_dtype)
-    tables = (DOCUMENT_TABLE_BYTES + (COMPRESSED_DOCUMENT_BYTES * layers
-                                      if index_dtype != "auto" else 0)) * bank.num_documents
+    tables = DOCUMENT_TABLE_BYTES * bank.num_documents
     if index_parallel == "shard" and tp > 1:
         bounds = shard_bounds(offsets, tp)
         chunks = [int(offsets[bounds[r + 1]] - offsets[bounds[r]]) for r in range(tp)]
