@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -85,6 +86,13 @@ def host_keys(index):
         return host.index_select(0, rows)
 
     return exact
+
+
+def git_commit() -> str | None:
+    """The checkout's commit (None outside a git checkout, e.g. a copied tree)."""
+    run = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
+                         capture_output=True, text=True)
+    return run.stdout.strip() or None
 
 
 def spread(values: list[float]) -> dict[str, float]:
@@ -194,8 +202,14 @@ def main() -> None:
     card = card_name()
     first = next((r for r in rows if r["tokens"] == max(sizes) and r["questions"] == 1
                   and r["index_dtype"] == "int8"), rows[0])
+    import triton
+
+    import vllm_msa
+
     result = {
-        "benchmark": "compressed_routing", "card": card, "torch": torch.__version__,
+        "benchmark": "compressed_routing", "card": card, "commit": git_commit(),
+        "versions": {"torch": torch.__version__, "triton": triton.__version__,
+                     "vllm_msa": vllm_msa.__version__},
         "command": " ".join(sys.argv), "copy_bandwidth_bytes_per_s": bandwidth,
         "shape": SHAPE, "rows": rows, "selections_identical": True,
         "goal_metric": "GPU time of the int8 bounded pass / one read of the int8 index at the "
