@@ -63,6 +63,8 @@ def test_bank_of_another_model(checkpoints, default_banks):
     ({"banks": {"docs": "x"}, "host_cache_gib": 0}, "host_cache_gib must be a positive"),
     ({"banks": {"docs": {"path": "x", "host_cache_gib": "1"}}}, "host_cache_gib must be a"),
     ({"banks": {"docs": {"path": "x", "cache": 1}}}, "an entry is a path or"),
+    ({"banks": {"docs": "x"}, "index_dtype": "int4"}, "index_dtype must be one of"),
+    ({"banks": {"docs": {"path": "x", "index_dtype": "fp16"}}}, "'docs' index_dtype must be"),
 ])
 def test_bad_serving_config(checkpoints, msa, message):
     with pytest.raises(Exception, match=message):
