@@ -226,7 +226,9 @@ def server(checkpoints, default_banks, tmp_path_factory):
     ckpt = checkpoints()
     bank = default_banks["docs"]
     log = tmp_path_factory.mktemp("http") / "server.log"
-    with running_server(ckpt, {"banks": {"docs": str(bank.path)}}, log,
+    banks = {"docs": str(bank.path),  # and the same bank from an 8-bit routing index
+             "docs-int8": {"path": str(bank.path), "index_dtype": "int8"}}
+    with running_server(ckpt, {"banks": banks}, log,
                         "--max-num-batched-tokens", str(HTTP_STEP_BUDGET), "--max-num-seqs",
                         "8", "--logits-processors", "scripted_outputs:ScriptedOutputs") as srv:
         yield {**srv, "ckpt": ckpt, "bank": bank}

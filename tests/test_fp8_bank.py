@@ -383,26 +383,31 @@ CACHE_QUESTIONS = [*QUESTIONS, "What did the baker sell?", "Where was the treaty
                    "Who found the silver key?", "When did the storm reach the harbour?"]
 
 
-@pytest.mark.slow
-def test_disk_tier_serves_what_the_bank_in_ram_serves(fp8_served):
-    """A cache much smaller than the bank (documents read from the files as selected, the
-    least recently selected evicted) changes nothing: same tokens, logprobs, selections."""
-    llm = fp8_served["llm"]
+def assert_banks_serve_alike(llm, pairs) -> None:
+    """Each pair of banks (the same documents, served two ways) gives the same tokens,
+    logprobs and selections (documents and scores in every router layer, best first)."""
     tokenizer = llm.get_tokenizer()
     prompts = [{"prompt_token_ids": expected_prompt(tokenizer, q)[0]} for q in CACHE_QUESTIONS]
-    for ram, disk in (("docs", "docs-disk"), ("docs8", "docs8-disk")):
-        want = llm.generate(prompts, [sampling(msa_bank=ram, msa_return_selection=True)]
-                            * len(prompts), use_tqdm=False)
-        got = llm.generate(prompts, [sampling(msa_bank=disk, msa_return_selection=True)]
-                           * len(prompts), use_tqdm=False)
+    for first, second in pairs:
+        want, got = (llm.generate(prompts, [sampling(msa_bank=name, msa_return_selection=True)]
+                                  * len(prompts), use_tqdm=False)
+                     for name in (first, second))
         for a, b in zip(got, want, strict=True):
             assert a.outputs[0].token_ids == b.outputs[0].token_ids
-            # The same documents and scores in every router layer (the bank's name differs).
+            # (the reports name the bank: compare their layers)
             assert a.kv_transfer_params["msa_selection"]["layers"] == \
                 b.kv_transfer_params["msa_selection"]["layers"]
             for x, y in zip(a.outputs[0].logprobs, b.outputs[0].logprobs, strict=True):
                 assert {t: v.logprob for t, v in x.items()} == {
                     t: v.logprob for t, v in y.items()}
+
+
+@pytest.mark.slow
+def test_disk_tier_serves_what_the_bank_in_ram_serves(fp8_served):
+    """A cache much smaller than the bank (documents read from the files as selected, the
+    least recently selected evicted) changes nothing: same tokens, logprobs, selections."""
+    llm = fp8_served["llm"]
+    assert_banks_serve_alike(llm, (("docs", "docs-disk"), ("docs8", "docs8-disk")))
     stats = llm.collective_rpc(cache_stats)[0]
     for name in ("docs-disk", "docs8-disk"):
         assert stats[name]["evictions"] > 0 and stats[name]["hits"] > 0, stats[name]
@@ -420,27 +425,14 @@ def test_8bit_index_serves_what_the_full_index_serves(fp8_served):
     bank's generator as the exact keys) gives the same tokens, logprobs and selections, best
     first, as the same bank's full-precision index."""
     llm = fp8_served["llm"]
-    tokenizer = llm.get_tokenizer()
-    prompts = [{"prompt_token_ids": expected_prompt(tokenizer, q)[0]} for q in CACHE_QUESTIONS]
-    for full, small in (("docs", "docs-int8"), ("docs8", "docs8-e4m3"),
-                        ("virtual", "virtual-int8")):
-        want = llm.generate(prompts, [sampling(msa_bank=full, msa_return_selection=True)]
-                            * len(prompts), use_tqdm=False)
-        got = llm.generate(prompts, [sampling(msa_bank=small, msa_return_selection=True)]
-                           * len(prompts), use_tqdm=False)
-        for a, b in zip(got, want, strict=True):
-            assert a.outputs[0].token_ids == b.outputs[0].token_ids
-            assert a.kv_transfer_params["msa_selection"]["layers"] == \
-                b.kv_transfer_params["msa_selection"]["layers"]
-            for x, y in zip(a.outputs[0].logprobs, b.outputs[0].logprobs, strict=True):
-                assert {t: v.logprob for t, v in x.items()} == {
-                    t: v.logprob for t, v in y.items()}
+    assert_banks_serve_alike(llm, (("docs", "docs-int8"), ("docs8", "docs8-e4m3"),
+                                   ("virtual", "virtual-int8")))
     state = llm.collective_rpc(index_state)[0]
     for name, dtype in (("docs-int8", "int8"), ("docs8-e4m3", "fp8_e4m3"),
                         ("virtual-int8", "int8")):
         tier, full = state[name], state[name.split("-")[0]]
         assert tier["index_dtype"] == dtype and tier["index_bytes"] < full["index_bytes"]
         rescore = tier["rescore"]
-        assert rescore["calls"] > 0 and rescore["requests"] >= len(prompts), rescore
+        assert rescore["calls"] > 0 and rescore["requests"] >= len(CACHE_QUESTIONS), rescore
         assert 0 < rescore["candidates"] <= rescore["documents"], rescore
     assert state["docs"]["rescore"] is None

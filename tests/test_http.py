@@ -133,6 +133,51 @@ def engine_counts(server) -> tuple[float, float]:
     return running, finished
 
 
+def msa_series(server) -> dict[str, float]:
+    """The `vllm_msa_*` samples of vLLM's /metrics: {'name{labels}': value}, without the
+    labels vLLM adds to every series (model_name, engine)."""
+    samples = {}
+    for line in httpx.get(server["base"] + "/metrics", timeout=10).text.splitlines():
+        if line.startswith("vllm_msa_"):
+            key, value = line.rsplit(" ", 1)
+            name, _, labels = key.partition("{")
+            kept = [p for p in labels.rstrip("}").split(",")
+                    if p and not p.startswith(("model_name=", "engine="))]
+            samples[name + ("{" + ",".join(kept) + "}" if kept else "")] = float(value)
+    return samples
+
+
+def test_metrics_move_after_requests(server, tokenizer):
+    """Every documented `vllm_msa_*` series (docs/metrics.md) is on /metrics, and the
+    counters move after memory requests: the workers' figures reach the API server through
+    vLLM's KV-connector stats."""
+    from vllm_msa.serving.metrics import COUNTERS, GAUGES
+
+    before = msa_series(server)
+    ids = expected_prompt(tokenizer, QUESTIONS[0])[0]
+    for bank in ("docs", "docs-int8"):
+        assert completion(server, ids, msa_bank=bank).status_code == 200
+    want = {'vllm_msa_memory_requests_total{bank="docs"}', 'vllm_msa_routing_seconds_count',
+            'vllm_msa_documents_selected_total{bank="docs-int8"}',
+            'vllm_msa_fetched_bytes_total{bank="docs"}',
+            'vllm_msa_rescored_documents_total{bank="docs-int8",rank="0.0"}'}
+    deadline = time.monotonic() + 30
+    while True:
+        after = msa_series(server)
+        moved = {k for k in want if after.get(k, 0.0) > before.get(k, 0.0)}
+        if moved == want or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert moved == want, (sorted(want - moved), after)
+    names = {key.partition("{")[0] for key in after}
+    assert {*COUNTERS, *GAUGES, "vllm_msa_routing_seconds_bucket"} <= names, names
+    for bank in ("docs", "docs-int8"):
+        assert after[f'vllm_msa_bank_gpu_index_bytes{{bank="{bank}",rank="0.0"}}'] > 0
+        assert after[f'vllm_msa_bank_host_bytes{{bank="{bank}",rank="0.0"}}'] > 0
+    assert (after['vllm_msa_bank_gpu_index_bytes{bank="docs-int8",rank="0.0"}']
+            < after['vllm_msa_bank_gpu_index_bytes{bank="docs",rank="0.0"}'])
+
+
 @pytest.mark.parametrize("interleave", [False, True])
 def test_client_that_hangs_up_is_aborted(server, tokenizer, interleave):
     """A non-streamed /v1/msa/answer whose client disconnects stops its engine request (as

@@ -74,6 +74,7 @@ def stage_pending(runtime: MemoryRuntime, layer_idx: int) -> torch.cuda.Event | 
             staged = stage_routed(runtime, bank, layer_idx, requests, widths)
             if staged is None:
                 staged = stage_selected(runtime, bank, layer_idx, requests, widths)
+            runtime.metrics.staged(bank.name, staged[0].counts)
             for request, entry in zip(requests, staged, strict=True):
                 request.staged[layer_idx] = entry
     if stream is None:

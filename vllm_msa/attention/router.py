@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import os
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -106,6 +107,7 @@ def select_pending(runtime: MemoryRuntime, layer: RouterLayer, q: torch.Tensor,
         if layer.layer_idx not in row.request.selections:
             pending.setdefault(row.request.bank.name, []).append(row)
     for rows in pending.values():
+        started = time.perf_counter()
         spans, cu = [], [0]
         for row in rows:
             shift = row.token_start - row.first_position  # request token i -> step row
@@ -129,3 +131,6 @@ def select_pending(runtime: MemoryRuntime, layer: RouterLayer, q: torch.Tensor,
             selections = [RoutedSelection(routed, i) for i in range(len(rows))]
         for row, selection in zip(rows, selections, strict=True):
             row.request.selections[layer.layer_idx] = selection
+        bank = rows[0].request.bank
+        runtime.metrics.routed(bank.name, sum(min(k, bank.num_documents) for k in top_ks),
+                               time.perf_counter() - started)

@@ -31,6 +31,7 @@ from .reports import selection_reports
 from .requests import FullGraphStep, MemoryRequest, StepRow
 from .router import RouterLayer, folds_router_query, routing_params
 from .staging import StagingPool
+from .step_metrics import StepMetrics
 from .tiers import ServedBank, local_kv_heads
 from .uploads import upload
 from .warmup import warm_up_runtime
@@ -48,6 +49,7 @@ class MemoryRuntime:
     def __init__(self, vllm_config: Any, msa: MSAParams, *, num_heads: int, num_kv_heads: int,
                  head_dim: int, device: torch.device) -> None:
         from vllm.distributed import (
+            get_pp_group,
             get_tensor_model_parallel_rank,
             get_tensor_model_parallel_world_size,
         )
@@ -62,6 +64,8 @@ class MemoryRuntime:
         self.device = device
         self.tp_size = get_tensor_model_parallel_world_size()
         self.tp_rank = get_tensor_model_parallel_rank()
+        self.pp_rank = get_pp_group().rank_in_group
+        self.metrics = StepMetrics(device)  # the `vllm_msa_*` series' figures
         self.kv_heads = local_kv_heads(num_kv_heads, self.tp_rank, self.tp_size)
         # Memory Parallel: each rank routes over its share of every bank's documents and the
         # ranks exchange candidates (index_parallel.py); one rank needs no exchange.
@@ -108,6 +112,7 @@ class MemoryRuntime:
         self.graphs = self._decode_graphs(vllm_config, device) if self.banks else None
         self.warmed_up: list[str] = []  # kernel launches made at start (warmup.py)
         warm_up_runtime(self, vllm_config)
+        self.metrics.baseline(self)
 
     def _decode_graphs(self, vllm_config: Any, device: torch.device) -> DecodeGraphs | None:
         """Buffers for memory attention inside full decode graphs, when vLLM will capture
@@ -252,6 +257,7 @@ class MemoryRuntime:
                                        "attached to this worker")
                 request = MemoryRequest(req_id, options, bank)
                 self.requests[req_id] = request
+                self.metrics.request(bank.name)
             start, end = request.options.span_start, request.options.span_end
             if not request.selections and not (
                 first_position <= start and end <= first_position + num_tokens
@@ -282,6 +288,7 @@ class MemoryRuntime:
                                                 bool(self.rows))
 
     def end_step(self) -> None:
+        self.metrics.end_step()
         self.rows = []
         self.fused.reset()
         self._uploads.clear()

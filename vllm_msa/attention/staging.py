@@ -93,6 +93,11 @@ class StagingPool:
         self.overflows = 0
         self.version = 0  # bumped whenever slots are taken or given back
 
+    @property
+    def slot_size(self) -> int:
+        """Device bytes of one slot."""
+        return self.slot_bytes(self.keys.shape[1], self.keys.shape[2], self.keys.dtype)
+
     @staticmethod
     def slot_bytes(num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
         """One slot: a chunk's K̄ and V̄ for one layer."""

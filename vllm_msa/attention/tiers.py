@@ -357,6 +357,16 @@ class ServedBank:
             *self.host_keys.values(), *self.host_values.values(), *scales))
 
     @property
+    def host_row_bytes(self) -> int:
+        """Bytes one chunk of one router layer moves host -> device: its K̄ and V̄ rows of
+        this rank's heads, as stored (an FP8 tier's scales included)."""
+        layer = next(iter(self.host_keys), None)
+        if layer is None:
+            return 0
+        parts = (self.host_keys[layer], self.host_values[layer], *self.host_scales.get(layer, ()))
+        return sum(t[0].numel() * t.element_size() for t in parts)
+
+    @property
     def template_len(self) -> int:
         return len(self.bank.template_ids)
 

@@ -6,7 +6,8 @@ It moves no KV: the worker side reports the selections that router layers made i
 (`build_connector_worker_meta`, requests with `msa_return_selection` only), the scheduler side
 keeps them until the request finishes and returns them from `request_finished`, which vLLM
 puts in `RequestOutput.kv_transfer_params` (offline) and in the OpenAI response's
-`kv_transfer_params` (HTTP):
+`kv_transfer_params` (HTTP). (The same channel carries the workers' figures behind the
+`vllm_msa_*` series of vLLM's `/metrics`: `metrics.py`.)
 
     {"msa_selection": {"bank": NAME, "layers": {"18": {"doc_ids": [...], "scores": [...]}}}}
 
@@ -22,10 +23,12 @@ from typing import Any
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
     KVConnectorMetadata,
+    KVConnectorRole,
     KVConnectorWorkerMetadata,
 )
 
 from ..options import SELECTION_KEY
+from .metrics import MSAPromMetrics, MSAStats
 
 
 @dataclass
@@ -73,6 +76,27 @@ class MSAConnector(KVConnectorBase_V1):
 
     def wait_for_save(self) -> None:
         return None
+
+    def get_kv_connector_stats(self) -> MSAStats | None:
+        """This worker's `vllm_msa_*` figures since the last step (`metrics.py`)."""
+        from ..attention.runtime import current_runtime
+
+        if self._role != KVConnectorRole.WORKER:
+            return None
+        runtime = current_runtime()
+        if runtime is None or not runtime.banks:
+            return None
+        worker = f"{runtime.pp_rank}.{runtime.tp_rank}"
+        return MSAStats({"workers": {worker: runtime.metrics.take(runtime)}})
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> MSAStats:
+        return MSAStats(data if data is not None else {"workers": {}})
+
+    @classmethod
+    def build_prom_metrics(cls, vllm_config: Any, metric_types: dict, labelnames: list[str],
+                           per_engine_labelvalues: dict[int, list[object]]) -> MSAPromMetrics:
+        return MSAPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
 
     def build_connector_worker_meta(self) -> SelectionReport | None:
         from ..attention.runtime import current_runtime
