@@ -293,29 +293,28 @@ def candidate_index(index: CompressedRoutingIndex, docs: torch.Tensor, device: t
     from ..kernels.routing import PreparedRoutingIndex
 
     prep = index.prepared
-    start = prep.doc_start[docs].tolist()
-    stop = prep.doc_start[docs + 1].tolist()
-    ranges: list[tuple[int, int]] = []
-    for a, b in zip(start, stop, strict=True):
-        if ranges and ranges[-1][1] == a:
-            ranges[-1] = (ranges[-1][0], b)
-        else:
-            ranges.append((a, b))
+    start, stop = prep.doc_start[docs], prep.doc_start[docs + 1]
+    # Runs of neighbouring documents read as one range (tensor ops: thousands of them).
+    first = torch.ones_like(docs, dtype=torch.bool)
+    first[1:] = docs[1:] != docs[:-1] + 1
+    last = torch.ones_like(first)
+    last[:-1] = first[1:]
+    ranges = list(zip(start[first].tolist(), stop[last].tolist(), strict=True))
     kv, d = index.keys.values.shape[1:]
     keys = (index.exact(ranges) if ranges
             else torch.empty(0, kv, d, dtype=index.model_dtype))
     keys = keys.to(device=device, dtype=index.model_dtype).contiguous()
     if index.normalize:  # as the load normalised them: on the device, the same bits
         keys = normalized_keys(keys)
-    counts = torch.tensor([b - a for a, b in zip(start, stop, strict=True)], dtype=torch.int64)
-    doc_start = torch.zeros(len(start) + 1, dtype=torch.int64)
+    counts = (stop - start).to(device)
+    doc_start = torch.zeros(docs.numel() + 1, dtype=torch.int64, device=device)
     torch.cumsum(counts, 0, out=doc_start[1:])
-    chunk_doc = torch.repeat_interleave(torch.arange(len(start)), counts).to(device)
+    chunk_doc = torch.repeat_interleave(torch.arange(docs.numel(), device=device), counts)
     layout = index.layout
     bank_ids = layout.doc_ids if layout.bank_doc_ids is None else layout.bank_doc_ids
     sub = RoutingIndex(keys, chunk_doc, layout.doc_ids[docs.to(layout.doc_ids.device)],
                        bank_doc_ids=bank_ids, bank_doc_start=prep.bank_doc_start)
-    return (PreparedRoutingIndex(index=sub, keys=keys, doc_start=doc_start.to(device),
+    return (PreparedRoutingIndex(index=sub, keys=keys, doc_start=doc_start,
                                  tiebreak=prep.tiebreak[docs.to(prep.tiebreak.device)],
                                  ids_by_tiebreak=prep.ids_by_tiebreak,
                                  positions_by_tiebreak=prep.positions_by_tiebreak,
