@@ -165,6 +165,15 @@ def server_command(ckpt: Path, msa: dict, port: int, *extra: str) -> list[str]:
             json.dumps({"msa": msa}), *extra]
 
 
+def msa_serve_command(ckpt: Path, msa: dict, port: int, *extra: str) -> list[str]:
+    """The same server through `vllm-msa serve` (banks as --bank flags, the rest of the
+    options as vLLM's)."""
+    banks = [f"--bank={name}={path}" for name, path in msa["banks"].items()]
+    rest = {k: v for k, v in msa.items() if k != "banks"}
+    vllm = server_command(ckpt, rest, port, *extra)[3:]  # vLLM's options, "--model" first
+    return [sys.executable, "-m", "vllm_msa.cli", "serve", str(ckpt), *banks, *vllm[2:]]
+
+
 def server_env() -> dict[str, str]:
     """The route plugin on, tests/ importable (the scripted-outputs logits processor)."""
     tests = os.path.dirname(os.path.abspath(__file__))
@@ -200,14 +209,16 @@ def stop_server(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
 
 @contextlib.contextmanager
 def running_server(ckpt: Path, msa: dict, log: Path, *extra: str,
-                   env: dict[str, str] | None = None) -> Iterator[dict]:
+                   env: dict[str, str] | None = None, front: bool = False) -> Iterator[dict]:
     """A real OpenAI server over `ckpt` with `msa` as its additional_config, in a process
-    group of its own (`env`: more environment variables); yields {"base", "proc", "log"}."""
+    group of its own (`env`: more environment variables; `front`: started by `vllm-msa
+    serve`); yields {"base", "proc", "log"}."""
     port = free_port()
     handle = open(log, "w")  # noqa: SIM115 - closed below
     # cwd: not the checkout, which `python -m` would put first on sys.path: the server must
     # import the installed vllm_msa, as vLLM's own processes do.
-    proc = subprocess.Popen(server_command(ckpt, msa, port, *extra),
+    command = (msa_serve_command if front else server_command)(ckpt, msa, port, *extra)
+    proc = subprocess.Popen(command,
                             env={**server_env(), **(env or {})}, cwd=log.parent,
                             stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"

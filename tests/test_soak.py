@@ -88,9 +88,12 @@ def test_soak_then_kill_and_restart(checkpoints, default_banks, tmp_path):
 
     for name, bank in default_banks.items():
         assert MemoryBank.open(bank.path).verify() == [], name
-    with running_server(ckpt, msa, tmp_path / "restart.log", *SERVER_ARGS,
-                        env=DEV_MODE) as srv, httpx.Client(timeout=600) as client:
-        for spec in specs:  # the same command as before the kill (conftest.server_command)
+    # Restarted by `vllm-msa serve` (banks as flags), with VLLM_PLUGINS naming another
+    # plugin only: the front still loads the plugin and its /v1/msa/answer route.
+    restart_env = {**DEV_MODE, "VLLM_PLUGINS": "lora_filesystem_resolver"}
+    with running_server(ckpt, msa, tmp_path / "restart.log", *SERVER_ARGS, env=restart_env,
+                        front=True) as srv, httpx.Client(timeout=600) as client:
+        for spec in specs:  # the answers of the first server, the same options
             assert send(client, srv["base"], spec) == soak.expected[spec.name], spec.name
 
 

@@ -183,6 +183,9 @@ def _positive_float(text: str) -> float:
 def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vllm-msa", description=__doc__)
     sub = parser.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("serve", add_help=False,  # (`main` hands `serve` to serve_cli.py)
+                   help="vLLM's OpenAI server with banks given as flags "
+                   "(`vllm-msa serve --help`)")
     _add_tiny_parser(sub)
     # vLLM's engine options (an `import vllm` of seconds) only for a build that runs: its
     # --help stays instant and names them instead.
@@ -432,6 +435,10 @@ def main(argv: Sequence[str] | None = None, *, exit_process: bool = False) -> in
     """Run one command; its exit status. `exit_process`: a successful `bank build` ends the
     process itself (`_exit_after_engine`), as the console script does."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["serve"]:  # its unknown options are vLLM's: parsed on its own
+        from .serve_cli import main as serve
+
+        return serve(argv[1:])
     args = build_parser(argv).parse_args(argv)
     from .bank import BankError
     from .bank.documents import DocumentsError
