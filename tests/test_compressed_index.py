@@ -155,9 +155,10 @@ def near_tie_bank(kv: int, d: int, gen, spread: float, dtype=torch.float32) -> R
 
 
 @needs_kernel
-@pytest.mark.parametrize(("head", "query", "chunk"), COMBOS[::3])
+@pytest.mark.parametrize(("head", "query", "chunk"), COMBOS[::6] if INTERPRET else COMBOS[::3])
 @pytest.mark.parametrize("dtype", ["int8", "fp8_e4m3"])
-@pytest.mark.parametrize("keys_dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("keys_dtype", [torch.bfloat16] if INTERPRET
+                         else [torch.bfloat16, torch.float32])
 def test_bounds_kernel_computes_the_torch_brackets(head, query, chunk, dtype, keys_dtype):
     """The Triton bounded pass against `chunk_bounds` in torch on the same queries (float32
     rounding apart: the kernel sums heads and multiplies the scale in another order)."""
@@ -175,8 +176,9 @@ def test_bounds_kernel_computes_the_torch_brackets(head, query, chunk, dtype, ke
         assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("spread", [0.0, 1e-6, 1e-4, 1e-2])
-@pytest.mark.parametrize(("head", "query", "chunk"), [COMBOS[0], COMBOS[7], COMBOS[10]])
+@pytest.mark.parametrize("spread", [0.0, 1e-4] if INTERPRET else [0.0, 1e-6, 1e-4, 1e-2])
+@pytest.mark.parametrize(("head", "query", "chunk"),
+                         [COMBOS[0], COMBOS[7], *([] if INTERPRET else [COMBOS[10]])])
 def test_near_ties_below_the_8bit_step(spread, head, query, chunk):
     msa = msa_params(head, query, chunk)
     gen = torch.Generator().manual_seed(int(spread * 1e6) + 17)
@@ -247,7 +249,7 @@ def test_shards_select_like_the_whole_index(ranks, dtype):
         assert_same(got, want)
 
 
-@settings(max_examples=40 if not INTERPRET else 5, deadline=None)
+@settings(max_examples=40 if not INTERPRET else 3, deadline=None)
 @given(seed=st.integers(0, 2**31 - 1), combo=st.sampled_from(COMBOS),
        grid=st.sampled_from([0.0, 0.25, 1.0]), k=st.integers(1, 12))
 def test_fuzzed_banks_with_coarse_values(seed, combo, grid, k):
