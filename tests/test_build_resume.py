@@ -86,3 +86,29 @@ def _group_alive(pgid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+def test_build_progress_moves_per_document():
+    """`bank build`'s bar advances as vLLM finishes each document of a segment (vLLM drives
+    `DocumentProgress` through `use_tqdm`), with tokens/s; a vLLM that drove nothing leaves
+    the segment to `finish`."""
+    import io
+
+    from tqdm import tqdm
+
+    from vllm_msa.bank.build import DocumentProgress
+
+    out = io.StringIO()
+    bar = tqdm(total=10, file=out, mininterval=0, unit="doc")
+    progress = DocumentProgress(bar, time.monotonic() - 1.0, 0, 1000, 4)
+    prompts = ["a", "b"]
+    assert progress.factory(prompts, desc="Adding requests") is prompts  # passed through
+    engine_bar = progress.factory(total=4, desc="Processed prompts")
+    for n in (1, 2):
+        engine_bar.update(1)
+        assert bar.n == n
+    assert "tok_s" in bar.postfix
+    progress.finish()
+    assert bar.n == 4
+    progress.finish()
+    assert bar.n == 4

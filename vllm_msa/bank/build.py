@@ -110,14 +110,14 @@ def _build(llm: Any, checkpoint: Path, documents: list[Document], source: dict[s
                           "split the document and build into a new directory")
                 writer.record_stop(reason, advice)
                 raise BankError(f"{reason}; {advice}")
-            encoded = _encode(llm, segment)
+            tokens = sum(len(ids) for _, ids in segment)
+            docs = DocumentProgress(bar, start, tokens_done, tokens, len(segment))
+            encoded = _encode(llm, segment, docs)
+            docs.finish()  # (a vLLM that drove no progress bar: the segment at once)
             if pending is not None:
                 pending.result()
             pending = io.submit(writer.add_segment, encoded)
-            tokens_done += sum(len(ids) for _, ids in segment)
-            elapsed = max(time.monotonic() - start, 1e-9)
-            bar.update(len(segment))
-            bar.set_postfix(tok_s=f"{tokens_done / elapsed:,.0f}", refresh=False)
+            tokens_done += tokens
         if pending is not None:
             pending.result()
     bar.close()
@@ -170,7 +170,42 @@ def _segments(
         yield segment
 
 
-def _encode(llm, segment: Sequence[tuple[Document, list[int]]]) -> list[EncodedDocument]:
+class DocumentProgress:
+    """The progress bar `LLM.encode` drives for one segment (its `use_tqdm` takes a tqdm
+    factory): every document the engine finishes advances the build's bar, with the tokens/s
+    so far (the segment's documents counted at its mean length)."""
+
+    def __init__(self, bar: Any, started: float, tokens_before: int, tokens: int,
+                 documents: int) -> None:
+        self.bar, self.started = bar, started
+        self.tokens_before, self.tokens, self.documents = tokens_before, tokens, documents
+        self.n = 0
+
+    def factory(self, *iterable: Any, **_: Any) -> Any:
+        """`use_tqdm`: vLLM calls it for the engine's bar (kept) or around an iterable of
+        prompts being added (passed through)."""
+        return iterable[0] if iterable else self
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        self.bar.update(n)
+        done = self.tokens_before + self.tokens * self.n / max(self.documents, 1)
+        elapsed = max(time.monotonic() - self.started, 1e-9)
+        self.bar.set_postfix(tok_s=f"{done / elapsed:,.0f}", refresh=False)
+
+    def finish(self) -> None:
+        if self.n < self.documents:
+            self.update(self.documents - self.n)
+
+    def refresh(self) -> None:
+        self.bar.refresh()
+
+    def close(self) -> None:
+        pass
+
+
+def _encode(llm, segment: Sequence[tuple[Document, list[int]]],
+            progress: DocumentProgress | None = None) -> list[EncodedDocument]:
     from vllm.pooling_params import PoolingParams
 
     params = PoolingParams(extra_kwargs={ENCODE_MODE_KEY: DOCUMENT_MODE})
@@ -178,7 +213,7 @@ def _encode(llm, segment: Sequence[tuple[Document, list[int]]]) -> list[EncodedD
         [{"prompt_token_ids": ids} for _, ids in segment],
         pooling_params=params,
         pooling_task="token_embed",
-        use_tqdm=False,
+        use_tqdm=progress.factory if progress is not None else False,
     )
     return [
         EncodedDocument(doc.id, len(ids), out.outputs.data)
