@@ -115,6 +115,7 @@ def make_decode_runtime(template_len: int = 3):
     """A runtime with full decode graphs and two fully staged memory requests (CPU)."""
     from vllm_msa.attention.requests import MemoryRequest
     from vllm_msa.attention.runtime import MemoryRuntime
+    from vllm_msa.attention.step_metrics import StepMetrics
     from vllm_msa.options import RequestOptions
 
     runtime = MemoryRuntime.__new__(MemoryRuntime)
@@ -125,6 +126,7 @@ def make_decode_runtime(template_len: int = 3):
     runtime._settled, runtime._last_full, runtime.requests = set(), None, {}
     runtime.memory_steps = collections.Counter()
     runtime.fused, runtime._uploads = FusedAttention(), {}
+    runtime.metrics = StepMetrics(torch.device("cpu"))
     bank = type("Bank", (), {"template_len": template_len})()
     options = RequestOptions("docs", 2, ((4, 6),), False)
     for i in range(2):
