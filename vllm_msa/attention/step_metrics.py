@@ -55,6 +55,7 @@ class StepMetrics:
         self._staged_seen: collections.Counter[str] = collections.Counter()
         self._rescored_seen: collections.Counter[str] = collections.Counter()
         self._overflows_seen = 0
+        self._tier_bytes: dict[str, dict[str, int]] = {}
 
     def request(self, bank: str) -> None:
         self.requests[bank] += 1
@@ -87,6 +88,11 @@ class StepMetrics:
             stats = bank.rescore_stats()
             self._rescored_seen[name] = stats["candidates"] if stats else 0
         self._overflows_seen = runtime.pool.overflows
+        # Fixed once the banks are loaded: not summed again on every (decode) step.
+        self._tier_bytes = {
+            "bank_gpu_index_bytes": {n: b.index_bytes for n, b in runtime.banks.items()},
+            "bank_host_bytes": {n: b.host_bytes for n, b in runtime.banks.items()},
+        }
 
     def take(self, runtime: Any) -> dict[str, Any]:
         """This worker's figures since the last call (counters as increments, gauges as
@@ -110,8 +116,7 @@ class StepMetrics:
             "rescored_documents": rescored,
             "staging_overflows": pool.overflows - self._overflows_seen,
             "staging_in_use_bytes": (pool.num_slots - pool.num_free) * pool.slot_size,
-            "bank_gpu_index_bytes": {n: b.index_bytes for n, b in banks.items()},
-            "bank_host_bytes": {n: b.host_bytes for n, b in banks.items()},
+            **self._tier_bytes,
         }
         self._overflows_seen = pool.overflows
         self.requests.clear()
