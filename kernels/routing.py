@@ -223,6 +223,34 @@ if HAS_TRITON:
                 acc = tl.dot(k, tl.trans(q), acc, input_precision=DOT_PRECISION)
         return acc
 
+    @triton.jit
+    def _add_kv_head_int(acc, k, scale, qhi_head_ptr, qlo_head_ptr, qs_head_ptr, lo_offset,
+                         stride_qh, num_heads, toks, mask_t, Q_PER_KV: tl.constexpr,
+                         HEAD_MAX: tl.constexpr, UPCAST: tl.constexpr):
+        """`_add_kv_head` for an int8 key tile `k` against queries as two int8 levels
+        (`compressed_index.IntegerQueries`): two int8 x int8 -> int32 products (exact), then
+        s = (acc_hi * s_hi + acc_lo * s_lo) * scale in float32. The int32 sums stay below
+        2^24 (D * 127^2 for D <= 1024), so their float32 images are exact too."""
+        for g in tl.static_range(Q_PER_KV):
+            rows = mask_t[:, None]
+            q_hi = tl.load(qhi_head_ptr + g * stride_qh, mask=rows, other=0)
+            q_lo = tl.load(qlo_head_ptr + g * stride_qh, mask=rows, other=0)
+            s_hi = tl.load(qs_head_ptr + g + toks * num_heads, mask=mask_t, other=0.0)
+            s_lo = tl.load(qs_head_ptr + lo_offset + g + toks * num_heads, mask=mask_t,
+                           other=0.0)
+            if UPCAST:  # the interpreter: float32 products of small integers are exact
+                a_hi = tl.dot(k, tl.trans(q_hi.to(tl.float32)), input_precision="ieee")
+                a_lo = tl.dot(k, tl.trans(q_lo.to(tl.float32)), input_precision="ieee")
+            else:
+                a_hi = tl.dot(k, tl.trans(q_hi), out_dtype=tl.int32).to(tl.float32)
+                a_lo = tl.dot(k, tl.trans(q_lo), out_dtype=tl.int32).to(tl.float32)
+            s = (a_hi * s_hi[None, :] + a_lo * s_lo[None, :]) * scale[:, None]
+            if HEAD_MAX:
+                acc = tl.maximum(acc, s)
+            else:
+                acc += s
+        return acc
+
     # Token and request counts change every step: not specialised (a compiled variant per
     # count == 1 / divisible by 16 would compile on requests, past the engine's warm-up).
     # Compiled for sm_90 both ways, the kernel has the same shared memory, MMAs and loads;
@@ -253,6 +281,11 @@ if HAS_TRITON:
         UPCAST: tl.constexpr,
         SCALED: tl.constexpr = False,  # 8-bit keys (`attention/compressed_index.py`)
         FP8: tl.constexpr = False,  # ... as e4m3 bytes (else int8)
+        # int8 keys against int8 queries in two levels: q_ptr holds the high level, qlo_ptr
+        # the low one (same strides), qs_ptr [2, T_total, QH] fp32 their scales.
+        INT_DOT: tl.constexpr = False,
+        qlo_ptr=None,
+        qs_ptr=None,
     ):
         pid = tl.program_id(0)
         offs_c = pid.to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -279,21 +312,34 @@ if HAS_TRITON:
             else:
                 acc = tl.zeros([BLOCK_C, BLOCK_T], dtype=tl.float32)
             for j in range(KV_HEADS):
-                scale = None
-                if SCALED:  # widened exactly (8-bit values fit the queries' dtype)
-                    raw = tl.load(k_tile + j * stride_kh, mask=mask_c[:, None], other=0)
-                    if FP8:  # noqa: SIM108 (constexpr branches)
-                        k = e4m3_to_f32(raw.to(tl.int32))
-                    else:
-                        k = raw.to(tl.float32)
-                    if not UPCAST:
-                        k = k.to(q_ptr.dtype.element_ty)
+                if INT_DOT:
+                    k = tl.load(k_tile + j * stride_kh, mask=mask_c[:, None], other=0)
+                    if UPCAST:
+                        k = k.to(tl.float32)
                     scale = tl.load(scale_ptr + offs_c * KV_HEADS + j, mask=mask_c, other=0.0)
+                    head = j * Q_PER_KV
+                    acc = _add_kv_head_int(
+                        acc, k, scale, q_tile + head * stride_qh,
+                        qlo_ptr + toks[:, None] * stride_qt + offs_d[None, :] + head * stride_qh,
+                        qs_ptr + head, num_tokens * KV_HEADS * Q_PER_KV, stride_qh,
+                        KV_HEADS * Q_PER_KV, toks, mask_t, Q_PER_KV, HEAD_MAX, UPCAST)
                 else:
-                    k = tl.load(k_tile + j * stride_kh, mask=mask_c[:, None], other=0.0)
-                acc = _add_kv_head(acc, k, scale, q_tile + j * Q_PER_KV * stride_qh,
-                                   stride_qh, mask_t, Q_PER_KV, HEAD_MAX, DOT_PRECISION,
-                                   UPCAST, SCALED)
+                    scale = None
+                    if SCALED:  # widened exactly (8-bit values fit the queries' dtype)
+                        raw = tl.load(k_tile + j * stride_kh, mask=mask_c[:, None], other=0)
+                        if FP8:  # noqa: SIM108 (constexpr branches)
+                            k = e4m3_to_f32(raw.to(tl.int32))
+                        else:
+                            k = raw.to(tl.float32)
+                        if not UPCAST:
+                            k = k.to(q_ptr.dtype.element_ty)
+                        scale = tl.load(scale_ptr + offs_c * KV_HEADS + j, mask=mask_c,
+                                        other=0.0)
+                    else:
+                        k = tl.load(k_tile + j * stride_kh, mask=mask_c[:, None], other=0.0)
+                    acc = _add_kv_head(acc, k, scale, q_tile + j * Q_PER_KV * stride_qh,
+                                       stride_qh, mask_t, Q_PER_KV, HEAD_MAX, DOT_PRECISION,
+                                       UPCAST, SCALED)
             t1 = t0 + BLOCK_T
             more = r < num_requests
             while more:
@@ -563,10 +609,16 @@ def _chunk_scores(qr_all, cu, prep: PreparedRoutingIndex, msa: MSAParams,
 
 def launch_chunk_scores(q: torch.Tensor, cu: list[int], head_max: bool, query_mean: bool,
                         keys: torch.Tensor, scale: torch.Tensor | None = None,
-                        config: KernelConfig | None = None) -> torch.Tensor:
+                        config: KernelConfig | None = None, integer=None) -> torch.Tensor:
     """S(c) [R, C] fp32 of prepared queries `q` (`prepare_queries`) against `keys` in their
     dtype, or against 8-bit keys (int8, or e4m3 as `torch.float8_e4m3fn`) times `scale`
-    [C, KV] (`attention/bounded_routing.py`'s bounded pass)."""
+    [C, KV] (`attention/bounded_routing.py`'s bounded pass). `integer`: the queries as
+    `compressed_index.IntegerQueries` (int8 keys only), multiplied on int8 tensor cores;
+    `q` is then unused."""
+    if integer is not None:
+        if keys.dtype != torch.int8 or scale is None:
+            raise ValueError("integer queries need int8 keys and their scales")
+        q = integer.hi
     num_chunks, kv, d = keys.shape
     num_requests, num_tokens = len(cu) - 1, q.shape[0]
     out = torch.empty(num_requests, num_chunks, dtype=torch.float32, device=keys.device)
@@ -592,7 +644,9 @@ def launch_chunk_scores(q: torch.Tensor, cu: list[int], head_max: bool, query_me
                 HEAD_MAX=head_max, QUERY_MEAN=query_mean,
                 DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
                 UPCAST=INTERPRET and q.dtype != torch.float32,
-                SCALED=scaled, FP8=fp8,
+                SCALED=scaled, FP8=fp8, INT_DOT=integer is not None,
+                qlo_ptr=None if integer is None else integer.lo,
+                qs_ptr=None if integer is None else integer.scale,
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages,
             )
         except Exception as e:  # Triton's OutOfResources: shrink defaults, never explicit

@@ -31,7 +31,7 @@ from triton_interpreter import (
     parent_only,
     rerun_under_interpreter,
 )
-from vllm_msa.kernels.routing import route_batched
+from vllm_msa.kernels.routing import chunk_scores_batched, route_batched
 
 from vllm_msa.attention.bounded_routing import (
     CompressedRoutingIndex,
@@ -154,14 +154,31 @@ def near_tie_bank(kv: int, d: int, gen, spread: float, dtype=torch.float32) -> R
                         torch.randperm(500, generator=gen)[:60])
 
 
+def integer_scores(bq, keys, query: str) -> torch.Tensor:
+    """Ŝ [R, C] in float64 as the int8 x int8 pass defines it: q̂ . k̂, with q̂ the two int8
+    levels of the kernels' queries and k̂ the 8-bit keys times their scales."""
+    ints = bq.integer
+    q = ints.hi.double() * ints.scale[0, ..., None].double()
+    q = q + ints.lo.double() * ints.scale[1, ..., None].double()
+    k = keys.dequantized().double()
+    t, qh, d = q.shape
+    kv = k.shape[1]
+    per_token = torch.einsum("tkgd,ckd->tkgc", q.view(t, kv, qh // kv, d), k)
+    per_token = per_token.amax(dim=(1, 2)) if bq.head_max else per_token.sum(dim=(1, 2))
+    return torch.stack([per_token[a:b].mean(0) if query == "mean" else per_token[a:b].amax(0)
+                        for a, b in itertools.pairwise(bq.cu)])
+
+
 @needs_kernel
 @pytest.mark.parametrize(("head", "query", "chunk"), COMBOS[::6] if INTERPRET else COMBOS[::3])
-@pytest.mark.parametrize("dtype", ["int8", "fp8_e4m3"])
+@pytest.mark.parametrize(("dtype", "integer"),
+                         [("int8", True), ("int8", False), ("fp8_e4m3", False)])
 @pytest.mark.parametrize("keys_dtype", [torch.bfloat16] if INTERPRET
                          else [torch.bfloat16, torch.float32])
-def test_bounds_kernel_computes_the_torch_brackets(head, query, chunk, dtype, keys_dtype):
-    """The Triton bounded pass against `chunk_bounds` in torch on the same queries (float32
-    rounding apart: the kernel sums heads and multiplies the scale in another order)."""
+def test_bounds_kernel_computes_the_brackets(head, query, chunk, dtype, integer, keys_dtype):
+    """The Triton bounded pass: its Ŝ against an independent computation (the torch path's
+    for the 8-bit keys widened to the queries' dtype; q̂ . k̂ in float64 for int8 queries),
+    and its widened brackets hold every chunk score the full-precision kernels compute."""
     msa = msa_params(head, query, chunk)
     gen = torch.Generator().manual_seed(11)
     full = on_device(make_index(torch.randint(1, 6, (50,), generator=gen).tolist(), 2, 32,
@@ -169,11 +186,26 @@ def test_bounds_kernel_computes_the_torch_brackets(head, query, chunk, dtype, ke
     index = compressed(full, dtype)
     qr = queries(13, 8, 32, gen)
     cu = [0, 6, 7, 13]
-    kernel = bound_queries(qr, cu, 2, msa, keys_dtype)
-    torch_path = dataclasses.replace(kernel, kernel_q=None)
-    for got, want in zip(chunk_bounds(kernel, index.keys, query),
-                         chunk_bounds(torch_path, index.keys, query), strict=True):
-        assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)
+    kernel = bound_queries(qr, cu, 2, msa, keys_dtype, integer=integer)
+    assert (kernel.integer is not None) == integer
+    lo, hi = chunk_bounds(kernel, index.keys, query)
+    if integer:
+        want = integer_scores(kernel, index.keys, query)
+        assert torch.allclose(((lo.double() + hi.double()) / 2), want, rtol=1e-5, atol=1e-6)
+        # The queries' two int8 levels are within their bound, and far inside the keys'.
+        assert float(kernel.integer.error.max()) < 1e-3 * float(kernel.q.norm(dim=-1).max())
+    else:
+        torch_path = dataclasses.replace(kernel, kernel_q=None)
+        for got, want in zip((lo, hi), chunk_bounds(torch_path, index.keys, query),
+                             strict=True):
+            assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)
+    lo, hi = widened(kernel, index, lo, hi)
+    exact = chunk_scores_batched(qr, cu, full, msa)
+    assert bool((lo <= exact).all()) and bool((exact <= hi).all())
+    # Selections through each path are the full index's.
+    ks = [1, 5, 50]
+    assert_same(route_compressed(qr, cu, index, msa, ks, integer=integer),
+                route_batched(qr, cu, full, msa, ks))
 
 
 @pytest.mark.parametrize("spread", [0.0, 1e-4] if INTERPRET else [0.0, 1e-6, 1e-4, 1e-2])

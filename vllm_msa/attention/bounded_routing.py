@@ -35,6 +35,13 @@ monotone) brackets S_r(d). So the bounded pass is the exact routing computation 
 (the chunk-score kernel reading 8-bit values and scales: `kernels.routing`) plus a small
 [requests, chunks] product for E; no per-token bound is ever formed.
 
+Over an int8 index the kernel multiplies int8 queries too (`compressed_index.IntegerQueries`:
+q̂ = s_hi hi + s_lo lo per token and head, exact integer products on tensor cores), so ŝ is
+q̂ . k̂. Then |q . k - q̂ . k̂| <= ||q|| ||k - k̂|| + ||q - q̂|| ||k̂||, and ||k̂|| <= M_c (the
+chunk's `magnitude`): E gains μ_r M_c, μ_r the Σ_kv (head mean) or max_kv (head max) of the
+query errors ||q - q̂|| reduced over tokens like n. Q_r then also bounds ||s_hi hi|| +
+||s_lo lo||, the size of the terms the kernel rounds.
+
 Floating point. Every quantity involved, each path's own way of computing it included, is at
 most A = Q_r * M_d in magnitude, with Q_r the largest over r's tokens of Σ_kv ||q̄_kv||
 (mean; the torch path's per-head mean (1/H) Σ_h ||q_h||) or max_h ||q_h|| (max), and M_d
@@ -65,7 +72,7 @@ from typing import Any
 import torch
 
 from ..config import MSAParams
-from .compressed_index import CompressedKeys, ExactKeys
+from .compressed_index import CompressedKeys, ExactKeys, IntegerQueries, integer_queries
 from .routing import RoutingIndex, normalized_keys
 
 DOT_UNIT = 2.0**-20
@@ -157,13 +164,15 @@ class BoundQueries:
     num_tokens: int  # the most routing tokens of any request (T in γ)
     num_heads: int  # the model's query heads (H in γ)
     kernel_q: torch.Tensor | None = None  # q in the kernels' dtype: the bounds kernel reads it
+    integer: IntegerQueries | None = None  # kernel_q in two int8 levels (int8 indexes)
 
 
 def bound_queries(qr_all: torch.Tensor, cu: list[int], num_kv_heads: int, msa: MSAParams,
-                  kernel_dtype: torch.dtype | None) -> BoundQueries:
+                  kernel_dtype: torch.dtype | None, integer: bool = False) -> BoundQueries:
     """The exact scorer's queries: the kernels' (rounded to `kernel_dtype`, as
-    `kernels.routing.prepare_queries` makes them) or, with `kernel_dtype` None, the torch
-    path's (`routing.chunk_scores`: float32, per head)."""
+    `kernels.routing.prepare_queries` makes them; with `integer`, also as `IntegerQueries`
+    for an int8 index) or, with `kernel_dtype` None, the torch path's (`routing.chunk_scores`:
+    float32, per head)."""
     from ..kernels.routing import prepare_queries, prepare_queries_torch
 
     num_heads, d = qr_all.shape[1], qr_all.shape[2]
@@ -172,11 +181,14 @@ def bound_queries(qr_all: torch.Tensor, cu: list[int], num_kv_heads: int, msa: M
         kernel_q, cu_q, head_max = prepare_queries(qr_all, cu, num_kv_heads, msa, kernel_dtype)
         q = kernel_q.float()
         norms = q.norm(dim=-1)
+        if integer:
+            ints = integer_queries(kernel_q)
+            norms = torch.maximum(norms, ints.size)
         per_token = norms.amax(1) if head_max else norms.sum(1)
         rows = cu_q  # (with the "last" reduce: one row per request)
     else:
         q, cu_q, head_max = prepare_queries_torch(qr_all, cu, num_kv_heads, msa, torch.float32)
-        kernel_q = None
+        kernel_q = ints = None
         heads = qr_all.float()
         if msa.normalize_routing:
             heads = torch.nn.functional.normalize(heads, p=2, dim=-1)
@@ -184,12 +196,15 @@ def bound_queries(qr_all: torch.Tensor, cu: list[int], num_kv_heads: int, msa: M
         per_token = norms.amax(1) if head_max else norms.sum(1) / num_heads
         rows = cu  # (every token: an upper bound of the last one's)
     magnitude = torch.stack([per_token[a:b].amax() for a, b in itertools.pairwise(rows)])
-    return BoundQueries(q, cu_q, head_max, magnitude, tokens, num_heads, kernel_q)
+    return BoundQueries(q, cu_q, head_max, magnitude, tokens, num_heads, kernel_q,
+                        ints if integer else None)
 
 
-def query_norms(queries: BoundQueries, num_kv_heads: int, query_reduce: str) -> torch.Tensor:
-    """n [R, KV] of the module docstring: each request's query norms per KV head."""
-    norms = queries.q.norm(dim=-1)  # [T', QH]
+def query_norms(queries: BoundQueries, num_kv_heads: int, query_reduce: str,
+                norms: torch.Tensor | None = None) -> torch.Tensor:
+    """n [R, KV] of the module docstring: each request's query norms per KV head (or of
+    other per-row norms [T', QH], `norms`: μ's query errors)."""
+    norms = queries.q.norm(dim=-1) if norms is None else norms  # [T', QH]
     if queries.head_max:
         norms = norms.view(norms.shape[0], num_kv_heads, -1).amax(-1)
     mean = query_reduce == "mean" and not queries.head_max
@@ -206,7 +221,8 @@ def approximate_scores(queries: BoundQueries, keys: CompressedKeys, query_reduce
         from ..kernels.routing import launch_chunk_scores
 
         return launch_chunk_scores(queries.kernel_q, queries.cu, queries.head_max,
-                                   query_reduce == "mean", keys.values, keys.scale)
+                                   query_reduce == "mean", keys.values, keys.scale,
+                                   integer=queries.integer)
     q = queries.q
     t, qh, d = q.shape
     kv = keys.values.shape[1]
@@ -237,6 +253,10 @@ def chunk_bounds(queries: BoundQueries, keys: CompressedKeys, query_reduce: str
         err = torch.stack([(keys.residual * n).amax(-1) for n in norms])
     else:
         err = norms @ keys.residual.t()
+    if queries.integer is not None:  # the queries' own error, times ||k̂|| <= magnitude
+        mu = query_norms(queries, keys.values.shape[1], query_reduce, queries.integer.error)
+        mu = mu.amax(-1) if queries.head_max else mu.sum(-1)
+        err = torch.addcmul(err, mu[:, None], keys.magnitude[None, :])
     return s_hat - err, s_hat + err
 
 
@@ -322,12 +342,27 @@ def candidate_index(index: CompressedRoutingIndex, docs: torch.Tensor, device: t
             keys.shape[0], keys.numel() * keys.element_size())
 
 
+def bounded_candidates(qr_all: torch.Tensor, cu: list[int], index: CompressedRoutingIndex,
+                       msa: MSAParams, ks: list[int], kernel: bool,
+                       integer: bool | None = None) -> torch.Tensor:
+    """[n] bool: the documents the exact re-score must see (the bounded pass, all on the
+    device; nothing waits for it). `integer`: multiply int8 queries (None: wherever the
+    kernels run over an int8 index)."""
+    if integer is None:
+        integer = kernel and index.keys.values.dtype == torch.int8
+    queries = bound_queries(qr_all, cu, index.keys.values.shape[1], msa,
+                            index.model_dtype if kernel else None, integer)
+    lo, hi = widened(queries, index, *chunk_bounds(queries, index.keys, msa.query_reduce))
+    return candidates(*document_bounds(index, msa, lo, hi, kernel), ks)
+
+
 def route_compressed(qr_all: torch.Tensor, cu_tokens, index: CompressedRoutingIndex,
-                     msa: MSAParams, top_k, exchange: Any = None, keys_only: bool = False
-                     ) -> Any:
+                     msa: MSAParams, top_k, exchange: Any = None, keys_only: bool = False,
+                     integer: bool | None = None) -> Any:
     """Routing of R requests over a compressed index, exactly as the full-precision index
     routes them: the kernels' `RoutedBatch` (`keys_only`, where the kernels run) or one
-    `Selection` per request (`kernels.routing.route_batched`'s contract)."""
+    `Selection` per request (`kernels.routing.route_batched`'s contract). `integer`: as
+    `bounded_candidates` (the tests force both ways)."""
     from ..kernels.routing import (
         KernelConfig,
         _token_ranges,
@@ -345,10 +380,7 @@ def route_compressed(qr_all: torch.Tensor, cu_tokens, index: CompressedRoutingIn
     kv, d = index.keys.values.shape[1:]
     probe = torch.empty(0, kv, d, dtype=index.model_dtype, device=device)
     kernel = kernel_supported(qr_all, probe)
-    queries = bound_queries(qr_all, cu, kv, msa, index.model_dtype if kernel else None)
-    lo, hi = widened(queries, index, *chunk_bounds(queries, index.keys, msa.query_reduce))
-    doc_lo, doc_hi = document_bounds(index, msa, lo, hi, kernel)
-    docs = candidates(doc_lo, doc_hi, ks).nonzero().flatten()
+    docs = bounded_candidates(qr_all, cu, index, msa, ks, kernel, integer).nonzero().flatten()
     started = time.perf_counter()
     sub, chunks, nbytes = candidate_index(index, docs, device)
     index.stats.add(len(ks), index.num_documents, int(docs.numel()), chunks, nbytes,

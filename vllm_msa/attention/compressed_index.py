@@ -127,3 +127,34 @@ def compress(keys: torch.Tensor, dtype: str = "int8") -> CompressedKeys:
         norms = torch.maximum(exact.norm(dim=-1), approx.norm(dim=-1))
         magnitude[start:stop] = _round_up(norms.amax(-1))
     return out
+
+
+@dataclass(frozen=True)
+class IntegerQueries:
+    """Routing queries as two int8 levels per row and head, q ≈ s_hi * hi + s_lo * lo (lo
+    quantises what hi leaves), for the int8 x int8 tensor-core pass over an int8 index.
+
+    Why: widening 8-bit keys to the queries' dtype costs more than reading them (conversions
+    run at a fraction of the memory rate), while int8 products with int32 accumulation are
+    exact integers, straight from the loaded bytes. The only error this adds is the queries'
+    own, ||q - q̂|| (~2^-14 of ||q||, two levels of 7 bits), bounded by `error`."""
+
+    hi: torch.Tensor  # [T, QH, D] int8
+    lo: torch.Tensor  # [T, QH, D] int8
+    scale: torch.Tensor  # [2, T, QH] float32: s_hi, s_lo
+    error: torch.Tensor  # [T, QH] float32, >= ||q - q̂||_2
+    size: torch.Tensor  # [T, QH] float32, >= ||s_hi * hi||_2 + ||s_lo * lo||_2
+
+
+def integer_queries(q: torch.Tensor) -> IntegerQueries:
+    """`q` [T, QH, D] (the kernels' prepared queries, any float dtype) as `IntegerQueries`,
+    with the bounds computed in float64 and rounded up."""
+    exact = q.double()
+    hi, s_hi = _quantize_int8(q)
+    part_hi = hi.double() * s_hi.double()[..., None]
+    lo, s_lo = _quantize_int8(exact - part_hi)
+    part_lo = lo.double() * s_lo.double()[..., None]
+    return IntegerQueries(
+        hi.contiguous(), lo.contiguous(), torch.stack([s_hi, s_lo]).float().contiguous(),
+        _round_up((exact - part_hi - part_lo).norm(dim=-1)),
+        _round_up(part_hi.norm(dim=-1) + part_lo.norm(dim=-1)))
