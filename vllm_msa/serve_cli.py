@@ -45,7 +45,7 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="vllm-msa serve", description=__doc__.split("\n\n")[0],
         epilog="Every other option goes to vLLM's server unchanged (`vllm serve --help` "
-        "lists them). Engine options under additional_config[\"msa\"]: README, Using it.")
+        "lists them). Engine options under additional_config[\"msa\"]: docs/serving.md.")
     p.add_argument("model", help="the MSA checkpoint")
     p.add_argument("--bank", action="append", type=_bank, default=[], metavar="NAME=PATH",
                    help="a memory bank to serve (repeatable)")

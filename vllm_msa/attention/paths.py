@@ -129,7 +129,7 @@ def stage_selected(runtime: MemoryRuntime, bank: ServedBank, layer_idx: int,
 
 def fetch_stream(runtime: MemoryRuntime) -> torch.cuda.Stream | None:
     """The side stream host->device fetches may run on: VLLM_MSA_FETCH_STREAM=1 (GPU).
-    Off by default: measured on an H100 (benchmarks/ttft.py, README), the only work a
+    Off by default: measured on an H100 (benchmarks/ttft.py, docs/performance.md), the only work a
     layer's fetch can overlap is its local pass, and the stream hand-offs cost more
     host time than that saves (TTFT 41 vs 44 ms at batch 1, 130 vs 144 ms at 64)."""
     if runtime.device.type != "cuda" or os.environ.get("VLLM_MSA_FETCH_STREAM", "0") != "1":

@@ -27,7 +27,7 @@ factor in [e^-2e, e^2e] (e = max e_i: numerator and normaliser each move by at m
 the last max over every entry j attended to, the exact ones included (their weights move
 with the normaliser).
 That bounds one router layer's memory attention; how a change there carries to the logits
-goes through the rest of the network, so end-to-end drift is measured (README).
+goes through the rest of the network, so end-to-end drift is measured (docs/compressed-banks.md).
 """
 
 from __future__ import annotations

@@ -67,7 +67,7 @@ def extract_answer(text: str) -> str | None:
 
 @dataclass(frozen=True)
 class InterleaveLimits:
-    """Bounds of one question's loop (defaults documented in the README)."""
+    """Bounds of one question's loop (defaults documented in docs/interleave.md)."""
 
     max_rounds: int = 8  # routings (rounds), the first included
     max_retrieved_docs: int = 32  # documents appended over all rounds
