@@ -9,8 +9,10 @@ chunks) of each size and 1 / 8 / 64 questions of ~48 routing tokens, in the same
 * bounds  the whole bounded pass (`bounded_routing.bounded_candidates`: queries, kernel,
           intervals, document bounds, the candidate set), GPU time;
 * re-score gpu  the exact re-score's kernels over the candidates' full-precision keys;
-* gpu     bounds + re-score gpu, against the floor: one read of the whole 8-bit index
-          (values, scales, bounds) at the device-copy bandwidth;
+* gpu     bounds + re-score gpu, each replayed from a CUDA graph (the GPU's own time, no
+          host launches in between; the event timings above include them where the host
+          is slower), against the floor: one read of the whole 8-bit index (values,
+          scales, bounds) at the device-copy bandwidth;
 * total   the whole 8-bit routing call (`bounded_routing.route_compressed`): bounds, the
           candidates, their exact keys gathered from host memory (as from a bank file in the
           page cache) and moved to the GPU, and the kernels over them; latency from an idle
@@ -105,6 +107,26 @@ def spread(values: list[float]) -> dict[str, float]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
+def graph_ms(fn, reps: int, runs: int) -> dict[str, float] | None:
+    """GPU time of `fn` alone: captured once in a CUDA graph, replayed (median and range over
+    `runs` medians of `reps` replays). Without host launches in the way, this is what the
+    GPU spends; None where `fn` cannot be captured."""
+    try:
+        fn()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+    except Exception as e:
+        print(f"  (no CUDA graph: {type(e).__name__}: {e})")
+        return None
+    return spread([median_ms(graph.replay, reps, 2) for _ in range(runs)])
+
+
 def sweep(index, bq, msa, configs: list[str], args) -> list[dict]:
     """GPU time of the chunk-score kernel alone over the 8-bit index, per tile config
     (block_c x block_t x warps x stages)."""
@@ -134,13 +156,23 @@ def bench(size: int, kind: str, dtype: str, questions: list[int], args, msa, ban
     if kind == "topical":
         full = topical(full, gen)
     prep = prepare_index(full)
-    keys = compress(full.routing_keys, dtype)
-    index = CompressedRoutingIndex.build(
-        type(full)(keys.values, full.chunk_doc_index, full.doc_ids), keys, host_keys(full),
-        torch.bfloat16)
+    exact = host_keys(full)
+
+    def compressed(shared):
+        keys = compress(full.routing_keys, dtype, shared)
+        return CompressedRoutingIndex.build(
+            type(full)(keys.values, full.chunk_doc_index, full.doc_ids), keys, exact,
+            torch.bfloat16)
+
+    shared = compressed(None)
+    # (index, int8 queries): both passes over the same keys, and per-head scales if asked
+    paths = [(shared, False)]
+    if shared.keys.shared_scale:
+        paths = [(shared, True)] + ([] if args.integer_only else paths)
+    if args.per_head and dtype == "int8":
+        paths.append((compressed(False), False))
     full_bytes = full.routing_keys.numel() * 2
-    paths = [True, False] if dtype == "int8" and not args.integer_only else [False]
-    floor = keys.nbytes / bandwidth * 1e3 if bandwidth else None
+    floor = shared.keys.nbytes / bandwidth * 1e3 if bandwidth else None
     rows = []
     for n in questions:
         q, cu = make_questions(n, args.tokens, gen)
@@ -150,7 +182,8 @@ def bench(size: int, kind: str, dtype: str, questions: list[int], args, msa, ban
         want = route_batched_keys(q, cu, prep, msa, ks)
         base = [median_ms(lambda q=q, cu=cu, ks=ks: route_batched_keys(q, cu, prep, msa, ks),
                           args.reps, 2) for _ in range(args.runs)]
-        for integer in paths:
+        for index, integer in paths:
+            keys = index.keys
             got = route_compressed(q, cu, index, msa, ks, keys_only=True, integer=integer)
             if not torch.equal(want.keys, got.keys):
                 raise AssertionError(f"{kind} {size:,} x{n}: 8-bit routing selected otherwise")
@@ -160,15 +193,21 @@ def bench(size: int, kind: str, dtype: str, questions: list[int], args, msa, ban
                 swept = sweep(index, bq, msa, args.configs.split(","), args)
             else:
                 swept = []
-            kernel = [median_ms(lambda bq=bq: launch_chunk_scores(
+            kernel = [median_ms(lambda bq=bq, keys=keys: launch_chunk_scores(
                 bq.kernel_q, bq.cu, bq.head_max, msa.query_reduce == "mean", keys.values,
                 keys.scale, integer=bq.integer), args.reps, 2) for _ in range(args.runs)]
-            bounds = [median_ms(lambda q=q, cu=cu, ks=ks, integer=integer: bounded_candidates(
-                q, cu, index, msa, ks, True, integer), args.reps, 2) for _ in range(args.runs)]
+            bounds = [median_ms(lambda q=q, cu=cu, ks=ks, index=index, integer=integer:
+                                bounded_candidates(q, cu, index, msa, ks, True, integer),
+                                args.reps, 2) for _ in range(args.runs)]
             docs = bounded_candidates(q, cu, index, msa, ks, True, integer).nonzero().flatten()
             sub = candidate_index(index, docs, q.device)[0]
             rescore = [median_ms(lambda q=q, cu=cu, ks=ks, sub=sub: route_batched_keys(
                 q, cu, sub, msa, ks), args.reps, 2) for _ in range(args.runs)]
+            bounds_graph = graph_ms(lambda q=q, cu=cu, ks=ks, index=index, integer=integer:
+                                    bounded_candidates(q, cu, index, msa, ks, True, integer),
+                                    args.reps, args.runs)
+            rescore_graph = graph_ms(lambda q=q, cu=cu, ks=ks, sub=sub: route_batched_keys(
+                q, cu, sub, msa, ks), args.reps, args.runs)
             totals = []
             for _ in range(args.runs * args.reps):
                 torch.cuda.synchronize()
@@ -178,21 +217,27 @@ def bench(size: int, kind: str, dtype: str, questions: list[int], args, msa, ban
                 totals.append((time.perf_counter() - t) * 1e3)
             calls = index.stats.calls - before[1]
             candidates = (index.stats.candidates - before[0]) / calls
-            gpu = statistics.median(bounds) + statistics.median(rescore)
+            if bounds_graph and rescore_graph:  # GPU time without the host's launches
+                gpu = bounds_graph["median"] + rescore_graph["median"]
+            else:
+                gpu = statistics.median(bounds) + statistics.median(rescore)
             row = {"tokens": size, "keys": kind, "index_dtype": dtype,
+                   "scales": "per chunk" if keys.shared_scale else "per chunk and KV head",
                    "queries": "int8 x2" if integer else "widened keys", "questions": n,
                    "documents": index.num_documents, "candidates": candidates,
                    "rescored_fraction": candidates / index.num_documents,
                    "rescore_host_ms": (index.stats.seconds - before[2]) / calls * 1e3,
                    "full_ms": spread(base), "kernel_ms": spread(kernel),
                    "bounds_ms": spread(bounds), "rescore_gpu_ms": spread(rescore),
+                   "bounds_graph_ms": bounds_graph, "rescore_graph_ms": rescore_graph,
                    "gpu_ms": gpu, "total_ms": spread(totals),
                    "index_bytes": keys.nbytes, "full_index_bytes": full_bytes,
                    "floor_8bit_ms": floor,
                    "kernel_vs_floor": statistics.median(kernel) / floor if floor else None,
                    "gpu_vs_floor": gpu / floor if floor else None, "sweep": swept}
             rows.append(row)
-            print(f"{kind:>8} {dtype:>8} {row['queries']:>12} {size:>12,} {n:>3}  "
+            print(f"{kind:>8} {dtype:>8} {row['scales'][:9]:>9} {row['queries']:>12} "
+                  f"{size:>12,} {n:>3}  "
                   f"re-scored {candidates:>9,.0f} ({row['rescored_fraction']:6.1%})  "
                   f"full {row['full_ms']['median']:7.3f}  kernel "
                   f"{row['kernel_ms']['median']:7.3f}  bounds {row['bounds_ms']['median']:7.3f}"
@@ -241,6 +286,8 @@ def main() -> None:
                              "256x16x8x3 (block_c x block_t x warps x stages)")
     parser.add_argument("--integer-only", action="store_true",
                         help="int8: only the int8 x int8 pass (not also the widened keys)")
+    parser.add_argument("--per-head", action="store_true",
+                        help="int8: also an index with a scale per chunk and KV head")
     parser.add_argument("--out-dir", default=str(ROOT / "benchmarks" / "results"))
     args = parser.parse_args()
     msa = MSAParams.from_dict(MSA_4B, num_layers=36)

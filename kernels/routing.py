@@ -224,32 +224,56 @@ if HAS_TRITON:
         return acc
 
     @triton.jit
-    def _add_kv_head_int(acc, k, scale, qhi_head_ptr, qlo_head_ptr, qs_head_ptr, lo_offset,
-                         stride_qh, num_heads, toks, mask_t, Q_PER_KV: tl.constexpr,
-                         HEAD_MAX: tl.constexpr, UPCAST: tl.constexpr):
-        """`_add_kv_head` for an int8 key tile `k` against queries as two int8 levels
-        (`compressed_index.IntegerQueries`): two int8 x int8 -> int32 products (exact), then
-        s = (acc_hi * s_hi + acc_lo * s_lo) * scale in float32. The int32 sums stay below
-        2^24 (D * 127^2 for D <= 1024), so their float32 images are exact too."""
-        for g in tl.static_range(Q_PER_KV):
-            rows = mask_t[:, None]
-            q_hi = tl.load(qhi_head_ptr + g * stride_qh, mask=rows, other=0)
-            q_lo = tl.load(qlo_head_ptr + g * stride_qh, mask=rows, other=0)
-            s_hi = tl.load(qs_head_ptr + g + toks * num_heads, mask=mask_t, other=0.0)
-            s_lo = tl.load(qs_head_ptr + lo_offset + g + toks * num_heads, mask=mask_t,
-                           other=0.0)
-            if UPCAST:  # the interpreter: float32 products of small integers are exact
-                a_hi = tl.dot(k, tl.trans(q_hi.to(tl.float32)), input_precision="ieee")
-                a_lo = tl.dot(k, tl.trans(q_lo.to(tl.float32)), input_precision="ieee")
-            else:
-                a_hi = tl.dot(k, tl.trans(q_hi), out_dtype=tl.int32).to(tl.float32)
-                a_lo = tl.dot(k, tl.trans(q_lo), out_dtype=tl.int32).to(tl.float32)
-            s = (a_hi * s_hi[None, :] + a_lo * s_lo[None, :]) * scale[:, None]
-            if HEAD_MAX:
-                acc = tl.maximum(acc, s)
-            else:
-                acc += s
-        return acc
+    def _int8_tile_scores(k_tile, stride_kh, mask_c, scale_c, qhi_tile, qlo_tile, stride_qh,
+                          s_q, mask_t, KV_HEADS: tl.constexpr, Q_PER_KV: tl.constexpr,
+                          HEAD_MAX: tl.constexpr, UPCAST: tl.constexpr,
+                          BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr):
+        """Scores [BLOCK_C, BLOCK_T] fp32 of int8 keys (one scale per chunk, `scale_c`)
+        against int8 queries in two levels (one scale per token, `s_q`:
+        `compressed_index.IntegerQueries`), with every product in int32 on tensor cores.
+        Head mean: each level's products of all KV heads sum in one int32 accumulator, then
+        (hi + lo / 128) * s_q * scale_c. Head max: per head hi * 128 + lo in int32, the max
+        taken there (the scales are positive and shared by the heads, so the max is the
+        max of the scores), then scaled. Integers stay below 2^31; their float32 images are
+        exact below 2^24 and otherwise rounded once."""
+        if HEAD_MAX:
+            best = tl.full([BLOCK_C, BLOCK_T], -(2**31) + 1, dtype=tl.int32)
+        elif UPCAST:  # the interpreter: float32 sums of small integers are exact
+            acc_hi = tl.zeros([BLOCK_C, BLOCK_T], dtype=tl.float32)
+            acc_lo = tl.zeros([BLOCK_C, BLOCK_T], dtype=tl.float32)
+        else:
+            acc_hi = tl.zeros([BLOCK_C, BLOCK_T], dtype=tl.int32)
+            acc_lo = tl.zeros([BLOCK_C, BLOCK_T], dtype=tl.int32)
+        for j in range(KV_HEADS):
+            k = tl.load(k_tile + j * stride_kh, mask=mask_c[:, None], other=0)
+            if UPCAST:
+                k = k.to(tl.float32)
+            for g in tl.static_range(Q_PER_KV):
+                head = j * Q_PER_KV + g
+                q_hi = tl.load(qhi_tile + head * stride_qh, mask=mask_t[:, None], other=0)
+                q_lo = tl.load(qlo_tile + head * stride_qh, mask=mask_t[:, None], other=0)
+                if UPCAST:
+                    q_hi = q_hi.to(tl.float32)
+                    q_lo = q_lo.to(tl.float32)
+                if HEAD_MAX:
+                    if UPCAST:
+                        a_hi = tl.dot(k, tl.trans(q_hi), input_precision="ieee").to(tl.int32)
+                        a_lo = tl.dot(k, tl.trans(q_lo), input_precision="ieee").to(tl.int32)
+                    else:
+                        a_hi = tl.dot(k, tl.trans(q_hi), out_dtype=tl.int32)
+                        a_lo = tl.dot(k, tl.trans(q_lo), out_dtype=tl.int32)
+                    best = tl.maximum(best, a_hi * 128 + a_lo)
+                elif UPCAST:
+                    acc_hi = tl.dot(k, tl.trans(q_hi), acc_hi, input_precision="ieee")
+                    acc_lo = tl.dot(k, tl.trans(q_lo), acc_lo, input_precision="ieee")
+                else:
+                    acc_hi = tl.dot(k, tl.trans(q_hi), acc_hi, out_dtype=tl.int32)
+                    acc_lo = tl.dot(k, tl.trans(q_lo), acc_lo, out_dtype=tl.int32)
+        if HEAD_MAX:
+            raw = best.to(tl.float32) * (1.0 / 128.0)
+        else:
+            raw = acc_hi.to(tl.float32) + acc_lo.to(tl.float32) * (1.0 / 128.0)
+        return raw * s_q[None, :] * scale_c[:, None]
 
     # Token and request counts change every step: not specialised (a compiled variant per
     # count == 1 / divisible by 16 would compile on requests, past the engine's warm-up).
@@ -281,8 +305,9 @@ if HAS_TRITON:
         UPCAST: tl.constexpr,
         SCALED: tl.constexpr = False,  # 8-bit keys (`attention/compressed_index.py`)
         FP8: tl.constexpr = False,  # ... as e4m3 bytes (else int8)
-        # int8 keys against int8 queries in two levels: q_ptr holds the high level, qlo_ptr
-        # the low one (same strides), qs_ptr [2, T_total, QH] fp32 their scales.
+        # int8 keys (one scale per chunk) against int8 queries in two levels: q_ptr holds the
+        # high level, qlo_ptr the low one (same strides), qs_ptr [T_total] fp32 each token's
+        # scale (`_int8_tile_scores`).
         INT_DOT: tl.constexpr = False,
         qlo_ptr=None,
         qs_ptr=None,
@@ -311,19 +336,15 @@ if HAS_TRITON:
                 acc = tl.full([BLOCK_C, BLOCK_T], float("-inf"), dtype=tl.float32)
             else:
                 acc = tl.zeros([BLOCK_C, BLOCK_T], dtype=tl.float32)
-            for j in range(KV_HEADS):
-                if INT_DOT:
-                    k = tl.load(k_tile + j * stride_kh, mask=mask_c[:, None], other=0)
-                    if UPCAST:
-                        k = k.to(tl.float32)
-                    scale = tl.load(scale_ptr + offs_c * KV_HEADS + j, mask=mask_c, other=0.0)
-                    head = j * Q_PER_KV
-                    acc = _add_kv_head_int(
-                        acc, k, scale, q_tile + head * stride_qh,
-                        qlo_ptr + toks[:, None] * stride_qt + offs_d[None, :] + head * stride_qh,
-                        qs_ptr + head, num_tokens * KV_HEADS * Q_PER_KV, stride_qh,
-                        KV_HEADS * Q_PER_KV, toks, mask_t, Q_PER_KV, HEAD_MAX, UPCAST)
-                else:
+            if INT_DOT:
+                acc = _int8_tile_scores(
+                    k_tile, stride_kh, mask_c,
+                    tl.load(scale_ptr + offs_c * KV_HEADS, mask=mask_c, other=0.0),
+                    q_tile, qlo_ptr + toks[:, None] * stride_qt + offs_d[None, :], stride_qh,
+                    tl.load(qs_ptr + toks, mask=mask_t, other=0.0), mask_t, KV_HEADS,
+                    Q_PER_KV, HEAD_MAX, UPCAST, BLOCK_C, BLOCK_T)
+            else:
+                for j in range(KV_HEADS):
                     scale = None
                     if SCALED:  # widened exactly (8-bit values fit the queries' dtype)
                         raw = tl.load(k_tile + j * stride_kh, mask=mask_c[:, None], other=0)
@@ -617,7 +638,7 @@ def launch_chunk_scores(q: torch.Tensor, cu: list[int], head_max: bool, query_me
     `q` is then unused."""
     if integer is not None:
         if keys.dtype != torch.int8 or scale is None:
-            raise ValueError("integer queries need int8 keys and their scales")
+            raise ValueError("integer queries need int8 keys and their scales (one per chunk)")
         q = integer.hi
     num_chunks, kv, d = keys.shape
     num_requests, num_tokens = len(cu) - 1, q.shape[0]

@@ -49,9 +49,10 @@ LAYOUTS = {"gqa": (4, 2), "mqa": (4, 1), "mha": (2, 2)}
 SCORES = {"dot": "INFONCE_DECOUPLE", "cosine": "INFONCE"}
 
 
-def compressed(index: RoutingIndex, dtype: str = "int8") -> CompressedRoutingIndex:
+def compressed(index: RoutingIndex, dtype: str = "int8",
+               shared_scale: bool | None = None) -> CompressedRoutingIndex:
     """`index` as serving keeps it with an 8-bit index: the exact keys read back by range."""
-    keys = compress(index.routing_keys, dtype)
+    keys = compress(index.routing_keys, dtype, shared_scale)
 
     def exact(ranges):
         return torch.cat([index.routing_keys[a:b] for a, b in ranges])
@@ -104,6 +105,16 @@ def test_compressed_keys_bound_their_error():
             # The bound is the error, not a loose stand-in for it.
             rel = (c.residual.double() / exact.double().norm(dim=-1).clamp_min(1e-30))[8:]
             assert float(rel.max()) < (0.02 if dtype == "int8" else 0.08)
+            # Heads of different sizes keep a scale each (one shared scale would round the
+            # small ones away).
+            assert not c.shared_scale
+    # One scale per chunk: where the heads have one size, chosen by itself; forced, the
+    # bounds still hold and the columns of the scale are equal.
+    assert compress(torch.randn(50, 3, 32, generator=gen)).shared_scale
+    shared = compress(keys, "int8", shared_scale=True)
+    assert shared.shared_scale and bool((shared.scale == shared.scale[:, :1]).all())
+    err = (keys.double() - shared.dequantized().double()).norm(dim=-1)
+    assert bool((shared.residual.double() >= err).all())
     # Bounds stay float32 under a 16-bit default dtype (vLLM loads models under one).
     default = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)
@@ -158,8 +169,8 @@ def integer_scores(bq, keys, query: str) -> torch.Tensor:
     """Ŝ [R, C] in float64 as the int8 x int8 pass defines it: q̂ . k̂, with q̂ the two int8
     levels of the kernels' queries and k̂ the 8-bit keys times their scales."""
     ints = bq.integer
-    q = ints.hi.double() * ints.scale[0, ..., None].double()
-    q = q + ints.lo.double() * ints.scale[1, ..., None].double()
+    step = ints.scale.double()[:, None, None]
+    q = ints.hi.double() * step + ints.lo.double() * (step / 128)
     k = keys.dequantized().double()
     t, qh, d = q.shape
     kv = k.shape[1]
@@ -171,11 +182,13 @@ def integer_scores(bq, keys, query: str) -> torch.Tensor:
 
 @needs_kernel
 @pytest.mark.parametrize(("head", "query", "chunk"), COMBOS[::6] if INTERPRET else COMBOS[::3])
-@pytest.mark.parametrize(("dtype", "integer"),
-                         [("int8", True), ("int8", False), ("fp8_e4m3", False)])
+@pytest.mark.parametrize(("dtype", "shared", "integer"),
+                         [("int8", True, True), ("int8", True, False), ("int8", False, False),
+                          ("fp8_e4m3", False, False)])
 @pytest.mark.parametrize("keys_dtype", [torch.bfloat16] if INTERPRET
                          else [torch.bfloat16, torch.float32])
-def test_bounds_kernel_computes_the_brackets(head, query, chunk, dtype, integer, keys_dtype):
+def test_bounds_kernel_computes_the_brackets(head, query, chunk, dtype, shared, integer,
+                                             keys_dtype):
     """The Triton bounded pass: its Ŝ against an independent computation (the torch path's
     for the 8-bit keys widened to the queries' dtype; q̂ . k̂ in float64 for int8 queries),
     and its widened brackets hold every chunk score the full-precision kernels compute."""
@@ -183,7 +196,8 @@ def test_bounds_kernel_computes_the_brackets(head, query, chunk, dtype, integer,
     gen = torch.Generator().manual_seed(11)
     full = on_device(make_index(torch.randint(1, 6, (50,), generator=gen).tolist(), 2, 32,
                                 gen, dtype=keys_dtype))
-    index = compressed(full, dtype)
+    index = compressed(full, dtype, shared)
+    assert index.keys.shared_scale == shared
     qr = queries(13, 8, 32, gen)
     cu = [0, 6, 7, 13]
     kernel = bound_queries(qr, cu, 2, msa, keys_dtype, integer=integer)

@@ -36,11 +36,12 @@ monotone) brackets S_r(d). So the bounded pass is the exact routing computation 
 [requests, chunks] product for E; no per-token bound is ever formed.
 
 Over an int8 index the kernel multiplies int8 queries too (`compressed_index.IntegerQueries`:
-q̂ = s_hi hi + s_lo lo per token and head, exact integer products on tensor cores), so ŝ is
+q̂ = s (hi + lo / 128), one s per token; exact integer products on tensor cores), so ŝ is
 q̂ . k̂. Then |q . k - q̂ . k̂| <= ||q|| ||k - k̂|| + ||q - q̂|| ||k̂||, and ||k̂|| <= M_c (the
 chunk's `magnitude`): E gains μ_r M_c, μ_r the Σ_kv (head mean) or max_kv (head max) of the
-query errors ||q - q̂|| reduced over tokens like n. Q_r then also bounds ||s_hi hi|| +
-||s_lo lo||, the size of the terms the kernel rounds.
+query errors ||q - q̂|| reduced over tokens like n. Q_r then also bounds ||s hi|| +
+||s lo / 128||, the size of the terms the kernel rounds (a few roundings a score: the int32
+sums' float32 images, the level sum, the two scales; far inside the margin below).
 
 Floating point. Every quantity involved, each path's own way of computing it included, is at
 most A = Q_r * M_d in magnitude, with Q_r the largest over r's tokens of Σ_kv ||q̄_kv||
@@ -74,6 +75,7 @@ import torch
 from ..config import MSAParams
 from .compressed_index import CompressedKeys, ExactKeys, IntegerQueries, integer_queries
 from .routing import RoutingIndex, normalized_keys
+from .uploads import upload
 
 DOT_UNIT = 2.0**-20
 SUM_UNIT = 2.0**-23
@@ -299,8 +301,10 @@ def candidates(doc_lo: torch.Tensor, doc_hi: torch.Tensor, top_ks: list[int]) ->
     if not n or not max(ks):
         return torch.zeros(n, dtype=torch.bool, device=doc_lo.device)
     best = torch.topk(doc_lo, max(ks), dim=1).values  # one launch for the batch
-    picks = torch.tensor([k - 1 for k in ks], device=doc_lo.device)
-    tau = best.gather(1, picks[:, None])
+    if len(set(ks)) == 1:
+        tau = best[:, -1:]
+    else:  # (a pinned upload: nothing waits, and the pass stays capturable in a CUDA graph)
+        tau = best.gather(1, upload([k - 1 for k in ks], doc_lo.device)[:, None])
     return (doc_hi >= tau).any(0)
 
 
@@ -349,7 +353,9 @@ def bounded_candidates(qr_all: torch.Tensor, cu: list[int], index: CompressedRou
     device; nothing waits for it). `integer`: multiply int8 queries (None: wherever the
     kernels run over an int8 index)."""
     if integer is None:
-        integer = kernel and index.keys.values.dtype == torch.int8
+        integer = kernel and index.keys.shared_scale
+    elif integer and not index.keys.shared_scale:
+        raise ValueError("int8 queries need int8 keys with one scale per chunk")
     queries = bound_queries(qr_all, cu, index.keys.values.shape[1], msa,
                             index.model_dtype if kernel else None, integer)
     lo, hi = widened(queries, index, *chunk_bounds(queries, index.keys, msa.query_reduce))

@@ -1,7 +1,7 @@
 """A router layer's routing keys in 8 bits on the GPU, with what keeps routing over them exact.
 
-The GPU holds, per chunk and KV head, 8-bit values and a float32 scale (k̂ = values * scale),
-and two float32 bounds made from the full-precision keys k at load:
+The GPU holds 8-bit values with float32 scales (k̂ = values * scale, per chunk and KV head,
+or per chunk: below), and float32 bounds made from the full-precision keys k at load:
 
 * `residual` >= ||k - k̂||_2: by Cauchy-Schwarz, |q . k - q . k̂| <= ||q|| * residual for any
   query q, which is what `bounded_routing.py` turns into a certified interval per document.
@@ -12,10 +12,13 @@ Both are computed in float64 and rounded up to float32, so they are upper bounds
 
 Two 8-bit formats, same bytes (1 byte a value, plus 12 bytes per chunk and KV head):
 
-* `int8`: symmetric, scale = amax / 127 per chunk and KV head. Its error is uniform over the
-  head: about amax / 440 rms, ~5x smaller than e4m3's on Gaussian-like keys, and the exact
-  re-scoring `bounded_routing.py` needs grows with the error (docs/compressed-banks.md has
-  the measured rates). The default.
+* `int8`: symmetric, scale = amax / 127 per chunk and KV head, or per chunk over all its KV
+  heads where they have about the same range (`shares_scale_cheaply`; stored per chunk and
+  KV head either way, the columns then equal). Its error is uniform: about amax / 440 rms,
+  ~5x smaller than e4m3's on Gaussian-like keys, and the exact re-scoring
+  `bounded_routing.py` needs grows with the error (docs/compressed-banks.md has the measured
+  rates). One scale per chunk is what lets the kernel sum every KV head's int8 products in
+  the tensor cores' accumulators (`IntegerQueries`). The default.
 * `fp8_e4m3`: the format of the FP8 K̄/V̄ tier (`vllm_msa.bank.quant`), 3 mantissa bits: a
   relative error of up to 2^-4 per value.
 
@@ -67,6 +70,9 @@ class CompressedKeys:
     scale: torch.Tensor  # [C, KV] float32: k̂ = values * scale
     residual: torch.Tensor  # [C, KV] float32, >= ||k - k̂||_2
     magnitude: torch.Tensor  # [C] float32, >= max_kv max(||k||_2, ||k̂||_2)
+    # int8 only: one scale per chunk, shared by its KV heads (the scale's columns are equal),
+    # which the int8 x int8 kernel pass needs (`IntegerQueries`).
+    shared_scale: bool = False
 
     @property
     def dtype_name(self) -> str:
@@ -93,17 +99,39 @@ def _round_up(x: torch.Tensor) -> torch.Tensor:
     return torch.where(y.double() < x, torch.nextafter(y, torch.full_like(y, float("inf"))), y)
 
 
-def _quantize_int8(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    k = keys.float()
-    amax = k.abs().amax(-1)
+def _quantize_int8(x: torch.Tensor, dims: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 with one scale (amax / 127) per slice over the last `dims` dims."""
+    k = x.float()
+    amax = k.abs().amax(dim=tuple(range(-dims, 0)))
     scale = torch.where(amax > 0, amax / INT8_MAX, torch.ones_like(amax))
-    values = torch.round(k / scale[..., None]).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
-    return values, scale
+    values = torch.round(k / scale[(...,) + (None,) * dims]).clamp_(-INT8_MAX, INT8_MAX)
+    return values.to(torch.int8), scale
 
 
-def compress(keys: torch.Tensor, dtype: str = "int8") -> CompressedKeys:
+# int8 shares one scale per chunk when that grows the error bounds by at most this factor
+# (the mean over chunks of max_kv amax / mean_kv amax: 1.1 for Gaussian-like heads of one
+# size; cosine routing normalises every head).
+SHARED_SCALE_GROWTH = 1.25
+
+
+def shares_scale_cheaply(keys: torch.Tensor) -> bool:
+    """Whether one int8 scale per chunk costs `keys` [C, KV, D] little precision: its KV heads
+    have about the same range, chunk by chunk."""
+    if keys.shape[0] == 0 or keys.shape[1] == 1:
+        return True
+    growth = torch.zeros((), dtype=torch.float64, device=keys.device)
+    for start in range(0, keys.shape[0], TILE_CHUNKS):
+        amax = keys[start:start + TILE_CHUNKS].float().abs().amax(-1)  # [c, KV]
+        ratio = amax.amax(-1) / amax.mean(-1).clamp_min(torch.finfo(torch.float32).tiny)
+        growth += torch.where(amax.amax(-1) > 0, ratio, 1.0).double().sum()
+    return float(growth) / keys.shape[0] <= SHARED_SCALE_GROWTH
+
+
+def compress(keys: torch.Tensor, dtype: str = "int8",
+             shared_scale: bool | None = None) -> CompressedKeys:
     """`keys` [C, KV, D] (any float dtype, on any device) in `dtype` ("int8" | "fp8_e4m3"),
-    with their bounds; on `keys`' device."""
+    with their bounds; on `keys`' device. `shared_scale` (int8): one scale per chunk (None:
+    where `shares_scale_cheaply`)."""
     if dtype not in INDEX_DTYPES[1:]:
         raise ValueError(f"unknown index dtype {dtype!r}; choose one of "
                          f"{', '.join(INDEX_DTYPES[1:])}")
@@ -115,11 +143,21 @@ def compress(keys: torch.Tensor, dtype: str = "int8") -> CompressedKeys:
     scale = torch.empty(chunks, kv, dtype=torch.float32, device=device)
     residual = torch.empty(chunks, kv, dtype=torch.float32, device=device)
     magnitude = torch.empty(chunks, dtype=torch.float32, device=device)
-    out = CompressedKeys(values, scale, residual, magnitude)
+    if dtype != "int8":
+        shared_scale = False
+    elif shared_scale is None:
+        shared_scale = shares_scale_cheaply(keys)
+    out = CompressedKeys(values, scale, residual, magnitude, shared_scale)
     for start in range(0, chunks, TILE_CHUNKS):
         stop = min(chunks, start + TILE_CHUNKS)
         tile = keys[start:stop]
-        v, s = _quantize_int8(tile) if dtype == "int8" else quantize(tile)
+        if shared_scale:  # one scale per chunk, shared by its KV heads
+            v, s = _quantize_int8(tile, dims=2)
+            s = s[:, None].expand(-1, kv)
+        elif dtype == "int8":
+            v, s = _quantize_int8(tile)
+        else:
+            v, s = quantize(tile)
         values[start:stop], scale[start:stop] = v, s
         exact = tile.double()
         approx = out.dequantized(start, stop).double()  # the float32 k̂ routing computes with
@@ -131,30 +169,38 @@ def compress(keys: torch.Tensor, dtype: str = "int8") -> CompressedKeys:
 
 @dataclass(frozen=True)
 class IntegerQueries:
-    """Routing queries as two int8 levels per row and head, q ≈ s_hi * hi + s_lo * lo (lo
-    quantises what hi leaves), for the int8 x int8 tensor-core pass over an int8 index.
+    """Routing queries as two int8 levels with one scale per token (shared by its heads),
+    q ≈ s (hi + lo / 128), lo quantising what hi leaves, for the int8 x int8 tensor-core pass
+    over an int8 index.
 
-    Why: widening 8-bit keys to the queries' dtype costs more than reading them (conversions
-    run at a fraction of the memory rate), while int8 products with int32 accumulation are
-    exact integers, straight from the loaded bytes. The only error this adds is the queries'
-    own, ||q - q̂|| (~2^-14 of ||q||, two levels of 7 bits), bounded by `error`."""
+    Why: widening 8-bit keys to the queries' dtype, or scaling each KV head's products,
+    costs more than reading the keys (conversions run at a fraction of the memory rate).
+    With the keys' scale per chunk and the queries' per token, every KV head's products sum
+    in the tensor cores' int32 accumulators, exactly, and one multiply per score applies
+    both scales. The only new error is the queries' own, ||q - q̂||, at most s / 256 per
+    value (two levels of 7 bits), bounded by `error`."""
 
     hi: torch.Tensor  # [T, QH, D] int8
-    lo: torch.Tensor  # [T, QH, D] int8
-    scale: torch.Tensor  # [2, T, QH] float32: s_hi, s_lo
+    lo: torch.Tensor  # [T, QH, D] int8, in [-64, 64]
+    scale: torch.Tensor  # [T] float32: s
     error: torch.Tensor  # [T, QH] float32, >= ||q - q̂||_2
-    size: torch.Tensor  # [T, QH] float32, >= ||s_hi * hi||_2 + ||s_lo * lo||_2
+    size: torch.Tensor  # [T, QH] float32, >= ||s * hi||_2 + ||s / 128 * lo||_2
+
+
+LOW_LEVEL = 128.0  # hi's step / lo's step (a power of two: s / 128 is exact)
 
 
 def integer_queries(q: torch.Tensor) -> IntegerQueries:
     """`q` [T, QH, D] (the kernels' prepared queries, any float dtype) as `IntegerQueries`,
     with the bounds computed in float64 and rounded up."""
     exact = q.double()
-    hi, s_hi = _quantize_int8(q)
-    part_hi = hi.double() * s_hi.double()[..., None]
-    lo, s_lo = _quantize_int8(exact - part_hi)
-    part_lo = lo.double() * s_lo.double()[..., None]
+    hi, scale = _quantize_int8(q, dims=2)
+    step = scale.double()[:, None, None]
+    part_hi = hi.double() * step
+    # |q - s hi| <= s / 2 per value: lo = round(that / (s / 128)) is within [-64, 64].
+    lo = torch.round((exact - part_hi) / (step / LOW_LEVEL)).clamp_(-64, 64).to(torch.int8)
+    part_lo = lo.double() * (step / LOW_LEVEL)
     return IntegerQueries(
-        hi.contiguous(), lo.contiguous(), torch.stack([s_hi, s_lo]).float().contiguous(),
+        hi.contiguous(), lo.contiguous(), scale.float().contiguous(),
         _round_up((exact - part_hi - part_lo).norm(dim=-1)),
         _round_up(part_hi.norm(dim=-1) + part_lo.norm(dim=-1)))
