@@ -189,7 +189,7 @@ def bench(size: int, kind: str, dtype: str, questions: list[int], args, msa, ban
                 raise AssertionError(f"{kind} {size:,} x{n}: 8-bit routing selected otherwise")
             before = index.stats.candidates, index.stats.calls, index.stats.seconds
             bq = bound_queries(q, cu, SHAPE["kv_heads"], msa, torch.bfloat16, integer)
-            if args.configs and integer and n == 1:
+            if args.configs and integer:
                 swept = sweep(index, bq, msa, args.configs.split(","), args)
             else:
                 swept = []
@@ -236,7 +236,7 @@ def bench(size: int, kind: str, dtype: str, questions: list[int], args, msa, ban
                    "kernel_vs_floor": statistics.median(kernel) / floor if floor else None,
                    "gpu_vs_floor": gpu / floor if floor else None, "sweep": swept}
             rows.append(row)
-            print(f"{kind:>8} {dtype:>8} {row['scales'][:9]:>9} {row['queries']:>12} "
+            print(f"{kind:>8} {dtype:>8} {row['scales'][:14]:>14} {row['queries']:>12} "
                   f"{size:>12,} {n:>3}  "
                   f"re-scored {candidates:>9,.0f} ({row['rescored_fraction']:6.1%})  "
                   f"full {row['full_ms']['median']:7.3f}  kernel "
@@ -282,7 +282,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--runs", type=int, default=3, help="repeats of each timing (spread)")
     parser.add_argument("--configs", default="",
-                        help="int8 kernel tiles to sweep at one question, e.g. 128x16x4x3,"
+                        help="int8 kernel tiles to sweep, e.g. 128x16x4x3,"
                              "256x16x8x3 (block_c x block_t x warps x stages)")
     parser.add_argument("--integer-only", action="store_true",
                         help="int8: only the int8 x int8 pass (not also the widened keys)")

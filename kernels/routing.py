@@ -94,6 +94,9 @@ class KernelConfig:
     block_n: int | None = None
 
 
+# Triton's int8 tensor-core products need K >= 32: the int8 x int8 pass needs head_dim >= this.
+INT_DOT_MIN_DIM = 32
+
 # Per-block candidates are used for top-k up to this (else keys for every document + topk).
 MAX_BLOCK_TOP = 64
 
@@ -311,6 +314,16 @@ if HAS_TRITON:
         INT_DOT: tl.constexpr = False,
         qlo_ptr=None,
         qs_ptr=None,
+        # The bounded pass's intervals, stored instead of S(c): out = S - e, hi = S + e with
+        # e = reduce_kv(norm[r, kv] * resid[c, kv]) + (extra[r]) * mag[c] (reduce: sum, or
+        # max for HEAD_MAX); `bounded_routing.chunk_bounds` then `widened`, in one pass.
+        BOUNDS: tl.constexpr = False,
+        hi_ptr=None,  # [R, C] fp32
+        resid_ptr=None,  # [C, KV] fp32
+        mag_ptr=None,  # [C] fp32
+        norm_ptr=None,  # [R, KV] fp32
+        extra_ptr=None,  # [R] fp32
+        KV_P2: tl.constexpr = 1,
     ):
         pid = tl.program_id(0)
         offs_c = pid.to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -319,6 +332,12 @@ if HAS_TRITON:
         offs_t = tl.arange(0, BLOCK_T)
         k_tile = k_ptr + offs_c[:, None] * stride_kc + offs_d[None, :]
         out_row = out_ptr + offs_c  # advanced a row per finished request (64-bit steps)
+        if BOUNDS:
+            hi_row = hi_ptr + offs_c
+            offs_k = tl.arange(0, KV_P2)
+            resid = tl.load(resid_ptr + offs_c[:, None] * KV_HEADS + offs_k[None, :],
+                            mask=mask_c[:, None] & (offs_k < KV_HEADS)[None, :], other=0.0)
+            mag = tl.load(mag_ptr + offs_c, mask=mask_c, other=0.0)
         # The open request: the tokens of all requests form one stream, cut into blocks of
         # BLOCK_T that may span requests; each block's scores go to the requests it covers.
         r = tl.full([], 0, tl.int32)
@@ -375,7 +394,19 @@ if HAS_TRITON:
                     if QUERY_MEAN:
                         n = tl.full([BLOCK_C], 0, tl.int32) + (r_end - r_start)
                         best = tl.math.div_rn(best, n.to(tl.float32))
-                    tl.store(out_row, best, mask=mask_c)
+                    if BOUNDS:
+                        norms = tl.load(norm_ptr + r * KV_HEADS + offs_k,
+                                        mask=offs_k < KV_HEADS, other=0.0)
+                        if HEAD_MAX:
+                            err = tl.max(resid * norms[None, :], axis=1)
+                        else:
+                            err = tl.sum(resid * norms[None, :], axis=1)
+                        err += tl.load(extra_ptr + r) * mag
+                        tl.store(out_row, best - err, mask=mask_c)
+                        tl.store(hi_row, best + err, mask=mask_c)
+                        hi_row += stride_or
+                    else:
+                        tl.store(out_row, best, mask=mask_c)
                     out_row += stride_or
                     r += 1
                     r_start = r_end
@@ -395,6 +426,60 @@ if HAS_TRITON:
             m = tl.max(keys, axis=0)
             tl.store(out + i, m)
             keys = tl.where(keys == m, -(2**63), keys)
+
+    @triton.jit
+    def _document_scores(row_ptr, doc_start_ptr, offs, mask, BLOCK_N: tl.constexpr,
+                         CHUNK_MEAN: tl.constexpr, CHUNK_TILE: tl.constexpr):
+        """Scores [BLOCK_N] fp32 of documents `offs` from one request's chunk scores
+        `row_ptr` (max | mean over each document's contiguous chunks; -0.0 made +0.0)."""
+        start = tl.load(doc_start_ptr + offs, mask=mask, other=0)
+        count = tl.load(doc_start_ptr + offs + 1, mask=mask, other=0) - start
+        row = row_ptr + start
+        if CHUNK_MEAN:
+            acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        else:
+            acc = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
+        # A tile of CHUNK_TILE chunks of every document per load (one memory round trip
+        # for typical documents instead of one per chunk), reduced by position within the
+        # document: identical documents get bit-identical scores.
+        offs_j = tl.arange(0, CHUNK_TILE)
+        for j0 in range(0, tl.max(count, axis=0), CHUNK_TILE):
+            m = (j0 + offs_j)[None, :] < count[:, None]
+            v = tl.load(row[:, None] + j0 + offs_j[None, :], mask=m,
+                        other=0.0 if CHUNK_MEAN else float("-inf"))
+            if CHUNK_MEAN:
+                acc += tl.sum(v, axis=1)
+            else:
+                acc = tl.maximum(acc, tl.max(v, axis=1))
+        if CHUNK_MEAN:  # a document without chunks keeps 0, as scatter_reduce leaves it
+            acc = tl.where(count > 0,
+                           tl.math.div_rn(acc, tl.maximum(count, 1).to(tl.float32)), 0.0)
+        return tl.where(acc == 0.0, 0.0, acc)  # -0.0 -> +0.0: zeros tie, as they compare
+
+    @triton.jit
+    def _candidate_documents_kernel(
+        hi_ptr,  # [R, C] fp32: upper bounds of the chunk scores
+        tau_ptr,  # [R] fp32: each request's k-th largest lower bound of a document score
+        doc_start_ptr,  # [N + 1] int64
+        out_ptr,  # [R, N] int8: 1 where the document's upper bound reaches tau
+        num_docs,
+        stride_hr,
+        stride_or,
+        BLOCK_N: tl.constexpr,
+        CHUNK_MEAN: tl.constexpr,
+        CHUNK_TILE: tl.constexpr = 8,
+    ):
+        """The bounded pass's candidate test (`attention/bounded_routing.py`): the documents'
+        upper bounds reduced as the document kernel reduces scores (same order: a monotone
+        image of the computed document scores), against tau."""
+        pid = tl.program_id(0)
+        r = tl.program_id(1).to(tl.int64)
+        offs = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask = offs < num_docs
+        hi = _document_scores(hi_ptr + r * stride_hr, doc_start_ptr, offs, mask, BLOCK_N,
+                              CHUNK_MEAN, CHUNK_TILE)
+        tl.store(out_ptr + r * stride_or + offs, (hi >= tl.load(tau_ptr + r)).to(tl.int8),
+                 mask=mask)
 
     @triton.jit
     def _document_keys_kernel(
@@ -418,29 +503,8 @@ if HAS_TRITON:
         r = tl.program_id(1).to(tl.int64)
         offs = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         mask = offs < num_docs
-        start = tl.load(doc_start_ptr + offs, mask=mask, other=0)
-        count = tl.load(doc_start_ptr + offs + 1, mask=mask, other=0) - start
-        row = chunk_ptr + r * stride_cr + start
-        if CHUNK_MEAN:
-            acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-        else:
-            acc = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
-        # A tile of CHUNK_TILE chunks of every document per load (one memory round trip
-        # for typical documents instead of one per chunk), reduced by position within the
-        # document: identical documents get bit-identical scores.
-        offs_j = tl.arange(0, CHUNK_TILE)
-        for j0 in range(0, tl.max(count, axis=0), CHUNK_TILE):
-            m = (j0 + offs_j)[None, :] < count[:, None]
-            v = tl.load(row[:, None] + j0 + offs_j[None, :], mask=m,
-                        other=0.0 if CHUNK_MEAN else float("-inf"))
-            if CHUNK_MEAN:
-                acc += tl.sum(v, axis=1)
-            else:
-                acc = tl.maximum(acc, tl.max(v, axis=1))
-        if CHUNK_MEAN:  # a document without chunks keeps 0, as scatter_reduce leaves it
-            acc = tl.where(count > 0,
-                           tl.math.div_rn(acc, tl.maximum(count, 1).to(tl.float32)), 0.0)
-        acc = tl.where(acc == 0.0, 0.0, acc)  # -0.0 -> +0.0: zeros tie, as they compare
+        acc = _document_scores(chunk_ptr + r * stride_cr, doc_start_ptr, offs, mask,
+                               BLOCK_N, CHUNK_MEAN, CHUNK_TILE)
         bits = acc.to(tl.int32, bitcast=True)
         ordered = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # int order == float order
         tiebreak = tl.load(tiebreak_ptr + offs, mask=mask, other=0)
@@ -630,21 +694,27 @@ def _chunk_scores(qr_all, cu, prep: PreparedRoutingIndex, msa: MSAParams,
 
 def launch_chunk_scores(q: torch.Tensor, cu: list[int], head_max: bool, query_mean: bool,
                         keys: torch.Tensor, scale: torch.Tensor | None = None,
-                        config: KernelConfig | None = None, integer=None) -> torch.Tensor:
+                        config: KernelConfig | None = None, integer=None,
+                        bounds: tuple | None = None) -> torch.Tensor:
     """S(c) [R, C] fp32 of prepared queries `q` (`prepare_queries`) against `keys` in their
     dtype, or against 8-bit keys (int8, or e4m3 as `torch.float8_e4m3fn`) times `scale`
     [C, KV] (`attention/bounded_routing.py`'s bounded pass). `integer`: the queries as
     `compressed_index.IntegerQueries` (int8 keys only), multiplied on int8 tensor cores;
-    `q` is then unused."""
+    `q` is then unused. `bounds` = (resid [C, KV], mag [C], norm [R, KV], extra [R]), all
+    fp32: the intervals instead of S (the kernel's BOUNDS), returned as a [2, R, C] tensor
+    (lower, upper)."""
     if integer is not None:
         if keys.dtype != torch.int8 or scale is None:
             raise ValueError("integer queries need int8 keys and their scales (one per chunk)")
         q = integer.hi
     num_chunks, kv, d = keys.shape
     num_requests, num_tokens = len(cu) - 1, q.shape[0]
-    out = torch.empty(num_requests, num_chunks, dtype=torch.float32, device=keys.device)
+    shape = (2, num_requests, num_chunks) if bounds else (num_requests, num_chunks)
+    out = torch.empty(shape, dtype=torch.float32, device=keys.device)
+    rows = out[0] if bounds else out  # (the lower bounds, or S)
     if num_chunks == 0:
         return out
+    resid, mag, norm, extra = bounds or (None,) * 4
     scaled = scale is not None
     fp8 = scaled and keys.dtype != torch.int8
     if fp8:
@@ -657,9 +727,9 @@ def launch_chunk_scores(q: torch.Tensor, cu: list[int], head_max: bool, query_me
         block_t = min(cfg.block_t, max(16, triton.next_power_of_2(num_tokens)))
         try:
             _chunk_scores_kernel[(triton.cdiv(num_chunks, cfg.block_c),)](
-                q, keys, scale if scaled else out, cu_dev, out,
+                q, keys, scale if scaled else out, cu_dev, rows,
                 num_chunks, num_requests, num_tokens,
-                q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), out.stride(0),
+                q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), rows.stride(0),
                 KV_HEADS=kv, Q_PER_KV=q.shape[1] // kv, HEAD_DIM=d,
                 BLOCK_C=cfg.block_c, BLOCK_T=block_t,
                 HEAD_MAX=head_max, QUERY_MEAN=query_mean,
@@ -668,6 +738,9 @@ def launch_chunk_scores(q: torch.Tensor, cu: list[int], head_max: bool, query_me
                 SCALED=scaled, FP8=fp8, INT_DOT=integer is not None,
                 qlo_ptr=None if integer is None else integer.lo,
                 qs_ptr=None if integer is None else integer.scale,
+                BOUNDS=bounds is not None, hi_ptr=out[1] if bounds else None,
+                resid_ptr=resid, mag_ptr=mag, norm_ptr=norm, extra_ptr=extra,
+                KV_P2=triton.next_power_of_2(kv),
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages,
             )
         except Exception as e:  # Triton's OutOfResources: shrink defaults, never explicit
@@ -805,6 +878,34 @@ class RoutedBatch:
         return Selection(doc_ids=ids[row, :k], scores=scores[row, :k])
 
 
+def top_document_keys(chunk: torch.Tensor, prep: PreparedRoutingIndex, msa: MSAParams,
+                      k: int, config: KernelConfig | None = None) -> torch.Tensor:
+    """The `k` (<= the index's documents) best documents' sort keys from [R, C] chunk scores:
+    [R, k] int64, best first."""
+    n = prep.tiebreak.shape[0]
+    # Blocks of documents hand up their top candidates (a power of two, few compiled
+    # variants); topk over those. Past MAX_BLOCK_TOP, keys of every document.
+    top = max(1, triton.next_power_of_2(k))
+    block_n = (config or KernelConfig()).block_n or document_block(n, top)
+    top = 0 if top > min(MAX_BLOCK_TOP, block_n) else top
+    if merge_width(n, top, block_n):  # the last block of each row merges: no topk launch
+        return document_keys_batched(chunk, prep, msa, top, block_n, merge=True)[:, :k]
+    return top_candidates(document_keys_batched(chunk, prep, msa, top, block_n), k)
+
+
+def candidate_documents(hi: torch.Tensor, tau: torch.Tensor, prep: PreparedRoutingIndex,
+                        msa: MSAParams, block_n: int = 1024) -> torch.Tensor:
+    """[R, N] int8: 1 where a document's upper bound (its chunks' `hi` [R, C] reduced as the
+    document kernel reduces scores) reaches its request's `tau` [R] (fp32)."""
+    num_requests, n = hi.shape[0], prep.tiebreak.shape[0]
+    out = torch.empty(num_requests, n, dtype=torch.int8, device=hi.device)
+    if n and num_requests:
+        _candidate_documents_kernel[(triton.cdiv(n, block_n), num_requests)](
+            hi, tau, prep.doc_start, out, n, hi.stride(0), out.stride(0), BLOCK_N=block_n,
+            CHUNK_MEAN=msa.chunk_reduce == "mean", num_warps=8 if block_n >= 1024 else 4)
+    return out
+
+
 def route_batched_keys(
     qr_all: torch.Tensor,
     cu_tokens,
@@ -832,18 +933,7 @@ def route_batched_keys(
     best = torch.full((len(ks), k_top), NO_CANDIDATE, dtype=torch.int64, device=keys.device)
     if k_local:
         chunk = _chunk_scores(qr_all, cu, prep, msa, config)
-        # Blocks of documents hand up their top candidates (a power of two, few compiled
-        # variants); topk over those. Past MAX_BLOCK_TOP, keys of every document.
-        top = max(1, triton.next_power_of_2(k_local))
-        block_n = (config or KernelConfig()).block_n or document_block(n, top)
-        top = 0 if top > min(MAX_BLOCK_TOP, block_n) else top
-        if merge_width(n, top, block_n):  # the last block of each row merges: no topk launch
-            local = document_keys_batched(chunk, prep, msa, top, block_n,
-                                          merge=True)[:, :k_local]
-        else:
-            local = top_candidates(document_keys_batched(chunk, prep, msa, top, block_n),
-                                   k_local)
-        best[:, :k_local] = local
+        best[:, :k_local] = top_document_keys(chunk, prep, msa, k_local, config)
     if exchange is not None:  # a shard of the index: the best of every rank's candidates
         best = top_candidates(exchange(best), k_top)
     return RoutedBatch(best, [min(k, k_top) for k in ks], prep)

@@ -38,6 +38,7 @@ from vllm_msa.attention.bounded_routing import (
     bound_queries,
     chunk_bounds,
     document_bounds,
+    fused_intervals,
     route_compressed,
     widened,
 )
@@ -216,6 +217,11 @@ def test_bounds_kernel_computes_the_brackets(head, query, chunk, dtype, shared, 
     lo, hi = widened(kernel, index, lo, hi)
     exact = chunk_scores_batched(qr, cu, full, msa)
     assert bool((lo <= exact).all()) and bool((exact <= hi).all())
+    # The same intervals from one pass of the kernel (what serving runs).
+    fused = fused_intervals(kernel, index, query)
+    assert torch.allclose(fused[0], lo, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(fused[1], hi, rtol=1e-5, atol=1e-5)
+    assert bool((fused[0] <= exact).all()) and bool((exact <= fused[1]).all())
     # Selections through each path are the full index's.
     ks = [1, 5, 50]
     assert_same(route_compressed(qr, cu, index, msa, ks, integer=integer),

@@ -256,8 +256,7 @@ def chunk_bounds(queries: BoundQueries, keys: CompressedKeys, query_reduce: str
     else:
         err = norms @ keys.residual.t()
     if queries.integer is not None:  # the queries' own error, times ||k̂|| <= magnitude
-        mu = query_norms(queries, keys.values.shape[1], query_reduce, queries.integer.error)
-        mu = mu.amax(-1) if queries.head_max else mu.sum(-1)
+        mu = query_error(queries, keys.values.shape[1], query_reduce)
         err = torch.addcmul(err, mu[:, None], keys.magnitude[None, :])
     return s_hat - err, s_hat + err
 
@@ -266,9 +265,8 @@ def widened(queries: BoundQueries, index: CompressedRoutingIndex, lo: torch.Tens
             hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Chunk brackets widened by 2 γ A for floating point (module docstring): [R, C] each,
     certain to hold each chunk score as the exact scorer computes it."""
-    gamma = ((queries.q.shape[2] + queries.num_heads + 8) * DOT_UNIT
-             + (queries.num_tokens + index.max_doc_chunks + 8) * SUM_UNIT)
-    slack = (2 * gamma) * queries.magnitude[:, None] * index.keys.magnitude[None, :]
+    slack = ((2 * gamma(queries, index)) * queries.magnitude[:, None]
+             * index.keys.magnitude[None, :])
     return lo - slack, hi + slack
 
 
@@ -352,14 +350,70 @@ def bounded_candidates(qr_all: torch.Tensor, cu: list[int], index: CompressedRou
     """[n] bool: the documents the exact re-score must see (the bounded pass, all on the
     device; nothing waits for it). `integer`: multiply int8 queries (None: wherever the
     kernels run over an int8 index)."""
+    from ..kernels.routing import INT_DOT_MIN_DIM
+
+    usable = index.keys.shared_scale and index.keys.values.shape[2] >= INT_DOT_MIN_DIM
     if integer is None:
-        integer = kernel and index.keys.shared_scale
-    elif integer and not index.keys.shared_scale:
-        raise ValueError("int8 queries need int8 keys with one scale per chunk")
+        integer = kernel and usable
+    elif integer and not usable:
+        raise ValueError("int8 queries need int8 keys with one scale per chunk and a head_dim "
+                         f"of at least {INT_DOT_MIN_DIM}")
     queries = bound_queries(qr_all, cu, index.keys.values.shape[1], msa,
                             index.model_dtype if kernel else None, integer)
+    if kernel:
+        return fused_candidates(queries, index, msa, ks)
     lo, hi = widened(queries, index, *chunk_bounds(queries, index.keys, msa.query_reduce))
-    return candidates(*document_bounds(index, msa, lo, hi, kernel), ks)
+    return candidates(*document_bounds(index, msa, lo, hi), ks)
+
+
+def gamma(queries: BoundQueries, index: CompressedRoutingIndex) -> float:
+    """γ of the module docstring's floating-point margin."""
+    return ((queries.q.shape[2] + queries.num_heads + 8) * DOT_UNIT
+            + (queries.num_tokens + index.max_doc_chunks + 8) * SUM_UNIT)
+
+
+def query_error(queries: BoundQueries, num_kv_heads: int, query_reduce: str) -> torch.Tensor:
+    """μ [R] of the module docstring (zeros without int8 queries)."""
+    if queries.integer is None:
+        return torch.zeros(len(queries.cu) - 1, dtype=torch.float32, device=queries.q.device)
+    mu = query_norms(queries, num_kv_heads, query_reduce, queries.integer.error)
+    return mu.amax(-1) if queries.head_max else mu.sum(-1)
+
+
+def fused_intervals(queries: BoundQueries, index: CompressedRoutingIndex, query_reduce: str
+                    ) -> torch.Tensor:
+    """`widened(chunk_bounds(...))` in one pass of the chunk-score kernel: [2, R, C] (lower,
+    upper)."""
+    from ..kernels.routing import launch_chunk_scores
+
+    keys = index.keys
+    kv = keys.values.shape[1]
+    norms = query_norms(queries, kv, query_reduce).float().contiguous()
+    extra = (query_error(queries, kv, query_reduce)
+             + (2 * gamma(queries, index)) * queries.magnitude).float().contiguous()
+    return launch_chunk_scores(queries.kernel_q, queries.cu, queries.head_max,
+                               query_reduce == "mean", keys.values, keys.scale,
+                               integer=queries.integer,
+                               bounds=(keys.residual, keys.magnitude, norms, extra))
+
+
+def fused_candidates(queries: BoundQueries, index: CompressedRoutingIndex, msa: MSAParams,
+                     ks: list[int]) -> torch.Tensor:
+    """`bounded_candidates` on the kernels, in three launches: the chunk-score kernel storing
+    the widened intervals (`chunk_bounds` then `widened`, fused), the document kernel's top
+    keys of the lower bounds (the k-th is τ), and the candidate test of the upper bounds."""
+    from ..kernels.routing import candidate_documents, key_scores, top_document_keys
+
+    n = index.num_documents
+    if not n:
+        return torch.zeros(0, dtype=torch.bool, device=index.keys.values.device)
+    lo, hi = fused_intervals(queries, index, msa.query_reduce)
+    ks = [min(k, n) for k in ks]
+    top = top_document_keys(lo, index.prepared, msa, max(ks))
+    tau = (top[:, -1] if len(set(ks)) == 1 else top.gather(1, upload(
+        [k - 1 for k in ks], top.device)[:, None])[:, 0])
+    return candidate_documents(hi, key_scores(tau).contiguous(), index.prepared,
+                               msa).any(0)
 
 
 def route_compressed(qr_all: torch.Tensor, cu_tokens, index: CompressedRoutingIndex,
