@@ -24,6 +24,7 @@ first batch size, routing's GPU time per kernel.
 from __future__ import annotations
 
 import os
+import statistics
 import time
 from pathlib import Path
 
@@ -127,6 +128,8 @@ def main() -> None:
     parser.set_defaults(doc_tokens=512)
     parser.add_argument("--bank-tokens", default="10M")
     parser.add_argument("--batches", default="1,8,64")
+    parser.add_argument("--runs", type=int, default=5,
+                        help="timed runs per batch size (median and range reported)")
     parser.add_argument("--question-words", type=int, default=12)
     parser.add_argument("--profile-first-request", action="store_true",
                         help="run the first request after start under cProfile and list "
@@ -193,12 +196,13 @@ def main() -> None:
         for b in batches:
             ttft(b)  # untimed: any first-time work of this batch size
             profiling.host_seconds.clear()
-            wall = min(ttft(b) for _ in range(3))
-            host = {name.removeprefix("msa."): seconds / 3
+            walls = [ttft(b) for _ in range(args.runs)]
+            wall = statistics.median(walls)
+            host = {name.removeprefix("msa."): seconds / args.runs
                     for name, seconds in profiling.host_seconds.items()}
             default = os.environ["VLLM_MSA_FETCH_STREAM"]
             os.environ["VLLM_MSA_FETCH_STREAM"] = "1"  # the fetch on its own stream
-            side = min(ttft(b) for _ in range(3))
+            side = statistics.median(ttft(b) for _ in range(args.runs))
             os.environ["VLLM_MSA_FETCH_STREAM"] = default
             with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
                 ttft(b)
@@ -209,6 +213,7 @@ def main() -> None:
                        if rate else None)
             other = gpu["total"] - gpu["route"] - gpu["fetch"] - gpu["attention"]
             row = {"batch": b, "routing_tokens": tokens, "ttft_s": wall,
+                   "ttft_min_s": min(walls), "ttft_max_s": max(walls), "ttft_runs_s": walls,
                    "ttft_fetch_side_stream_s": side,
                    "gpu_total_s": gpu["total"], "gpu_route_s": gpu["route"],
                    "gpu_fetch_s": gpu["fetch"], "gpu_attention_s": gpu["attention"],
@@ -217,7 +222,7 @@ def main() -> None:
                    "route_vs_hbm_floor": gpu["route"] / hbm if hbm else None,
                    "route_vs_binding_floor": gpu["route"] / max(hbm, compute)
                    if hbm and compute else None,
-                   # host time inside each phase (mean of the three timed runs, no profiler)
+                   # host time inside each phase (mean of the timed runs, no profiler)
                    **{f"host_{name}_s": host.get(name, 0.0)
                       for name in ("route", "fetch", "attention")},
                    "gpu_route_kernels_s": route_kernels}
@@ -232,13 +237,17 @@ def main() -> None:
     print(f"\n{card}, {args.shape} shape, {size:,}-token bank ({layers} router layers, "
           f"index {index_bytes / 1e9:.2f} GB); device copy "
           f"{(bandwidth or 0) / 1e12:.2f} TB/s, bf16 matmul {(rate or 0) / 1e12:.0f} TFLOP/s\n")
-    print(f"{'batch':>5} {'TTFT ms':>8} {'overlap':>7} {'GPU ms':>7} {'route':>7} {'fetch':>7} "
+    print(f"TTFT: median of {args.runs} runs [min-max]; overlap: the fetch on a side stream")
+    print(f"{'batch':>5} {'TTFT ms':>8} {'range':>15} {'overlap':>7} {'GPU ms':>7} {'route':>7} "
+          f"{'fetch':>7} "
           f"{'attn':>7} {'other':>7} {'HBM floor':>9} {'FLOP floor':>10} "
           f"{'route/HBM':>9} {'route/binding':>13}")
     ms = lambda x: f"{x * 1e3:.2f}" if x is not None else "-"  # noqa: E731
     ratio = lambda x: f"{x:.2f}x" if x is not None else "-"  # noqa: E731
     for r in rows:
-        print(f"{r['batch']:>5} {ms(r['ttft_s']):>8} {ms(r['ttft_fetch_side_stream_s']):>7} "
+        spread = f"[{ms(r['ttft_min_s'])}-{ms(r['ttft_max_s'])}]"
+        print(f"{r['batch']:>5} {ms(r['ttft_s']):>8} {spread:>15} "
+              f"{ms(r['ttft_fetch_side_stream_s']):>7} "
               f"{ms(r['gpu_total_s']):>7} "
               f"{ms(r['gpu_route_s']):>7} {ms(r['gpu_fetch_s']):>7} "
               f"{ms(r['gpu_attention_s']):>7} {ms(r['gpu_other_s']):>7} "

@@ -701,19 +701,20 @@ def launch_chunk_scores(q: torch.Tensor, cu: list[int], head_max: bool, query_me
     [C, KV] (`attention/bounded_routing.py`'s bounded pass). `integer`: the queries as
     `compressed_index.IntegerQueries` (int8 keys only), multiplied on int8 tensor cores;
     `q` is then unused. `bounds` = (resid [C, KV], mag [C], norm [R, KV], extra [R]), all
-    fp32: the intervals instead of S (the kernel's BOUNDS), returned as a [2, R, C] tensor
-    (lower, upper)."""
+    fp32: the intervals instead of S (the kernel's BOUNDS), returned as (lower, upper)."""
     if integer is not None:
         if keys.dtype != torch.int8 or scale is None:
             raise ValueError("integer queries need int8 keys and their scales (one per chunk)")
         q = integer.hi
     num_chunks, kv, d = keys.shape
     num_requests, num_tokens = len(cu) - 1, q.shape[0]
-    shape = (2, num_requests, num_chunks) if bounds else (num_requests, num_chunks)
-    out = torch.empty(shape, dtype=torch.float32, device=keys.device)
-    rows = out[0] if bounds else out  # (the lower bounds, or S)
+    # (lower and upper bounds: two allocations, so both stay 16-byte aligned at any R x C:
+    # Triton compiles a variant per pointer alignment)
+    out = torch.empty(num_requests, num_chunks, dtype=torch.float32, device=keys.device)
+    hi = torch.empty_like(out) if bounds else None
+    rows = out
     if num_chunks == 0:
-        return out
+        return (out, hi) if bounds else out
     resid, mag, norm, extra = bounds or (None,) * 4
     scaled = scale is not None
     fp8 = scaled and keys.dtype != torch.int8
@@ -738,7 +739,7 @@ def launch_chunk_scores(q: torch.Tensor, cu: list[int], head_max: bool, query_me
                 SCALED=scaled, FP8=fp8, INT_DOT=integer is not None,
                 qlo_ptr=None if integer is None else integer.lo,
                 qs_ptr=None if integer is None else integer.scale,
-                BOUNDS=bounds is not None, hi_ptr=out[1] if bounds else None,
+                BOUNDS=bounds is not None, hi_ptr=hi,
                 resid_ptr=resid, mag_ptr=mag, norm_ptr=norm, extra_ptr=extra,
                 KV_P2=triton.next_power_of_2(kv),
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages,
@@ -750,7 +751,7 @@ def launch_chunk_scores(q: torch.Tensor, cu: list[int], head_max: bool, query_me
             cfg = smaller
             continue
         _FITTED[shape_key] = cfg
-        return out
+        return (out, hi) if bounds else out
 
 
 def document_keys_batched(chunk: torch.Tensor, prep: PreparedRoutingIndex, msa: MSAParams,

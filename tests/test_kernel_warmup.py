@@ -24,6 +24,7 @@ import pytest
 import torch
 from triton_interpreter import DEVICE, needs_kernel, parent_only, rerun_under_interpreter
 
+from vllm_msa.attention.bounded_routing import CompressedRoutingIndex, route_compressed
 from vllm_msa.attention.router import routing_params
 from vllm_msa.attention.staging import StagingPool
 from vllm_msa.attention.tiers import ServedBank
@@ -92,7 +93,8 @@ def spies(monkeypatch):
     from vllm_msa.kernels import routing as rk
 
     seen: dict[str, set] = defaultdict(set)
-    for name in ("_prepare_queries_kernel", "_chunk_scores_kernel", "_document_keys_kernel"):
+    for name in ("_prepare_queries_kernel", "_chunk_scores_kernel", "_document_keys_kernel",
+                 "_candidate_documents_kernel"):
         monkeypatch.setattr(rk, name, VariantSpy(getattr(rk, name), seen))
     stage_spy = VariantSpy(stage._kernel(), seen)
     gather_spy = VariantSpy(fetch._gather_kernel(), seen)
@@ -106,18 +108,22 @@ def spies(monkeypatch):
     return seen
 
 
-@pytest.fixture(scope="module", params=["auto", "fp8_e4m3"])
+@pytest.fixture(scope="module", params=[("auto", "auto"), ("fp8_e4m3", "int8")],
+                ids=["bf16", "fp8-kv-int8-index"])
 def served_bank(checkpoints, tmp_path_factory, request):
     """A synthetic bf16 bank of the tiny checkpoint, served from DEVICE: 20 documents of 5
-    chunks (20 tokens) and a last short one; its K/V tier bf16 or FP8 (whose staging
-    kernels are variants of their own)."""
+    chunks (20 tokens) and a last short one; as stored, or with its K/V tier FP8 and its
+    index int8 (staging and routing kernels with variants of their own: the bounded pass,
+    and the re-score over candidate sets of every size)."""
+    bank_dtype, index_dtype = request.param
     ckpt = checkpoints(dtype="bfloat16")
     out = tmp_path_factory.mktemp("warmup") / "bank"
     assert main(["bank", "synth", "--model", str(ckpt), "--tokens", "403", "--doc-tokens",
                  "20", "--out", str(out), "--dtype", "bfloat16", "--no-progress",
-                 "--bank-dtype", request.param]) == 0
+                 "--bank-dtype", bank_dtype]) == 0
     bank = MemoryBank.open(out, ModelInfo.from_checkpoint(ckpt, "bfloat16"))
-    return ServedBank.load("docs", bank, torch.device(DEVICE), slice(None))
+    return ServedBank.load("docs", bank, torch.device(DEVICE), slice(None),
+                           index_dtype=index_dtype)
 
 
 def msa_of(head: str, query: str) -> MSAParams:
@@ -151,13 +157,15 @@ def test_warm_up_covers_routing_and_staging(spies, served_bank, head, query):
     assert pool.num_free == pool.num_slots and WARMUP_OWNER not in pool.owners()
     warmed = {name: set(variants) for name, variants in spies.items()}
     gather = {"gather_kv_kernel"} if DEVICE == "cuda" else set()
+    compressed = isinstance(prep := served_bank.prepared_index(served_bank.bank.router_layers[
+        -1]), CompressedRoutingIndex)
+    bounded = {"_candidate_documents_kernel"} if compressed else set()
     assert set(warmed) == {"_prepare_queries_kernel", "_chunk_scores_kernel",
-                           "_document_keys_kernel", "stage_routed_kernel"} | gather
+                           "_document_keys_kernel", "stage_routed_kernel"} | gather | bounded
     spies.clear()
 
     gen = torch.Generator().manual_seed(7)
     layer = served_bank.bank.router_layers[-1]  # another layer than the warm-up's
-    prep = served_bank.prepared_index(layer)
     host_k, host_v = served_bank.host_keys[layer], served_bank.host_values[layer]
     scales = served_bank.scales(layer)
     for step in STEPS:
@@ -167,7 +175,10 @@ def test_warm_up_covers_routing_and_staging(spies, served_bank, head, query):
         for n in step:
             cu.append(cu[-1] + n)
         qr = torch.randn(cu[-1], heads, dim, generator=gen).to(DEVICE, torch.bfloat16)
-        routed = route_batched_keys(qr, cu, prep, msa, [top_k] * len(step))
+        if compressed:  # the bounded pass, then the re-score over that step's candidates
+            routed = route_compressed(qr, cu, prep, msa, [top_k] * len(step), keys_only=True)
+        else:
+            routed = route_batched_keys(qr, cu, prep, msa, [top_k] * len(step))
         widths = [(f"r{i}", served_bank.worst_case_chunks(top_k)) for i in range(len(step))]
         ks = torch.tensor(routed.ks, dtype=torch.int32, device=DEVICE)
         assert pool.stage_routed(host_k, host_v, routed, ks, widths,

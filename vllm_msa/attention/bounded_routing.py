@@ -381,9 +381,9 @@ def query_error(queries: BoundQueries, num_kv_heads: int, query_reduce: str) -> 
 
 
 def fused_intervals(queries: BoundQueries, index: CompressedRoutingIndex, query_reduce: str
-                    ) -> torch.Tensor:
-    """`widened(chunk_bounds(...))` in one pass of the chunk-score kernel: [2, R, C] (lower,
-    upper)."""
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`widened(chunk_bounds(...))` in one pass of the chunk-score kernel: (lower, upper),
+    [R, C] each."""
     from ..kernels.routing import launch_chunk_scores
 
     keys = index.keys
