@@ -102,11 +102,16 @@ MAX_BLOCK_TOP = 64
 
 
 def default_config(keys_dtype: torch.dtype, head_max: bool = False) -> KernelConfig:
-    """Tiles by keys dtype and head reduce. Measured on an H100 for the MSA-4B shape
+    """Tiles by the queries' dtype (int8: the bounded pass's integer queries) and head
+    reduce. Measured on an H100 for the MSA-4B shape
     (benchmarks/results/routing-*.json, "sweep"); where a default does not fit a shape's
     shared memory, `route_batched` shrinks it (stages, then token and chunk blocks)."""
     if keys_dtype == torch.float32:  # tests / fp32 banks: fp32 tiles are twice the bytes
         return KernelConfig(block_c=64, block_t=64, num_warps=4, num_stages=2)
+    if keys_dtype == torch.int8:  # the int8 x int8 bounded pass (`_int8_tile_scores`):
+        # measured on an H200 at 100M tokens (compressed-routing-*.json, "sweep"), the best
+        # of seven tilings at 1, 8 and 64 questions (0.44 / 2.6 / 19.7 ms per layer)
+        return KernelConfig(block_c=128, block_t=64, num_warps=4, num_stages=3)
     if head_max:  # every query head of a group is a tile of its own: fewer stages fit
         return KernelConfig(block_c=128, block_t=64, num_warps=8, num_stages=2)
     return KernelConfig(block_c=128, block_t=128, num_warps=8, num_stages=3)
@@ -459,11 +464,13 @@ if HAS_TRITON:
     @triton.jit
     def _candidate_documents_kernel(
         hi_ptr,  # [R, C] fp32: upper bounds of the chunk scores
-        tau_ptr,  # [R] fp32: each request's k-th largest lower bound of a document score
+        top_ptr,  # [R, K] int64: sort keys of the documents' lower bounds, best first
+        kth_ptr,  # [R] int32: the column of each request's k-th (its score is tau)
         doc_start_ptr,  # [N + 1] int64
         out_ptr,  # [R, N] int8: 1 where the document's upper bound reaches tau
         num_docs,
         stride_hr,
+        stride_tr,
         stride_or,
         BLOCK_N: tl.constexpr,
         CHUNK_MEAN: tl.constexpr,
@@ -478,8 +485,9 @@ if HAS_TRITON:
         mask = offs < num_docs
         hi = _document_scores(hi_ptr + r * stride_hr, doc_start_ptr, offs, mask, BLOCK_N,
                               CHUNK_MEAN, CHUNK_TILE)
-        tl.store(out_ptr + r * stride_or + offs, (hi >= tl.load(tau_ptr + r)).to(tl.int8),
-                 mask=mask)
+        high = (tl.load(top_ptr + r * stride_tr + tl.load(kth_ptr + r)) >> 32).to(tl.int32)
+        tau = tl.where(high < 0, high ^ 0x7FFFFFFF, high).to(tl.float32, bitcast=True)
+        tl.store(out_ptr + r * stride_or + offs, (hi >= tau).to(tl.int8), mask=mask)
 
     @triton.jit
     def _document_keys_kernel(
@@ -894,15 +902,18 @@ def top_document_keys(chunk: torch.Tensor, prep: PreparedRoutingIndex, msa: MSAP
     return top_candidates(document_keys_batched(chunk, prep, msa, top, block_n), k)
 
 
-def candidate_documents(hi: torch.Tensor, tau: torch.Tensor, prep: PreparedRoutingIndex,
-                        msa: MSAParams, block_n: int = 1024) -> torch.Tensor:
+def candidate_documents(hi: torch.Tensor, top: torch.Tensor, ks: list[int],
+                        prep: PreparedRoutingIndex, msa: MSAParams, block_n: int = 1024
+                        ) -> torch.Tensor:
     """[R, N] int8: 1 where a document's upper bound (its chunks' `hi` [R, C] reduced as the
-    document kernel reduces scores) reaches its request's `tau` [R] (fp32)."""
+    document kernel reduces scores) reaches τ_r, the score of request r's k-th sort key in
+    `top` [R, >= k] (`top_document_keys` of the lower bounds; k = ks[r])."""
     num_requests, n = hi.shape[0], prep.tiebreak.shape[0]
     out = torch.empty(num_requests, n, dtype=torch.int8, device=hi.device)
     if n and num_requests:
         _candidate_documents_kernel[(triton.cdiv(n, block_n), num_requests)](
-            hi, tau, prep.doc_start, out, n, hi.stride(0), out.stride(0), BLOCK_N=block_n,
+            hi, top, _int_tensor([k - 1 for k in ks], hi.device), prep.doc_start, out, n,
+            hi.stride(0), top.stride(0), out.stride(0), BLOCK_N=block_n,
             CHUNK_MEAN=msa.chunk_reduce == "mean", num_warps=8 if block_n >= 1024 else 4)
     return out
 

@@ -228,6 +228,39 @@ def test_bounds_kernel_computes_the_brackets(head, query, chunk, dtype, shared, 
                 route_batched(qr, cu, full, msa, ks))
 
 
+@needs_kernel
+@pytest.mark.parametrize(("head", "query", "chunk"), COMBOS[::6] if INTERPRET else COMBOS[::3])
+def test_query_bound_kernels_match_their_definition(head, query, chunk):
+    """`kernels/routing_bounds.py` against `bound_queries` in torch: the int8 levels' error
+    and size bounds hold (in float64) for the levels the kernel made, and n, Q_r and μ of
+    each request are the torch path's."""
+    from vllm_msa.kernels.routing_bounds import bound_rows, request_bounds
+
+    from vllm_msa.attention.bounded_routing import gamma, query_error, query_norms
+
+    msa = msa_params(head, query, chunk)
+    gen = torch.Generator().manual_seed(23)
+    full = on_device(make_index([3, 1, 4, 1, 5], 2, 32, gen, dtype=torch.bfloat16))
+    index = compressed(full)
+    qr = queries(13, 8, 32, gen) * torch.rand(13, 8, 1, generator=gen).to(DEVICE) * 5
+    cu = [0, 6, 7, 13]
+    bq = bound_queries(qr, cu, 2, msa, torch.bfloat16, integer=True)
+    norms, ints = bound_rows(bq.kernel_q, True)
+    q = bq.kernel_q.double()
+    step = ints.scale.double()[:, None, None]
+    hi, lo = ints.hi.double() * step, ints.lo.double() * (step / 128)
+    assert bool((ints.lo.abs() <= 64).all())
+    assert bool(((q - hi - lo).norm(dim=-1) <= ints.error.double()).all())
+    assert bool((hi.norm(dim=-1) + lo.norm(dim=-1) <= ints.size.double()).all())
+    assert torch.allclose(norms, q.norm(dim=-1).float(), rtol=1e-6)
+    two_gamma = 2 * gamma(bq, index)
+    n, extra = request_bounds(norms, ints, bq.cu, 2, bq.head_max, query == "mean", two_gamma)
+    assert torch.allclose(n, query_norms(bq, 2, query), rtol=1e-5)
+    # μ from the kernel's own (looser) error bounds, Q_r from its sizes: at least torch's.
+    want = query_error(bq, 2, query) + two_gamma * bq.magnitude
+    assert bool((extra >= want * (1 - 1e-6)).all()) and torch.allclose(extra, want, rtol=0.1)
+
+
 @pytest.mark.parametrize("spread", [0.0, 1e-4] if INTERPRET else [0.0, 1e-6, 1e-4, 1e-2])
 @pytest.mark.parametrize(("head", "query", "chunk"),
                          [COMBOS[0], COMBOS[7], *([] if INTERPRET else [COMBOS[10]])])

@@ -91,11 +91,14 @@ def spies(monkeypatch):
     """Spies on the routing, staging and gather kernels; variants seen, by kernel name."""
     from vllm_msa.kernels import fetch, stage
     from vllm_msa.kernels import routing as rk
+    from vllm_msa.kernels import routing_bounds as rb
 
     seen: dict[str, set] = defaultdict(set)
     for name in ("_prepare_queries_kernel", "_chunk_scores_kernel", "_document_keys_kernel",
                  "_candidate_documents_kernel"):
         monkeypatch.setattr(rk, name, VariantSpy(getattr(rk, name), seen))
+    for name in ("_bound_rows_kernel", "_bound_requests_kernel"):
+        monkeypatch.setattr(rb, name, VariantSpy(getattr(rb, name), seen))
     stage_spy = VariantSpy(stage._kernel(), seen)
     gather_spy = VariantSpy(fetch._gather_kernel(), seen)
     monkeypatch.setattr(stage, "_kernel", lambda: stage_spy)
@@ -159,7 +162,8 @@ def test_warm_up_covers_routing_and_staging(spies, served_bank, head, query):
     gather = {"gather_kv_kernel"} if DEVICE == "cuda" else set()
     compressed = isinstance(prep := served_bank.prepared_index(served_bank.bank.router_layers[
         -1]), CompressedRoutingIndex)
-    bounded = {"_candidate_documents_kernel"} if compressed else set()
+    bounded = ({"_candidate_documents_kernel", "_bound_rows_kernel", "_bound_requests_kernel"}
+               if compressed else set())
     assert set(warmed) == {"_prepare_queries_kernel", "_chunk_scores_kernel",
                            "_document_keys_kernel", "stage_routed_kernel"} | gather | bounded
     spies.clear()

@@ -167,6 +167,7 @@ class BoundQueries:
     num_heads: int  # the model's query heads (H in γ)
     kernel_q: torch.Tensor | None = None  # q in the kernels' dtype: the bounds kernel reads it
     integer: IntegerQueries | None = None  # kernel_q in two int8 levels (int8 indexes)
+    int8: bool = False  # the kernels multiply int8 queries (`integer`, or made by the kernels)
 
 
 def bound_queries(qr_all: torch.Tensor, cu: list[int], num_kv_heads: int, msa: MSAParams,
@@ -199,7 +200,20 @@ def bound_queries(qr_all: torch.Tensor, cu: list[int], num_kv_heads: int, msa: M
         rows = cu  # (every token: an upper bound of the last one's)
     magnitude = torch.stack([per_token[a:b].amax() for a, b in itertools.pairwise(rows)])
     return BoundQueries(q, cu_q, head_max, magnitude, tokens, num_heads, kernel_q,
-                        ints if integer else None)
+                        ints if integer else None, bool(integer and kernel_q is not None))
+
+
+def kernel_queries(qr_all: torch.Tensor, cu: list[int], num_kv_heads: int, msa: MSAParams,
+                   kernel_dtype: torch.dtype, integer: bool) -> BoundQueries:
+    """The kernels' queries alone (one launch), for `fused_intervals`: `integer` marks int8
+    queries (made there), `q` and `magnitude` are left empty."""
+    from ..kernels.routing import prepare_queries
+
+    kernel_q, cu_q, head_max = prepare_queries(qr_all, cu, num_kv_heads, msa, kernel_dtype)
+    empty = torch.empty(0, dtype=torch.float32, device=kernel_q.device)
+    return BoundQueries(empty, cu_q, head_max, empty,
+                        max(b - a for a, b in itertools.pairwise(cu)), qr_all.shape[1],
+                        kernel_q, int8=integer)
 
 
 def query_norms(queries: BoundQueries, num_kv_heads: int, query_reduce: str,
@@ -358,17 +372,18 @@ def bounded_candidates(qr_all: torch.Tensor, cu: list[int], index: CompressedRou
     elif integer and not usable:
         raise ValueError("int8 queries need int8 keys with one scale per chunk and a head_dim "
                          f"of at least {INT_DOT_MIN_DIM}")
-    queries = bound_queries(qr_all, cu, index.keys.values.shape[1], msa,
-                            index.model_dtype if kernel else None, integer)
-    if kernel:
-        return fused_candidates(queries, index, msa, ks)
+    kv = index.keys.values.shape[1]
+    if kernel:  # (the bounds of the queries come from the kernels: `fused_intervals`)
+        return fused_candidates(kernel_queries(qr_all, cu, kv, msa, index.model_dtype,
+                                               integer), index, msa, ks)
+    queries = bound_queries(qr_all, cu, kv, msa, None)
     lo, hi = widened(queries, index, *chunk_bounds(queries, index.keys, msa.query_reduce))
     return candidates(*document_bounds(index, msa, lo, hi), ks)
 
 
 def gamma(queries: BoundQueries, index: CompressedRoutingIndex) -> float:
     """γ of the module docstring's floating-point margin."""
-    return ((queries.q.shape[2] + queries.num_heads + 8) * DOT_UNIT
+    return ((index.keys.values.shape[2] + queries.num_heads + 8) * DOT_UNIT
             + (queries.num_tokens + index.max_doc_chunks + 8) * SUM_UNIT)
 
 
@@ -382,27 +397,26 @@ def query_error(queries: BoundQueries, num_kv_heads: int, query_reduce: str) -> 
 
 def fused_intervals(queries: BoundQueries, index: CompressedRoutingIndex, query_reduce: str
                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`widened(chunk_bounds(...))` in one pass of the chunk-score kernel: (lower, upper),
-    [R, C] each."""
+    """`widened(chunk_bounds(...))` on the kernels (`queries` of the kernel path): the query
+    side in two launches (`kernels/routing_bounds.py`), then one pass of the chunk-score
+    kernel storing the intervals. (lower, upper), [R, C] each."""
     from ..kernels.routing import launch_chunk_scores
+    from ..kernels.routing_bounds import bound_rows, request_bounds
 
     keys = index.keys
-    kv = keys.values.shape[1]
-    norms = query_norms(queries, kv, query_reduce).float().contiguous()
-    extra = (query_error(queries, kv, query_reduce)
-             + (2 * gamma(queries, index)) * queries.magnitude).float().contiguous()
+    norms, ints = bound_rows(queries.kernel_q, queries.int8)
+    n, extra = request_bounds(norms, ints, queries.cu, keys.values.shape[1], queries.head_max,
+                              query_reduce == "mean", 2 * gamma(queries, index))
     return launch_chunk_scores(queries.kernel_q, queries.cu, queries.head_max,
-                               query_reduce == "mean", keys.values, keys.scale,
-                               integer=queries.integer,
-                               bounds=(keys.residual, keys.magnitude, norms, extra))
+                               query_reduce == "mean", keys.values, keys.scale, integer=ints,
+                               bounds=(keys.residual, keys.magnitude, n, extra))
 
 
 def fused_candidates(queries: BoundQueries, index: CompressedRoutingIndex, msa: MSAParams,
                      ks: list[int]) -> torch.Tensor:
-    """`bounded_candidates` on the kernels, in three launches: the chunk-score kernel storing
-    the widened intervals (`chunk_bounds` then `widened`, fused), the document kernel's top
+    """`bounded_candidates` on the kernels: `fused_intervals`, the document kernel's top
     keys of the lower bounds (the k-th is τ), and the candidate test of the upper bounds."""
-    from ..kernels.routing import candidate_documents, key_scores, top_document_keys
+    from ..kernels.routing import candidate_documents, top_document_keys
 
     n = index.num_documents
     if not n:
@@ -410,10 +424,7 @@ def fused_candidates(queries: BoundQueries, index: CompressedRoutingIndex, msa: 
     lo, hi = fused_intervals(queries, index, msa.query_reduce)
     ks = [min(k, n) for k in ks]
     top = top_document_keys(lo, index.prepared, msa, max(ks))
-    tau = (top[:, -1] if len(set(ks)) == 1 else top.gather(1, upload(
-        [k - 1 for k in ks], top.device)[:, None])[:, 0])
-    return candidate_documents(hi, key_scores(tau).contiguous(), index.prepared,
-                               msa).any(0)
+    return candidate_documents(hi, top, ks, index.prepared, msa).any(0)
 
 
 def route_compressed(qr_all: torch.Tensor, cu_tokens, index: CompressedRoutingIndex,
