@@ -340,9 +340,6 @@ if HAS_TRITON:
         if BOUNDS:
             hi_row = hi_ptr + offs_c
             offs_k = tl.arange(0, KV_P2)
-            resid = tl.load(resid_ptr + offs_c[:, None] * KV_HEADS + offs_k[None, :],
-                            mask=mask_c[:, None] & (offs_k < KV_HEADS)[None, :], other=0.0)
-            mag = tl.load(mag_ptr + offs_c, mask=mask_c, other=0.0)
         # The open request: the tokens of all requests form one stream, cut into blocks of
         # BLOCK_T that may span requests; each block's scores go to the requests it covers.
         r = tl.full([], 0, tl.int32)
@@ -399,7 +396,11 @@ if HAS_TRITON:
                     if QUERY_MEAN:
                         n = tl.full([BLOCK_C], 0, tl.int32) + (r_end - r_start)
                         best = tl.math.div_rn(best, n.to(tl.float32))
-                    if BOUNDS:
+                    if BOUNDS:  # (loaded here, not held in registers through the loop)
+                        resid = tl.load(
+                            resid_ptr + offs_c[:, None] * KV_HEADS + offs_k[None, :],
+                            mask=mask_c[:, None] & (offs_k < KV_HEADS)[None, :], other=0.0)
+                        mag = tl.load(mag_ptr + offs_c, mask=mask_c, other=0.0)
                         norms = tl.load(norm_ptr + r * KV_HEADS + offs_k,
                                         mask=offs_k < KV_HEADS, other=0.0)
                         if HEAD_MAX:
