@@ -252,10 +252,12 @@ def plot(rows: list[dict], path: Path, card: str) -> str:
     plt = pyplot()
     if plt is None:
         return "(no matplotlib: no plot)"
-    fig, ax = plt.subplots(figsize=(10, 4.5))
-    labels = [f"{r['keys']}\n{r['index_dtype']}\n{r['queries']}\n"
-              f"{r['tokens'] / 1e6:g}M x{r['questions']}"
-              for r in rows]
+    fig, ax = plt.subplots(figsize=(max(10, 0.45 * len(rows)), 5.5))
+    short = {"int8 x2": "int8 q", "widened keys": "widened"}
+    labels = [f"{r['keys']} {r['tokens'] / 1e6:g}M x{r['questions']} "
+              f"{short.get(r.get('queries'), r.get('queries', ''))}"
+              f"{'' if r.get('scales', 'per chunk') == 'per chunk' else ' /head'}"
+              f" {r['index_dtype']}" for r in rows]
     x = range(len(rows))
     w = 0.27
     ax.bar([i - w for i in x], [r["full_ms"]["median"] for r in rows], w, label="bf16 index")
@@ -263,7 +265,7 @@ def plot(rows: list[dict], path: Path, card: str) -> str:
     ax.bar([i + w for i in x], [r["total_ms"]["median"] for r in rows], w,
            label="8-bit total (with re-score)")
     ax.set_yscale("log")
-    ax.set_xticks(list(x), labels, fontsize=7)
+    ax.set_xticks(list(x), labels, fontsize=7, rotation=90)
     ax.set_ylabel("ms per router layer (median)")
     ax.set_title(f"Exact routing from an 8-bit index, {card}")
     ax.legend()
