@@ -181,13 +181,23 @@ def integer_scores(bq, keys, query: str) -> torch.Tensor:
                         for a, b in itertools.pairwise(bq.cu)])
 
 
+def bounds_kernel_cases():
+    """Every path (int8 queries; int8 keys widened with one scale per chunk or per head; e4m3)
+    x a third of the reduce combinations x bf16 / fp32 keys (under the slow interpreter: bf16,
+    two combinations for the int8 queries and one for the others)."""
+    paths = [("int8", True, True), ("int8", True, False), ("int8", False, False),
+             ("fp8_e4m3", False, False)]
+    for path in paths:
+        combos = (COMBOS[::6] if path[2] else COMBOS[:1]) if INTERPRET else COMBOS[::3]
+        for combo in combos:
+            for keys_dtype in [torch.bfloat16] if INTERPRET else [torch.bfloat16, torch.float32]:
+                yield pytest.param(*combo, *path, keys_dtype,
+                                   id="-".join((*combo, *map(str, path), str(keys_dtype)[6:])))
+
+
 @needs_kernel
-@pytest.mark.parametrize(("head", "query", "chunk"), COMBOS[::6] if INTERPRET else COMBOS[::3])
-@pytest.mark.parametrize(("dtype", "shared", "integer"),
-                         [("int8", True, True), ("int8", True, False), ("int8", False, False),
-                          ("fp8_e4m3", False, False)])
-@pytest.mark.parametrize("keys_dtype", [torch.bfloat16] if INTERPRET
-                         else [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize(("head", "query", "chunk", "dtype", "shared", "integer", "keys_dtype"),
+                         list(bounds_kernel_cases()))
 def test_bounds_kernel_computes_the_brackets(head, query, chunk, dtype, shared, integer,
                                              keys_dtype):
     """The Triton bounded pass: its Ŝ against an independent computation (the torch path's

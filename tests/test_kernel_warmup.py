@@ -22,7 +22,13 @@ from collections import defaultdict
 
 import pytest
 import torch
-from triton_interpreter import DEVICE, needs_kernel, parent_only, rerun_under_interpreter
+from triton_interpreter import (
+    DEVICE,
+    INTERPRET,
+    needs_kernel,
+    parent_only,
+    rerun_under_interpreter,
+)
 
 from vllm_msa.attention.bounded_routing import CompressedRoutingIndex, route_compressed
 from vllm_msa.attention.router import routing_params
@@ -146,7 +152,9 @@ def test_routing_shapes_reach_every_token_block():
 
 @needs_kernel
 @pytest.mark.parametrize(("head", "query"), [("mean", "max"), ("max", "last")])
-def test_warm_up_covers_routing_and_staging(spies, served_bank, head, query):
+def test_warm_up_covers_routing_and_staging(spies, served_bank, head, query, request):
+    if INTERPRET and (request.node.callspec.id.startswith("bf16")) != (head == "mean"):
+        pytest.skip("under the slow interpreter: one reduce pair per bank (all on a GPU)")
     from vllm_msa.kernels.routing import route_batched_keys
 
     msa = msa_of(head, query)
