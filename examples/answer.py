@@ -15,6 +15,7 @@ import json
 
 
 def main() -> None:
+    import summary  # examples/summary.py
     from vllm import LLM, SamplingParams
 
     from vllm_msa.interleave import answer
@@ -34,6 +35,8 @@ def main() -> None:
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--max-model-len", type=int, default=None)
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    parser.add_argument("--summary", default=None,
+                        help="also append a short readable account of each answer to this file")
     args = parser.parse_args()
 
     llm = LLM(model=args.model, dtype=args.dtype, max_model_len=args.max_model_len,
@@ -43,11 +46,8 @@ def main() -> None:
         results = answer(llm, args.question, bank="bank", top_k=args.top_k,
                          max_tokens=args.max_tokens, max_rounds=args.max_rounds)
         for result in results:
-            summary = result.to_json()
-            for step in summary["steps"]:
-                step["selection"] = {layer: s["doc_ids"] for layer, s in
-                                     (step["selection"] or {}).get("layers", {}).items()}
-            print(json.dumps(summary, indent=2))
+            print(json.dumps(result.to_json(), indent=2))
+            summary.write(args.summary, summary.summarize(result.to_json(), "offline (LLM class)"))
         return
     extra = {"msa_bank": "bank", "msa_return_selection": True}
     if args.top_k is not None:
@@ -56,8 +56,10 @@ def main() -> None:
     tokenizer = llm.get_tokenizer()
     outputs = llm.generate([build_prompt(tokenizer, q) for q in args.question], params)
     for question, output in zip(args.question, outputs, strict=True):
-        print(json.dumps({"question": question, "text": output.outputs[0].text,
-                          "selection": output.kv_transfer_params["msa_selection"]}, indent=2))
+        result = {"question": question, "text": output.outputs[0].text,
+                  "selection": output.kv_transfer_params["msa_selection"]}
+        print(json.dumps(result, indent=2))
+        summary.write(args.summary, summary.summarize(result, "offline (LLM class), one request"))
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import argparse
 import json
 
 import httpx
+import summary
 
 
 def main() -> None:
@@ -22,6 +23,8 @@ def main() -> None:
     parser.add_argument("--question", required=True)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--stream", action="store_true")
+    parser.add_argument("--summary", default=None,
+                        help="also append a short readable account of the answer to this file")
     args = parser.parse_args()
     body = {"question": args.question, "max_tokens": args.max_tokens,
             "return_selection": True, "stream": args.stream}
@@ -30,8 +33,11 @@ def main() -> None:
     url = f"{args.url}/v1/msa/answer"
     if not args.stream:
         response = httpx.post(url, json=body, timeout=600)
-        response.raise_for_status()
+        if response.is_error:  # the server says why (an unknown bank, a bad option, ...)
+            raise SystemExit(f"{response.status_code}: {response.text}")
         print(json.dumps(response.json(), indent=2))
+        summary.write(args.summary, summary.summarize(response.json(),
+                                                      f"vllm serve ({url})"))
         return
     with httpx.stream("POST", url, json=body, timeout=600) as response:
         response.raise_for_status()
