@@ -46,14 +46,18 @@ def convert_bank(src: str | Path, out: str | Path, bank_dtype: str, *,
                         "delete it")
     writer = BankWriter.open(out, source.model_info, origin, dtypes=dtypes)
     segments = source.manifest["segments"]
-    bar = tqdm(total=len(segments), initial=len(writer.segments), unit="segment",
-               desc="converting bank", disable=not progress)
+    chunks = [int(s["chunks"]) for s in segments]
+    # Per chunk, a router layer's share of a segment at a time (each layer is converted on
+    # its own), with the rate and an ETA.
+    bar = tqdm(total=sum(chunks), initial=sum(chunks[:len(writer.segments)]), unit="chunk",
+               unit_scale=True, desc="converting bank", disable=not progress)
+    share = 1.0 / max(1, len(source.model_info.router_layers))
     for index in range(len(writer.segments), len(segments)):
         tables, layers = source.read_segment(index)
         writer.add_pooled_segment(tables["doc_ids"], tables["doc_num_tokens"],
-                                  tables["doc_num_chunks"], layers)
+                                  tables["doc_num_chunks"], layers,
+                                  on_layer=lambda n=chunks[index]: bar.update(n * share))
         del layers
-        bar.update(1)
     bar.close()
     info = source.model_info
     template = torch.stack([torch.stack(source.template_kv(layer), 1)

@@ -197,10 +197,13 @@ def synth_bank(
     _check_free_space(manifest, out)
     writer = BankWriter.open(out, plan.model, plan.source, dtypes=plan.tiers)
     segments = list(plan.segments())
-    seg_bytes = [manifest["files"][segment_name(i)]["bytes"] for i in range(len(segments))]
+    seg_chunks = [plan.run_total(docs, plan.doc_num_chunks) for docs in segments]
     done = len(writer.segments)
-    bar = tqdm(total=sum(seg_bytes), initial=sum(seg_bytes[:done]), unit="B", unit_scale=True,
-               unit_divisor=1024, desc="synthesizing bank", disable=not progress)
+    # Per chunk: half a chunk when its every router layer is generated, half when its
+    # segment is on disk, so the bar moves as pieces finish and ends with the last write.
+    bar = tqdm(total=sum(seg_chunks), initial=sum(seg_chunks[:done]), unit="chunk",
+               unit_scale=True, desc="synthesizing bank", disable=not progress)
+    per_piece = 0.5 / max(1, len(plan.model.router_layers))
     workers = threads or _cpu_count()
     # Three stages overlap: the pool generates segment N while up to `_PREPARE_DEPTH` earlier
     # ones are serialised and hashed (the CPU-bound part of writing, in parallel) and one is
@@ -218,11 +221,12 @@ def synth_bank(
             if committing is not None:
                 committing.result()
             committing = io.submit(writer.commit_segment, segment)
-            committing.add_done_callback(lambda _, n=seg_bytes[index]: bar.update(n))
+            committing.add_done_callback(lambda _, n=seg_chunks[index]: bar.update(0.5 * n))
 
         for index in range(done, len(segments)):
             docs = segments[index]
-            layers = _random_segment(plan, index, docs, pool)
+            layers = _random_segment(plan, index, docs, pool,
+                                     lambda n: bar.update(n * per_piece))
             preparing.append((index, prep.submit(
                 writer.prepare_segment, list(docs), [plan.doc_num_tokens(i) for i in docs],
                 [plan.doc_num_chunks(i) for i in docs], layers,
@@ -241,9 +245,11 @@ def synth_bank(
 
 
 def _random_segment(
-    plan: SynthPlan, index: int, docs: range, pool: ThreadPoolExecutor
+    plan: SynthPlan, index: int, docs: range, pool: ThreadPoolExecutor,
+    generated: Callable[[int], Any] | None = None,
 ) -> dict[int, dict[str, torch.Tensor]]:
-    """Every router layer's K̄/V̄/K̄r for one segment, filled piece by piece on `pool`."""
+    """Every router layer's K̄/V̄/K̄r for one segment, filled piece by piece on `pool`
+    (`generated(n)` after each piece of n chunks of one layer)."""
     info = plan.model
     chunks = plan.run_total(docs, plan.doc_num_chunks)
     dtype = getattr(torch, info.dtype)
@@ -262,6 +268,8 @@ def _random_segment(
             routing = torch.nn.functional.normalize(routing, p=2, dim=-1)
         for name, t in zip(POOLED_ORDER, (keys, values, routing), strict=True):
             layers[layer][name][start : start + n].copy_(t)
+        if generated is not None:
+            generated(n)
 
     futures = [pool.submit(fill, layer, start)
                for layer in info.router_layers for start in range(0, chunks, rows)]

@@ -11,7 +11,7 @@ re-run with different inputs is refused instead of mixing two builds.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -149,6 +149,7 @@ class BankWriter:
         doc_num_tokens: Sequence[int],
         doc_num_chunks: Sequence[int],
         layers: Mapping[int, Mapping[str, torch.Tensor]],
+        on_layer: Callable[[], Any] | None = None,
     ) -> None:
         """Durably append the next run of documents given as whole-run tensors.
 
@@ -160,7 +161,7 @@ class BankWriter:
         """
         if doc_ids:
             self.commit_segment(
-                self.prepare_segment(doc_ids, doc_num_tokens, doc_num_chunks, layers)
+                self.prepare_segment(doc_ids, doc_num_tokens, doc_num_chunks, layers, on_layer)
             )
 
     def prepare_segment(
@@ -169,8 +170,10 @@ class BankWriter:
         doc_num_tokens: Sequence[int],
         doc_num_chunks: Sequence[int],
         layers: Mapping[int, Mapping[str, torch.Tensor]],
+        on_layer: Callable[[], Any] | None = None,
     ) -> PreparedSegment:
-        """Check, serialise and hash a run of documents (see `add_pooled_segment`).
+        """Check, serialise and hash a run of documents (see `add_pooled_segment`;
+        `on_layer()` after each router layer's tensors: a progress bar's step).
 
         Touches no writer state, so several runs may be prepared in parallel threads (the
         CPU-bound part of writing); `commit_segment` then appends them one by one, in order.
@@ -197,6 +200,8 @@ class BankWriter:
                     tensors[layer_key(layer, name) + SCALE_SUFFIX] = scale
                 else:
                     tensors[layer_key(layer, name)] = t.contiguous()
+            if on_layer is not None:
+                on_layer()
         ids = torch.tensor(list(doc_ids), dtype=torch.int64)
         chunks = torch.tensor(list(doc_num_chunks), dtype=torch.int64)
         tensors["chunk_doc_ids"] = torch.repeat_interleave(ids, chunks)
