@@ -117,14 +117,21 @@ def spies(monkeypatch):
     return seen
 
 
-@pytest.fixture(scope="module", params=[("auto", "auto"), ("fp8_e4m3", "int8")],
-                ids=["bf16", "fp8-kv-int8-index"])
+BANKS = {"bf16": ("auto", "auto"), "fp8-kv-int8-index": ("fp8_e4m3", "int8")}
+# (bank, head reduce, query reduce); under the slow interpreter one reduce pair per bank
+CASES = [(bank, head, query) for bank in BANKS
+         for head, query in (("mean", "max"), ("max", "last"))]
+if INTERPRET:
+    CASES = [CASES[0], CASES[-1]]
+
+
+@pytest.fixture(scope="module")
 def served_bank(checkpoints, tmp_path_factory, request):
     """A synthetic bf16 bank of the tiny checkpoint, served from DEVICE: 20 documents of 5
     chunks (20 tokens) and a last short one; as stored, or with its K/V tier FP8 and its
     index int8 (staging and routing kernels with variants of their own: the bounded pass,
     and the re-score over candidate sets of every size)."""
-    bank_dtype, index_dtype = request.param
+    bank_dtype, index_dtype = BANKS[request.param]
     ckpt = checkpoints(dtype="bfloat16")
     out = tmp_path_factory.mktemp("warmup") / "bank"
     assert main(["bank", "synth", "--model", str(ckpt), "--tokens", "403", "--doc-tokens",
@@ -151,10 +158,8 @@ def test_routing_shapes_reach_every_token_block():
 
 
 @needs_kernel
-@pytest.mark.parametrize(("head", "query"), [("mean", "max"), ("max", "last")])
-def test_warm_up_covers_routing_and_staging(spies, served_bank, head, query, request):
-    if INTERPRET and (request.node.callspec.id.startswith("bf16")) != (head == "mean"):
-        pytest.skip("under the slow interpreter: one reduce pair per bank (all on a GPU)")
+@pytest.mark.parametrize(("served_bank", "head", "query"), CASES, indirect=["served_bank"])
+def test_warm_up_covers_routing_and_staging(spies, served_bank, head, query):
     from vllm_msa.kernels.routing import route_batched_keys
 
     msa = msa_of(head, query)
