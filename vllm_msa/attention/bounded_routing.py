@@ -285,15 +285,10 @@ def widened(queries: BoundQueries, index: CompressedRoutingIndex, lo: torch.Tens
 
 
 def document_bounds(index: CompressedRoutingIndex, msa: MSAParams, lo: torch.Tensor,
-                    hi: torch.Tensor, kernel: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Widened chunk brackets reduced to documents as the exact scorer reduces scores: by
-    the document kernel (`kernels.routing`, its keys' score half) or as
-    `routing.document_scores` does. [R, n] each."""
-    if kernel:
-        from ..kernels.routing import document_keys_batched, key_scores
-
-        return tuple(key_scores(document_keys_batched(x, index.prepared, msa))
-                     for x in (lo, hi))
+                    hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Widened chunk brackets reduced to documents as the torch path reduces scores
+    (`routing.document_scores`; the kernels' path reduces them in `fused_candidates`).
+    [R, n] each."""
     n = index.num_documents
     reduce = "amax" if msa.chunk_reduce == "max" else "mean"
     docs = index.layout.chunk_doc_index.to(lo.device).expand(lo.shape[0], -1)
