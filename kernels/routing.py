@@ -301,6 +301,8 @@ if HAS_TRITON:
         stride_qh,
         stride_kc,
         stride_kh,
+        stride_sc,  # the scales' strides (SCALED; a shared scale has stride_sh 0)
+        stride_sh,
         stride_or,
         KV_HEADS: tl.constexpr,
         Q_PER_KV: tl.constexpr,  # query heads (of q) per KV head: 1 when folded
@@ -319,16 +321,6 @@ if HAS_TRITON:
         INT_DOT: tl.constexpr = False,
         qlo_ptr=None,
         qs_ptr=None,
-        # The bounded pass's intervals, stored instead of S(c): out = S - e, hi = S + e with
-        # e = reduce_kv(norm[r, kv] * resid[c, kv]) + (extra[r]) * mag[c] (reduce: sum, or
-        # max for HEAD_MAX); `bounded_routing.chunk_bounds` then `widened`, in one pass.
-        BOUNDS: tl.constexpr = False,
-        hi_ptr=None,  # [R, C] fp32
-        resid_ptr=None,  # [C, KV] fp32
-        mag_ptr=None,  # [C] fp32
-        norm_ptr=None,  # [R, KV] fp32
-        extra_ptr=None,  # [R] fp32
-        KV_P2: tl.constexpr = 1,
     ):
         pid = tl.program_id(0)
         offs_c = pid.to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -337,9 +329,6 @@ if HAS_TRITON:
         offs_t = tl.arange(0, BLOCK_T)
         k_tile = k_ptr + offs_c[:, None] * stride_kc + offs_d[None, :]
         out_row = out_ptr + offs_c  # advanced a row per finished request (64-bit steps)
-        if BOUNDS:
-            hi_row = hi_ptr + offs_c
-            offs_k = tl.arange(0, KV_P2)
         # The open request: the tokens of all requests form one stream, cut into blocks of
         # BLOCK_T that may span requests; each block's scores go to the requests it covers.
         r = tl.full([], 0, tl.int32)
@@ -360,7 +349,7 @@ if HAS_TRITON:
             if INT_DOT:
                 acc = _int8_tile_scores(
                     k_tile, stride_kh, mask_c,
-                    tl.load(scale_ptr + offs_c * KV_HEADS, mask=mask_c, other=0.0),
+                    tl.load(scale_ptr + offs_c * stride_sc, mask=mask_c, other=0.0),
                     q_tile, qlo_ptr + toks[:, None] * stride_qt + offs_d[None, :], stride_qh,
                     tl.load(qs_ptr + toks, mask=mask_t, other=0.0), mask_t, KV_HEADS,
                     Q_PER_KV, HEAD_MAX, UPCAST, BLOCK_C, BLOCK_T)
@@ -375,8 +364,8 @@ if HAS_TRITON:
                             k = raw.to(tl.float32)
                         if not UPCAST:
                             k = k.to(q_ptr.dtype.element_ty)
-                        scale = tl.load(scale_ptr + offs_c * KV_HEADS + j, mask=mask_c,
-                                        other=0.0)
+                        scale = tl.load(scale_ptr + offs_c * stride_sc + j * stride_sh,
+                                        mask=mask_c, other=0.0)
                     else:
                         k = tl.load(k_tile + j * stride_kh, mask=mask_c[:, None], other=0.0)
                     acc = _add_kv_head(acc, k, scale, q_tile + j * Q_PER_KV * stride_qh,
@@ -396,23 +385,7 @@ if HAS_TRITON:
                     if QUERY_MEAN:
                         n = tl.full([BLOCK_C], 0, tl.int32) + (r_end - r_start)
                         best = tl.math.div_rn(best, n.to(tl.float32))
-                    if BOUNDS:  # (loaded here, not held in registers through the loop)
-                        resid = tl.load(
-                            resid_ptr + offs_c[:, None] * KV_HEADS + offs_k[None, :],
-                            mask=mask_c[:, None] & (offs_k < KV_HEADS)[None, :], other=0.0)
-                        mag = tl.load(mag_ptr + offs_c, mask=mask_c, other=0.0)
-                        norms = tl.load(norm_ptr + r * KV_HEADS + offs_k,
-                                        mask=offs_k < KV_HEADS, other=0.0)
-                        if HEAD_MAX:
-                            err = tl.max(resid * norms[None, :], axis=1)
-                        else:
-                            err = tl.sum(resid * norms[None, :], axis=1)
-                        err += tl.load(extra_ptr + r) * mag
-                        tl.store(out_row, best - err, mask=mask_c)
-                        tl.store(hi_row, best + err, mask=mask_c)
-                        hi_row += stride_or
-                    else:
-                        tl.store(out_row, best, mask=mask_c)
+                    tl.store(out_row, best, mask=mask_c)
                     out_row += stride_or
                     r += 1
                     r_start = r_end
@@ -463,29 +436,55 @@ if HAS_TRITON:
         return tl.where(acc == 0.0, 0.0, acc)  # -0.0 -> +0.0: zeros tie, as they compare
 
     @triton.jit
+    def _document_error(r, offs, mask, resid_ptr, mag_ptr, norm_ptr, extra_ptr,
+                        BLOCK_N: tl.constexpr, KV_HEADS: tl.constexpr, KV_P2: tl.constexpr,
+                        HEAD_MAX: tl.constexpr):
+        """[BLOCK_N] fp32: how far request r's scores of documents `offs` may be from their
+        exact ones (`attention/bounded_routing.py`): reduce_kv(norm[r, kv] * resid[d, kv])
+        (sum; max with HEAD_MAX) + extra[r] * mag[d]."""
+        offs_k = tl.arange(0, KV_P2)
+        resid = tl.load(resid_ptr + offs[:, None] * KV_HEADS + offs_k[None, :],
+                        mask=mask[:, None] & (offs_k < KV_HEADS)[None, :], other=0.0)
+        norms = tl.load(norm_ptr + r * KV_HEADS + offs_k, mask=offs_k < KV_HEADS, other=0.0)
+        if HEAD_MAX:
+            err = tl.max(resid * norms[None, :], axis=1)
+        else:
+            err = tl.sum(resid * norms[None, :], axis=1)
+        return err + tl.load(extra_ptr + r) * tl.load(mag_ptr + offs, mask=mask, other=0.0)
+
+    @triton.jit
     def _candidate_documents_kernel(
-        hi_ptr,  # [R, C] fp32: upper bounds of the chunk scores
+        chunk_ptr,  # [R, C] fp32: chunk scores over the 8-bit keys
         top_ptr,  # [R, K] int64: sort keys of the documents' lower bounds, best first
         kth_ptr,  # [R] int32: the column of each request's k-th (its score is tau)
         doc_start_ptr,  # [N + 1] int64
         out_ptr,  # [R, N] int8: 1 where the document's upper bound reaches tau
+        resid_ptr,  # [N, KV] fp32 (`_document_error`)
+        mag_ptr,  # [N] fp32
+        norm_ptr,  # [R, KV] fp32
+        extra_ptr,  # [R] fp32
         num_docs,
-        stride_hr,
+        stride_cr,
         stride_tr,
         stride_or,
         BLOCK_N: tl.constexpr,
         CHUNK_MEAN: tl.constexpr,
+        KV_HEADS: tl.constexpr,
+        KV_P2: tl.constexpr,
+        HEAD_MAX: tl.constexpr,
         CHUNK_TILE: tl.constexpr = 8,
     ):
         """The bounded pass's candidate test (`attention/bounded_routing.py`): the documents'
-        upper bounds reduced as the document kernel reduces scores (same order: a monotone
-        image of the computed document scores), against tau."""
+        upper bounds (their scores as the document kernel reduces them, plus their error)
+        against tau."""
         pid = tl.program_id(0)
         r = tl.program_id(1).to(tl.int64)
         offs = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         mask = offs < num_docs
-        hi = _document_scores(hi_ptr + r * stride_hr, doc_start_ptr, offs, mask, BLOCK_N,
+        hi = _document_scores(chunk_ptr + r * stride_cr, doc_start_ptr, offs, mask, BLOCK_N,
                               CHUNK_MEAN, CHUNK_TILE)
+        hi += _document_error(r, offs, mask, resid_ptr, mag_ptr, norm_ptr, extra_ptr, BLOCK_N,
+                              KV_HEADS, KV_P2, HEAD_MAX)
         high = (tl.load(top_ptr + r * stride_tr + tl.load(kth_ptr + r)) >> 32).to(tl.int32)
         tau = tl.where(high < 0, high ^ 0x7FFFFFFF, high).to(tl.float32, bitcast=True)
         tl.store(out_ptr + r * stride_or + offs, (hi >= tau).to(tl.int8), mask=mask)
@@ -507,6 +506,16 @@ if HAS_TRITON:
         CHUNK_MEAN: tl.constexpr,
         MERGE: tl.constexpr,  # 0, or a power of two >= cdiv(N, BLOCK_N) * TOP
         CHUNK_TILE: tl.constexpr = 8,  # chunks of a document loaded at once
+        # The bounded pass (`attention/bounded_routing.py`): keys of each document's score
+        # minus (BOUND -1) or plus (BOUND 1) its error (`_document_error`); 0: the score.
+        BOUND: tl.constexpr = 0,
+        resid_ptr=None,
+        mag_ptr=None,
+        norm_ptr=None,
+        extra_ptr=None,
+        KV_HEADS: tl.constexpr = 1,
+        KV_P2: tl.constexpr = 1,
+        HEAD_MAX: tl.constexpr = False,
     ):
         pid = tl.program_id(0)
         r = tl.program_id(1).to(tl.int64)
@@ -514,6 +523,10 @@ if HAS_TRITON:
         mask = offs < num_docs
         acc = _document_scores(chunk_ptr + r * stride_cr, doc_start_ptr, offs, mask,
                                BLOCK_N, CHUNK_MEAN, CHUNK_TILE)
+        if BOUND != 0:
+            err = _document_error(r, offs, mask, resid_ptr, mag_ptr, norm_ptr, extra_ptr,
+                                  BLOCK_N, KV_HEADS, KV_P2, HEAD_MAX)
+            acc = acc - err if BOUND < 0 else acc + err
         bits = acc.to(tl.int32, bitcast=True)
         ordered = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # int order == float order
         tiebreak = tl.load(tiebreak_ptr + offs, mask=mask, other=0)
@@ -703,29 +716,25 @@ def _chunk_scores(qr_all, cu, prep: PreparedRoutingIndex, msa: MSAParams,
 
 def launch_chunk_scores(q: torch.Tensor, cu: list[int], head_max: bool, query_mean: bool,
                         keys: torch.Tensor, scale: torch.Tensor | None = None,
-                        config: KernelConfig | None = None, integer=None,
-                        bounds: tuple | None = None) -> torch.Tensor:
+                        config: KernelConfig | None = None, integer=None) -> torch.Tensor:
     """S(c) [R, C] fp32 of prepared queries `q` (`prepare_queries`) against `keys` in their
     dtype, or against 8-bit keys (int8, or e4m3 as `torch.float8_e4m3fn`) times `scale`
-    [C, KV] (`attention/bounded_routing.py`'s bounded pass). `integer`: the queries as
-    `compressed_index.IntegerQueries` (int8 keys only), multiplied on int8 tensor cores;
-    `q` is then unused. `bounds` = (resid [C, KV], mag [C], norm [R, KV], extra [R]), all
-    fp32: the intervals instead of S (the kernel's BOUNDS), returned as (lower, upper)."""
+    [C, KV] (any strides: a scale shared by a chunk's KV heads is a broadcast column;
+    `attention/bounded_routing.py`'s bounded pass). `integer`: the queries as
+    `compressed_index.IntegerQueries` (int8 keys with one scale per chunk), multiplied on
+    int8 tensor cores; `q` is then unused."""
     if integer is not None:
         if keys.dtype != torch.int8 or scale is None:
             raise ValueError("integer queries need int8 keys and their scales (one per chunk)")
         q = integer.hi
     num_chunks, kv, d = keys.shape
     num_requests, num_tokens = len(cu) - 1, q.shape[0]
-    # (lower and upper bounds: two allocations, so both stay 16-byte aligned at any R x C:
-    # Triton compiles a variant per pointer alignment)
     out = torch.empty(num_requests, num_chunks, dtype=torch.float32, device=keys.device)
-    hi = torch.empty_like(out) if bounds else None
-    rows = out
     if num_chunks == 0:
-        return (out, hi) if bounds else out
-    resid, mag, norm, extra = bounds or (None,) * 4
+        return out
     scaled = scale is not None
+    if integer is not None and kv > 1 and scale.stride(1) != 0:
+        raise ValueError("integer queries need one scale per chunk (a broadcast column)")
     fp8 = scaled and keys.dtype != torch.int8
     if fp8:
         keys = keys.view(torch.uint8)  # decoded with integer ops (`fp8_rows.e4m3_to_f32`)
@@ -737,9 +746,11 @@ def launch_chunk_scores(q: torch.Tensor, cu: list[int], head_max: bool, query_me
         block_t = min(cfg.block_t, max(16, triton.next_power_of_2(num_tokens)))
         try:
             _chunk_scores_kernel[(triton.cdiv(num_chunks, cfg.block_c),)](
-                q, keys, scale if scaled else out, cu_dev, rows,
+                q, keys, scale if scaled else out, cu_dev, out,
                 num_chunks, num_requests, num_tokens,
-                q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), rows.stride(0),
+                q.stride(0), q.stride(1), keys.stride(0), keys.stride(1),
+                scale.stride(0) if scaled else 0, scale.stride(1) if scaled else 0,
+                out.stride(0),
                 KV_HEADS=kv, Q_PER_KV=q.shape[1] // kv, HEAD_DIM=d,
                 BLOCK_C=cfg.block_c, BLOCK_T=block_t,
                 HEAD_MAX=head_max, QUERY_MEAN=query_mean,
@@ -748,9 +759,6 @@ def launch_chunk_scores(q: torch.Tensor, cu: list[int], head_max: bool, query_me
                 SCALED=scaled, FP8=fp8, INT_DOT=integer is not None,
                 qlo_ptr=None if integer is None else integer.lo,
                 qs_ptr=None if integer is None else integer.scale,
-                BOUNDS=bounds is not None, hi_ptr=hi,
-                resid_ptr=resid, mag_ptr=mag, norm_ptr=norm, extra_ptr=extra,
-                KV_P2=triton.next_power_of_2(kv),
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages,
             )
         except Exception as e:  # Triton's OutOfResources: shrink defaults, never explicit
@@ -760,19 +768,22 @@ def launch_chunk_scores(q: torch.Tensor, cu: list[int], head_max: bool, query_me
             cfg = smaller
             continue
         _FITTED[shape_key] = cfg
-        return (out, hi) if bounds else out
+        return out
 
 
 def document_keys_batched(chunk: torch.Tensor, prep: PreparedRoutingIndex, msa: MSAParams,
                           top: int = 0, block_n: int = 1024, merge: bool = False,
-                          num_warps: int | None = None, chunk_tile: int = 8) -> torch.Tensor:
+                          num_warps: int | None = None, chunk_tile: int = 8,
+                          bounds: tuple | None = None, upper: bool = False) -> torch.Tensor:
     """Sort keys of the documents from [R, C] chunk scores: [R, N] int64 (top == 0), or each
     block of `block_n` documents' `top` largest keys, [R, cdiv(N, block_n) * top], or with
     `merge` (top > 0, see `merge_width`) the `top` largest keys of each row, largest first,
     [R, top]. A key is the order-preserving int32 image of the fp32 document score (high
     half) and the document's tiebreak (low half); `decode_keys` turns keys back into ids and
-    scores. `num_warps` and `chunk_tile` (chunks of a document per load) are for the
-    benchmark's sweep."""
+    scores. `bounds` = (resid [N, KV], mag [N], norm [R, KV], extra [R]), fp32: keys of the
+    scores' lower bounds (of the upper ones with `upper`) in the bounded pass over an 8-bit
+    index (`attention/bounded_routing.py`). `num_warps` and `chunk_tile` (chunks of a
+    document per load) are for the benchmark's sweep."""
     num_requests = chunk.shape[0]
     n = prep.tiebreak.shape[0]
     blocks = triton.cdiv(n, block_n) if n else 0
@@ -791,8 +802,20 @@ def document_keys_batched(chunk: torch.Tensor, prep: PreparedRoutingIndex, msa: 
             BLOCK_N=block_n, TOP=top, CHUNK_MEAN=msa.chunk_reduce == "mean", MERGE=merged,
             CHUNK_TILE=chunk_tile,
             num_warps=num_warps or (8 if block_n >= 1024 else 4),
+            **_bound_args(bounds, msa, 1 if upper else -1),
         )
     return best if merged else keys
+
+
+def _bound_args(bounds: tuple | None, msa: MSAParams, sign: int) -> dict:
+    """The document kernels' arguments of the bounded pass's document errors (none: 0)."""
+    if bounds is None:
+        return {}
+    resid, mag, norm, extra = bounds
+    kv = resid.shape[1]
+    return {"BOUND": sign, "resid_ptr": resid, "mag_ptr": mag, "norm_ptr": norm,
+            "extra_ptr": extra, "KV_HEADS": kv, "KV_P2": triton.next_power_of_2(kv),
+            "HEAD_MAX": msa.head_reduce == "max"}
 
 
 # The most candidates the last block of a row merges (a power of two): more are left to topk.
@@ -889,9 +912,10 @@ class RoutedBatch:
 
 
 def top_document_keys(chunk: torch.Tensor, prep: PreparedRoutingIndex, msa: MSAParams,
-                      k: int, config: KernelConfig | None = None) -> torch.Tensor:
+                      k: int, config: KernelConfig | None = None, bounds: tuple | None = None
+                      ) -> torch.Tensor:
     """The `k` (<= the index's documents) best documents' sort keys from [R, C] chunk scores:
-    [R, k] int64, best first."""
+    [R, k] int64, best first (of their lower bounds, with `bounds`: `document_keys_batched`)."""
     n = prep.tiebreak.shape[0]
     # Blocks of documents hand up their top candidates (a power of two, few compiled
     # variants); topk over those. Past MAX_BLOCK_TOP, keys of every document.
@@ -899,23 +923,30 @@ def top_document_keys(chunk: torch.Tensor, prep: PreparedRoutingIndex, msa: MSAP
     block_n = (config or KernelConfig()).block_n or document_block(n, top)
     top = 0 if top > min(MAX_BLOCK_TOP, block_n) else top
     if merge_width(n, top, block_n):  # the last block of each row merges: no topk launch
-        return document_keys_batched(chunk, prep, msa, top, block_n, merge=True)[:, :k]
-    return top_candidates(document_keys_batched(chunk, prep, msa, top, block_n), k)
+        return document_keys_batched(chunk, prep, msa, top, block_n, merge=True,
+                                     bounds=bounds)[:, :k]
+    return top_candidates(document_keys_batched(chunk, prep, msa, top, block_n,
+                                                bounds=bounds), k)
 
 
-def candidate_documents(hi: torch.Tensor, top: torch.Tensor, ks: list[int],
-                        prep: PreparedRoutingIndex, msa: MSAParams, block_n: int = 1024
-                        ) -> torch.Tensor:
-    """[R, N] int8: 1 where a document's upper bound (its chunks' `hi` [R, C] reduced as the
-    document kernel reduces scores) reaches τ_r, the score of request r's k-th sort key in
-    `top` [R, >= k] (`top_document_keys` of the lower bounds; k = ks[r])."""
-    num_requests, n = hi.shape[0], prep.tiebreak.shape[0]
-    out = torch.empty(num_requests, n, dtype=torch.int8, device=hi.device)
+def candidate_documents(chunk: torch.Tensor, top: torch.Tensor, ks: list[int],
+                        prep: PreparedRoutingIndex, msa: MSAParams, bounds: tuple,
+                        block_n: int = 1024) -> torch.Tensor:
+    """[R, N] int8: 1 where a document's upper bound (its score from the 8-bit chunk scores
+    `chunk` [R, C] plus its error: `bounds` as `document_keys_batched`'s) reaches τ_r, the
+    score of request r's k-th sort key in `top` [R, >= k] (`top_document_keys` of the lower
+    bounds; k = ks[r])."""
+    num_requests, n = chunk.shape[0], prep.tiebreak.shape[0]
+    out = torch.empty(num_requests, n, dtype=torch.int8, device=chunk.device)
     if n and num_requests:
+        args = _bound_args(bounds, msa, 1)
         _candidate_documents_kernel[(triton.cdiv(n, block_n), num_requests)](
-            hi, top, _int_tensor([k - 1 for k in ks], hi.device), prep.doc_start, out, n,
-            hi.stride(0), top.stride(0), out.stride(0), BLOCK_N=block_n,
-            CHUNK_MEAN=msa.chunk_reduce == "mean", num_warps=8 if block_n >= 1024 else 4)
+            chunk, top, _int_tensor([k - 1 for k in ks], chunk.device), prep.doc_start, out,
+            args["resid_ptr"], args["mag_ptr"], args["norm_ptr"], args["extra_ptr"], n,
+            chunk.stride(0), top.stride(0), out.stride(0), BLOCK_N=block_n,
+            CHUNK_MEAN=msa.chunk_reduce == "mean", KV_HEADS=args["KV_HEADS"],
+            KV_P2=args["KV_P2"], HEAD_MAX=args["HEAD_MAX"],
+            num_warps=8 if block_n >= 1024 else 4)
     return out
 
 

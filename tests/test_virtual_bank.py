@@ -118,7 +118,9 @@ def test_capacity_is_the_largest_bank_that_fits_and_loads_as_predicted(
     from vllm_msa.bank.model_info import ModelInfo
     from vllm_msa.bank.sizing import (
         PlannedBank,
+        compressed_layer_bytes,
         index_chunk_bytes,
+        index_document_bytes,
         largest_bank,
         layout_bytes,
     )
@@ -153,7 +155,13 @@ def test_capacity_is_the_largest_bank_that_fits_and_loads_as_predicted(
         assert served.index_bytes <= layout.gpu_index_per_rank
         if index_dtype == "auto":
             continue
-        # An 8-bit index takes exactly the bytes `sizing` counts for it.
+        # An 8-bit index takes exactly the bytes `sizing` counts for it: at most the
+        # prediction's, less where int8 shares a scale per chunk.
         assert served.index_dtype == index_dtype
-        assert served.index_bytes == served.shard.num_chunks * index_chunk_bytes(
-            info, dtypes, index_dtype)
+        shard = served.shard
+        assert served.index_bytes == sum(compressed_layer_bytes(
+            shard.num_chunks, shard.documents.stop - shard.documents.start, info.num_kv_heads,
+            info.head_dim, idx.keys.shared_scale) for idx in served.index.values())
+        assert served.index_bytes <= shard.num_chunks * index_chunk_bytes(
+            info, dtypes, index_dtype) + (shard.documents.stop - shard.documents.start
+                                          ) * index_document_bytes(info, index_dtype)

@@ -1,7 +1,8 @@
 """A router layer's routing keys in 8 bits on the GPU, with what keeps routing over them exact.
 
 The GPU holds 8-bit values with float32 scales (k̂ = values * scale, per chunk and KV head,
-or per chunk: below), and float32 bounds made from the full-precision keys k at load:
+or per chunk: below). `compress` also derives, from the full-precision keys k, float32 bounds
+per chunk, which serving keeps per document (`DocumentBounds`: the largest of its chunks'):
 
 * `residual` >= ||k - k̂||_2: by Cauchy-Schwarz, |q . k - q . k̂| <= ||q|| * residual for any
   query q, which is what `bounded_routing.py` turns into a certified interval per document.
@@ -10,11 +11,12 @@ or per chunk: below), and float32 bounds made from the full-precision keys k at 
 
 Both are computed in float64 and rounded up to float32, so they are upper bounds as stored.
 
-Two 8-bit formats, same bytes (1 byte a value, plus 12 bytes per chunk and KV head):
+Two 8-bit formats (1 byte a value, plus a float32 scale per chunk and KV head, or per chunk;
+the bounds add 4 bytes per KV head and 4 per document):
 
 * `int8`: symmetric, scale = amax / 127 per chunk and KV head, or per chunk over all its KV
-  heads where they have about the same range (`shares_scale_cheaply`; stored per chunk and
-  KV head either way, the columns then equal). Its error is uniform: about amax / 440 rms,
+  heads where they have about the same range (`shares_scale_cheaply`; stored once per chunk
+  and seen as [C, KV] with equal columns). Its error is uniform: about amax / 440 rms,
   ~5x smaller than e4m3's on Gaussian-like keys, and the exact re-scoring
   `bounded_routing.py` needs grows with the error (docs/compressed-banks.md has the measured
   rates). One scale per chunk is what lets the kernel sum every KV head's int8 products in
@@ -29,6 +31,7 @@ score are read back, at routing time (`ExactKeys`).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -62,16 +65,25 @@ class BankExactKeys:
                                      device=self.device)
 
 
+def stored_bytes(t: torch.Tensor) -> int:
+    """Bytes `t` holds of its own: a broadcast dimension (stride 0) stores one element."""
+    count = 1
+    for size, stride in zip(t.shape, t.stride(), strict=True):
+        count *= size if stride else 1
+    return count * t.element_size()
+
+
 @dataclass(frozen=True)
 class CompressedKeys:
     """One router layer's routing keys in 8 bits, with their certified error bounds."""
 
     values: torch.Tensor  # [C, KV, D] int8 or float8_e4m3fn
-    scale: torch.Tensor  # [C, KV] float32: k̂ = values * scale
+    # [C, KV] float32: k̂ = values * scale (with `shared_scale`, a [C] column broadcast)
+    scale: torch.Tensor
     residual: torch.Tensor  # [C, KV] float32, >= ||k - k̂||_2
     magnitude: torch.Tensor  # [C] float32, >= max_kv max(||k||_2, ||k̂||_2)
-    # int8 only: one scale per chunk, shared by its KV heads (the scale's columns are equal),
-    # which the int8 x int8 kernel pass needs (`IntegerQueries`).
+    # int8 only: one scale per chunk, shared by its KV heads, which the int8 x int8 kernel
+    # pass needs (`IntegerQueries`).
     shared_scale: bool = False
 
     @property
@@ -84,13 +96,52 @@ class CompressedKeys:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size()
-                   for t in (self.values, self.scale, self.residual, self.magnitude))
+        """What routing keeps on the device: values and scales (the per-chunk bounds become
+        `DocumentBounds`)."""
+        return stored_bytes(self.values) + stored_bytes(self.scale)
 
     def dequantized(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """k̂ of chunks [start, stop) in float32: values * scale, rounded once."""
         stop = self.num_chunks if stop is None else stop
         return self.values[start:stop].float() * self.scale[start:stop, :, None]
+
+    def without_bounds(self) -> CompressedKeys:
+        """The same keys without the per-chunk bounds (freed once `DocumentBounds` holds
+        them)."""
+        empty = self.magnitude.new_empty(0)
+        return dataclasses.replace(self, residual=empty.view(0, 1), magnitude=empty)
+
+
+@dataclass(frozen=True)
+class DocumentBounds:
+    """The chunk bounds of `CompressedKeys`, reduced to the largest over each document's
+    chunks: what bounds a document's score moves (its score reduces its chunks' scores, so
+    it moves at most as far as its chunks' largest move: `bounded_routing.py`). 4 bytes per
+    KV head and document instead of per chunk, and read once per document by the document
+    kernel instead of once per chunk by the chunk-score kernel."""
+
+    residual: torch.Tensor  # [n, KV] float32: max over the document's chunks of `residual`
+    magnitude: torch.Tensor  # [n] float32: max over its chunks of `magnitude` (M_d)
+
+    @classmethod
+    def of(cls, keys: CompressedKeys, chunk_doc: torch.Tensor, num_documents: int
+           ) -> DocumentBounds:
+        """`chunk_doc` [C]: each chunk's document (0..num_documents-1); a document without
+        chunks gets zeros (it is never scored)."""
+        docs = chunk_doc.to(device=keys.residual.device, dtype=torch.int64)
+        kv = keys.values.shape[1]
+        residual = torch.zeros(num_documents, kv, dtype=torch.float32, device=docs.device)
+        magnitude = torch.zeros(num_documents, dtype=torch.float32, device=docs.device)
+        if docs.numel():
+            residual.scatter_reduce_(0, docs[:, None].expand(-1, kv), keys.residual,
+                                     reduce="amax", include_self=True)
+            magnitude.scatter_reduce_(0, docs, keys.magnitude, reduce="amax",
+                                      include_self=True)
+        return cls(residual, magnitude)
+
+    @property
+    def nbytes(self) -> int:
+        return stored_bytes(self.residual) + stored_bytes(self.magnitude)
 
 
 def _round_up(x: torch.Tensor) -> torch.Tensor:
@@ -140,25 +191,25 @@ def compress(keys: torch.Tensor, dtype: str = "int8",
     values = torch.empty(chunks, kv, d, device=device,
                          dtype=torch.int8 if dtype == "int8" else FP8)
     # (explicit dtypes: vLLM loads the model under the model's default dtype)
-    scale = torch.empty(chunks, kv, dtype=torch.float32, device=device)
     residual = torch.empty(chunks, kv, dtype=torch.float32, device=device)
     magnitude = torch.empty(chunks, dtype=torch.float32, device=device)
     if dtype != "int8":
         shared_scale = False
     elif shared_scale is None:
         shared_scale = shares_scale_cheaply(keys)
+    scale = (torch.empty(chunks, dtype=torch.float32, device=device)[:, None].expand(-1, kv)
+             if shared_scale else torch.empty(chunks, kv, dtype=torch.float32, device=device))
     out = CompressedKeys(values, scale, residual, magnitude, shared_scale)
     for start in range(0, chunks, TILE_CHUNKS):
         stop = min(chunks, start + TILE_CHUNKS)
         tile = keys[start:stop]
         if shared_scale:  # one scale per chunk, shared by its KV heads
             v, s = _quantize_int8(tile, dims=2)
-            s = s[:, None].expand(-1, kv)
-        elif dtype == "int8":
-            v, s = _quantize_int8(tile)
+            scale[start:stop, 0] = s  # (the one stored column)
         else:
-            v, s = quantize(tile)
-        values[start:stop], scale[start:stop] = v, s
+            v, s = _quantize_int8(tile) if dtype == "int8" else quantize(tile)
+            scale[start:stop] = s
+        values[start:stop] = v
         exact = tile.double()
         approx = out.dequantized(start, stop).double()  # the float32 k̂ routing computes with
         residual[start:stop] = _round_up((exact - approx).norm(dim=-1))
