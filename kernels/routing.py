@@ -437,19 +437,17 @@ if HAS_TRITON:
 
     @triton.jit
     def _document_error(r, offs, mask, resid_ptr, mag_ptr, norm_ptr, extra_ptr,
-                        BLOCK_N: tl.constexpr, KV_HEADS: tl.constexpr, KV_P2: tl.constexpr,
+                        BLOCK_N: tl.constexpr, KV_HEADS: tl.constexpr,
                         HEAD_MAX: tl.constexpr):
         """[BLOCK_N] fp32: how far request r's scores of documents `offs` may be from their
         exact ones (`attention/bounded_routing.py`): reduce_kv(norm[r, kv] * resid[d, kv])
-        (sum; max with HEAD_MAX) + extra[r] * mag[d]."""
-        offs_k = tl.arange(0, KV_P2)
-        resid = tl.load(resid_ptr + offs[:, None] * KV_HEADS + offs_k[None, :],
-                        mask=mask[:, None] & (offs_k < KV_HEADS)[None, :], other=0.0)
-        norms = tl.load(norm_ptr + r * KV_HEADS + offs_k, mask=offs_k < KV_HEADS, other=0.0)
-        if HEAD_MAX:
-            err = tl.max(resid * norms[None, :], axis=1)
-        else:
-            err = tl.sum(resid * norms[None, :], axis=1)
+        (sum; max with HEAD_MAX) + extra[r] * mag[d]. (A KV head at a time: Triton 3.6's
+        thread-locality pass fails on a [BLOCK_N, KV] reduction after the chunk loop.)"""
+        err = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for j in tl.static_range(KV_HEADS):
+            term = tl.load(norm_ptr + r * KV_HEADS + j) * tl.load(
+                resid_ptr + offs * KV_HEADS + j, mask=mask, other=0.0)
+            err = tl.maximum(err, term) if HEAD_MAX else err + term
         return err + tl.load(extra_ptr + r) * tl.load(mag_ptr + offs, mask=mask, other=0.0)
 
     @triton.jit
@@ -470,7 +468,6 @@ if HAS_TRITON:
         BLOCK_N: tl.constexpr,
         CHUNK_MEAN: tl.constexpr,
         KV_HEADS: tl.constexpr,
-        KV_P2: tl.constexpr,
         HEAD_MAX: tl.constexpr,
         CHUNK_TILE: tl.constexpr = 8,
     ):
@@ -484,7 +481,7 @@ if HAS_TRITON:
         hi = _document_scores(chunk_ptr + r * stride_cr, doc_start_ptr, offs, mask, BLOCK_N,
                               CHUNK_MEAN, CHUNK_TILE)
         hi += _document_error(r, offs, mask, resid_ptr, mag_ptr, norm_ptr, extra_ptr, BLOCK_N,
-                              KV_HEADS, KV_P2, HEAD_MAX)
+                              KV_HEADS, HEAD_MAX)
         high = (tl.load(top_ptr + r * stride_tr + tl.load(kth_ptr + r)) >> 32).to(tl.int32)
         tau = tl.where(high < 0, high ^ 0x7FFFFFFF, high).to(tl.float32, bitcast=True)
         tl.store(out_ptr + r * stride_or + offs, (hi >= tau).to(tl.int8), mask=mask)
@@ -514,7 +511,6 @@ if HAS_TRITON:
         norm_ptr=None,
         extra_ptr=None,
         KV_HEADS: tl.constexpr = 1,
-        KV_P2: tl.constexpr = 1,
         HEAD_MAX: tl.constexpr = False,
     ):
         pid = tl.program_id(0)
@@ -525,7 +521,7 @@ if HAS_TRITON:
                                BLOCK_N, CHUNK_MEAN, CHUNK_TILE)
         if BOUND != 0:
             err = _document_error(r, offs, mask, resid_ptr, mag_ptr, norm_ptr, extra_ptr,
-                                  BLOCK_N, KV_HEADS, KV_P2, HEAD_MAX)
+                                  BLOCK_N, KV_HEADS, HEAD_MAX)
             acc = acc - err if BOUND < 0 else acc + err
         bits = acc.to(tl.int32, bitcast=True)
         ordered = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # int order == float order
@@ -814,8 +810,7 @@ def _bound_args(bounds: tuple | None, msa: MSAParams, sign: int) -> dict:
     resid, mag, norm, extra = bounds
     kv = resid.shape[1]
     return {"BOUND": sign, "resid_ptr": resid, "mag_ptr": mag, "norm_ptr": norm,
-            "extra_ptr": extra, "KV_HEADS": kv, "KV_P2": triton.next_power_of_2(kv),
-            "HEAD_MAX": msa.head_reduce == "max"}
+            "extra_ptr": extra, "KV_HEADS": kv, "HEAD_MAX": msa.head_reduce == "max"}
 
 
 # The most candidates the last block of a row merges (a power of two): more are left to topk.
@@ -945,7 +940,7 @@ def candidate_documents(chunk: torch.Tensor, top: torch.Tensor, ks: list[int],
             args["resid_ptr"], args["mag_ptr"], args["norm_ptr"], args["extra_ptr"], n,
             chunk.stride(0), top.stride(0), out.stride(0), BLOCK_N=block_n,
             CHUNK_MEAN=msa.chunk_reduce == "mean", KV_HEADS=args["KV_HEADS"],
-            KV_P2=args["KV_P2"], HEAD_MAX=args["HEAD_MAX"],
+            HEAD_MAX=args["HEAD_MAX"],
             num_warps=8 if block_n >= 1024 else 4)
     return out
 
