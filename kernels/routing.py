@@ -408,12 +408,22 @@ if HAS_TRITON:
 
     @triton.jit
     def _document_scores(row_ptr, doc_start_ptr, offs, mask, BLOCK_N: tl.constexpr,
-                         CHUNK_MEAN: tl.constexpr, CHUNK_TILE: tl.constexpr):
+                         CHUNK_MEAN: tl.constexpr, CHUNK_TILE: tl.constexpr,
+                         r=0, BOUND: tl.constexpr = 0, resid_ptr=None, mag_ptr=None,
+                         norm_ptr=None, extra_ptr=None, KV_HEADS: tl.constexpr = 1,
+                         HEAD_MAX: tl.constexpr = False):
         """Scores [BLOCK_N] fp32 of documents `offs` from one request's chunk scores
-        `row_ptr` (max | mean over each document's contiguous chunks; -0.0 made +0.0)."""
+        `row_ptr` (max | mean over each document's contiguous chunks; -0.0 made +0.0).
+
+        BOUND -1 / 1: of the chunk scores minus / plus their error, for request r of the
+        bounded pass over an 8-bit index (`attention/bounded_routing.py`):
+        reduce_kv(norm[r, kv] * resid[c, kv]) (sum; max with HEAD_MAX) + extra[r] * mag[c],
+        read here rather than by the chunk-score kernel, whose epilogue they slowed."""
         start = tl.load(doc_start_ptr + offs, mask=mask, other=0)
         count = tl.load(doc_start_ptr + offs + 1, mask=mask, other=0) - start
         row = row_ptr + start
+        if BOUND != 0:
+            extra = tl.load(extra_ptr + r)
         if CHUNK_MEAN:
             acc = tl.zeros([BLOCK_N], dtype=tl.float32)
         else:
@@ -426,6 +436,15 @@ if HAS_TRITON:
             m = (j0 + offs_j)[None, :] < count[:, None]
             v = tl.load(row[:, None] + j0 + offs_j[None, :], mask=m,
                         other=0.0 if CHUNK_MEAN else float("-inf"))
+            if BOUND != 0:
+                chunk = start[:, None] + j0 + offs_j[None, :]
+                err = tl.zeros([BLOCK_N, CHUNK_TILE], dtype=tl.float32)
+                for h in tl.static_range(KV_HEADS):  # (a head at a time: no 3-D tiles)
+                    term = tl.load(norm_ptr + r * KV_HEADS + h) * tl.load(
+                        resid_ptr + chunk * KV_HEADS + h, mask=m, other=0.0)
+                    err = tl.maximum(err, term) if HEAD_MAX else err + term
+                err += extra * tl.load(mag_ptr + chunk, mask=m, other=0.0)
+                v = v - err if BOUND < 0 else v + err
             if CHUNK_MEAN:
                 acc += tl.sum(v, axis=1)
             else:
@@ -436,29 +455,14 @@ if HAS_TRITON:
         return tl.where(acc == 0.0, 0.0, acc)  # -0.0 -> +0.0: zeros tie, as they compare
 
     @triton.jit
-    def _document_error(r, offs, mask, resid_ptr, mag_ptr, norm_ptr, extra_ptr,
-                        BLOCK_N: tl.constexpr, KV_HEADS: tl.constexpr,
-                        HEAD_MAX: tl.constexpr):
-        """[BLOCK_N] fp32: how far request r's scores of documents `offs` may be from their
-        exact ones (`attention/bounded_routing.py`): reduce_kv(norm[r, kv] * resid[d, kv])
-        (sum; max with HEAD_MAX) + extra[r] * mag[d]. (A KV head at a time: Triton 3.6's
-        thread-locality pass fails on a [BLOCK_N, KV] reduction after the chunk loop.)"""
-        err = tl.zeros([BLOCK_N], dtype=tl.float32)
-        for j in tl.static_range(KV_HEADS):
-            term = tl.load(norm_ptr + r * KV_HEADS + j) * tl.load(
-                resid_ptr + offs * KV_HEADS + j, mask=mask, other=0.0)
-            err = tl.maximum(err, term) if HEAD_MAX else err + term
-        return err + tl.load(extra_ptr + r) * tl.load(mag_ptr + offs, mask=mask, other=0.0)
-
-    @triton.jit
     def _candidate_documents_kernel(
         chunk_ptr,  # [R, C] fp32: chunk scores over the 8-bit keys
         top_ptr,  # [R, K] int64: sort keys of the documents' lower bounds, best first
         kth_ptr,  # [R] int32: the column of each request's k-th (its score is tau)
         doc_start_ptr,  # [N + 1] int64
         out_ptr,  # [R, N] int8: 1 where the document's upper bound reaches tau
-        resid_ptr,  # [N, KV] fp32 (`_document_error`)
-        mag_ptr,  # [N] fp32
+        resid_ptr,  # [C, KV] fp32 (`_document_scores`' BOUND)
+        mag_ptr,  # [C] fp32
         norm_ptr,  # [R, KV] fp32
         extra_ptr,  # [R] fp32
         num_docs,
@@ -472,16 +476,15 @@ if HAS_TRITON:
         CHUNK_TILE: tl.constexpr = 8,
     ):
         """The bounded pass's candidate test (`attention/bounded_routing.py`): the documents'
-        upper bounds (their scores as the document kernel reduces them, plus their error)
-        against tau."""
+        upper bounds (their chunks' scores plus errors, reduced as the document kernel
+        reduces scores) against tau."""
         pid = tl.program_id(0)
         r = tl.program_id(1).to(tl.int64)
         offs = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         mask = offs < num_docs
         hi = _document_scores(chunk_ptr + r * stride_cr, doc_start_ptr, offs, mask, BLOCK_N,
-                              CHUNK_MEAN, CHUNK_TILE)
-        hi += _document_error(r, offs, mask, resid_ptr, mag_ptr, norm_ptr, extra_ptr, BLOCK_N,
-                              KV_HEADS, HEAD_MAX)
+                              CHUNK_MEAN, CHUNK_TILE, r, 1, resid_ptr, mag_ptr, norm_ptr,
+                              extra_ptr, KV_HEADS, HEAD_MAX)
         high = (tl.load(top_ptr + r * stride_tr + tl.load(kth_ptr + r)) >> 32).to(tl.int32)
         tau = tl.where(high < 0, high ^ 0x7FFFFFFF, high).to(tl.float32, bitcast=True)
         tl.store(out_ptr + r * stride_or + offs, (hi >= tau).to(tl.int8), mask=mask)
@@ -503,8 +506,8 @@ if HAS_TRITON:
         CHUNK_MEAN: tl.constexpr,
         MERGE: tl.constexpr,  # 0, or a power of two >= cdiv(N, BLOCK_N) * TOP
         CHUNK_TILE: tl.constexpr = 8,  # chunks of a document loaded at once
-        # The bounded pass (`attention/bounded_routing.py`): keys of each document's score
-        # minus (BOUND -1) or plus (BOUND 1) its error (`_document_error`); 0: the score.
+        # The bounded pass (`attention/bounded_routing.py`): keys of the documents' lower
+        # (BOUND -1) or upper (BOUND 1) bounds (`_document_scores`); 0: of their scores.
         BOUND: tl.constexpr = 0,
         resid_ptr=None,
         mag_ptr=None,
@@ -518,11 +521,8 @@ if HAS_TRITON:
         offs = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         mask = offs < num_docs
         acc = _document_scores(chunk_ptr + r * stride_cr, doc_start_ptr, offs, mask,
-                               BLOCK_N, CHUNK_MEAN, CHUNK_TILE)
-        if BOUND != 0:
-            err = _document_error(r, offs, mask, resid_ptr, mag_ptr, norm_ptr, extra_ptr,
-                                  BLOCK_N, KV_HEADS, HEAD_MAX)
-            acc = acc - err if BOUND < 0 else acc + err
+                               BLOCK_N, CHUNK_MEAN, CHUNK_TILE, r, BOUND, resid_ptr, mag_ptr,
+                               norm_ptr, extra_ptr, KV_HEADS, HEAD_MAX)
         bits = acc.to(tl.int32, bitcast=True)
         ordered = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # int order == float order
         tiebreak = tl.load(tiebreak_ptr + offs, mask=mask, other=0)
@@ -776,7 +776,7 @@ def document_keys_batched(chunk: torch.Tensor, prep: PreparedRoutingIndex, msa: 
     `merge` (top > 0, see `merge_width`) the `top` largest keys of each row, largest first,
     [R, top]. A key is the order-preserving int32 image of the fp32 document score (high
     half) and the document's tiebreak (low half); `decode_keys` turns keys back into ids and
-    scores. `bounds` = (resid [N, KV], mag [N], norm [R, KV], extra [R]), fp32: keys of the
+    scores. `bounds` = (resid [C, KV], mag [C], norm [R, KV], extra [R]), fp32: keys of the
     scores' lower bounds (of the upper ones with `upper`) in the bounded pass over an 8-bit
     index (`attention/bounded_routing.py`). `num_warps` and `chunk_tile` (chunks of a
     document per load) are for the benchmark's sweep."""

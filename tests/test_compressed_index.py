@@ -35,12 +35,12 @@ from vllm_msa.kernels.routing import chunk_scores_batched, route_batched
 
 from vllm_msa.attention.bounded_routing import (
     CompressedRoutingIndex,
-    approximate_scores,
     bound_queries,
-    document_intervals,
-    document_scores_of,
+    chunk_bounds,
+    document_bounds,
     fused_intervals,
     route_compressed,
+    widened,
 )
 from vllm_msa.attention.compressed_index import compress
 from vllm_msa.attention.routing import RoutingIndex, chunk_scores, document_scores
@@ -115,7 +115,7 @@ def test_compressed_keys_bound_their_error():
     shared = compress(keys, "int8", shared_scale=True)
     assert shared.shared_scale and bool((shared.scale == shared.scale[:, :1]).all())
     assert shared.scale.stride(1) == 0  # stored once per chunk
-    assert shared.nbytes == 300 * 3 * 32 + 300 * 4
+    assert shared.nbytes == 300 * (3 * 32 + 4 + 3 * 4 + 4)
     err = (keys.double() - shared.dequantized().double()).norm(dim=-1)
     assert bool((shared.residual.double() >= err).all())
     # Bounds stay float32 under a 16-bit default dtype (vLLM loads models under one).
@@ -126,21 +126,6 @@ def test_compressed_keys_bound_their_error():
     finally:
         torch.set_default_dtype(default)
     assert {c.scale.dtype, c.residual.dtype, c.magnitude.dtype} == {torch.float32}
-
-
-def test_document_bounds_are_their_chunks_largest():
-    gen = torch.Generator().manual_seed(4)
-    counts = [3, 1, 4, 1, 5]
-    full = make_index(counts, 2, 16, gen)
-    keys = compress(full.routing_keys)
-    index = compressed(full)
-    starts = [0, *itertools.accumulate(counts)]
-    for d, (a, b) in enumerate(itertools.pairwise(starts)):
-        assert torch.equal(index.bounds.residual[d], keys.residual[a:b].amax(0))
-        assert torch.equal(index.bounds.magnitude[d], keys.magnitude[a:b].amax())
-    # The served index keeps no per-chunk bounds: values, one scale per chunk, and 12 bytes
-    # per document.
-    assert index.nbytes == sum(counts) * (2 * 16 + 4) + len(counts) * (2 * 4 + 4)
 
 
 @pytest.mark.parametrize(("head", "query", "chunk", "score", "layout", "dtype"),
@@ -159,7 +144,8 @@ def test_selects_exactly_what_the_full_index_selects(head, query, chunk, score, 
     assert_same(route_compressed(qr, cu, index, msa, ks), route_batched(qr, cu, full, msa, ks))
     # The certified intervals hold every document's score as the torch path computes it.
     bq = bound_queries(qr, cu, kv, msa, None)
-    lo, hi = document_intervals(bq, index, msa)
+    lo, hi = document_bounds(index, msa, *widened(bq, index, *chunk_bounds(
+        bq, index.keys, msa.query_reduce)))
     for r, (a, b) in enumerate(itertools.pairwise(cu)):
         exact = document_scores(chunk_scores(qr[a:b], full, msa), full, msa)
         assert bool((lo[r] <= exact).all()) and bool((exact <= hi[r]).all())
@@ -218,9 +204,7 @@ def test_bounds_kernel_computes_the_brackets(head, query, chunk, dtype, shared, 
                                              keys_dtype):
     """The Triton bounded pass: its Ŝ against an independent computation (the torch path's
     for the 8-bit keys widened to the queries' dtype; q̂ . k̂ in float64 for int8 queries),
-    its document brackets (the document kernel's, from its lower and upper sort keys) equal
-    to the torch-composed ones, and both hold every document score the full-precision
-    kernels compute."""
+    and its widened brackets hold every chunk score the full-precision kernels compute."""
     from vllm_msa.kernels.routing import document_keys_batched, key_scores, prepare_index
 
     msa = msa_params(head, query, chunk)
@@ -233,28 +217,29 @@ def test_bounds_kernel_computes_the_brackets(head, query, chunk, dtype, shared, 
     cu = [0, 6, 7, 13]
     kernel = bound_queries(qr, cu, 2, msa, keys_dtype, integer=integer)
     assert (kernel.integer is not None) == integer
-    s_hat = approximate_scores(kernel, index.keys, query)
+    lo, hi = chunk_bounds(kernel, index.keys, query)
     if integer:
         want = integer_scores(kernel, index.keys, query)
-        assert torch.allclose(s_hat.double(), want, rtol=1e-5, atol=1e-6)
+        assert torch.allclose(((lo.double() + hi.double()) / 2), want, rtol=1e-5, atol=1e-6)
         # The queries' two int8 levels are within their bound, and far inside the keys'.
         assert float(kernel.integer.error.max()) < 1e-3 * float(kernel.q.norm(dim=-1).max())
     else:
         torch_path = dataclasses.replace(kernel, kernel_q=None)
-        want = approximate_scores(torch_path, index.keys, query)
-        assert torch.allclose(s_hat, want, rtol=1e-5, atol=1e-5)
-    lo, hi = document_intervals(kernel, index, msa)
-    exact = key_scores(document_keys_batched(chunk_scores_batched(qr, cu, full, msa),
-                                             prepare_index(full), msa))
+        for got, want in zip((lo, hi), chunk_bounds(torch_path, index.keys, query),
+                             strict=True):
+            assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)
+    lo, hi = widened(kernel, index, lo, hi)
+    exact = chunk_scores_batched(qr, cu, full, msa)
     assert bool((lo <= exact).all()) and bool((exact <= hi).all())
-    # The same brackets from the kernels alone (what serving runs).
+    # The documents' intervals from the kernels (what serving runs: the document kernels add
+    # the errors to the chunk-score kernel's Ŝ) hold the full-precision kernels' document
+    # scores, and are the torch-composed ones.
+    doc_lo, doc_hi = document_bounds(index, msa, lo, hi)
     fused = fused_intervals(kernel, index, msa)
-    assert torch.allclose(fused[0], lo, rtol=1e-5, atol=1e-5)
-    assert torch.allclose(fused[1], hi, rtol=1e-5, atol=1e-5)
-    assert bool((fused[0] <= exact).all()) and bool((exact <= fused[1]).all())
-    # The torch path's document reduce of Ŝ is the document kernel's.
-    doc = key_scores(document_keys_batched(s_hat, index.prepared, msa))
-    assert torch.allclose(document_scores_of(index, msa, s_hat), doc, rtol=1e-6, atol=1e-6)
+    assert torch.allclose(fused[0], doc_lo, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(fused[1], doc_hi, rtol=1e-5, atol=1e-5)
+    doc_exact = key_scores(document_keys_batched(exact, prepare_index(full), msa))
+    assert bool((fused[0] <= doc_exact).all()) and bool((doc_exact <= fused[1]).all())
     # Selections through each path are the full index's.
     ks = [1, 5, 50]
     assert_same(route_compressed(qr, cu, index, msa, ks, integer=integer),
@@ -336,16 +321,15 @@ def test_order_flipped_by_quantisation_is_restored():
 
 
 def test_a_bound_too_small_is_caught():
-    """The same near-tie bank with the error bounds shrunk: the selection goes wrong, so the
-    tests above can fail."""
+    """The same near-tie bank with the residual bound shrunk: the selection goes wrong, so
+    the tests above can fail."""
     msa = msa_params("mean", "max", "max")
     gen = torch.Generator().manual_seed(3)
     full = near_tie_bank(2, 16, gen, 1e-2)
     qr = queries(3, 4, 16, gen).cpu()
     index = compressed(full)
-    wrong = dataclasses.replace(index, bounds=dataclasses.replace(
-        index.bounds, residual=index.bounds.residual * 0,
-        magnitude=index.bounds.magnitude * 0))
+    wrong = dataclasses.replace(index, keys=dataclasses.replace(
+        index.keys, residual=index.keys.residual * 0, magnitude=index.keys.magnitude * 0))
     differs = 0
     for k in range(1, 30):
         want = route_batched(qr, [0, 3], full, msa, [k])[0].doc_ids.tolist()

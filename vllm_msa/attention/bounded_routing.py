@@ -30,45 +30,45 @@ The token reduce moves by at most the largest per-token move (max, last) or thei
 (mean), so the chunk score S(c) is within E_r(c) of Ŝ(c): E = Σ_kv n_kv ρ_c,kv (head mean) or
 max_kv n_kv ρ_c,kv (head max), where n_kv is, over the request's tokens, the mean of
 ||q̄_t,kv|| (head mean with the token mean) or else the largest ||q_t,h|| of the group's heads.
-The document reduce (max or mean over its chunks) moves by at most its chunks' largest move,
-and E is monotone in ρ, so with ρ_d,kv the largest ρ_c,kv of document d's chunks
-(`compressed_index.DocumentBounds`), S_r(d) is within E_r(d) = Σ_kv n_kv ρ_d,kv (or the
-max) of Ŝ_r(d), the document reduce of the Ŝ(c). So the bounded pass is the exact routing
-computation run on k̂ (the chunk-score kernel reading 8-bit values and scales:
-`kernels.routing`), then the document kernel subtracting (or adding) E_r(d): no per-chunk or
-per-token bound is ever formed, and the chunk pass reads nothing but the 8-bit index.
+[Ŝ - E, Ŝ + E] reduced over each document's chunks like the scores (max and mean are
+monotone) brackets S_r(d). So the bounded pass is the exact routing computation run on k̂
+(the chunk-score kernel reading 8-bit values and scales: `kernels.routing`), with E formed
+where the document kernel reads each chunk's score; no per-token bound is ever formed.
+(A document-level E, from the largest ρ of each document's chunks, would save the kernel
+those reads, but it re-scores 30-50 % more documents on MSA-4B-shaped banks, and the
+re-score's host reads cost more than the reads saved: docs/compressed-banks.md.)
 
 Over an int8 index the kernel multiplies int8 queries too (`compressed_index.IntegerQueries`:
 q̂ = s (hi + lo / 128), one s per token; exact integer products on tensor cores), so ŝ is
-q̂ . k̂. Then |q . k - q̂ . k̂| <= ||q|| ||k - k̂|| + ||q - q̂|| ||k̂||, and ||k̂|| <= M_d
-(the largest `magnitude` of the document's chunks): E gains μ_r M_d, μ_r the Σ_kv (head
-mean) or max_kv (head max) of the query errors ||q - q̂|| reduced over tokens like n. Q_r
-then also bounds ||s hi|| + ||s lo / 128||, the size of the terms the kernel rounds (a few
-roundings a score: the int32 sums' float32 images, the level sum, the two scales; far inside
-the margin below).
+q̂ . k̂. Then |q . k - q̂ . k̂| <= ||q|| ||k - k̂|| + ||q - q̂|| ||k̂||, and ||k̂|| <= M_c (the
+chunk's `magnitude`): E gains μ_r M_c, μ_r the Σ_kv (head mean) or max_kv (head max) of the
+query errors ||q - q̂|| reduced over tokens like n. Q_r then also bounds ||s hi|| +
+||s lo / 128||, the size of the terms the kernel rounds (a few roundings a score: the int32
+sums' float32 images, the level sum, the two scales; far inside the margin below).
 
 Floating point. Every quantity involved, each path's own way of computing it included, is at
 most A = Q_r * M_d in magnitude, with Q_r the largest over r's tokens of Σ_kv ||q̄_kv||
-(mean; the torch path's per-head mean (1/H) Σ_h ||q_h||) or max_h ||q_h|| (max). A dot
-product of D terms, a sum of H heads and a reduce of n values, computed in float32 in any
-order, are within (D + H) u_dot A and n u_sum A of their real values. With u_dot = 2^-20
-(IEEE float32 rounds at 2^-24; the margin covers tensor-core accumulators and the scale and
-norm roundings) and u_sum = 2^-23 for the plain float32 token and chunk reduces, both the
-full-precision document score and the computed Ŝ_r(d) are within γ A of their real values,
-γ = (D + H + 8) u_dot + (T + C_d + 8) u_sum (T: the request's routing tokens; C_d: the
-document's chunks). So [Ŝ_r(d) - E_r(d) - 2 γ A, Ŝ_r(d) + E_r(d) + 2 γ A], computed (E and
-the two sums add a few float32 roundings of at most 4 A, inside the margin's slack), holds
-the computed S_r(d).
+(mean; the torch path's per-head mean (1/H) Σ_h ||q_h||) or max_h ||q_h|| (max), and M_d
+the largest `magnitude` of d's chunks (>= ||k||, ||k̂||). A dot product of D terms, a sum of
+H heads and a reduce of n values, computed in float32 in any order, are within
+(D + H) u_dot A and n u_sum A of their real values. With u_dot = 2^-20 (IEEE float32 rounds
+at 2^-24; the margin covers tensor-core accumulators and the scale and norm roundings) and
+u_sum = 2^-23 for the plain float32 token and chunk reduces, both the full-precision score
+and the computed lo/hi are within γ A of their real values, γ = (D + H + 8) u_dot +
+(T + C_d + 8) u_sum (T: the request's routing tokens; C_d: the document's chunks). Widening
+each chunk's [lo, hi] by 2 γ A on each side (A with its document's M_d) makes it hold the
+computed chunk score; the document reduce, monotone, then holds the computed S_r(d).
 
-What it costs: the pass reads 1 byte a value instead of 2, plus a scale per chunk; the
-document kernel reads each document's bounds once; the re-score reads 2 bytes a value of the
-candidates only. How many candidates there are depends
-on how close the scores near the k-th are (docs/compressed-banks.md has measured rates);
-`RescoreStats` counts them.
+What it costs: the chunk pass reads 1 byte a value instead of 2, plus a scale per chunk
+(and KV head where the heads keep their own); the document kernels read the bounds, 4 bytes
+per chunk and KV head; the re-score reads 2 bytes a value of the candidates only. How many
+candidates there are depends on how close the scores near the k-th are
+(docs/compressed-banks.md has measured rates); `RescoreStats` counts them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import time
 from dataclasses import dataclass, field
@@ -77,13 +77,7 @@ from typing import Any
 import torch
 
 from ..config import MSAParams
-from .compressed_index import (
-    CompressedKeys,
-    DocumentBounds,
-    ExactKeys,
-    IntegerQueries,
-    integer_queries,
-)
+from .compressed_index import CompressedKeys, ExactKeys, IntegerQueries, integer_queries
 from .routing import RoutingIndex, normalized_keys
 from .uploads import upload
 
@@ -130,8 +124,7 @@ class CompressedRoutingIndex:
     map, ids, shard); its `routing_keys` are the 8-bit values (for shapes and device only)."""
 
     layout: RoutingIndex
-    keys: CompressedKeys  # values and scales (the per-chunk bounds live on in `bounds`)
-    bounds: DocumentBounds
+    keys: CompressedKeys
     exact: ExactKeys
     model_dtype: torch.dtype  # the full-precision keys' dtype (what the kernels multiply)
     prepared: Any  # kernels.routing.PreparedRoutingIndex of `layout`: offsets, tie-breaks
@@ -142,15 +135,19 @@ class CompressedRoutingIndex:
     @classmethod
     def build(cls, layout: RoutingIndex, keys: CompressedKeys, exact: ExactKeys,
               model_dtype: torch.dtype, normalize: bool = False) -> CompressedRoutingIndex:
-        """`keys`: the served keys compressed (normalised first where `normalize`), with
-        their per-chunk bounds, which become per document (`DocumentBounds`)."""
+        """`keys`: the served keys compressed (normalised first where `normalize`). Each
+        chunk's `magnitude` becomes its document's largest (M_d, module docstring)."""
         from ..kernels.routing import prepare_index
 
         prepared = prepare_index(layout)
         n = layout.num_documents
-        bounds = DocumentBounds.of(keys, layout.chunk_doc_index, n)
+        docs = layout.chunk_doc_index.to(keys.magnitude.device)
+        if docs.numel():
+            per_doc = torch.zeros(n, dtype=torch.float32, device=docs.device).scatter_reduce(
+                0, docs, keys.magnitude, reduce="amax", include_self=False)
+            keys = dataclasses.replace(keys, magnitude=per_doc[docs])
         counts = prepared.doc_start.diff()
-        return cls(layout, keys.without_bounds(), bounds, exact, model_dtype, prepared,
+        return cls(layout, keys, exact, model_dtype, prepared,
                    int(counts.max()) if n else 0, normalize)
 
     @property
@@ -159,7 +156,7 @@ class CompressedRoutingIndex:
 
     @property
     def nbytes(self) -> int:
-        return self.keys.nbytes + self.bounds.nbytes
+        return self.keys.nbytes
 
 
 @dataclass(frozen=True)
@@ -266,43 +263,46 @@ def approximate_scores(queries: BoundQueries, keys: CompressedKeys, query_reduce
     return out
 
 
-def document_scores_of(index: CompressedRoutingIndex, msa: MSAParams, chunk: torch.Tensor
-                       ) -> torch.Tensor:
-    """[R, C] chunk scores reduced to the index's documents as the torch path reduces them
-    (`routing.document_scores`; the kernels reduce in their document kernel): [R, n]."""
+def chunk_bounds(queries: BoundQueries, keys: CompressedKeys, query_reduce: str
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(lo, hi) = Ŝ -/+ E: [R, C] float32 brackets of every request's chunk scores S(c),
+    before the floating-point widening (`document_bounds`)."""
+    s_hat = approximate_scores(queries, keys, query_reduce)
+    norms = query_norms(queries, keys.values.shape[1], query_reduce)
+    if queries.head_max:
+        err = torch.stack([(keys.residual * n).amax(-1) for n in norms])
+    else:
+        err = norms @ keys.residual.t()
+    if queries.integer is not None:  # the queries' own error, times ||k̂|| <= magnitude
+        mu = query_error(queries, keys.values.shape[1], query_reduce)
+        err = torch.addcmul(err, mu[:, None], keys.magnitude[None, :])
+    return s_hat - err, s_hat + err
+
+
+def widened(queries: BoundQueries, index: CompressedRoutingIndex, lo: torch.Tensor,
+            hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chunk brackets widened by 2 γ A for floating point (module docstring): [R, C] each,
+    certain to hold each chunk score as the exact scorer computes it."""
+    slack = ((2 * gamma(queries, index)) * queries.magnitude[:, None]
+             * index.keys.magnitude[None, :])
+    return lo - slack, hi + slack
+
+
+def document_bounds(index: CompressedRoutingIndex, msa: MSAParams, lo: torch.Tensor,
+                    hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Widened chunk brackets reduced to documents as the torch path reduces scores
+    (`routing.document_scores`; the kernels' path reduces them in `fused_candidates`).
+    [R, n] each."""
     n = index.num_documents
     reduce = "amax" if msa.chunk_reduce == "max" else "mean"
-    init = torch.full((chunk.shape[0], n), float("-inf") if reduce == "amax" else 0.0,
-                      dtype=torch.float32, device=chunk.device)
-    if not chunk.shape[1]:
-        return init
-    docs = index.layout.chunk_doc_index.to(chunk.device).expand(chunk.shape[0], -1)
-    return init.scatter_reduce(1, docs, chunk, reduce=reduce, include_self=False)
-
-
-def document_errors(queries: BoundQueries, index: CompressedRoutingIndex, query_reduce: str
-                    ) -> torch.Tensor:
-    """E_r(d) + 2 γ A [R, n] (module docstring): how far each request's document score may
-    be from the one over k̂, floating point included."""
-    bounds = index.bounds
-    norms = query_norms(queries, index.keys.values.shape[1], query_reduce)  # [R, KV]
-    if queries.head_max:
-        err = torch.stack([(bounds.residual * n).amax(-1) for n in norms])
-    else:
-        err = norms @ bounds.residual.t()
-    extra = (query_error(queries, index.keys.values.shape[1], query_reduce)
-             + 2 * gamma(queries, index) * queries.magnitude)
-    return torch.addcmul(err, extra[:, None], bounds.magnitude[None, :])
-
-
-def document_intervals(queries: BoundQueries, index: CompressedRoutingIndex, msa: MSAParams
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(lo, hi) [R, n] float32: brackets certain to hold each request's document scores as
-    the exact scorer computes them (module docstring), from Ŝ (`approximate_scores`)."""
-    doc = document_scores_of(index, msa, approximate_scores(queries, index.keys,
-                                                            msa.query_reduce))
-    err = document_errors(queries, index, msa.query_reduce)
-    return doc - err, doc + err
+    docs = index.layout.chunk_doc_index.to(lo.device).expand(lo.shape[0], -1)
+    out = []
+    for x in (lo, hi):
+        init = torch.full((x.shape[0], n), float("-inf") if reduce == "amax" else 0.0,
+                          dtype=torch.float32, device=x.device)
+        out.append(init.scatter_reduce(1, docs, x, reduce=reduce, include_self=False)
+                   if x.shape[1] else init)
+    return out[0], out[1]
 
 
 def candidates(doc_lo: torch.Tensor, doc_hi: torch.Tensor, top_ks: list[int]) -> torch.Tensor:
@@ -372,11 +372,12 @@ def bounded_candidates(qr_all: torch.Tensor, cu: list[int], index: CompressedRou
         raise ValueError("int8 queries need int8 keys with one scale per chunk and a head_dim "
                          f"of at least {INT_DOT_MIN_DIM}")
     kv = index.keys.values.shape[1]
-    if kernel:  # (the bounds of the queries come from the kernels: `fused_intervals`)
+    if kernel:  # (the bounds of the queries come from the kernels: `fused_bounds`)
         return fused_candidates(kernel_queries(qr_all, cu, kv, msa, index.model_dtype,
                                                integer), index, msa, ks)
-    return candidates(*document_intervals(bound_queries(qr_all, cu, kv, msa, None), index,
-                                          msa), ks)
+    queries = bound_queries(qr_all, cu, kv, msa, None)
+    lo, hi = widened(queries, index, *chunk_bounds(queries, index.keys, msa.query_reduce))
+    return candidates(*document_bounds(index, msa, lo, hi), ks)
 
 
 def gamma(queries: BoundQueries, index: CompressedRoutingIndex) -> float:
@@ -397,7 +398,7 @@ def fused_bounds(queries: BoundQueries, index: CompressedRoutingIndex, query_red
                  ) -> tuple[torch.Tensor, tuple]:
     """The kernels' bounded pass up to the documents (`queries` of the kernel path): the
     query side in two launches (`kernels/routing_bounds.py`), then one read of the 8-bit
-    index by the chunk-score kernel. Returns (Ŝ [R, C], the document kernel's `bounds`)."""
+    index by the chunk-score kernel. Returns (Ŝ [R, C], the document kernels' `bounds`)."""
     from ..kernels.routing import launch_chunk_scores
     from ..kernels.routing_bounds import bound_rows, request_bounds
 
@@ -407,18 +408,20 @@ def fused_bounds(queries: BoundQueries, index: CompressedRoutingIndex, query_red
                               query_reduce == "mean", 2 * gamma(queries, index))
     s_hat = launch_chunk_scores(queries.kernel_q, queries.cu, queries.head_max,
                                 query_reduce == "mean", keys.values, keys.scale, integer=ints)
-    return s_hat, (index.bounds.residual, index.bounds.magnitude, n, extra)
+    return s_hat, (keys.residual, keys.magnitude, n, extra)
 
 
 def fused_intervals(queries: BoundQueries, index: CompressedRoutingIndex, msa: MSAParams
                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`document_intervals` on the kernels (for the tests: serving never forms them), from
-    the document kernel's sort keys of the lower and of the upper bounds. [R, n] each."""
+    """`document_bounds(widened(chunk_bounds(...)))` on the kernels (for the tests: serving
+    never forms them), from the document kernel's sort keys of the lower and of the upper
+    bounds. [R, n] each."""
     from ..kernels.routing import document_keys_batched, key_scores
 
     s_hat, bounds = fused_bounds(queries, index, msa.query_reduce)
-    return tuple(key_scores(document_keys_batched(s_hat, index.prepared, msa, bounds=bounds,
-                                                  upper=upper)) for upper in (False, True))
+    lo, hi = (key_scores(document_keys_batched(s_hat, index.prepared, msa, bounds=bounds,
+                                               upper=upper)) for upper in (False, True))
+    return lo, hi
 
 
 def fused_candidates(queries: BoundQueries, index: CompressedRoutingIndex, msa: MSAParams,

@@ -1,8 +1,7 @@
 """A router layer's routing keys in 8 bits on the GPU, with what keeps routing over them exact.
 
 The GPU holds 8-bit values with float32 scales (k̂ = values * scale, per chunk and KV head,
-or per chunk: below). `compress` also derives, from the full-precision keys k, float32 bounds
-per chunk, which serving keeps per document (`DocumentBounds`: the largest of its chunks'):
+or per chunk: below), and float32 bounds made from the full-precision keys k at load:
 
 * `residual` >= ||k - k̂||_2: by Cauchy-Schwarz, |q . k - q . k̂| <= ||q|| * residual for any
   query q, which is what `bounded_routing.py` turns into a certified interval per document.
@@ -11,8 +10,8 @@ per chunk, which serving keeps per document (`DocumentBounds`: the largest of it
 
 Both are computed in float64 and rounded up to float32, so they are upper bounds as stored.
 
-Two 8-bit formats (1 byte a value, plus a float32 scale per chunk and KV head, or per chunk;
-the bounds add 4 bytes per KV head and 4 per document):
+Two 8-bit formats (1 byte a value, plus 8 bytes per chunk and KV head, or 4 where int8
+shares a scale per chunk, and 4 per chunk):
 
 * `int8`: symmetric, scale = amax / 127 per chunk and KV head, or per chunk over all its KV
   heads where they have about the same range (`shares_scale_cheaply`; stored once per chunk
@@ -31,7 +30,6 @@ score are read back, at routing time (`ExactKeys`).
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -96,52 +94,13 @@ class CompressedKeys:
 
     @property
     def nbytes(self) -> int:
-        """What routing keeps on the device: values and scales (the per-chunk bounds become
-        `DocumentBounds`)."""
-        return stored_bytes(self.values) + stored_bytes(self.scale)
+        return sum(stored_bytes(t) for t in (self.values, self.scale, self.residual,
+                                             self.magnitude))
 
     def dequantized(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """k̂ of chunks [start, stop) in float32: values * scale, rounded once."""
         stop = self.num_chunks if stop is None else stop
         return self.values[start:stop].float() * self.scale[start:stop, :, None]
-
-    def without_bounds(self) -> CompressedKeys:
-        """The same keys without the per-chunk bounds (freed once `DocumentBounds` holds
-        them)."""
-        empty = self.magnitude.new_empty(0)
-        return dataclasses.replace(self, residual=empty.view(0, 1), magnitude=empty)
-
-
-@dataclass(frozen=True)
-class DocumentBounds:
-    """The chunk bounds of `CompressedKeys`, reduced to the largest over each document's
-    chunks: what bounds a document's score moves (its score reduces its chunks' scores, so
-    it moves at most as far as its chunks' largest move: `bounded_routing.py`). 4 bytes per
-    KV head and document instead of per chunk, and read once per document by the document
-    kernel instead of once per chunk by the chunk-score kernel."""
-
-    residual: torch.Tensor  # [n, KV] float32: max over the document's chunks of `residual`
-    magnitude: torch.Tensor  # [n] float32: max over its chunks of `magnitude` (M_d)
-
-    @classmethod
-    def of(cls, keys: CompressedKeys, chunk_doc: torch.Tensor, num_documents: int
-           ) -> DocumentBounds:
-        """`chunk_doc` [C]: each chunk's document (0..num_documents-1); a document without
-        chunks gets zeros (it is never scored)."""
-        docs = chunk_doc.to(device=keys.residual.device, dtype=torch.int64)
-        kv = keys.values.shape[1]
-        residual = torch.zeros(num_documents, kv, dtype=torch.float32, device=docs.device)
-        magnitude = torch.zeros(num_documents, dtype=torch.float32, device=docs.device)
-        if docs.numel():
-            residual.scatter_reduce_(0, docs[:, None].expand(-1, kv), keys.residual,
-                                     reduce="amax", include_self=True)
-            magnitude.scatter_reduce_(0, docs, keys.magnitude, reduce="amax",
-                                      include_self=True)
-        return cls(residual, magnitude)
-
-    @property
-    def nbytes(self) -> int:
-        return stored_bytes(self.residual) + stored_bytes(self.magnitude)
 
 
 def _round_up(x: torch.Tensor) -> torch.Tensor:
