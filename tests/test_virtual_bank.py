@@ -120,7 +120,6 @@ def test_capacity_is_the_largest_bank_that_fits_and_loads_as_predicted(
         PlannedBank,
         compressed_layer_bytes,
         index_chunk_bytes,
-        index_document_bytes,
         largest_bank,
         layout_bytes,
     )
@@ -158,10 +157,8 @@ def test_capacity_is_the_largest_bank_that_fits_and_loads_as_predicted(
         # An 8-bit index takes exactly the bytes `sizing` counts for it: at most the
         # prediction's, less where int8 shares a scale per chunk.
         assert served.index_dtype == index_dtype
-        shard = served.shard
+        chunks = served.shard.num_chunks
         assert served.index_bytes == sum(compressed_layer_bytes(
-            shard.num_chunks, shard.documents.stop - shard.documents.start, info.num_kv_heads,
-            info.head_dim, idx.keys.shared_scale) for idx in served.index.values())
-        assert served.index_bytes <= shard.num_chunks * index_chunk_bytes(
-            info, dtypes, index_dtype) + (shard.documents.stop - shard.documents.start
-                                          ) * index_document_bytes(info, index_dtype)
+            chunks, info.num_kv_heads, info.head_dim, idx.keys.shared_scale)
+            for idx in served.index.values())
+        assert served.index_bytes <= chunks * index_chunk_bytes(info, dtypes, index_dtype)

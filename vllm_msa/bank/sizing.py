@@ -24,37 +24,27 @@ import numpy as np
 # Per document, on every rank: ids, bank offsets, tie-break and position tables (int64).
 DOCUMENT_TABLE_BYTES = 8 * 8
 CHUNK_MAP_BYTES = 8  # per chunk of the rank's index: the chunk's document (int64)
-# An 8-bit index (`attention/compressed_index.py`), per layer: a byte a value, a float32 scale
-# per chunk and KV head (int8 shares one per chunk where the heads' ranges allow: 4 bytes),
-# and per document a float32 error bound per KV head and a float32 magnitude.
+# An 8-bit index (`attention/compressed_index.py`), per chunk and layer: a byte a value, a
+# float32 scale per KV head (int8 shares one per chunk where the heads' ranges allow) and a
+# float32 residual bound per KV head, a float32 magnitude.
 SCALE_BYTES = 4
-DOCUMENT_BOUND_BYTES = 4
+BOUND_BYTES = 4
 
 
-def compressed_layer_bytes(chunks: int, documents: int, num_kv_heads: int, head_dim: int,
+def compressed_layer_bytes(chunks: int, num_kv_heads: int, head_dim: int,
                            shared_scale: bool = False) -> int:
-    """Device bytes of one router layer's 8-bit index of `chunks` chunks in `documents`
-    documents."""
+    """Device bytes of one router layer's 8-bit index of `chunks` chunks."""
     scales = SCALE_BYTES * (1 if shared_scale else num_kv_heads)
-    return (chunks * (num_kv_heads * head_dim + scales)
-            + documents * DOCUMENT_BOUND_BYTES * (num_kv_heads + 1))
+    return chunks * (num_kv_heads * head_dim + scales + BOUND_BYTES * (num_kv_heads + 1))
 
 
 def index_chunk_bytes(info: Any, dtypes: Any, index_dtype: str = "auto") -> int:
     """Device bytes of one chunk's routing keys over every router layer (an 8-bit index:
-    with a scale per KV head, the most it takes; see `index_document_bytes` too)."""
+    with a scale per KV head, the most it takes)."""
     layers, kv, d = len(info.router_layers), info.num_kv_heads, info.head_dim
     if index_dtype != "auto":
-        return layers * compressed_layer_bytes(1, 0, kv, d)
+        return layers * compressed_layer_bytes(1, kv, d)
     return round(layers * kv * d * dtypes.element_bytes("routing_keys", d))
-
-
-def index_document_bytes(info: Any, index_dtype: str = "auto") -> int:
-    """Device bytes of one document's error bounds over every router layer (8-bit indexes)."""
-    if index_dtype == "auto":
-        return 0
-    return len(info.router_layers) * compressed_layer_bytes(0, 1, info.num_kv_heads,
-                                                            info.head_dim)
 
 
 @dataclass(frozen=True)
@@ -102,13 +92,9 @@ def layout_bytes(bank: Any, tensor_parallel_size: int = 1, data_parallel_size: i
     if index_parallel == "shard" and tp > 1:
         bounds = shard_bounds(offsets, tp)
         chunks = [int(offsets[bounds[r + 1]] - offsets[bounds[r]]) for r in range(tp)]
-        docs = [int(bounds[r + 1] - bounds[r]) for r in range(tp)]
     else:
         chunks = [int(offsets[-1])] * tp
-        docs = [bank.num_documents] * tp
-    per_doc_keys = index_document_bytes(info, index_dtype)
-    per_rank = [c * (per_chunk_keys + CHUNK_MAP_BYTES) + tables + n * per_doc_keys
-                for c, n in zip(chunks, docs, strict=True)]
+    per_rank = [c * (per_chunk_keys + CHUNK_MAP_BYTES) + tables for c in chunks]
     heads = local_kv_head_count(info.num_kv_heads, tp)
     # Ranks holding the same heads (replicas; TP ranks sharing a KV head) share one copy.
     copies = (min(tp, info.num_kv_heads) if share_host else tp * dp)
