@@ -301,7 +301,7 @@ if HAS_TRITON:
         stride_qh,
         stride_kc,
         stride_kh,
-        stride_sc,  # the scales' strides (SCALED; a shared scale has stride_sh 0)
+        stride_sc,  # the scales' strides (SCALED; a scale shared by a chunk's heads: 1, 0)
         stride_sh,
         stride_or,
         KV_HEADS: tl.constexpr,
@@ -321,6 +321,16 @@ if HAS_TRITON:
         INT_DOT: tl.constexpr = False,
         qlo_ptr=None,
         qs_ptr=None,
+        # The bounded pass's intervals, stored instead of S(c): out = S - e, hi = S + e with
+        # e = reduce_kv(norm[r, kv] * resid[c, kv]) + (extra[r]) * mag[c] (reduce: sum, or
+        # max for HEAD_MAX); `bounded_routing.chunk_bounds` then `widened`, in one pass.
+        BOUNDS: tl.constexpr = False,
+        hi_ptr=None,  # [R, C] fp32
+        resid_ptr=None,  # [C, KV] fp32
+        mag_ptr=None,  # [C] fp32
+        norm_ptr=None,  # [R, KV] fp32
+        extra_ptr=None,  # [R] fp32
+        KV_P2: tl.constexpr = 1,
     ):
         pid = tl.program_id(0)
         offs_c = pid.to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -329,6 +339,9 @@ if HAS_TRITON:
         offs_t = tl.arange(0, BLOCK_T)
         k_tile = k_ptr + offs_c[:, None] * stride_kc + offs_d[None, :]
         out_row = out_ptr + offs_c  # advanced a row per finished request (64-bit steps)
+        if BOUNDS:
+            hi_row = hi_ptr + offs_c
+            offs_k = tl.arange(0, KV_P2)
         # The open request: the tokens of all requests form one stream, cut into blocks of
         # BLOCK_T that may span requests; each block's scores go to the requests it covers.
         r = tl.full([], 0, tl.int32)
@@ -385,7 +398,23 @@ if HAS_TRITON:
                     if QUERY_MEAN:
                         n = tl.full([BLOCK_C], 0, tl.int32) + (r_end - r_start)
                         best = tl.math.div_rn(best, n.to(tl.float32))
-                    tl.store(out_row, best, mask=mask_c)
+                    if BOUNDS:  # (loaded here, not held in registers through the loop)
+                        resid = tl.load(
+                            resid_ptr + offs_c[:, None] * KV_HEADS + offs_k[None, :],
+                            mask=mask_c[:, None] & (offs_k < KV_HEADS)[None, :], other=0.0)
+                        mag = tl.load(mag_ptr + offs_c, mask=mask_c, other=0.0)
+                        norms = tl.load(norm_ptr + r * KV_HEADS + offs_k,
+                                        mask=offs_k < KV_HEADS, other=0.0)
+                        if HEAD_MAX:
+                            err = tl.max(resid * norms[None, :], axis=1)
+                        else:
+                            err = tl.sum(resid * norms[None, :], axis=1)
+                        err += tl.load(extra_ptr + r) * mag
+                        tl.store(out_row, best - err, mask=mask_c)
+                        tl.store(hi_row, best + err, mask=mask_c)
+                        hi_row += stride_or
+                    else:
+                        tl.store(out_row, best, mask=mask_c)
                     out_row += stride_or
                     r += 1
                     r_start = r_end
@@ -408,22 +437,12 @@ if HAS_TRITON:
 
     @triton.jit
     def _document_scores(row_ptr, doc_start_ptr, offs, mask, BLOCK_N: tl.constexpr,
-                         CHUNK_MEAN: tl.constexpr, CHUNK_TILE: tl.constexpr,
-                         r=0, BOUND: tl.constexpr = 0, resid_ptr=None, mag_ptr=None,
-                         norm_ptr=None, extra_ptr=None, KV_HEADS: tl.constexpr = 1,
-                         HEAD_MAX: tl.constexpr = False):
+                         CHUNK_MEAN: tl.constexpr, CHUNK_TILE: tl.constexpr):
         """Scores [BLOCK_N] fp32 of documents `offs` from one request's chunk scores
-        `row_ptr` (max | mean over each document's contiguous chunks; -0.0 made +0.0).
-
-        BOUND -1 / 1: of the chunk scores minus / plus their error, for request r of the
-        bounded pass over an 8-bit index (`attention/bounded_routing.py`):
-        reduce_kv(norm[r, kv] * resid[c, kv]) (sum; max with HEAD_MAX) + extra[r] * mag[c],
-        read here rather than by the chunk-score kernel, whose epilogue they slowed."""
+        `row_ptr` (max | mean over each document's contiguous chunks; -0.0 made +0.0)."""
         start = tl.load(doc_start_ptr + offs, mask=mask, other=0)
         count = tl.load(doc_start_ptr + offs + 1, mask=mask, other=0) - start
         row = row_ptr + start
-        if BOUND != 0:
-            extra = tl.load(extra_ptr + r)
         if CHUNK_MEAN:
             acc = tl.zeros([BLOCK_N], dtype=tl.float32)
         else:
@@ -436,15 +455,6 @@ if HAS_TRITON:
             m = (j0 + offs_j)[None, :] < count[:, None]
             v = tl.load(row[:, None] + j0 + offs_j[None, :], mask=m,
                         other=0.0 if CHUNK_MEAN else float("-inf"))
-            if BOUND != 0:
-                chunk = start[:, None] + j0 + offs_j[None, :]
-                err = tl.zeros([BLOCK_N, CHUNK_TILE], dtype=tl.float32)
-                for h in tl.static_range(KV_HEADS):  # (a head at a time: no 3-D tiles)
-                    term = tl.load(norm_ptr + r * KV_HEADS + h) * tl.load(
-                        resid_ptr + chunk * KV_HEADS + h, mask=m, other=0.0)
-                    err = tl.maximum(err, term) if HEAD_MAX else err + term
-                err += extra * tl.load(mag_ptr + chunk, mask=m, other=0.0)
-                v = v - err if BOUND < 0 else v + err
             if CHUNK_MEAN:
                 acc += tl.sum(v, axis=1)
             else:
@@ -456,35 +466,28 @@ if HAS_TRITON:
 
     @triton.jit
     def _candidate_documents_kernel(
-        chunk_ptr,  # [R, C] fp32: chunk scores over the 8-bit keys
+        hi_ptr,  # [R, C] fp32: upper bounds of the chunk scores
         top_ptr,  # [R, K] int64: sort keys of the documents' lower bounds, best first
         kth_ptr,  # [R] int32: the column of each request's k-th (its score is tau)
         doc_start_ptr,  # [N + 1] int64
         out_ptr,  # [R, N] int8: 1 where the document's upper bound reaches tau
-        resid_ptr,  # [C, KV] fp32 (`_document_scores`' BOUND)
-        mag_ptr,  # [C] fp32
-        norm_ptr,  # [R, KV] fp32
-        extra_ptr,  # [R] fp32
         num_docs,
-        stride_cr,
+        stride_hr,
         stride_tr,
         stride_or,
         BLOCK_N: tl.constexpr,
         CHUNK_MEAN: tl.constexpr,
-        KV_HEADS: tl.constexpr,
-        HEAD_MAX: tl.constexpr,
         CHUNK_TILE: tl.constexpr = 8,
     ):
         """The bounded pass's candidate test (`attention/bounded_routing.py`): the documents'
-        upper bounds (their chunks' scores plus errors, reduced as the document kernel
-        reduces scores) against tau."""
+        upper bounds reduced as the document kernel reduces scores (same order: a monotone
+        image of the computed document scores), against tau."""
         pid = tl.program_id(0)
         r = tl.program_id(1).to(tl.int64)
         offs = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         mask = offs < num_docs
-        hi = _document_scores(chunk_ptr + r * stride_cr, doc_start_ptr, offs, mask, BLOCK_N,
-                              CHUNK_MEAN, CHUNK_TILE, r, 1, resid_ptr, mag_ptr, norm_ptr,
-                              extra_ptr, KV_HEADS, HEAD_MAX)
+        hi = _document_scores(hi_ptr + r * stride_hr, doc_start_ptr, offs, mask, BLOCK_N,
+                              CHUNK_MEAN, CHUNK_TILE)
         high = (tl.load(top_ptr + r * stride_tr + tl.load(kth_ptr + r)) >> 32).to(tl.int32)
         tau = tl.where(high < 0, high ^ 0x7FFFFFFF, high).to(tl.float32, bitcast=True)
         tl.store(out_ptr + r * stride_or + offs, (hi >= tau).to(tl.int8), mask=mask)
@@ -506,23 +509,13 @@ if HAS_TRITON:
         CHUNK_MEAN: tl.constexpr,
         MERGE: tl.constexpr,  # 0, or a power of two >= cdiv(N, BLOCK_N) * TOP
         CHUNK_TILE: tl.constexpr = 8,  # chunks of a document loaded at once
-        # The bounded pass (`attention/bounded_routing.py`): keys of the documents' lower
-        # (BOUND -1) or upper (BOUND 1) bounds (`_document_scores`); 0: of their scores.
-        BOUND: tl.constexpr = 0,
-        resid_ptr=None,
-        mag_ptr=None,
-        norm_ptr=None,
-        extra_ptr=None,
-        KV_HEADS: tl.constexpr = 1,
-        HEAD_MAX: tl.constexpr = False,
     ):
         pid = tl.program_id(0)
         r = tl.program_id(1).to(tl.int64)
         offs = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         mask = offs < num_docs
         acc = _document_scores(chunk_ptr + r * stride_cr, doc_start_ptr, offs, mask,
-                               BLOCK_N, CHUNK_MEAN, CHUNK_TILE, r, BOUND, resid_ptr, mag_ptr,
-                               norm_ptr, extra_ptr, KV_HEADS, HEAD_MAX)
+                               BLOCK_N, CHUNK_MEAN, CHUNK_TILE)
         bits = acc.to(tl.int32, bitcast=True)
         ordered = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # int order == float order
         tiebreak = tl.load(tiebreak_ptr + offs, mask=mask, other=0)
@@ -712,22 +705,30 @@ def _chunk_scores(qr_all, cu, prep: PreparedRoutingIndex, msa: MSAParams,
 
 def launch_chunk_scores(q: torch.Tensor, cu: list[int], head_max: bool, query_mean: bool,
                         keys: torch.Tensor, scale: torch.Tensor | None = None,
-                        config: KernelConfig | None = None, integer=None) -> torch.Tensor:
+                        config: KernelConfig | None = None, integer=None,
+                        bounds: tuple | None = None) -> torch.Tensor:
     """S(c) [R, C] fp32 of prepared queries `q` (`prepare_queries`) against `keys` in their
     dtype, or against 8-bit keys (int8, or e4m3 as `torch.float8_e4m3fn`) times `scale`
     [C, KV] (any strides: a scale shared by a chunk's KV heads is a broadcast column;
     `attention/bounded_routing.py`'s bounded pass). `integer`: the queries as
     `compressed_index.IntegerQueries` (int8 keys with one scale per chunk), multiplied on
-    int8 tensor cores; `q` is then unused."""
+    int8 tensor cores; `q` is then unused. `bounds` = (resid [C, KV], mag [C], norm [R, KV],
+    extra [R]), all fp32: the intervals instead of S (the kernel's BOUNDS), returned as
+    (lower, upper)."""
     if integer is not None:
         if keys.dtype != torch.int8 or scale is None:
             raise ValueError("integer queries need int8 keys and their scales (one per chunk)")
         q = integer.hi
     num_chunks, kv, d = keys.shape
     num_requests, num_tokens = len(cu) - 1, q.shape[0]
+    # (lower and upper bounds: two allocations, so both stay 16-byte aligned at any R x C:
+    # Triton compiles a variant per pointer alignment)
     out = torch.empty(num_requests, num_chunks, dtype=torch.float32, device=keys.device)
+    hi = torch.empty_like(out) if bounds else None
+    rows = out
     if num_chunks == 0:
-        return out
+        return (out, hi) if bounds else out
+    resid, mag, norm, extra = bounds or (None,) * 4
     scaled = scale is not None
     if integer is not None and kv > 1 and scale.stride(1) != 0:
         raise ValueError("integer queries need one scale per chunk (a broadcast column)")
@@ -742,11 +743,11 @@ def launch_chunk_scores(q: torch.Tensor, cu: list[int], head_max: bool, query_me
         block_t = min(cfg.block_t, max(16, triton.next_power_of_2(num_tokens)))
         try:
             _chunk_scores_kernel[(triton.cdiv(num_chunks, cfg.block_c),)](
-                q, keys, scale if scaled else out, cu_dev, out,
+                q, keys, scale if scaled else out, cu_dev, rows,
                 num_chunks, num_requests, num_tokens,
                 q.stride(0), q.stride(1), keys.stride(0), keys.stride(1),
                 scale.stride(0) if scaled else 0, scale.stride(1) if scaled else 0,
-                out.stride(0),
+                rows.stride(0),
                 KV_HEADS=kv, Q_PER_KV=q.shape[1] // kv, HEAD_DIM=d,
                 BLOCK_C=cfg.block_c, BLOCK_T=block_t,
                 HEAD_MAX=head_max, QUERY_MEAN=query_mean,
@@ -755,6 +756,9 @@ def launch_chunk_scores(q: torch.Tensor, cu: list[int], head_max: bool, query_me
                 SCALED=scaled, FP8=fp8, INT_DOT=integer is not None,
                 qlo_ptr=None if integer is None else integer.lo,
                 qs_ptr=None if integer is None else integer.scale,
+                BOUNDS=bounds is not None, hi_ptr=hi,
+                resid_ptr=resid, mag_ptr=mag, norm_ptr=norm, extra_ptr=extra,
+                KV_P2=triton.next_power_of_2(kv),
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages,
             )
         except Exception as e:  # Triton's OutOfResources: shrink defaults, never explicit
@@ -764,22 +768,19 @@ def launch_chunk_scores(q: torch.Tensor, cu: list[int], head_max: bool, query_me
             cfg = smaller
             continue
         _FITTED[shape_key] = cfg
-        return out
+        return (out, hi) if bounds else out
 
 
 def document_keys_batched(chunk: torch.Tensor, prep: PreparedRoutingIndex, msa: MSAParams,
                           top: int = 0, block_n: int = 1024, merge: bool = False,
-                          num_warps: int | None = None, chunk_tile: int = 8,
-                          bounds: tuple | None = None, upper: bool = False) -> torch.Tensor:
+                          num_warps: int | None = None, chunk_tile: int = 8) -> torch.Tensor:
     """Sort keys of the documents from [R, C] chunk scores: [R, N] int64 (top == 0), or each
     block of `block_n` documents' `top` largest keys, [R, cdiv(N, block_n) * top], or with
     `merge` (top > 0, see `merge_width`) the `top` largest keys of each row, largest first,
     [R, top]. A key is the order-preserving int32 image of the fp32 document score (high
     half) and the document's tiebreak (low half); `decode_keys` turns keys back into ids and
-    scores. `bounds` = (resid [C, KV], mag [C], norm [R, KV], extra [R]), fp32: keys of the
-    scores' lower bounds (of the upper ones with `upper`) in the bounded pass over an 8-bit
-    index (`attention/bounded_routing.py`). `num_warps` and `chunk_tile` (chunks of a
-    document per load) are for the benchmark's sweep."""
+    scores. `num_warps` and `chunk_tile` (chunks of a document per load) are for the
+    benchmark's sweep."""
     num_requests = chunk.shape[0]
     n = prep.tiebreak.shape[0]
     blocks = triton.cdiv(n, block_n) if n else 0
@@ -798,19 +799,8 @@ def document_keys_batched(chunk: torch.Tensor, prep: PreparedRoutingIndex, msa: 
             BLOCK_N=block_n, TOP=top, CHUNK_MEAN=msa.chunk_reduce == "mean", MERGE=merged,
             CHUNK_TILE=chunk_tile,
             num_warps=num_warps or (8 if block_n >= 1024 else 4),
-            **_bound_args(bounds, msa, 1 if upper else -1),
         )
     return best if merged else keys
-
-
-def _bound_args(bounds: tuple | None, msa: MSAParams, sign: int) -> dict:
-    """The document kernels' arguments of the bounded pass's document errors (none: 0)."""
-    if bounds is None:
-        return {}
-    resid, mag, norm, extra = bounds
-    kv = resid.shape[1]
-    return {"BOUND": sign, "resid_ptr": resid, "mag_ptr": mag, "norm_ptr": norm,
-            "extra_ptr": extra, "KV_HEADS": kv, "HEAD_MAX": msa.head_reduce == "max"}
 
 
 # The most candidates the last block of a row merges (a power of two): more are left to topk.
@@ -907,10 +897,9 @@ class RoutedBatch:
 
 
 def top_document_keys(chunk: torch.Tensor, prep: PreparedRoutingIndex, msa: MSAParams,
-                      k: int, config: KernelConfig | None = None, bounds: tuple | None = None
-                      ) -> torch.Tensor:
+                      k: int, config: KernelConfig | None = None) -> torch.Tensor:
     """The `k` (<= the index's documents) best documents' sort keys from [R, C] chunk scores:
-    [R, k] int64, best first (of their lower bounds, with `bounds`: `document_keys_batched`)."""
+    [R, k] int64, best first."""
     n = prep.tiebreak.shape[0]
     # Blocks of documents hand up their top candidates (a power of two, few compiled
     # variants); topk over those. Past MAX_BLOCK_TOP, keys of every document.
@@ -918,30 +907,23 @@ def top_document_keys(chunk: torch.Tensor, prep: PreparedRoutingIndex, msa: MSAP
     block_n = (config or KernelConfig()).block_n or document_block(n, top)
     top = 0 if top > min(MAX_BLOCK_TOP, block_n) else top
     if merge_width(n, top, block_n):  # the last block of each row merges: no topk launch
-        return document_keys_batched(chunk, prep, msa, top, block_n, merge=True,
-                                     bounds=bounds)[:, :k]
-    return top_candidates(document_keys_batched(chunk, prep, msa, top, block_n,
-                                                bounds=bounds), k)
+        return document_keys_batched(chunk, prep, msa, top, block_n, merge=True)[:, :k]
+    return top_candidates(document_keys_batched(chunk, prep, msa, top, block_n), k)
 
 
-def candidate_documents(chunk: torch.Tensor, top: torch.Tensor, ks: list[int],
-                        prep: PreparedRoutingIndex, msa: MSAParams, bounds: tuple,
-                        block_n: int = 1024) -> torch.Tensor:
-    """[R, N] int8: 1 where a document's upper bound (its score from the 8-bit chunk scores
-    `chunk` [R, C] plus its error: `bounds` as `document_keys_batched`'s) reaches τ_r, the
-    score of request r's k-th sort key in `top` [R, >= k] (`top_document_keys` of the lower
-    bounds; k = ks[r])."""
-    num_requests, n = chunk.shape[0], prep.tiebreak.shape[0]
-    out = torch.empty(num_requests, n, dtype=torch.int8, device=chunk.device)
+def candidate_documents(hi: torch.Tensor, top: torch.Tensor, ks: list[int],
+                        prep: PreparedRoutingIndex, msa: MSAParams, block_n: int = 1024
+                        ) -> torch.Tensor:
+    """[R, N] int8: 1 where a document's upper bound (its chunks' `hi` [R, C] reduced as the
+    document kernel reduces scores) reaches τ_r, the score of request r's k-th sort key in
+    `top` [R, >= k] (`top_document_keys` of the lower bounds; k = ks[r])."""
+    num_requests, n = hi.shape[0], prep.tiebreak.shape[0]
+    out = torch.empty(num_requests, n, dtype=torch.int8, device=hi.device)
     if n and num_requests:
-        args = _bound_args(bounds, msa, 1)
         _candidate_documents_kernel[(triton.cdiv(n, block_n), num_requests)](
-            chunk, top, _int_tensor([k - 1 for k in ks], chunk.device), prep.doc_start, out,
-            args["resid_ptr"], args["mag_ptr"], args["norm_ptr"], args["extra_ptr"], n,
-            chunk.stride(0), top.stride(0), out.stride(0), BLOCK_N=block_n,
-            CHUNK_MEAN=msa.chunk_reduce == "mean", KV_HEADS=args["KV_HEADS"],
-            HEAD_MAX=args["HEAD_MAX"],
-            num_warps=8 if block_n >= 1024 else 4)
+            hi, top, _int_tensor([k - 1 for k in ks], hi.device), prep.doc_start, out, n,
+            hi.stride(0), top.stride(0), out.stride(0), BLOCK_N=block_n,
+            CHUNK_MEAN=msa.chunk_reduce == "mean", num_warps=8 if block_n >= 1024 else 4)
     return out
 
 

@@ -32,11 +32,14 @@ max_kv n_kv ρ_c,kv (head max), where n_kv is, over the request's tokens, the me
 ||q̄_t,kv|| (head mean with the token mean) or else the largest ||q_t,h|| of the group's heads.
 [Ŝ - E, Ŝ + E] reduced over each document's chunks like the scores (max and mean are
 monotone) brackets S_r(d). So the bounded pass is the exact routing computation run on k̂
-(the chunk-score kernel reading 8-bit values and scales: `kernels.routing`), with E formed
-where the document kernel reads each chunk's score; no per-token bound is ever formed.
-(A document-level E, from the largest ρ of each document's chunks, would save the kernel
-those reads, but it re-scores 30-50 % more documents on MSA-4B-shaped banks, and the
-re-score's host reads cost more than the reads saved: docs/compressed-banks.md.)
+(the chunk-score kernel reading 8-bit values and scales: `kernels.routing`) plus a small
+[requests, chunks] product for E; no per-token bound is ever formed.
+
+Where E is formed was measured on an H200 (MSA-4B shape, 100M tokens; the records are
+compressed-routing-*-nvidia-h200.json): in the chunk-score kernel's epilogue (here), about
+0.07 ms of GPU time at one question; from each document's largest ρ instead, in the document
+kernel, 0.05 ms less, but 30-50 % more documents re-scored, whose host reads cost more than
+that; per chunk in the document kernel, 0.3 ms more.
 
 Over an int8 index the kernel multiplies int8 queries too (`compressed_index.IntegerQueries`:
 q̂ = s (hi + lo / 128), one s per token; exact integer products on tensor cores), so ŝ is
@@ -59,11 +62,10 @@ and the computed lo/hi are within γ A of their real values, γ = (D + H + 8) u_
 each chunk's [lo, hi] by 2 γ A on each side (A with its document's M_d) makes it hold the
 computed chunk score; the document reduce, monotone, then holds the computed S_r(d).
 
-What it costs: the chunk pass reads 1 byte a value instead of 2, plus a scale per chunk
-(and KV head where the heads keep their own); the document kernels read the bounds, 4 bytes
-per chunk and KV head; the re-score reads 2 bytes a value of the candidates only. How many
-candidates there are depends on how close the scores near the k-th are
-(docs/compressed-banks.md has measured rates); `RescoreStats` counts them.
+What it costs: the pass reads 1 byte a value instead of 2, and computes the intervals; the
+re-score reads 2 bytes a value of the candidates only. How many candidates there are depends
+on how close the scores near the k-th are (docs/compressed-banks.md has measured rates);
+`RescoreStats` counts them.
 """
 
 from __future__ import annotations
@@ -372,7 +374,7 @@ def bounded_candidates(qr_all: torch.Tensor, cu: list[int], index: CompressedRou
         raise ValueError("int8 queries need int8 keys with one scale per chunk and a head_dim "
                          f"of at least {INT_DOT_MIN_DIM}")
     kv = index.keys.values.shape[1]
-    if kernel:  # (the bounds of the queries come from the kernels: `fused_bounds`)
+    if kernel:  # (the bounds of the queries come from the kernels: `fused_intervals`)
         return fused_candidates(kernel_queries(qr_all, cu, kv, msa, index.model_dtype,
                                                integer), index, msa, ks)
     queries = bound_queries(qr_all, cu, kv, msa, None)
@@ -394,11 +396,11 @@ def query_error(queries: BoundQueries, num_kv_heads: int, query_reduce: str) -> 
     return mu.amax(-1) if queries.head_max else mu.sum(-1)
 
 
-def fused_bounds(queries: BoundQueries, index: CompressedRoutingIndex, query_reduce: str
-                 ) -> tuple[torch.Tensor, tuple]:
-    """The kernels' bounded pass up to the documents (`queries` of the kernel path): the
-    query side in two launches (`kernels/routing_bounds.py`), then one read of the 8-bit
-    index by the chunk-score kernel. Returns (Ŝ [R, C], the document kernels' `bounds`)."""
+def fused_intervals(queries: BoundQueries, index: CompressedRoutingIndex, query_reduce: str
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`widened(chunk_bounds(...))` on the kernels (`queries` of the kernel path): the query
+    side in two launches (`kernels/routing_bounds.py`), then one pass of the chunk-score
+    kernel storing the intervals. (lower, upper), [R, C] each."""
     from ..kernels.routing import launch_chunk_scores
     from ..kernels.routing_bounds import bound_rows, request_bounds
 
@@ -406,37 +408,24 @@ def fused_bounds(queries: BoundQueries, index: CompressedRoutingIndex, query_red
     norms, ints = bound_rows(queries.kernel_q, queries.int8)
     n, extra = request_bounds(norms, ints, queries.cu, keys.values.shape[1], queries.head_max,
                               query_reduce == "mean", 2 * gamma(queries, index))
-    s_hat = launch_chunk_scores(queries.kernel_q, queries.cu, queries.head_max,
-                                query_reduce == "mean", keys.values, keys.scale, integer=ints)
-    return s_hat, (keys.residual, keys.magnitude, n, extra)
-
-
-def fused_intervals(queries: BoundQueries, index: CompressedRoutingIndex, msa: MSAParams
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`document_bounds(widened(chunk_bounds(...)))` on the kernels (for the tests: serving
-    never forms them), from the document kernel's sort keys of the lower and of the upper
-    bounds. [R, n] each."""
-    from ..kernels.routing import document_keys_batched, key_scores
-
-    s_hat, bounds = fused_bounds(queries, index, msa.query_reduce)
-    lo, hi = (key_scores(document_keys_batched(s_hat, index.prepared, msa, bounds=bounds,
-                                               upper=upper)) for upper in (False, True))
-    return lo, hi
+    return launch_chunk_scores(queries.kernel_q, queries.cu, queries.head_max,
+                               query_reduce == "mean", keys.values, keys.scale, integer=ints,
+                               bounds=(keys.residual, keys.magnitude, n, extra))
 
 
 def fused_candidates(queries: BoundQueries, index: CompressedRoutingIndex, msa: MSAParams,
                      ks: list[int]) -> torch.Tensor:
-    """`bounded_candidates` on the kernels: `fused_bounds`, the document kernel's top keys of
-    the lower bounds (the k-th is τ), and the candidate test of the upper bounds."""
+    """`bounded_candidates` on the kernels: `fused_intervals`, the document kernel's top
+    keys of the lower bounds (the k-th is τ), and the candidate test of the upper bounds."""
     from ..kernels.routing import candidate_documents, top_document_keys
 
     n = index.num_documents
     if not n:
         return torch.zeros(0, dtype=torch.bool, device=index.keys.values.device)
-    s_hat, bounds = fused_bounds(queries, index, msa.query_reduce)
+    lo, hi = fused_intervals(queries, index, msa.query_reduce)
     ks = [min(k, n) for k in ks]
-    top = top_document_keys(s_hat, index.prepared, msa, max(ks), bounds=bounds)
-    return candidate_documents(s_hat, top, ks, index.prepared, msa, bounds).any(0)
+    top = top_document_keys(lo, index.prepared, msa, max(ks))
+    return candidate_documents(hi, top, ks, index.prepared, msa).any(0)
 
 
 def route_compressed(qr_all: torch.Tensor, cu_tokens, index: CompressedRoutingIndex,
