@@ -23,9 +23,9 @@ from .build import segment_chunk_bytes, segment_runs
 from .format import DEFAULT_SEGMENT_MB, POOLED_ORDER, layer_key
 from .generations import (
     PendingGeneration,
+    clean_up,
     edit_lock,
     editable_bank,
-    remove_unreferenced,
 )
 from .quant import SCALE_SUFFIX
 from .reader import MemoryBank
@@ -44,7 +44,7 @@ def compact_bank(bank: str | Path | MemoryBank, *, segment_mb: float | None = No
         plan = _plan(opened, segment_mb)
         if all(isinstance(target, dict) for target in plan) and len(plan) == len(
                 opened.manifest["segments"]):
-            remove_unreferenced(opened)  # (what a compaction killed after its commit left)
+            clean_up(opened)  # (what a compaction killed after its commit left)
             return opened
         identity = {"operation": "compact", "segment_mb": segment_mb}
         pending = PendingGeneration.start(opened, identity)
@@ -71,7 +71,28 @@ def compact_bank(bank: str | Path | MemoryBank, *, segment_mb: float | None = No
         bar.close()
         written = iter(pending.segments)
         segments = [target if isinstance(target, dict) else next(written) for target in plan]
-        return pending.commit(segments, identity)
+        segments, texts = _own_texts(opened, pending, segments)
+        return pending.commit(segments, identity, texts)
+
+
+def _own_texts(bank: MemoryBank, pending: PendingGeneration, segments: list[dict[str, Any]]
+               ) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
+    """`segments` where no kept segment reads a build's documents file that also holds texts
+    of documents compaction dropped or moved: those get a texts file of their own, so the
+    old file goes and no removed document's text stays on disk. (A build's file is kept
+    when every segment that reads it is kept: then it holds exactly their texts.)"""
+    readers = [s for s in bank.manifest["segments"] if "texts" not in s]
+    if all(any(s is kept for kept in segments) for s in readers):
+        return segments, {}
+    out, files = [], {}
+    for index, seg in enumerate(segments):
+        if "texts" not in seg:
+            start = bank.physical.segment_doc_starts[bank.manifest["segments"].index(seg)]
+            doc_ids = bank.physical.doc_ids[start:start + int(seg["documents"])].tolist()
+            name, meta = pending.write_texts(index, [(i, bank.text(i)) for i in doc_ids])
+            seg, files[name] = {**seg, "texts": name}, meta
+        out.append(seg)
+    return out, files
 
 
 def _plan(bank: MemoryBank, segment_mb: float) -> list[dict[str, Any] | list[int]]:

@@ -19,6 +19,7 @@ from .documents import read_documents
 from .format import DEFAULT_SEGMENT_MB, BankError
 from .generations import (
     PendingGeneration,
+    clean_up,
     commit_generation,
     edit_lock,
     editable_bank,
@@ -113,6 +114,7 @@ def add_documents(
                     "num_documents": len(documents), "replace": replace,
                     "segment_mb": segment_mb, "model": info.fingerprint}
         if opened.manifest.get("last_edit") == identity:
+            clean_up(opened)  # (what a run killed after its commit left)
             return opened  # this add is the committed generation already
         live = opened.physical.live_positions()
         present = [d.id for d in documents if d.id in live]

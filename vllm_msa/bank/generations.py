@@ -160,9 +160,16 @@ def commit_generation(bank: MemoryBank, segments: Sequence[dict[str, Any]],
     }
     write_json_atomic(bank.path / MANIFEST, manifest)
     committed = MemoryBank.open(bank.path)
-    remove_unreferenced(committed)
-    (bank.path / EDIT_STATE).unlink(missing_ok=True)
+    clean_up(committed)
     return committed
+
+
+def clean_up(bank: MemoryBank) -> None:
+    """After a commit (or on finding an edit committed already): delete what generation
+    `bank` does not reference, and the edit state."""
+    remove_unreferenced(bank)
+    (bank.path / EDIT_STATE).unlink(missing_ok=True)
+    fsync_dir(bank.path)
 
 
 def _is_segment_data(name: str) -> bool:
@@ -263,10 +270,22 @@ class PendingGeneration:
         })
         self._save()
 
-    def commit(self, segments: Sequence[dict[str, Any]], edit: dict[str, Any]) -> MemoryBank:
+    def write_texts(self, index: int, texts: Sequence[tuple[int, str]]
+                    ) -> tuple[str, dict[str, Any]]:
+        """Durably write a texts file for segment `index` of generation N+1 (a kept segment
+        whose texts move out of a build's documents file); its name and checksums. Not
+        recorded: cheap to write again after an interruption."""
+        name, data = texts_name(index, self.generation), documents_data(texts)
+        write_atomic(self.bank.path / name, data)
+        return name, {**digests(data), "bytes": len(data)}
+
+    def commit(self, segments: Sequence[dict[str, Any]], edit: dict[str, Any],
+               more_files: dict[str, dict[str, Any]] | None = None) -> MemoryBank:
         """Commit generation N+1 made of `segments` (kept entries of generation N and this
-        edit's `self.segments`, in bank order)."""
-        return commit_generation(self.bank, segments, self.files(), edit)
+        edit's `self.segments`, in bank order); `more_files`: checksums of other files
+        this edit wrote (`write_texts`)."""
+        return commit_generation(self.bank, segments, {**self.files(), **(more_files or {})},
+                                 edit)
 
 
 def _files_of(seg: dict[str, Any]) -> dict[str, dict[str, Any]]:
