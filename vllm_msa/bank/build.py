@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -25,9 +25,9 @@ from .dtypes import BankDtypes
 from .format import DEFAULT_SEGMENT_MB, MANIFEST, BankError
 from .model_info import ModelInfo, dtype_name, resolve_checkpoint
 from .reader import MemoryBank
+from .segmenting import segment_chunk_bytes, segment_runs
 from .writer import BankWriter, EncodedDocument
 
-T = TypeVar("T")
 _TOO_LONG_ADVICE = ("re-run with a larger --max-model-len (the build resumes), or split the "
                     "document and build into a new directory")
 
@@ -139,30 +139,6 @@ def encode_documents(llm: Any, info: ModelInfo, documents: Sequence[Document],
         if pending is not None:
             pending.result()
     bar.close()
-
-
-def segment_chunk_bytes(info: ModelInfo) -> int:
-    """Bytes of one chunk's pooled tensors in the model's dtype: what `--segment-mb` counts
-    (whatever the tiers are stored in, so that a bank segments the same in every dtype)."""
-    itemsize = torch.empty((), dtype=getattr(torch, info.dtype)).element_size()
-    return 3 * len(info.router_layers) * info.num_kv_heads * info.head_dim * itemsize
-
-
-def segment_runs(items: Iterable[T], chunks_of: Callable[[T], int], chunk_bytes: int,
-                 segment_bytes: float) -> Iterator[list[T]]:
-    """`items` (documents in bank order) cut into segments: a segment closes once its
-    documents hold `segment_bytes` or more. The one rule of a build, which a compaction
-    follows to write the bank a build of the same documents would."""
-    segment: list[T] = []
-    size = 0
-    for item in items:
-        segment.append(item)
-        size += chunks_of(item) * chunk_bytes
-        if size >= segment_bytes:
-            yield segment
-            segment, size = [], 0
-    if segment:
-        yield segment
 
 
 def _existing_bank(out: str | Path, source: dict[str, Any], fingerprint: str,

@@ -19,7 +19,6 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .build import segment_chunk_bytes, segment_runs
 from .format import DEFAULT_SEGMENT_MB, POOLED_ORDER, layer_key
 from .generations import (
     PendingGeneration,
@@ -29,6 +28,7 @@ from .generations import (
 )
 from .quant import SCALE_SUFFIX
 from .reader import MemoryBank
+from .segmenting import segment_chunk_bytes, segment_runs
 from .writer import serialize_segment
 
 

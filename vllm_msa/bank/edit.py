@@ -14,7 +14,6 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from .build import encode_documents, encoder_llm, shutdown_engine
 from .documents import read_documents
 from .format import DEFAULT_SEGMENT_MB, BankError
 from .generations import (
@@ -99,6 +98,8 @@ def add_documents(
     segments it wrote, and running it after it finished returns the bank unchanged.
     `engine_args` and `llm` as for `build_bank`.
     """
+    from .build import encode_documents, encoder_llm, shutdown_engine
+
     documents, docs_sha256 = read_documents(docs)
     checkpoint = resolve_checkpoint(model)
     path = bank.path if isinstance(bank, MemoryBank) else Path(bank)
