@@ -250,6 +250,17 @@ def test_remove_refuses_ids_that_are_not_live_and_writes_nothing(edited):
     assert (path / "manifest.json").read_bytes() == manifest and files_on_disk(path) == disk
 
 
+def test_one_edit_at_a_time_and_no_rebuild_over_an_edit(ckpt, encoder, edited):
+    from vllm_msa.bank.generations import edit_lock
+
+    with edit_lock(edited.path), pytest.raises(BankError, match="being edited by another"):
+        remove_documents(edited.path, [A[0]["id"]])
+    assert MemoryBank.open(edited.path).generation == edited.generation
+    with pytest.raises(BankError, match="edited since"):
+        build_bank(ckpt, edited.path.with_name("bank.jsonl"), edited.path, llm=encoder,
+                   segment_mb=SEGMENT_MB, progress=False)
+
+
 def test_add_refusals(ckpt, encoder, checkpoints, edited, tmp_path):
     path = edited.path
     manifest = (path / "manifest.json").read_bytes()
@@ -322,6 +333,9 @@ def test_killed_add_leaves_a_generation_and_the_rerun_finishes(ckpt, tmp_path, p
     kill_at(point, "add", bank.path, ckpt, source)
     after = MemoryBank.open(bank.path)
     assert after.verify() == []
+    from vllm_msa.cli import bank_summary
+
+    assert bank_summary(after)["edit_pending"]  # (`bank info` says so)
     state = json.loads((bank.path / "edit-state.json").read_text())
     pending = [seg["file"] for seg in state["segments"]]
     if point == "committed":

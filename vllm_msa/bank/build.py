@@ -153,6 +153,9 @@ def _existing_bank(out: str | Path, source: dict[str, Any], fingerprint: str,
             f"{out} already holds a bank built from other documents or another model; "
             "choose another --out or delete it"
         )
+    if bank.generation:
+        raise BankError(f"{out} holds a bank built from these documents and edited since "
+                        f"(generation {bank.generation}); choose another --out or delete it")
     return bank
 
 

@@ -14,6 +14,7 @@ files of older generations never pulls them from under a reader that still uses 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import struct
@@ -123,8 +124,13 @@ class MemoryBank:
                 fd = os.open(self.path / name, os.O_RDONLY)
             except FileNotFoundError:
                 raise BankError(f"bank {self.path} is missing {name}") from None
-            self._fds[name] = fd
-            size = os.fstat(fd).st_size
+            except OSError as e:  # out of descriptors: the rest are read by path
+                if e.errno not in (errno.EMFILE, errno.ENFILE):
+                    raise
+                fd = None
+            if fd is not None:
+                self._fds[name] = fd
+            size = os.fstat(fd).st_size if fd is not None else (self.path / name).stat().st_size
             if size != meta["bytes"]:
                 raise BankError(
                     f"bank {self.path}: {name} has {size} bytes, the manifest "
