@@ -202,7 +202,10 @@ class MemoryBank:
                 os.close(fd)
 
     def __del__(self) -> None:
-        self.close()
+        try:  # noqa: SIM105 - at interpreter exit contextlib itself may be gone
+            self.close()
+        except Exception:
+            pass
 
     def __getstate__(self) -> dict[str, Any]:
         # Descriptors and mappings belong to this process: another one opens its own.
