@@ -358,6 +358,8 @@ def test_cli_help_and_bank_tools_import_no_engine(bank_dir, checkpoints):
         (["--help"], ""), (["bank", "--help"], ""), (["bank", "build", "--help"], ""),
         (["bank", "synth", "--help"], ""), (["bank", "info", "--help"], ""),
         (["bank", "convert", "--help"], ""), (["bank", "capacity", "--help"], ""),
+        (["bank", "add", "--help"], ""), (["bank", "remove", "--help"], ""),
+        (["bank", "compact", "--help"], ""),
         (["make-tiny-checkpoint", "--help"], ""), (["serve", "--help"], ""),
         (["bank", "info", path], "torch"),
         (["bank", "verify", path, "--model", str(checkpoints())], "torch"),

@@ -1,4 +1,5 @@
-"""The `vllm-msa` command line: tiny checkpoints and memory banks (build, synth, info, verify)."""
+"""The `vllm-msa` command line: tiny checkpoints and memory banks (build, edit, synth, info,
+verify)."""
 
 from __future__ import annotations
 
@@ -66,6 +67,50 @@ def _add_bank_parsers(sub, with_engine_args: bool) -> None:
         EngineArgs.add_cli_args(build)
     else:
         build.add_argument("--model", required=True, help="the MSA checkpoint")
+
+    add = bsub.add_parser(
+        "add",
+        help="encode documents and append them to a bank (a new generation)",
+        description="Encode DOCS.jsonl with the bank's model (the same stage 1 as `bank build`, "
+        "every vLLM engine option accepted) and append it to BANK in one new generation. An "
+        "id the bank holds is refused unless --replace. Atomic and resumable: an interrupted "
+        "run leaves the previous generation, and re-running it continues.",
+    )
+    add.add_argument("bank", help="the bank to edit")
+    add.add_argument("--docs", required=True, help='JSONL file of {"id": int, "text": str}')
+    add.add_argument("--replace", action="store_true",
+                     help="replace documents whose id the bank holds (old copy removed, new "
+                     "one appended)")
+    add.add_argument("--segment-mb", type=_positive_float,
+                     help="bank data per new segment, MiB (default: the bank's)")
+    add.add_argument("--no-progress", action="store_true")
+    if with_engine_args:
+        from vllm.engine.arg_utils import EngineArgs
+
+        EngineArgs.add_cli_args(add)
+    else:
+        add.add_argument("--model", required=True,
+                         help="the MSA checkpoint the bank was built with")
+
+    remove = bsub.add_parser(
+        "remove", help="remove documents from a bank (a new generation)",
+        description="Remove documents from BANK in one new generation. Their data stays in "
+        "the files until `bank compact`. An id that is not in the bank, or removed already, "
+        "is an error and nothing is written.")
+    remove.add_argument("bank", help="the bank to edit")
+    remove.add_argument("--ids", required=True, type=_id_list,
+                        help="comma-separated document ids, e.g. 3,17")
+
+    compact = bsub.add_parser(
+        "compact", help="rewrite a bank without its removed documents",
+        description="Rewrite BANK without the documents removed from it, in the segments "
+        "`bank build` would write for its live documents, then delete the files no longer "
+        "used. Atomic and resumable: an interrupted run leaves the previous generation, and "
+        "re-running it continues.")
+    compact.add_argument("bank", help="the bank to compact")
+    compact.add_argument("--segment-mb", type=_positive_float,
+                         help="bank data per segment, MiB (default: the bank's)")
+    compact.add_argument("--no-progress", action="store_true")
 
     synth = bsub.add_parser(
         "synth",
@@ -170,6 +215,18 @@ def parse_count(text: str) -> int:
     return int(value)
 
 
+def _id_list(text: str) -> list[int]:
+    """Comma-separated document ids (integers >= 0)."""
+    try:
+        ids = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integer ids such as 3,17, got {text!r}") from None
+    if not ids or min(ids) < 0:
+        raise argparse.ArgumentTypeError(f"expected ids >= 0, got {text!r}")
+    return ids
+
+
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -189,7 +246,8 @@ def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
     _add_tiny_parser(sub)
     # vLLM's engine options (an `import vllm` of seconds) only for a build that runs: its
     # --help stays instant and names them instead.
-    runs_build = list(argv[:2]) == ["bank", "build"] and not {"-h", "--help"} & set(argv)
+    runs_build = (list(argv[:1]) == ["bank"] and argv[1:2] in (["build"], ["add"])
+                  and not {"-h", "--help"} & set(argv))
     _add_bank_parsers(sub, with_engine_args=runs_build)
     return parser
 
@@ -216,13 +274,20 @@ def _human(n: float) -> str:
 
 
 def bank_summary(bank) -> dict[str, Any]:
+    from .bank.format import EDIT_STATE
+    from .bank.reader import removed_bytes
+
     info = bank.model_info
     tiers = bank.tier_bytes()
+    removed = bank.removed_counts
     return {
         "path": str(bank.path),
         "format_version": bank.manifest["format_version"],
         "created_by": bank.manifest["created_by"],
+        "generation": bank.generation,
         "documents": bank.num_documents,
+        "removed": {**removed, "bytes": removed_bytes(bank) if removed["documents"] else 0},
+        "edit_pending": (bank.path / EDIT_STATE).exists(),
         "tokens": bank.num_tokens,
         "chunks": bank.num_chunks,
         "template_tokens": bank.manifest["counts"]["template_tokens"],
@@ -255,7 +320,12 @@ def _print_info(s: dict[str, Any]) -> None:
     rows = [
         ("bank", s["path"]),
         ("format", f"version {s['format_version']} ({s['created_by']})"),
-        ("documents", f"{s['documents']:,}"),
+        ("generation", f"{s['generation']}" + (
+            "  (an interrupted edit is pending: re-run it to finish it; the next edit "
+            "discards it otherwise)" if s.get("edit_pending") else "")),
+        ("documents", f"{s['documents']:,}" + (
+            f" live, {s['removed']['documents']:,} removed" if s["removed"]["documents"]
+            else "")),
         ("tokens", f"{s['tokens']:,}"),
         ("chunks", f"{s['chunks']:,} (pooling {s['pooling_kernel_size']} tokens)"),
         ("router layers", f"{len(layers)}: {','.join(map(str, layers))}"),
@@ -265,7 +335,9 @@ def _print_info(s: dict[str, Any]) -> None:
         ("host RAM (K/V tier)", f"{_human(b['host_kv'])}  pooled keys and values "
                                 f"({_tier(s, 'kv')})"),
         ("template K/V", f"{_human(b['template'])}  ({s['template_tokens']} tokens, all layers)"),
-        ("on disk", _human(b["on_disk"])),
+        ("on disk", _human(b["on_disk"]) + (
+            f"  ({_human(s['removed']['bytes'])} of it held by removed documents until "
+            "`bank compact`)" if s["removed"]["documents"] else "")),
         ("model fingerprint", s["model_fingerprint"]),
     ]
     layout = s.get("layout")
@@ -311,6 +383,31 @@ def _run(args: argparse.Namespace) -> int:
         bank = build_bank(args.model, args.docs, args.out, segment_mb=args.segment_mb,
                           progress=not args.no_progress, bank_dtype=args.bank_dtype,
                           **_engine_kwargs(args))
+        _print_info(bank_summary(bank))
+        return 0
+    if args.bank_cmd == "add":
+        from .bank.edit import add_documents
+
+        bank = add_documents(args.bank, args.model, args.docs, replace=args.replace,
+                             segment_mb=args.segment_mb, progress=not args.no_progress,
+                             **_engine_kwargs(args))
+        _print_info(bank_summary(bank))
+        return 0
+    if args.bank_cmd == "remove":
+        from .bank.edit import remove_documents
+
+        bank = remove_documents(args.bank, args.ids)
+        print(f"removed {len(set(args.ids))} document(s): {bank.path} is generation "
+              f"{bank.generation}, {bank.num_documents:,} live documents")
+        return 0
+    if args.bank_cmd == "compact":
+        from .bank.compact import compact_bank
+
+        before = MemoryBank.open(args.bank).generation
+        bank = compact_bank(args.bank, segment_mb=args.segment_mb,
+                            progress=not args.no_progress)
+        if bank.generation == before:
+            print(f"{bank.path} is compact already (generation {bank.generation})")
         _print_info(bank_summary(bank))
         return 0
     if args.bank_cmd == "synth":
@@ -449,7 +546,7 @@ def main(argv: Sequence[str] | None = None, *, exit_process: bool = False) -> in
     except (BankError, DocumentsError, MSAConfigError, FileNotFoundError) as e:
         print(f"vllm-msa: error: {e}", file=sys.stderr)
         return 1
-    if rc == 0 and exit_process and getattr(args, "bank_cmd", None) == "build":
+    if rc == 0 and exit_process and getattr(args, "bank_cmd", None) in ("build", "add"):
         _exit_after_engine(rc)
     return rc
 

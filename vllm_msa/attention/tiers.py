@@ -155,6 +155,13 @@ class ServedBank:
         `index_dtype` "int8" | "fp8_e4m3": the routing index in 8 bits on the device
         (`compressed_index.py`; routing re-reads the bank files for exact scores);
         `normalize`: L2-normalise the routing keys (cosine scores of a bank built for dot)."""
+        if bank.has_removals:
+            # The tiers below read stored chunks (`MemoryBank.physical`) but map them with
+            # the live tables: serving a bank with tombstones needs the masking the live
+            # view describes, which this loader does not do yet. Refuse, never mis-serve.
+            raise BankError(f"bank {name!r} at {bank.path} has removed documents (generation "
+                            f"{bank.generation}); serving it needs `vllm-msa bank compact` "
+                            "first")
         checksums = verify if checksums is None else checksums and verify
         offsets = bank.doc_chunk_offsets.tolist()
         own = IndexShard.of(offsets, *shard)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -25,7 +25,11 @@ from .dtypes import BankDtypes
 from .format import DEFAULT_SEGMENT_MB, MANIFEST, BankError
 from .model_info import ModelInfo, dtype_name, resolve_checkpoint
 from .reader import MemoryBank
+from .segmenting import segment_chunk_bytes, segment_runs
 from .writer import BankWriter, EncodedDocument
+
+_TOO_LONG_ADVICE = ("re-run with a larger --max-model-len (the build resumes), or split the "
+                    "document and build into a new directory")
 
 # Engine settings the encoder needs; a caller's value for these is overridden.
 _ENCODER_ENGINE_ARGS = {
@@ -85,30 +89,44 @@ def _build(llm: Any, checkpoint: Path, documents: list[Document], source: dict[s
     info = ModelInfo.from_checkpoint(checkpoint, dtype_name(llm.llm_engine.model_config.dtype))
     writer = BankWriter.open(out, info, source, {"segment_mb": segment_mb},
                              BankDtypes.of_model(info.dtype, bank_dtype))
-
+    encode_documents(llm, info, documents[writer.num_done_documents:], writer.add_segment,
+                     segment_mb=segment_mb, progress=progress,
+                     done=writer.num_done_documents, on_stop=writer.record_stop)
     tokenizer = llm.get_tokenizer()
-    itemsize = torch.empty((), dtype=getattr(torch, info.dtype)).element_size()
-    chunk_bytes = 3 * len(info.router_layers) * info.num_kv_heads * info.head_dim * itemsize
-    max_len = llm.llm_engine.model_config.max_model_len
-    remaining = documents[writer.num_done_documents :]
+    template_ids = tokenizer.encode(TEMPLATE_HEAD, add_special_tokens=False)
+    template_kv = _encode_raw(llm, template_ids, TEMPLATE_MODE)
+    writer.finish(template_ids, template_kv, ((d.id, d.text) for d in documents))
+    return MemoryBank.open(out, info)
 
-    bar = tqdm(total=len(documents), initial=writer.num_done_documents, unit="doc",
-               desc="encoding bank", disable=not progress)
+
+def encode_documents(llm: Any, info: ModelInfo, documents: Sequence[Document],
+                     write: Callable[[list[EncodedDocument]], Any], *, segment_mb: float,
+                     progress: bool, done: int = 0,
+                     on_stop: Callable[[str, str], Any] | None = None,
+                     desc: str = "encoding bank", advice: str = _TOO_LONG_ADVICE) -> None:
+    """Stage 1 of `documents` in segments of about `segment_mb` MiB (`segment_runs`), each
+    handed to `write` in order (a build's writer, an edit's next generation). `done`: the
+    documents a resumed run already wrote (the bar starts there). A document longer than the
+    engine's max_model_len stops it with a BankError, after `on_stop(reason, advice)`."""
+    tokenizer = llm.get_tokenizer()
+    chunk_bytes = segment_chunk_bytes(info)
+    max_len = llm.llm_engine.model_config.max_model_len
+    bar = tqdm(total=done + len(documents), initial=done, unit="doc", desc=desc,
+               disable=not progress)
     start, tokens_done = time.monotonic(), 0
     # Segment N is serialised, hashed and written by one background thread while the engine
     # encodes segment N+1 (at most one write in flight, so at most two segments in memory).
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="bank-writer") as io:
         pending: Future | None = None
-        for segment in _segments(remaining, tokenizer, info.pooling_kernel_size, chunk_bytes,
+        for segment in _segments(documents, tokenizer, info.pooling_kernel_size, chunk_bytes,
                                  segment_mb * 2**20):
             too_long = [(d.id, len(ids)) for d, ids in segment if len(ids) > max_len]
             if too_long:
                 doc_id, n = too_long[0]
                 reason = (f"document {doc_id} has {n} tokens, more than the engine's "
                           f"max_model_len {max_len}")
-                advice = ("re-run with a larger --max-model-len (the build resumes), or "
-                          "split the document and build into a new directory")
-                writer.record_stop(reason, advice)
+                if on_stop is not None:
+                    on_stop(reason, advice)
                 raise BankError(f"{reason}; {advice}")
             tokens = sum(len(ids) for _, ids in segment)
             docs = DocumentProgress(bar, start, tokens_done, tokens, len(segment))
@@ -116,16 +134,11 @@ def _build(llm: Any, checkpoint: Path, documents: list[Document], source: dict[s
             docs.finish()  # (a vLLM that drove no progress bar: the segment at once)
             if pending is not None:
                 pending.result()
-            pending = io.submit(writer.add_segment, encoded)
+            pending = io.submit(write, encoded)
             tokens_done += tokens
         if pending is not None:
             pending.result()
     bar.close()
-
-    template_ids = tokenizer.encode(TEMPLATE_HEAD, add_special_tokens=False)
-    template_kv = _encode_raw(llm, template_ids, TEMPLATE_MODE)
-    writer.finish(template_ids, template_kv, ((d.id, d.text) for d in documents))
-    return MemoryBank.open(out, info)
 
 
 def _existing_bank(out: str | Path, source: dict[str, Any], fingerprint: str,
@@ -140,6 +153,9 @@ def _existing_bank(out: str | Path, source: dict[str, Any], fingerprint: str,
             f"{out} already holds a bank built from other documents or another model; "
             "choose another --out or delete it"
         )
+    if bank.generation:
+        raise BankError(f"{out} holds a bank built from these documents and edited since "
+                        f"(generation {bank.generation}); choose another --out or delete it")
     return bank
 
 
@@ -154,20 +170,16 @@ def _segments(
     docs: Sequence[Document], tokenizer, pooling: int, chunk_bytes: int, segment_bytes: float
 ) -> Iterator[list[tuple[Document, list[int]]]]:
     """Documents with their token ids, grouped into runs of about `segment_bytes` output."""
-    segment: list[tuple[Document, list[int]]] = []
-    size = 0
-    batch = 256
-    for i in range(0, len(docs), batch):
-        texts = [document_text(d.id, d.text) for d in docs[i : i + batch]]
-        encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
-        for doc, ids in zip(docs[i : i + batch], encoded, strict=True):
-            segment.append((doc, ids))
-            size += -(-len(ids) // pooling) * chunk_bytes
-            if size >= segment_bytes:
-                yield segment
-                segment, size = [], 0
-    if segment:
-        yield segment
+
+    def tokenized() -> Iterator[tuple[Document, list[int]]]:
+        batch = 256
+        for i in range(0, len(docs), batch):
+            texts = [document_text(d.id, d.text) for d in docs[i : i + batch]]
+            encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
+            yield from zip(docs[i : i + batch], encoded, strict=True)
+
+    return segment_runs(tokenized(), lambda item: -(-len(item[1]) // pooling), chunk_bytes,
+                        segment_bytes)
 
 
 class DocumentProgress:

@@ -31,6 +31,9 @@ def convert_bank(src: str | Path, out: str | Path, bank_dtype: str, *,
     if "virtual" in source.manifest:
         raise BankError(f"bank {source.path} is virtual: it has no files to convert; "
                         "synthesise it with the --bank-dtype you want")
+    if source.has_removals:  # (a converted copy is a build: one segment per source segment)
+        raise BankError(f"bank {source.path} has removed documents (generation "
+                        f"{source.generation}): run `vllm-msa bank compact` on it first")
     out = Path(out)
     if out.resolve() == source.path.resolve():
         raise BankError(f"{out}: the converted bank must go to another directory")

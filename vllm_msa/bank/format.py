@@ -13,6 +13,11 @@ A bank is a directory:
 The manifest records the format version, the model it was built from (fingerprint and the
 shapes that must match), the counts and the sha256 and size of every data file. Everything is
 safetensors or JSON: nothing is unpickled, so opening a bank never runs code.
+
+An edited bank (`generations.py`) is format 3: its manifest has a "generation", segments
+appended by an edit carry their own texts file (`segments/seg-NNNNN.gG.documents.jsonl`),
+and a segment lists the ids of its documents that are removed. A bank without "generation"
+is generation 0 (a build).
 """
 
 from __future__ import annotations
@@ -20,15 +25,18 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 FORMAT_NAME = "vllm-msa-bank"
 FORMAT_VERSION = 1  # what a bank with every tier in the model's dtype is written as
 COMPRESSED_VERSION = 2  # a bank with an FP8 tier (its manifest has "tiers"; scales beside)
-READABLE_VERSIONS = (1, 2)
+LIVE_VERSION = 3  # an edited bank: generations, tombstones, texts per appended segment
+READABLE_VERSIONS = (1, 2, 3)
 MANIFEST = "manifest.json"
 BUILD_STATE = "build-state.json"
+EDIT_STATE = "edit-state.json"  # the files of an uncommitted next generation (resumable)
 TEMPLATE_FILE = "template.safetensors"
 DOCUMENTS_FILE = "documents.jsonl"
 SEGMENTS_DIR = "segments"
@@ -50,8 +58,22 @@ class BankMismatchError(BankError):
     """A bank that does not match the model it is used with."""
 
 
-def segment_name(index: int) -> str:
-    return f"{SEGMENTS_DIR}/seg-{index:05d}.safetensors"
+def segment_name(index: int, generation: int = 0) -> str:
+    """A segment's file; an edit's new segments carry their generation in the name, so that
+    writing them can never touch a file an earlier generation still reads."""
+    tag = f".g{generation}" if generation else ""
+    return f"{SEGMENTS_DIR}/seg-{index:05d}{tag}.safetensors"
+
+
+def texts_name(index: int, generation: int) -> str:
+    """The texts file of a segment written by an edit (a build keeps them in DOCUMENTS_FILE)."""
+    return segment_name(index, generation).removesuffix(".safetensors") + ".documents.jsonl"
+
+
+def documents_data(documents: Iterable[tuple[int, str]]) -> bytes:
+    """(id, text) pairs as a documents file: one JSON object per line."""
+    lines = [json.dumps({"id": i, "text": t}, ensure_ascii=False) for i, t in documents]
+    return ("\n".join(lines) + "\n").encode("utf-8")
 
 
 def layer_key(layer: int, name: str) -> str:

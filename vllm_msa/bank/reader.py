@@ -4,10 +4,17 @@ Opening is cheap and strict: the manifest must exist (a bank whose build never c
 none), every listed file must be present with its recorded size and its safetensors header
 must hold the expected tensors with the expected shapes and dtypes. Full checksums are
 `verify()`'s job (they read every byte). Tensors are read lazily, through safetensors only.
+
+A bank object is one generation of the bank (`generations.py`): the manifest it opened. It
+holds every file of that generation open from the start, and reads through those
+descriptors where the system offers them (/proc/self/fd), so a compaction that deletes the
+files of older generations never pulls them from under a reader that still uses one.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import struct
@@ -28,6 +35,7 @@ from .format import (
     COMPRESSED_VERSION,
     DOCUMENTS_FILE,
     FORMAT_NAME,
+    LIVE_VERSION,
     MANIFEST,
     POOLED_ORDER,
     READABLE_VERSIONS,
@@ -37,8 +45,16 @@ from .format import (
     layer_key,
     read_json,
 )
+from .layout import PhysicalLayout, physical_layout
 from .model_info import ModelInfo
 from .quant import FP8, SCALE_SUFFIX, dequantize, fp8_finite
+
+
+class DocumentRemovedError(BankError, KeyError):
+    """A document id the bank held and an edit removed (a KeyError too: callers that drop
+    unknown ids drop it the same way)."""
+
+    __str__ = BankError.__str__
 
 
 @dataclass(frozen=True)
@@ -51,7 +67,15 @@ class BankLayer:
 
 
 class MemoryBank:
-    """A built memory bank (see `vllm_msa.bank.format` for the layout)."""
+    """A memory bank, one generation of it (see `vllm_msa.bank.format` for the layout).
+
+    Its documents, tensors and counts (`layer()`, `chunk_doc_ids`, `doc_ids`,
+    `doc_num_chunks`, `doc_num_tokens`, `doc_chunk_offsets`, `text()`, `num_documents`,
+    `num_chunks`, `num_tokens`, `tier_bytes()`) are the live ones, in bank order: removed
+    documents are left out. The raw reads (`read_layer_into`, `read_ranges`,
+    `read_segment`, `_mapped`) address the stored chunks, removed ones included; `physical`
+    maps those (the two agree on a bank without removals).
+    """
 
     def __init__(self, path: Path, manifest: dict[str, Any]) -> None:
         self.path = path
@@ -59,6 +83,7 @@ class MemoryBank:
         self.model_info = ModelInfo.from_json(manifest["model"])
         self._layers: dict[int, BankLayer] = {}
         self._maps: dict[tuple[int, str], torch.Tensor] = {}  # memory-mapped tensors
+        self._fds: dict[str, int] = {}  # this generation's files, held open (module doc)
 
     # ----------------------------------------------------------------- opening
     @classmethod
@@ -95,12 +120,20 @@ class MemoryBank:
 
     def _check_files(self) -> None:
         for name, meta in self.manifest["files"].items():
-            file = self.path / name
-            if not file.is_file():
-                raise BankError(f"bank {self.path} is missing {name}")
-            if file.stat().st_size != meta["bytes"]:
+            try:
+                fd = os.open(self.path / name, os.O_RDONLY)
+            except FileNotFoundError:
+                raise BankError(f"bank {self.path} is missing {name}") from None
+            except OSError as e:  # out of descriptors: the rest are read by path
+                if e.errno not in (errno.EMFILE, errno.ENFILE):
+                    raise
+                fd = None
+            if fd is not None:
+                self._fds[name] = fd
+            size = os.fstat(fd).st_size if fd is not None else (self.path / name).stat().st_size
+            if size != meta["bytes"]:
                 raise BankError(
-                    f"bank {self.path}: {name} has {file.stat().st_size} bytes, the manifest "
+                    f"bank {self.path}: {name} has {size} bytes, the manifest "
                     f"says {meta['bytes']} (truncated or replaced)"
                 )
         info = self.model_info
@@ -124,7 +157,7 @@ class MemoryBank:
     def _check_header(self, name: str,
                       expected: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> None:
         try:
-            with safe_open(self.path / name, framework="pt") as f:
+            with safe_open(self._file(name), framework="pt") as f:
                 keys = set(f.keys())
                 if keys != set(expected):
                     raise BankError(
@@ -151,22 +184,73 @@ class MemoryBank:
                 f"bank {self.path}: {name} is not a valid safetensors file: {e}"
             ) from None
 
+    def _file(self, name: str) -> Path:
+        """Where to read bank file `name`: through the descriptor this generation holds
+        (the file even after a compaction deleted its name), else by its path."""
+        fd = self._fds.get(name)
+        if fd is not None and _PROC_FD.is_dir():
+            return _PROC_FD / str(fd)
+        return self.path / name
+
+    def close(self) -> None:
+        """Release this generation's files (and the memory-mapped rows read from them)."""
+        if hasattr(self, "_maps"):
+            self._maps.clear()
+        fds, self._fds = getattr(self, "_fds", {}), {}
+        for fd in fds.values():
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    def __del__(self) -> None:
+        try:  # noqa: SIM105 - at interpreter exit contextlib itself may be gone
+            self.close()
+        except Exception:
+            pass
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Descriptors and mappings belong to this process: another one opens its own.
+        return {**self.__dict__, "_fds": {}, "_maps": {}}
+
     # ----------------------------------------------------------------- facts
     @property
     def router_layers(self) -> list[int]:
         return list(self.model_info.router_layers)
 
     @property
+    def generation(self) -> int:
+        """The generation this object opened: 0 for a bank never edited (`generations.py`)."""
+        return int(self.manifest.get("generation", 0))
+
+    @property
     def num_documents(self) -> int:
+        """Live documents."""
         return self.manifest["counts"]["documents"]
 
     @property
     def num_chunks(self) -> int:
+        """Chunks of live documents."""
         return self.manifest["counts"]["chunks"]
 
     @property
     def num_tokens(self) -> int:
+        """Tokens of live documents."""
         return self.manifest["counts"]["tokens"]
+
+    @property
+    def removed_counts(self) -> dict[str, int]:
+        """Documents, chunks and tokens that removals leave in the files until a
+        compaction."""
+        removed = self.manifest["counts"].get("removed") or {}
+        return {k: int(removed.get(k, 0)) for k in ("documents", "chunks", "tokens")}
+
+    @property
+    def has_removals(self) -> bool:
+        return self.removed_counts["documents"] > 0
+
+    @property
+    def physical_chunks(self) -> int:
+        """Stored chunks, removed ones included: what the raw reads address."""
+        return self.num_chunks + self.removed_counts["chunks"]
 
     @property
     def dtype(self) -> torch.dtype:
@@ -187,18 +271,27 @@ class MemoryBank:
 
     # ----------------------------------------------------------------- tensors
     def _read(self, name: str, key: str) -> torch.Tensor:
-        with safe_open(self.path / name, framework="pt") as f:
+        with safe_open(self._file(name), framework="pt") as f:
             return f.get_tensor(key)
 
     def _concat(self, key: str) -> torch.Tensor:
+        """Tensor `key` of every segment, concatenated: stored rows, removed ones included."""
         return torch.cat([self._read(seg["file"], key) for seg in self.manifest["segments"]])
 
     def _pooled(self, layer: int, name: str) -> torch.Tensor:
-        """A pooled tensor of every chunk in the model's dtype (FP8 tiers dequantised)."""
+        """A pooled tensor of every live chunk in the model's dtype (FP8 tiers
+        dequantised)."""
         key = layer_key(layer, name)
         if not self.dtypes.scaled(name):
-            return self._concat(key)
-        return dequantize(self._concat(key), self._concat(key + SCALE_SUFFIX), self.dtype)
+            return self._live_chunks(self._concat(key))
+        return dequantize(self._live_chunks(self._concat(key)),
+                          self._live_chunks(self._concat(key + SCALE_SUFFIX)), self.dtype)
+
+    def _live_chunks(self, stored: torch.Tensor) -> torch.Tensor:
+        return stored[self.physical.live_chunks] if self.has_removals else stored
+
+    def _live_docs(self, stored: torch.Tensor) -> torch.Tensor:
+        return stored[self.physical.live] if self.has_removals else stored
 
     def read_layer_into(self, layer: int, name: str, out: torch.Tensor,
                         kv_heads: slice = slice(None),
@@ -206,7 +299,8 @@ class MemoryBank:
                         chunks: slice | None = None) -> torch.Tensor:
         """Router layer `layer`'s `name` tensor ("routing_keys", "keys" or "values"), KV heads
         `kv_heads`, chunks `chunks` (all by default; a shard of the routing index reads its
-        own), written into `out` ([chunks, heads, head_dim], any device) one segment
+        own; stored chunks, removed ones included: `physical`), written into `out`
+        ([chunks, heads, head_dim], any device) one segment
         at a time: the only temporary is one segment's slice, where `layer()` builds the
         whole tensor (and a copy of it to concatenate) before the caller copies it again;
         segments outside `chunks` are not read. `on_segment(where, part)`: called with each
@@ -216,9 +310,9 @@ class MemoryBank:
         if layer not in self.model_info.router_layers:
             raise KeyError(f"layer {layer} is not a router layer of this bank "
                            f"(router layers: {self.router_layers})")
-        first, stop = ((0, self.num_chunks) if chunks is None
-                       else (chunks.start or 0, self.num_chunks if chunks.stop is None
-                             else chunks.stop))
+        total = self.physical_chunks
+        first, stop = ((0, total) if chunks is None
+                       else (chunks.start or 0, total if chunks.stop is None else chunks.stop))
         key, start, written = layer_key(layer, name), 0, 0
         for seg in self.manifest["segments"]:
             seg_start, seg_stop = start, start + int(seg["chunks"])
@@ -226,7 +320,7 @@ class MemoryBank:
             lo, hi = max(first, seg_start), min(stop, seg_stop)
             if lo >= hi:
                 continue
-            with safe_open(self.path / seg["file"], framework="pt") as f:
+            with safe_open(self._file(seg["file"]), framework="pt") as f:
                 part = f.get_tensor(key)  # (safetensors' own slicing is slower)
             if part.shape[0] != seg_stop - seg_start:
                 raise BankError(f"bank {self.path}: {seg['file']}:{key} has {part.shape[0]} "
@@ -244,12 +338,13 @@ class MemoryBank:
 
     def read_ranges(self, layer: int, name: str, ranges: list[tuple[int, int]],
                     kv_heads: slice = slice(None), device: Any = None) -> torch.Tensor:
-        """Chunks lo:hi of each range (a document's, or part of one: a range never crosses
-        segments) of router layer `layer`'s tensor `name` (a pooled tensor or its `.scale`),
-        in its stored dtype, KV heads `kv_heads`, concatenated: read from the memory-mapped
-        segment files, so only those rows leave the page cache or the disk (the disk tier,
-        `attention/host_cache.py`), into host memory. (`device`: where a virtual bank
-        generates them; a bank of files reads to the host whatever it says.)"""
+        """Stored chunks lo:hi (`physical` numbering) of each range (a document's, or part
+        of one: a range never crosses segments) of router layer `layer`'s tensor `name`
+        (a pooled tensor or its `.scale`), in its stored dtype, KV heads `kv_heads`,
+        concatenated: read from the memory-mapped segment files, so only those rows leave
+        the page cache or the disk (the disk tier, `attention/host_cache.py`), into host
+        memory. (`device`: where a virtual bank generates them; a bank of files reads to
+        the host whatever it says.)"""
         key = layer_key(layer, name)
         starts = self._segment_starts
         parts = []
@@ -273,7 +368,7 @@ class MemoryBank:
         """Tensor `key` of segment `seg`, memory-mapped (copy-on-write: never written)."""
         cache = self._maps
         if (seg, key) not in cache:
-            path = self.path / self.manifest["segments"][seg]["file"]
+            path = self._file(self.manifest["segments"][seg]["file"])
             with open(path, "rb") as f:
                 size = struct.unpack("<Q", f.read(8))[0]
                 meta = json.loads(f.read(size))[key]
@@ -288,9 +383,10 @@ class MemoryBank:
                                                  dict[int, dict[str, torch.Tensor]]]:
         """Segment `index` as a writer takes it: its document tables ("doc_ids",
         "doc_num_tokens", "doc_num_chunks") and every router layer's pooled tensors in the
-        model's dtype (FP8 tiers dequantised)."""
+        model's dtype (FP8 tiers dequantised); every stored document, removed ones
+        included (`physical.live` says which)."""
         seg = self.manifest["segments"][index]
-        with safe_open(self.path / seg["file"], framework="pt") as f:
+        with safe_open(self._file(seg["file"]), framework="pt") as f:
             tables = {name: f.get_tensor(name).tolist()
                       for name in ("doc_ids", "doc_num_tokens", "doc_num_chunks")}
             layers = {}
@@ -326,44 +422,75 @@ class MemoryBank:
         return tensors
 
     @cached_property
+    def physical(self) -> PhysicalLayout:
+        """The stored documents and chunks, removed ones included, with a live flag per
+        document (`layout.py`): what the raw reads (`read_layer_into`, `read_ranges`,
+        `read_segment`, the memory-mapped rows) address. Serving a bank with removals from
+        those reads masks the chunks whose `live_chunks` flag is False; on a bank without
+        removals every flag is True and the layout equals the live view."""
+        return physical_layout(self.path, self.manifest["segments"], self._concat("doc_ids"),
+                               self._concat("doc_num_chunks"), self._concat("doc_num_tokens"),
+                               self._concat("chunk_doc_ids"))
+
+    @cached_property
     def chunk_doc_ids(self) -> torch.Tensor:
-        """[num_chunks] int64: the document id of each chunk."""
-        return self._concat("chunk_doc_ids")
+        """[num_chunks] int64: the document id of each live chunk."""
+        return self._live_chunks(self.physical.chunk_doc_ids)
 
     @cached_property
     def doc_num_chunks(self) -> torch.Tensor:
-        return self._concat("doc_num_chunks")
+        return self._live_docs(self.physical.doc_num_chunks)
 
     @cached_property
     def doc_num_tokens(self) -> torch.Tensor:
-        return self._concat("doc_num_tokens")
+        return self._live_docs(self.physical.doc_num_tokens)
 
     @cached_property
     def doc_chunk_offsets(self) -> torch.Tensor:
-        """[num_documents + 1] int64: document i owns chunks offsets[i]:offsets[i + 1]."""
+        """[num_documents + 1] int64: live document i owns chunks offsets[i]:offsets[i + 1]
+        of the live view (`layer()`, `chunk_doc_ids`)."""
         offsets = torch.zeros(self.num_documents + 1, dtype=torch.int64)
         torch.cumsum(self.doc_num_chunks, 0, out=offsets[1:])
         return offsets
 
     @cached_property
     def doc_ids(self) -> list[int]:
-        return self._concat("doc_ids").tolist()
+        """Live document ids in bank order."""
+        return self._live_docs(self.physical.doc_ids).tolist()
 
     @cached_property
     def _texts(self) -> dict[int, str]:
-        texts = {}
-        with open(self.path / DOCUMENTS_FILE, encoding="utf-8") as f:
-            for line in f:
-                obj = json.loads(line)
-                texts[obj["id"]] = obj["text"]
+        """Texts of the live documents, read from the documents file of each segment's
+        generation (a build's `documents.jsonl`, an edit's file per segment)."""
+        segments = self.manifest["segments"]
+        if not self.has_removals and not any("texts" in seg for seg in segments):
+            return _read_texts(self._file(DOCUMENTS_FILE))
+        wanted: dict[str, set[int]] = {}
+        ids, live, start = self.physical.doc_ids.tolist(), self.physical.live.tolist(), 0
+        for seg in segments:
+            n = int(seg["documents"])
+            wanted.setdefault(seg.get("texts", DOCUMENTS_FILE), set()).update(
+                i for i, alive in zip(ids[start:start + n], live[start:start + n],
+                                      strict=True) if alive)
+            start += n
+        texts: dict[int, str] = {}
+        for name, keep in wanted.items():
+            if keep:
+                texts.update((i, t) for i, t in _read_texts(self._file(name)).items()
+                             if i in keep)
         return texts
 
     def text(self, doc_id: int) -> str:
-        """The original text of document `doc_id` (Memory Interleave appends it)."""
+        """The original text of live document `doc_id` (Memory Interleave appends it); a
+        removed one raises `DocumentRemovedError` naming it."""
         try:
             return self._texts[doc_id]
         except KeyError:
-            raise KeyError(f"document {doc_id} is not in bank {self.path}") from None
+            pass
+        if self.has_removals and doc_id in self.physical.doc_ids.tolist():
+            raise DocumentRemovedError(f"document {doc_id} was removed from bank {self.path} "
+                                       f"(generation {self.generation})") from None
+        raise KeyError(f"document {doc_id} is not in bank {self.path}") from None
 
     @cached_property
     def template_ids(self) -> list[int]:
@@ -384,23 +511,32 @@ class MemoryBank:
         files = sorted(self.manifest["files"].items())
         workers = workers or min(8, os.cpu_count() or 1, max(len(files), 1))
         with ThreadPoolExecutor(workers, thread_name_prefix="bank-verify") as pool:
-            found = pool.map(lambda item: file_problem(self.path / item[0], item[1]), files)
-            return [f"{name}: {problem}" for (name, _), problem in zip(files, found,
-                                                                       strict=True) if problem]
+            found = pool.map(lambda item: file_problem(self._file(item[0]), item[1]), files)
+            problems = [f"{name}: {problem}" for (name, _), problem in zip(files, found,
+                                                                           strict=True)
+                        if problem]
+        if not problems and self.has_removals:
+            try:  # tombstones name documents their segments hold
+                self.physical  # noqa: B018
+            except BankError as e:
+                problems.append(str(e))
+        return problems
 
-    def tier_bytes(self) -> dict[str, int]:
+    def tier_bytes(self, chunks: int | None = None) -> dict[str, int]:
         """Bytes per tier: the GPU index (routing keys + chunk→document map) and the host tier
-        (K̄/V̄ fetched on demand), plus the template K/V."""
+        (K̄/V̄ fetched on demand) of the live chunks (or of `chunks` chunks), plus the
+        template K/V."""
         info = self.model_info
+        chunks = self.num_chunks if chunks is None else chunks
         itemsize = torch.empty((), dtype=self.dtype).element_size()
-        values = self.num_chunks * info.num_kv_heads * info.head_dim * len(info.router_layers)
+        values = chunks * info.num_kv_heads * info.head_dim * len(info.router_layers)
         template = 2 * info.num_layers * self.manifest["counts"]["template_tokens"] * (
             info.num_kv_heads * info.head_dim * itemsize
         )
         per_value = {name: self.dtypes.element_bytes(name, info.head_dim)
                      for name in POOLED_ORDER}
         return {
-            "gpu_index": round(values * per_value["routing_keys"]) + self.num_chunks * 8,
+            "gpu_index": round(values * per_value["routing_keys"]) + chunks * 8,
             "host_kv": round(values * (per_value["keys"] + per_value["values"])),
             "template": template,
         }
@@ -425,6 +561,25 @@ def all_finite(t: torch.Tensor) -> bool:
         return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
     int_dtype, mask = _EXPONENT_BITS[t.dtype]
     return int(torch.bitwise_and(t.view(int_dtype), mask).amax()) != mask
+
+
+def removed_bytes(bank: MemoryBank) -> int:
+    """Bytes of segment data that removed documents still hold (their routing keys, K̄/V̄
+    and chunk map; texts aside) until a compaction."""
+    tiers = bank.tier_bytes(bank.removed_counts["chunks"])
+    return tiers["gpu_index"] + tiers["host_kv"]
+
+
+def _read_texts(path: Path) -> dict[int, str]:
+    texts = {}
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            obj = json.loads(line)
+            texts[obj["id"]] = obj["text"]
+    return texts
+
+
+_PROC_FD = Path("/proc/self/fd")
 
 
 def unfinished_build_message(path: Path) -> str:
@@ -464,12 +619,26 @@ def _check_manifest(path: Path, manifest: dict[str, Any]) -> None:
         # File names come from the manifest: never let one point outside the bank.
         if Path(name).is_absolute() or ".." in Path(name).parts:
             raise BankError(f"bank {path}: manifest names a file outside the bank: {name!r}")
+    generation = manifest.get("generation", 0)
+    if isinstance(generation, bool) or not isinstance(generation, int) or generation < 0:
+        raise BankError(f"bank {path}: malformed generation {generation!r} in its manifest")
+    if generation and version < LIVE_VERSION:
+        raise BankError(f"bank {path}: format version {version} cannot hold generations")
     for seg in manifest["segments"]:
-        if seg.get("file") not in manifest["files"]:
-            raise BankError(f"bank {path}: segment {seg.get('file')!r} has no checksum entry")
-    total = sum(seg["documents"] for seg in manifest["segments"])
+        for key in ("file", "texts"):
+            if key in seg and seg[key] not in manifest["files"]:
+                raise BankError(f"bank {path}: segment {key} {seg[key]!r} has no checksum "
+                                "entry")
+        if "file" not in seg:
+            raise BankError(f"bank {path}: a segment without a file in its manifest")
+        removed = seg.get("removed", [])
+        if not isinstance(removed, list) or len(set(removed)) != len(removed) or any(
+                isinstance(i, bool) or not isinstance(i, int) for i in removed):
+            raise BankError(f"bank {path}: segment {seg['file']} has a malformed removed "
+                            "list")
+    total = sum(seg["documents"] - len(seg.get("removed", [])) for seg in manifest["segments"])
     if total != manifest["counts"].get("documents") and "virtual" not in manifest:
-        raise BankError(f"bank {path}: segments hold {total} documents, counts say "
+        raise BankError(f"bank {path}: segments hold {total} live documents, counts say "
                         f"{manifest['counts'].get('documents')}")
     try:
         ModelInfo.from_json(manifest["model"])

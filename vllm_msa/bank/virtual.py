@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from .format import MANIFEST, POOLED_ORDER, BankError, write_json_atomic
+from .layout import PhysicalLayout
 from .quant import SCALE_SUFFIX, dequantize, quantize
 from .reader import BankLayer, MemoryBank
 
@@ -105,8 +107,17 @@ class VirtualBank(MemoryBank):
             pooling = self.model_info.pooling_kernel_size
             return -(-self._doc_tokens() // pooling)
         if key == "chunk_doc_ids":
-            return torch.repeat_interleave(torch.arange(self.num_documents), self.doc_num_chunks)
+            return torch.repeat_interleave(torch.arange(self.num_documents),
+                                           self._concat("doc_num_chunks"))
         raise KeyError(key)
+
+    @cached_property
+    def physical(self) -> PhysicalLayout:
+        """Its documents as one run, none removed (a virtual bank is never edited)."""
+        n = self.num_documents
+        return PhysicalLayout(self._concat("doc_ids"), self._concat("doc_num_chunks"),
+                              self._concat("doc_num_tokens"), self._concat("chunk_doc_ids"),
+                              torch.ones(n, dtype=torch.bool), (n,))
 
     @property
     def template_ids(self) -> list[int]:

@@ -10,7 +10,6 @@ re-run with different inputs is refused instead of mixing two builds.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +32,7 @@ from .format import (
     TEMPLATE_FILE,
     BankError,
     digests,
+    documents_data,
     layer_key,
     read_json,
     segment_name,
@@ -133,15 +133,8 @@ class BankWriter:
 
     def add_segment(self, docs: Sequence[EncodedDocument]) -> None:
         """Durably append the next run of documents (in bank order)."""
-        if not docs:
-            return
-        pooled = torch.cat([d.pooled for d in docs])  # [chunks, R, 3, kv, hd]
-        layers = {
-            layer: {name: pooled[:, r, i] for i, name in enumerate(POOLED_ORDER)}
-            for r, layer in enumerate(self.model.router_layers)
-        }
-        self.add_pooled_segment([d.id for d in docs], [d.num_tokens for d in docs],
-                                [d.pooled.shape[0] for d in docs], layers)
+        if docs:
+            self.commit_segment(encoded_segment(self.model, self.dtypes, docs))
 
     def add_pooled_segment(
         self,
@@ -178,39 +171,9 @@ class BankWriter:
         Touches no writer state, so several runs may be prepared in parallel threads (the
         CPU-bound part of writing); `commit_segment` then appends them one by one, in order.
         """
-        if not doc_ids:
-            raise ValueError("a segment needs at least one document")
-        if not len(doc_ids) == len(doc_num_tokens) == len(doc_num_chunks):
-            raise ValueError("doc_ids, doc_num_tokens and doc_num_chunks differ in length")
-        num_chunks = sum(doc_num_chunks)
-        shape = (num_chunks, self.model.num_kv_heads, self.model.head_dim)
-        dtype = getattr(torch, self.model.dtype)
-        tensors: dict[str, torch.Tensor] = {}
-        for layer in self.model.router_layers:
-            for name in POOLED_ORDER:
-                t = layers[layer][name]
-                if tuple(t.shape) != shape or t.dtype != dtype:
-                    raise ValueError(
-                        f"layer {layer} {name}: got {tuple(t.shape)} {t.dtype}, the bank "
-                        f"needs {shape} {dtype}"
-                    )
-                if self.dtypes.scaled(name):
-                    values, scale = quantize(t)
-                    tensors[layer_key(layer, name)] = values
-                    tensors[layer_key(layer, name) + SCALE_SUFFIX] = scale
-                else:
-                    tensors[layer_key(layer, name)] = t.contiguous()
-            if on_layer is not None:
-                on_layer()
-        ids = torch.tensor(list(doc_ids), dtype=torch.int64)
-        chunks = torch.tensor(list(doc_num_chunks), dtype=torch.int64)
-        tensors["chunk_doc_ids"] = torch.repeat_interleave(ids, chunks)
-        tensors["doc_ids"] = ids
-        tensors["doc_num_chunks"] = chunks
-        tensors["doc_num_tokens"] = torch.tensor(list(doc_num_tokens), dtype=torch.int64)
-        data = save(tensors)
-        return PreparedSegment(data, len(doc_ids), num_chunks, sum(doc_num_tokens),
-                               digests(data))
+        return serialize_segment(self.model, self.dtypes, doc_ids, doc_num_tokens,
+                                 doc_num_chunks,
+                                 stored_tensors(self.model, self.dtypes, layers, on_layer))
 
     def commit_segment(self, segment: PreparedSegment) -> None:
         """Durably append a prepared run as the next segment (in bank order)."""
@@ -243,8 +206,7 @@ class BankWriter:
         template_data = save(tensors)
         write_atomic(self.out / TEMPLATE_FILE, template_data)
 
-        lines = [json.dumps({"id": i, "text": t}, ensure_ascii=False) for i, t in documents]
-        docs_data = ("\n".join(lines) + "\n").encode("utf-8")
+        docs_data = documents_data(documents)
         write_atomic(self.out / DOCUMENTS_FILE, docs_data)
 
         # (Segments of a build resumed from an older writer may have a sha256 only.)
@@ -254,10 +216,83 @@ class BankWriter:
             files[name] = {**digests(data), "bytes": len(data)}
         manifest = build_manifest(self.model, self.source, self.segments, files,
                                   len(template_ids), self.dtypes)
+        if "segment_mb" in self.options:  # what `bank add` and `bank compact` segment by
+            manifest["segment_mb"] = self.options["segment_mb"]
         write_json_atomic(self.out / MANIFEST, manifest)
         (self.out / BUILD_STATE).unlink(missing_ok=True)
         for stale in (self.out / SEGMENTS_DIR).glob("*.tmp"):
             stale.unlink(missing_ok=True)
+
+
+def encoded_segment(model: ModelInfo, dtypes: BankDtypes, docs: Sequence[EncodedDocument]
+                    ) -> PreparedSegment:
+    """A run of encoded documents (in bank order) serialised as one segment."""
+    return serialize_segment(model, dtypes, [d.id for d in docs], [d.num_tokens for d in docs],
+                             [d.pooled.shape[0] for d in docs],
+                             stored_tensors(model, dtypes, pooled_layers(model, docs)))
+
+
+def pooled_layers(model: ModelInfo, docs: Sequence[EncodedDocument]
+                  ) -> dict[int, dict[str, torch.Tensor]]:
+    """Encoded documents as whole-run tensors per router layer (`add_pooled_segment`)."""
+    pooled = torch.cat([d.pooled for d in docs])  # [chunks, R, 3, kv, hd]
+    return {layer: {name: pooled[:, r, i] for i, name in enumerate(POOLED_ORDER)}
+            for r, layer in enumerate(model.router_layers)}
+
+
+def stored_tensors(model: ModelInfo, dtypes: BankDtypes,
+                   layers: Mapping[int, Mapping[str, torch.Tensor]],
+                   on_layer: Callable[[], Any] | None = None) -> dict[str, torch.Tensor]:
+    """Every router layer's pooled tensors (model dtype, [chunks, kv, hd]) as the segment
+    file stores them: an FP8 tier quantised here (`quant.py`), with its scales."""
+    dtype = getattr(torch, model.dtype)
+    tensors: dict[str, torch.Tensor] = {}
+    shape = None
+    for layer in model.router_layers:
+        for name in POOLED_ORDER:
+            t = layers[layer][name]
+            shape = shape or (t.shape[0], model.num_kv_heads, model.head_dim)
+            if tuple(t.shape) != shape or t.dtype != dtype:
+                raise ValueError(f"layer {layer} {name}: got {tuple(t.shape)} {t.dtype}, the "
+                                 f"bank needs {shape} {dtype}")
+            if dtypes.scaled(name):
+                values, scale = quantize(t)
+                tensors[layer_key(layer, name)] = values
+                tensors[layer_key(layer, name) + SCALE_SUFFIX] = scale
+            else:
+                tensors[layer_key(layer, name)] = t.contiguous()
+        if on_layer is not None:
+            on_layer()
+    return tensors
+
+
+def serialize_segment(model: ModelInfo, dtypes: BankDtypes, doc_ids: Sequence[int],
+                      doc_num_tokens: Sequence[int], doc_num_chunks: Sequence[int],
+                      tensors: Mapping[str, torch.Tensor]) -> PreparedSegment:
+    """A segment file's bytes and checksums from its stored tensors (`stored_tensors`, or
+    rows a compaction copies as stored: either way the same documents give the same bytes)
+    plus the document tables derived from the ids and counts."""
+    if not doc_ids:
+        raise ValueError("a segment needs at least one document")
+    if not len(doc_ids) == len(doc_num_tokens) == len(doc_num_chunks):
+        raise ValueError("doc_ids, doc_num_tokens and doc_num_chunks differ in length")
+    num_chunks = sum(doc_num_chunks)
+    expected = {key: (dtype, shape) for layer in model.router_layers
+                for key, dtype, shape in dtypes.layer_tensors(
+                    layer, num_chunks, model.num_kv_heads, model.head_dim)}
+    if set(tensors) != set(expected):
+        raise ValueError(f"segment tensors {sorted(tensors)}, expected {sorted(expected)}")
+    for key, (dtype, shape) in expected.items():
+        if tuple(tensors[key].shape) != shape or tensors[key].dtype != dtype:
+            raise ValueError(f"{key}: got {tuple(tensors[key].shape)} {tensors[key].dtype}, "
+                             f"the bank needs {shape} {dtype}")
+    ids = torch.tensor(list(doc_ids), dtype=torch.int64)
+    chunks = torch.tensor(list(doc_num_chunks), dtype=torch.int64)
+    tables = {"chunk_doc_ids": torch.repeat_interleave(ids, chunks), "doc_ids": ids,
+              "doc_num_chunks": chunks,
+              "doc_num_tokens": torch.tensor(list(doc_num_tokens), dtype=torch.int64)}
+    data = save({**tensors, **tables})
+    return PreparedSegment(data, len(doc_ids), num_chunks, sum(doc_num_tokens), digests(data))
 
 
 def _identity_changes(old: Any, new: dict[str, Any]) -> str:
