@@ -129,11 +129,26 @@ class PreparedRoutingIndex:
     ids_by_tiebreak: torch.Tensor  # [N] int64: the document id of each tiebreak value
     positions_by_tiebreak: torch.Tensor  # [N] int64: the bank position of each tiebreak value
     bank_doc_start: torch.Tensor  # [N + 1] int64: chunk offsets of the bank (the host tier)
+    # A bank with removed documents (`RoutingIndex.live`): [n] int8, 0 for a removed one,
+    # which the document kernels score -inf; None: every document is live.
+    live: torch.Tensor | None = None
+    num_live: int | None = None  # this index's live documents (None: n)
+    bank_live: int | None = None  # the bank's live documents (None: N)
 
     @property
     def num_bank_documents(self) -> int:
         """N: every document of the bank (a shard's index holds n of them)."""
         return self.ids_by_tiebreak.shape[0]
+
+    @property
+    def live_documents(self) -> int:
+        """The most one request can select from this index."""
+        return self.tiebreak.shape[0] if self.num_live is None else self.num_live
+
+    @property
+    def bank_live_documents(self) -> int:
+        """The most one request can select from the bank."""
+        return self.num_bank_documents if self.bank_live is None else self.bank_live
 
 
 def prepare_index(index: RoutingIndex | PreparedRoutingIndex) -> PreparedRoutingIndex:
@@ -160,10 +175,13 @@ def prepare_index(index: RoutingIndex | PreparedRoutingIndex) -> PreparedRouting
     tiebreak = (total - 1) - rank[index.shard_start:index.shard_start + n]
     bank_doc_start = (doc_start if index.bank_doc_start is None
                       else index.bank_doc_start.to(device=device, dtype=torch.int64))
+    live = None if index.live is None else index.live.to(device=device, dtype=torch.int8)
     return PreparedRoutingIndex(index=index, keys=keys, doc_start=doc_start, tiebreak=tiebreak,
                                 ids_by_tiebreak=bank_ids[by_id].flip(0),
                                 positions_by_tiebreak=by_id.flip(0),
-                                bank_doc_start=bank_doc_start)
+                                bank_doc_start=bank_doc_start, live=live,
+                                num_live=None if live is None else index.num_live,
+                                bank_live=None if live is None else index.num_bank_live)
 
 
 if HAS_TRITON:
@@ -437,9 +455,11 @@ if HAS_TRITON:
 
     @triton.jit
     def _document_scores(row_ptr, doc_start_ptr, offs, mask, BLOCK_N: tl.constexpr,
-                         CHUNK_MEAN: tl.constexpr, CHUNK_TILE: tl.constexpr):
+                         CHUNK_MEAN: tl.constexpr, CHUNK_TILE: tl.constexpr,
+                         live_ptr=None, LIVE: tl.constexpr = False):
         """Scores [BLOCK_N] fp32 of documents `offs` from one request's chunk scores
-        `row_ptr` (max | mean over each document's contiguous chunks; -0.0 made +0.0)."""
+        `row_ptr` (max | mean over each document's contiguous chunks; -0.0 made +0.0);
+        with LIVE, -inf for a removed document (`live_ptr` [N] int8 0)."""
         start = tl.load(doc_start_ptr + offs, mask=mask, other=0)
         count = tl.load(doc_start_ptr + offs + 1, mask=mask, other=0) - start
         row = row_ptr + start
@@ -462,6 +482,9 @@ if HAS_TRITON:
         if CHUNK_MEAN:  # a document without chunks keeps 0, as scatter_reduce leaves it
             acc = tl.where(count > 0,
                            tl.math.div_rn(acc, tl.maximum(count, 1).to(tl.float32)), 0.0)
+        if LIVE:
+            acc = tl.where(tl.load(live_ptr + offs, mask=mask, other=0) != 0, acc,
+                           float("-inf"))
         return tl.where(acc == 0.0, 0.0, acc)  # -0.0 -> +0.0: zeros tie, as they compare
 
     @triton.jit
@@ -471,6 +494,7 @@ if HAS_TRITON:
         kth_ptr,  # [R] int32: the column of each request's k-th (its score is tau)
         doc_start_ptr,  # [N + 1] int64
         out_ptr,  # [R, N] int8: 1 where the document's upper bound reaches tau
+        live_ptr,  # [N] int8 (LIVE): 0 for a removed document, never a candidate
         num_docs,
         stride_hr,
         stride_tr,
@@ -478,6 +502,7 @@ if HAS_TRITON:
         BLOCK_N: tl.constexpr,
         CHUNK_MEAN: tl.constexpr,
         CHUNK_TILE: tl.constexpr = 8,
+        LIVE: tl.constexpr = False,
     ):
         """The bounded pass's candidate test (`attention/bounded_routing.py`): the documents'
         upper bounds reduced as the document kernel reduces scores (same order: a monotone
@@ -487,10 +512,13 @@ if HAS_TRITON:
         offs = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         mask = offs < num_docs
         hi = _document_scores(hi_ptr + r * stride_hr, doc_start_ptr, offs, mask, BLOCK_N,
-                              CHUNK_MEAN, CHUNK_TILE)
+                              CHUNK_MEAN, CHUNK_TILE, live_ptr, LIVE)
         high = (tl.load(top_ptr + r * stride_tr + tl.load(kth_ptr + r)) >> 32).to(tl.int32)
         tau = tl.where(high < 0, high ^ 0x7FFFFFFF, high).to(tl.float32, bitcast=True)
-        tl.store(out_ptr + r * stride_or + offs, (hi >= tau).to(tl.int8), mask=mask)
+        hit = hi >= tau
+        if LIVE:  # (a removed document's -inf must not pass a -inf tau)
+            hit = hit & (tl.load(live_ptr + offs, mask=mask, other=0) != 0)
+        tl.store(out_ptr + r * stride_or + offs, hit.to(tl.int8), mask=mask)
 
     @triton.jit
     def _document_keys_kernel(
@@ -509,13 +537,15 @@ if HAS_TRITON:
         CHUNK_MEAN: tl.constexpr,
         MERGE: tl.constexpr,  # 0, or a power of two >= cdiv(N, BLOCK_N) * TOP
         CHUNK_TILE: tl.constexpr = 8,  # chunks of a document loaded at once
+        live_ptr=None,  # [N] int8 (LIVE): removed documents (0) get the lowest keys
+        LIVE: tl.constexpr = False,
     ):
         pid = tl.program_id(0)
         r = tl.program_id(1).to(tl.int64)
         offs = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         mask = offs < num_docs
         acc = _document_scores(chunk_ptr + r * stride_cr, doc_start_ptr, offs, mask,
-                               BLOCK_N, CHUNK_MEAN, CHUNK_TILE)
+                               BLOCK_N, CHUNK_MEAN, CHUNK_TILE, live_ptr, LIVE)
         bits = acc.to(tl.int32, bitcast=True)
         ordered = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # int order == float order
         tiebreak = tl.load(tiebreak_ptr + offs, mask=mask, other=0)
@@ -797,7 +827,7 @@ def document_keys_batched(chunk: torch.Tensor, prep: PreparedRoutingIndex, msa: 
             _block_counters(chunk.device, num_requests) if merged else keys,
             n, chunk.stride(0), keys.stride(0), best.stride(0),
             BLOCK_N=block_n, TOP=top, CHUNK_MEAN=msa.chunk_reduce == "mean", MERGE=merged,
-            CHUNK_TILE=chunk_tile,
+            CHUNK_TILE=chunk_tile, live_ptr=prep.live, LIVE=prep.live is not None,
             num_warps=num_warps or (8 if block_n >= 1024 else 4),
         )
     return best if merged else keys
@@ -864,7 +894,9 @@ def selection_keys(selections: list[Selection], prep: PreparedRoutingIndex, widt
     ascending = prep.ids_by_tiebreak.flip(0)
     for row, selection in enumerate(selections):
         ids = selection.doc_ids.to(device=keys.device, dtype=torch.int64)
-        tiebreak = (prep.num_bank_documents - 1) - torch.searchsorted(ascending, ids)
+        # (An id stored twice is a replaced document: the live copy is the later one.)
+        tiebreak = (prep.num_bank_documents - 1) - (
+            torch.searchsorted(ascending, ids, right=True) - 1)
         score = selection.scores.to(device=keys.device, dtype=torch.float32)
         bits = torch.where(score == 0, 0.0, score).view(torch.int32)  # -0.0 ties +0.0
         ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(torch.int64)
@@ -921,9 +953,11 @@ def candidate_documents(hi: torch.Tensor, top: torch.Tensor, ks: list[int],
     out = torch.empty(num_requests, n, dtype=torch.int8, device=hi.device)
     if n and num_requests:
         _candidate_documents_kernel[(triton.cdiv(n, block_n), num_requests)](
-            hi, top, _int_tensor([k - 1 for k in ks], hi.device), prep.doc_start, out, n,
+            hi, top, _int_tensor([k - 1 for k in ks], hi.device), prep.doc_start, out,
+            out if prep.live is None else prep.live, n,
             hi.stride(0), top.stride(0), out.stride(0), BLOCK_N=block_n,
-            CHUNK_MEAN=msa.chunk_reduce == "mean", num_warps=8 if block_n >= 1024 else 4)
+            CHUNK_MEAN=msa.chunk_reduce == "mean", LIVE=prep.live is not None,
+            num_warps=8 if block_n >= 1024 else 4)
     return out
 
 
@@ -945,12 +979,12 @@ def route_batched_keys(
     prep = prepare_index(index)
     cu = _token_ranges(cu_tokens, qr_all.shape[0])
     ks = _top_ks(top_k, len(cu) - 1)
-    k_top = min(max(ks), prep.num_bank_documents)
+    k_top = min(max(ks), prep.bank_live_documents)
     if k_top == 0:
         return RoutedBatch(torch.empty(len(ks), 0, dtype=torch.int64, device=keys.device),
                            [0] * len(ks), prep)
-    n = prep.tiebreak.shape[0]  # this index's documents: a shard may hold fewer than k
-    k_local = min(k_top, n)
+    # This index's live documents: a shard may hold fewer than k.
+    k_local = min(k_top, prep.live_documents)
     best = torch.full((len(ks), k_top), NO_CANDIDATE, dtype=torch.int64, device=keys.device)
     if k_local:
         chunk = _chunk_scores(qr_all, cu, prep, msa, config)
@@ -986,7 +1020,7 @@ def route_batched(
     # A shard's own selections as sort keys, exchanged and merged like the kernels' keys.
     prep = prepare_index(index)
     ks = _top_ks(top_k, len(selections))
-    k_top = min(max(ks, default=0), prep.num_bank_documents)
+    k_top = min(max(ks, default=0), prep.bank_live_documents)
     merged = RoutedBatch(top_candidates(exchange(selection_keys(selections, prep, k_top)),
                                         k_top), [min(k, k_top) for k in ks], prep)
     return [merged.selection(r) for r in range(len(ks))]

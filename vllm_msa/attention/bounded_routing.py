@@ -298,27 +298,36 @@ def document_bounds(index: CompressedRoutingIndex, msa: MSAParams, lo: torch.Ten
     n = index.num_documents
     reduce = "amax" if msa.chunk_reduce == "max" else "mean"
     docs = index.layout.chunk_doc_index.to(lo.device).expand(lo.shape[0], -1)
+    live = index.layout.live
     out = []
     for x in (lo, hi):
         init = torch.full((x.shape[0], n), float("-inf") if reduce == "amax" else 0.0,
                           dtype=torch.float32, device=x.device)
-        out.append(init.scatter_reduce(1, docs, x, reduce=reduce, include_self=False)
-                   if x.shape[1] else init)
+        doc = (init.scatter_reduce(1, docs, x, reduce=reduce, include_self=False)
+               if x.shape[1] else init)
+        if live is not None:  # removed documents: never candidates
+            doc = doc.masked_fill(~live.to(doc.device), float("-inf"))
+        out.append(doc)
     return out[0], out[1]
 
 
-def candidates(doc_lo: torch.Tensor, doc_hi: torch.Tensor, top_ks: list[int]) -> torch.Tensor:
-    """[n] bool: the documents some request may select (hi >= that request's k-th lo)."""
-    n = doc_lo.shape[1]
+def candidates(doc_lo: torch.Tensor, doc_hi: torch.Tensor, top_ks: list[int],
+               live: torch.Tensor | None = None) -> torch.Tensor:
+    """[n] bool: the documents some request may select (hi >= that request's k-th lo);
+    never a removed one (`live` False: their bounds are -inf)."""
+    n = doc_lo.shape[1] if live is None else int(live.sum())
+    if live is not None:
+        live = live.to(doc_lo.device)
     ks = [min(k, n) for k in top_ks]
     if not n or not max(ks):
-        return torch.zeros(n, dtype=torch.bool, device=doc_lo.device)
+        return torch.zeros(doc_lo.shape[1], dtype=torch.bool, device=doc_lo.device)
     best = torch.topk(doc_lo, max(ks), dim=1).values  # one launch for the batch
     if len(set(ks)) == 1:
         tau = best[:, -1:]
     else:  # (a pinned upload: nothing waits, and the pass stays capturable in a CUDA graph)
         tau = best.gather(1, upload([k - 1 for k in ks], doc_lo.device)[:, None])
-    return (doc_hi >= tau).any(0)
+    hit = (doc_hi >= tau).any(0)
+    return hit if live is None else hit & live
 
 
 def candidate_index(index: CompressedRoutingIndex, docs: torch.Tensor, device: torch.device
@@ -355,7 +364,8 @@ def candidate_index(index: CompressedRoutingIndex, docs: torch.Tensor, device: t
                                  tiebreak=prep.tiebreak[docs.to(prep.tiebreak.device)],
                                  ids_by_tiebreak=prep.ids_by_tiebreak,
                                  positions_by_tiebreak=prep.positions_by_tiebreak,
-                                 bank_doc_start=prep.bank_doc_start),
+                                 bank_doc_start=prep.bank_doc_start,
+                                 bank_live=prep.bank_live),
             keys.shape[0], keys.numel() * keys.element_size())
 
 
@@ -379,7 +389,7 @@ def bounded_candidates(qr_all: torch.Tensor, cu: list[int], index: CompressedRou
                                                integer), index, msa, ks)
     queries = bound_queries(qr_all, cu, kv, msa, None)
     lo, hi = widened(queries, index, *chunk_bounds(queries, index.keys, msa.query_reduce))
-    return candidates(*document_bounds(index, msa, lo, hi), ks)
+    return candidates(*document_bounds(index, msa, lo, hi), ks, index.layout.live)
 
 
 def gamma(queries: BoundQueries, index: CompressedRoutingIndex) -> float:
@@ -419,9 +429,10 @@ def fused_candidates(queries: BoundQueries, index: CompressedRoutingIndex, msa: 
     keys of the lower bounds (the k-th is τ), and the candidate test of the upper bounds."""
     from ..kernels.routing import candidate_documents, top_document_keys
 
-    n = index.num_documents
+    n = index.prepared.live_documents
     if not n:
-        return torch.zeros(0, dtype=torch.bool, device=index.keys.values.device)
+        return torch.zeros(index.num_documents, dtype=torch.bool,
+                           device=index.keys.values.device)
     lo, hi = fused_intervals(queries, index, msa.query_reduce)
     ks = [min(k, n) for k in ks]
     top = top_document_keys(lo, index.prepared, msa, max(ks))

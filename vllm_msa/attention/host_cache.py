@@ -48,7 +48,8 @@ class HostCache:
         self.parts = ["keys", "values"] + (
             [f"keys{SCALE_SUFFIX}", f"values{SCALE_SUFFIX}"] if bank.dtypes.scaled("keys")
             else [])
-        offsets = np.asarray(bank.doc_chunk_offsets, dtype=np.int64)
+        # Stored positions (an edited bank keeps removed documents' rows: `bank.physical`).
+        offsets = np.asarray(bank.physical.doc_chunk_offsets, dtype=np.int64)
         self._starts, self._sizes = offsets[:-1], np.diff(offsets)
         self.buffers: dict[int, dict[str, torch.Tensor]] = {}
         for layer in layers:
@@ -58,8 +59,9 @@ class HostCache:
                     (rows, heads, info.head_dim)
                 t = torch.zeros(shape, dtype=bank.stored_dtype(part))
                 self.buffers[layer][part] = pin(t) if pin is not None else t
-        self._row_of = {layer: np.full(bank.num_chunks, -1, dtype=np.int64) for layer in layers}
-        self._table = {layer: torch.full((bank.num_chunks,), -1, dtype=torch.int64,
+        chunks = bank.physical_chunks
+        self._row_of = {layer: np.full(chunks, -1, dtype=np.int64) for layer in layers}
+        self._table = {layer: torch.full((chunks,), -1, dtype=torch.int64,
                                          device=device) for layer in layers}
         self._free = {layer: list(range(rows - 1, -1, -1)) for layer in layers}
         self._resident: dict[int, OrderedDict[int, np.ndarray]] = {

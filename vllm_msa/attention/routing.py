@@ -23,7 +23,12 @@ class RoutingIndex:
 
     A shard of a bank (`index_parallel.py`) holds a contiguous run of its documents, from
     bank position `shard_start`, and carries the whole bank's ids and chunk offsets: ties
-    rank among all the bank's ids, and staging reads the host tier by bank position."""
+    rank among all the bank's ids, and staging reads the host tier by bank position.
+
+    A bank with removed documents (tombstones of an edited bank: `bank.generations`) is
+    served in its stored layout, with `live` False for the removed ones: they are never
+    selected, and a request selects at most the bank's live documents, so routing selects
+    exactly what it selects over the bank rewritten without them."""
 
     routing_keys: torch.Tensor  # [num_chunks, num_kv_heads, head_dim]
     chunk_doc_index: torch.Tensor  # [num_chunks] int64: position of the chunk's document
@@ -31,6 +36,8 @@ class RoutingIndex:
     shard_start: int = 0  # bank position of the first document (shards only)
     bank_doc_ids: torch.Tensor | None = None  # [bank documents] int64 (shards only)
     bank_doc_start: torch.Tensor | None = None  # [bank documents + 1] int64 (shards only)
+    live: torch.Tensor | None = None  # [num_documents] bool; None: every document is live
+    bank_live: int | None = None  # live documents of the whole bank (shards; None: this's)
 
     @classmethod
     def from_bank(cls, bank, layer: int, device: torch.device | str = "cpu") -> RoutingIndex:
@@ -47,21 +54,37 @@ class RoutingIndex:
 
     @classmethod
     def of_shard(cls, routing_keys: torch.Tensor, chunk_doc_index: torch.Tensor,
-                 doc_ids: torch.Tensor, chunk_offsets: torch.Tensor, shard: Any
-                 ) -> RoutingIndex:
+                 doc_ids: torch.Tensor, chunk_offsets: torch.Tensor, shard: Any,
+                 live: torch.Tensor | None = None) -> RoutingIndex:
         """The index of one `index_parallel.IndexShard`: `routing_keys` holds the shard's
-        chunks; the chunk -> document map, ids and [documents + 1] chunk offsets are the
-        bank's."""
+        chunks; the chunk -> document map, ids, [documents + 1] chunk offsets and `live`
+        flags (None: all) are the bank's."""
+        if live is not None:
+            live = live.to(device=routing_keys.device, dtype=torch.bool)
         if shard.size == 1:
-            return cls(routing_keys, chunk_doc_index, doc_ids)
+            return cls(routing_keys, chunk_doc_index, doc_ids, live=live)
         first = shard.documents.start
         return cls(routing_keys, chunk_doc_index[shard.chunks] - first,
                    doc_ids[shard.documents], first, doc_ids,
-                   chunk_offsets.to(device=routing_keys.device, dtype=torch.int64))
+                   chunk_offsets.to(device=routing_keys.device, dtype=torch.int64),
+                   None if live is None else live[shard.documents],
+                   None if live is None else int(live.sum()))
 
     @property
     def num_documents(self) -> int:
         return self.doc_ids.shape[0]
+
+    @property
+    def num_live(self) -> int:
+        """This index's live documents (the most one request can select from it)."""
+        return self.num_documents if self.live is None else int(self.live.sum())
+
+    @property
+    def num_bank_live(self) -> int:
+        """The whole bank's live documents (the most one request can select)."""
+        if self.bank_live is not None:
+            return self.bank_live
+        return self.num_live if self.bank_doc_ids is None else self.bank_doc_ids.shape[0]
 
 
 def normalized_keys(keys: torch.Tensor) -> torch.Tensor:
@@ -111,7 +134,10 @@ def chunk_scores(
         if chunks % PAD_CHUNKS:
             keys = torch.cat([keys, keys.new_zeros(PAD_CHUNKS - chunks % PAD_CHUNKS,
                                                    *keys.shape[1:])])
-        s = torch.einsum("tkgd,ckd->tkgc", q, keys)[..., :chunks]
+        # The reduces run over the whole blocks too, sliced only after: a vectorised reduce
+        # handles a ragged tail of columns otherwise, so a chunk's score would depend on
+        # where it sits (an edited bank's stored layout must score as its rewrite does).
+        s = torch.einsum("tkgd,ckd->tkgc", q, keys)
         s = s.reshape(num_tokens, num_heads, -1)
         s = s.mean(1) if msa.head_reduce == "mean" else s.amax(1)  # [T, c]
         if msa.query_reduce == "max":
@@ -120,7 +146,7 @@ def chunk_scores(
             s = s.mean(0)
         else:  # "last": the last routing-span token of this request
             s = s[-1]
-        out.append(s)
+        out.append(s[:chunks])
     return torch.cat(out) if out else q.new_empty(0)  # a shard may hold no documents
 
 
@@ -149,5 +175,9 @@ def route(
     tile_chunks: int = DEFAULT_TILE_CHUNKS,
 ) -> Selection:
     """One request's routing in one router layer."""
-    scores = chunk_scores(routing_query, index, msa, tile_chunks)
-    return select_documents(document_scores(scores, index, msa), index.doc_ids, top_k)
+    scores = document_scores(chunk_scores(routing_query, index, msa, tile_chunks), index, msa)
+    if index.live is None:
+        return select_documents(scores, index.doc_ids, top_k)
+    # Removed documents sort last (live scores are finite) and are never taken.
+    scores = scores.masked_fill(~index.live.to(scores.device), float("-inf"))
+    return select_documents(scores, index.doc_ids, min(top_k, index.num_live))

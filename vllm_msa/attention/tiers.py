@@ -155,15 +155,11 @@ class ServedBank:
         `index_dtype` "int8" | "fp8_e4m3": the routing index in 8 bits on the device
         (`compressed_index.py`; routing re-reads the bank files for exact scores);
         `normalize`: L2-normalise the routing keys (cosine scores of a bank built for dot)."""
-        if bank.has_removals:
-            # The tiers below read stored chunks (`MemoryBank.physical`) but map them with
-            # the live tables: serving a bank with tombstones needs the masking the live
-            # view describes, which this loader does not do yet. Refuse, never mis-serve.
-            raise BankError(f"bank {name!r} at {bank.path} has removed documents (generation "
-                            f"{bank.generation}); serving it needs `vllm-msa bank compact` "
-                            "first")
         checksums = verify if checksums is None else checksums and verify
-        offsets = bank.doc_chunk_offsets.tolist()
+        # The tiers hold the bank as stored: an edited bank's removed documents keep their
+        # rows and are masked out of routing (`RoutingIndex.live`), never rewritten here.
+        physical = bank.physical
+        offsets = physical.doc_chunk_offsets.tolist()
         own = IndexShard.of(offsets, *shard)
         pin = device.type == "cuda"
         index, keys, values, shared, scales = {}, {}, {}, [], {}
@@ -223,7 +219,7 @@ class ServedBank:
             index=index,
             host_keys=keys,
             host_values=values,
-            doc_position={d: i for i, d in enumerate(bank.doc_ids)},
+            doc_position=physical.live_positions(),
             chunk_offsets=offsets,
             shard=own,
             shared_files=shared,
@@ -251,11 +247,16 @@ class ServedBank:
                     checked: Any = None, shared_files: list | None = None,
                     scales: dict | None = None, host: bool = True,
                     index_dtype: str = "auto", normalize: bool = False) -> None:
-        # One chunk -> document map for every layer (bank order is the same in all of them).
-        doc_index, doc_ids = RoutingIndex.document_map(bank, device)
+        # One chunk -> document map for every layer (bank order is the same in all of them),
+        # of the stored documents, removed ones masked (`live`).
+        physical = bank.physical
+        doc_index = physical.chunk_doc_index.to(device)
+        doc_ids = physical.doc_ids.to(device)
+        live = physical.live if physical.has_removals else None
+        offsets = physical.doc_chunk_offsets
         info = bank.model_info
         routed = (shard.num_chunks, info.num_kv_heads, info.head_dim)
-        local = (bank.num_chunks, len(range(info.num_kv_heads)[kv_heads]), info.head_dim)
+        local = (bank.physical_chunks, len(range(info.num_kv_heads)[kv_heads]), info.head_dim)
         for layer in layers:
             # Straight into the buffers serving reads, a segment at a time (the bank object
             # keeps no copy: that would double host memory for the life of the server).
@@ -266,13 +267,13 @@ class ServedBank:
                 routing_keys = normalized_keys(routing_keys)
             if index_dtype == "auto":
                 index[layer] = RoutingIndex.of_shard(routing_keys, doc_index, doc_ids,
-                                                     bank.doc_chunk_offsets, shard)
+                                                     offsets, shard, live)
             else:
                 compressed = compress(routing_keys, index_dtype)
                 del routing_keys  # (only the 8-bit index stays on the device)
                 index[layer] = CompressedRoutingIndex.build(
-                    RoutingIndex.of_shard(compressed.values, doc_index, doc_ids,
-                                          bank.doc_chunk_offsets, shard),
+                    RoutingIndex.of_shard(compressed.values, doc_index, doc_ids, offsets,
+                                          shard, live),
                     compressed, BankExactKeys(bank, layer, shard.chunks.start or 0, device),
                     bank.dtype, normalize)
             if not host:
@@ -379,7 +380,8 @@ class ServedBank:
 
     @property
     def num_documents(self) -> int:
-        return len(self.chunk_offsets) - 1
+        """Live documents: the most one request selects."""
+        return len(self.doc_position)
 
     @functools.cached_property
     def max_document_chunks(self) -> int:
@@ -416,9 +418,11 @@ class ServedBank:
         """(document ids ascending, their positions in bank order, chunk offsets) on
         `device`, built once."""
         tables = self._tables.get(device)
-        if tables is None:
-            ids = torch.tensor(self.bank.doc_ids, dtype=torch.int64)
+        if tables is None:  # (live documents only: a replaced id's removed copy is not)
+            positions = torch.tensor(sorted(self.doc_position.values()), dtype=torch.int64)
+            ids = self.bank.physical.doc_ids[positions]
             sorted_ids, by_rank = ids.sort()
+            by_rank = positions[by_rank]
             tables = self._tables[device] = (
                 sorted_ids.to(device), by_rank.to(device),
                 torch.from_numpy(self._offsets_array).to(device))
@@ -430,4 +434,7 @@ class ServedBank:
 
     @functools.cached_property
     def _sizes_descending(self) -> np.ndarray:
-        return -np.sort(-np.diff(self._offsets_array))
+        """Live documents' sizes in chunks, largest first."""
+        sizes = np.diff(self._offsets_array)
+        live = np.fromiter(self.doc_position.values(), dtype=np.int64)
+        return -np.sort(-sizes[live])

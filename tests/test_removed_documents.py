@@ -1,0 +1,161 @@
+"""Routing over a bank with removed documents (an edited bank's tombstones, served in its
+stored layout with `RoutingIndex.live`) selects exactly what routing over the same bank
+rewritten without them selects: the same ids, in the same order, with bit-identical scores,
+never a removed document, and at most the live documents when a request asks for more. For
+every reduce combination, the full-precision index (torch path and kernels), the 8-bit index
+(bounded pass and re-score), and index shards; a replaced document (its id stored twice, the
+old copy removed) included.
+
+On CPU the torch path runs; the kernels under Triton's interpreter (the last test re-runs
+this file there) and on a GPU.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_compressed_index import COMBOS, compressed
+from test_index_parallel import assert_same, msa_params, route_sharded
+from triton_interpreter import DEVICE, INTERPRET, parent_only, rerun_under_interpreter
+from vllm_msa.kernels.routing import route_batched
+
+from vllm_msa.attention.bounded_routing import route_compressed
+from vllm_msa.attention.index_parallel import IndexShard
+from vllm_msa.attention.routing import RoutingIndex
+
+
+def stored_and_rewritten(gen: torch.Generator, kv: int = 2, d: int = 16
+                         ) -> tuple[RoutingIndex, RoutingIndex]:
+    """A stored bank of 14 documents (ids 10..23, id 15 replaced: its removed copy stays at
+    position 5, its live successor is the last document), 4 of them removed, as served (all
+    stored rows, `live` flags) and as the rewritten bank (live documents only, same rows)."""
+    counts = torch.randint(1, 5, (15,), generator=gen)
+    ids = torch.tensor([*range(10, 24), 15])
+    live = torch.ones(15, dtype=torch.bool)
+    live[[2, 5, 8, 11]] = False  # id 15's old copy (position 5) among them
+    keys = torch.randn(int(counts.sum()), kv, d, generator=gen)
+    docs = torch.arange(15).repeat_interleave(counts)
+    stored = RoutingIndex(keys, docs, ids, live=live)
+    rows = live.repeat_interleave(counts)
+    rewritten = RoutingIndex(keys[rows], torch.arange(int(live.sum())).repeat_interleave(
+        counts[live]), ids[live])
+    return stored, rewritten
+
+
+def on_device(index: RoutingIndex) -> RoutingIndex:
+    return RoutingIndex(index.routing_keys.to(DEVICE), index.chunk_doc_index.to(DEVICE),
+                        index.doc_ids.to(DEVICE),
+                        live=None if index.live is None else index.live.to(DEVICE))
+
+
+def shards(index: RoutingIndex, ranks: int) -> list[RoutingIndex]:
+    counts = torch.bincount(index.chunk_doc_index, minlength=index.num_documents)
+    offsets = torch.zeros(index.num_documents + 1, dtype=torch.int64)
+    torch.cumsum(counts, 0, out=offsets[1:])
+    out = []
+    for r in range(ranks):
+        shard = IndexShard.of(offsets.numpy(), r, ranks)
+        out.append(RoutingIndex.of_shard(index.routing_keys[shard.chunks].to(DEVICE),
+                                         index.chunk_doc_index.to(DEVICE),
+                                         index.doc_ids.to(DEVICE), offsets, shard,
+                                         index.live))
+    return out
+
+
+def cases():
+    return COMBOS[::5] if INTERPRET else COMBOS
+
+
+@pytest.mark.parametrize(("head", "query", "chunk"), cases())
+def test_removed_documents_are_never_selected(head, query, chunk):
+    msa = msa_params(head, query, chunk)
+    gen = torch.Generator().manual_seed(hash((head, query, chunk)) % 2**31)
+    stored, rewritten = stored_and_rewritten(gen)
+    stored, rewritten = on_device(stored), on_device(rewritten)
+    qr = torch.randn(9, 4, 16, generator=gen).to(DEVICE)
+    cu = [0, 3, 4, 9]
+    for ks in ([1, 4, 11], [11, 11, 11], [3, 20, 15]):  # 11 live; 15 stored
+        want = route_batched(qr, cu, rewritten, msa, ks)
+        got = route_batched(qr, cu, stored, msa, ks)
+        assert_same(got, want)
+        removed = set(stored.doc_ids[~stored.live].tolist()) - {15}
+        for selection, k in zip(got, ks, strict=True):
+            assert selection.doc_ids.numel() == min(k, 11)
+            assert not removed & set(selection.doc_ids.tolist())
+        # The 8-bit index, its bounded pass and re-score, with the same mask.
+        for dtype in ("int8",) if INTERPRET else ("int8", "fp8_e4m3"):
+            assert_same(route_compressed(qr, cu, compressed(stored, dtype), msa, ks), want)
+        # Shards: removed documents on every rank, a live count per rank.
+        for ranks in (2, 3):
+            for got in route_sharded(route_batched, qr, cu, shards(stored, ranks), msa, ks):
+                assert_same(got, want)
+            compressed_shards = [compressed(s) for s in shards(stored, ranks)]
+            for got in route_sharded(route_compressed, qr, cu, compressed_shards, msa, ks):
+                assert_same(got, want)
+
+
+def test_a_replaced_document_stages_its_live_copy():
+    """Selections name documents by id; the replaced id's sort key leads to its live copy's
+    stored position (what staging reads), on every path."""
+    from vllm_msa.kernels.routing import (
+        decode_keys,
+        prepare_index,
+        route_batched_keys,
+        selection_keys,
+    )
+
+    msa = msa_params("mean", "max", "max")
+    gen = torch.Generator().manual_seed(8)
+    stored, _ = stored_and_rewritten(gen)
+    stored = on_device(stored)
+    prep = prepare_index(stored)
+    # A query aimed at the live copy of id 15 (the last stored document).
+    target = stored.routing_keys[stored.chunk_doc_index == 14].mean(0)
+    qr = (target.repeat_interleave(2, 0) * 5)[None].to(DEVICE)
+    selection = route_batched(qr, [0, 1], stored, msa, [1])[0]
+    assert selection.doc_ids.tolist() == [15]
+    keys = selection_keys([selection], prep, 1)
+    ids, _ = decode_keys(keys, prep)
+    assert ids.tolist() == [[15]]
+    assert prep.positions_by_tiebreak[keys & 0xFFFFFFFF].tolist() == [[14]]
+    routed = route_batched_keys(qr, [0, 1], prep, msa, [1])
+    if routed is not None:  # the kernels' own keys
+        assert prep.positions_by_tiebreak[routed.keys & 0xFFFFFFFF].tolist() == [[14]]
+
+
+def test_every_document_removed_selects_nothing():
+    msa = msa_params("max", "mean", "mean")
+    gen = torch.Generator().manual_seed(2)
+    stored, _ = stored_and_rewritten(gen)
+    gone = RoutingIndex(stored.routing_keys, stored.chunk_doc_index, stored.doc_ids,
+                        live=torch.zeros(15, dtype=torch.bool))
+    qr = torch.randn(2, 4, 16, generator=gen).to(DEVICE)
+    for route, index in ((route_batched, on_device(gone)),
+                         (route_compressed, compressed(on_device(gone)))):
+        for selection in route(qr, [0, 2], index, msa, [4]):
+            assert selection.doc_ids.numel() == 0
+
+
+@pytest.mark.parametrize("ranks", [2])
+def test_shard_with_only_removed_documents(ranks):
+    """A rank whose documents are all removed hands up no candidates."""
+    msa = msa_params("mean", "max", "max")
+    gen = torch.Generator().manual_seed(4)
+    stored, rewritten = stored_and_rewritten(gen)
+    live = stored.live.clone()
+    live[:7] = False  # the first rank's documents (about half the chunks)
+    stored = RoutingIndex(stored.routing_keys, stored.chunk_doc_index, stored.doc_ids,
+                          live=live)
+    rows = live.repeat_interleave(torch.bincount(stored.chunk_doc_index, minlength=15))
+    counts = torch.bincount(stored.chunk_doc_index, minlength=15)[live]
+    rewritten = on_device(RoutingIndex(stored.routing_keys[rows], torch.arange(
+        int(live.sum())).repeat_interleave(counts), stored.doc_ids[live]))
+    qr = torch.randn(4, 4, 16, generator=gen).to(DEVICE)
+    want = route_batched(qr, [0, 4], rewritten, msa, [5])
+    for got in route_sharded(route_batched, qr, [0, 4], shards(stored, ranks), msa, [5]):
+        assert_same(got, want)
+
+
+@parent_only
+def test_kernels_under_triton_interpreter():
+    rerun_under_interpreter(__file__)
