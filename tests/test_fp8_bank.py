@@ -286,13 +286,44 @@ def stored_kv(bank: MemoryBank) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
     return out
 
 
+# The edited bank (`edited_banks`): removed ids, one replaced id, added ids.
+REMOVED, REPLACED, ADDED = [3, 17, 20], 5, [40, 41]
+
+
+def edited_banks(ckpt, full: MemoryBank, out) -> tuple[MemoryBank, MemoryBank]:
+    """A copy of `full` edited (ids REMOVED removed, REPLACED replaced by a new text, ADDED
+    added; the new documents encoded by `fake_encoder`, no engine start) with tombstones,
+    and the same bank compacted."""
+    import shutil
+
+    from fake_encoder import FakeEncoder
+
+    from vllm_msa.bank import add_documents, compact_bank, remove_documents
+
+    edited = out / "edited"
+    shutil.copytree(full.path, edited)
+    docs = out / "added.jsonl"
+    docs.write_text("".join(json.dumps({"id": i, "text": text}) + "\n" for i, text in (
+        (REPLACED, "The ferry to the island now leaves from the northern pier at dawn."),
+        (ADDED[0], "A violin maker in Cremona restored the cracked cello for the festival."),
+        (ADDED[1], "The orchard's oldest pear tree was grafted by the miller's daughter."))))
+    add_documents(edited, ckpt, docs, replace=True, progress=False, llm=FakeEncoder(ckpt))
+    bank = remove_documents(edited, REMOVED)
+    compact = out / "compacted"
+    shutil.copytree(edited, compact)
+    return bank, compact_bank(compact, progress=False)
+
+
 @pytest.fixture(scope="module")
 def fp8_served(checkpoints, default_banks, tmp_path_factory):
-    """One engine: the default bank, its FP8 conversion and a virtual FP8 bank (17 synthetic
-    documents of 37 tokens, generated as the engine opens it)."""
+    """One engine: the default bank, its FP8 conversion, a virtual FP8 bank (17 synthetic
+    documents of 37 tokens, generated as the engine opens it), and an edited bank served
+    with its tombstones beside its compaction."""
     ckpt = checkpoints()
     full = default_banks["docs"]
     out = tmp_path_factory.mktemp("fp8")
+    edited, compacted = edited_banks(ckpt, full, out)
+    assert edited.has_removals and not compacted.has_removals
     fp8 = convert_bank(full.path, out / "docs8", "fp8_e4m3", progress=False)
     virtual = write_virtual(plan_synth(ckpt, 600, 37, dtype="float32", seed=3,
                                        bank_dtype="fp8_e4m3"), out / "virtual")
@@ -310,12 +341,16 @@ def fp8_served(checkpoints, default_banks, tmp_path_factory):
     # The same banks with 8-bit routing indexes (`compressed_index.py`), quantised at load.
     for name, path, dtype in (("docs-int8", full.path, "int8"),
                               ("docs8-e4m3", fp8.path, "fp8_e4m3"),
-                              ("virtual-int8", virtual.path, "int8")):
+                              ("virtual-int8", virtual.path, "int8"),
+                              ("edited-int8", edited.path, "int8")):
         banks[name] = {"path": str(path), "index_dtype": dtype}
+    banks["edited"], banks["compacted"] = str(edited.path), str(compacted.path)
+    banks["edited-disk"] = {"path": str(edited.path), "host_cache_gib": banks["docs-disk"][
+        "host_cache_gib"]}
     with running_llm(model=str(ckpt), enforce_eager=True, max_num_seqs=2,
                      additional_config={"msa": {"banks": banks}}) as llm:
         yield {"llm": llm, "ref": ReferenceMSA(ckpt), "full": full, "fp8": fp8,
-               "virtual": virtual}
+               "virtual": virtual, "edited": edited}
 
 
 @pytest.mark.slow
@@ -400,6 +435,28 @@ def assert_banks_serve_alike(llm, pairs) -> None:
             for x, y in zip(a.outputs[0].logprobs, b.outputs[0].logprobs, strict=True):
                 assert {t: v.logprob for t, v in x.items()} == {
                     t: v.logprob for t, v in y.items()}
+
+
+@pytest.mark.slow
+def test_edited_bank_serves_what_its_compaction_serves(fp8_served):
+    """A bank with tombstones, served in its stored layout (removed documents masked out of
+    routing), gives the tokens, logprobs and selections of the same bank rewritten without
+    them: from RAM, from disk, and over an int8 index; a removed document is never selected,
+    even when a request asks for every document."""
+    llm, edited = fp8_served["llm"], fp8_served["edited"]
+    assert_banks_serve_alike(llm, (("compacted", "edited"), ("compacted", "edited-disk"),
+                                   ("compacted", "edited-int8")))
+    tokenizer = llm.get_tokenizer()
+    prompts = [{"prompt_token_ids": expected_prompt(tokenizer, q)[0]} for q in CACHE_QUESTIONS]
+    live = edited.num_documents
+    assert live == 24 - len(REMOVED) + len(ADDED)
+    for name in ("edited", "edited-int8"):  # (the disk tier's cache holds the default top-k)
+        outputs = llm.generate(prompts, [sampling(msa_bank=name, msa_top_k=live,
+                                                  msa_return_selection=True)] * len(prompts),
+                               use_tqdm=False)
+        for output in outputs:
+            for report in output.kv_transfer_params["msa_selection"]["layers"].values():
+                assert sorted(report["doc_ids"]) == sorted(edited.doc_ids), name
 
 
 @pytest.mark.slow

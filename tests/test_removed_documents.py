@@ -159,3 +159,23 @@ def test_shard_with_only_removed_documents(ranks):
 @parent_only
 def test_kernels_under_triton_interpreter():
     rerun_under_interpreter(__file__)
+
+
+def test_read_ranges_cross_segments(checkpoints, tmp_path):
+    """The exact keys a compressed index re-scores come in runs of neighbouring documents,
+    which may span segments (an edited bank's appended ones, any bank over `--segment-mb`)."""
+    from bank_checks import read_docs
+    from conftest import SAMPLE_DOCS
+    from fake_encoder import FakeEncoder
+
+    from vllm_msa.bank import build_bank
+
+    ckpt = checkpoints()
+    bank = build_bank(ckpt, SAMPLE_DOCS, tmp_path / "bank", segment_mb=0.05, progress=False,
+                      llm=FakeEncoder(ckpt))
+    assert len(bank.manifest["segments"]) > 2 and len(read_docs(SAMPLE_DOCS)) == 24
+    layer = bank.router_layers[0]
+    whole = bank.layer(layer).routing_keys
+    ranges = [(0, bank.num_chunks), (3, bank.num_chunks - 2), (5, 5)]
+    got = bank.read_ranges(layer, "routing_keys", ranges)
+    assert torch.equal(got, torch.cat([whole[a:b] for a, b in ranges]))

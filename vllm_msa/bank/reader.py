@@ -338,8 +338,8 @@ class MemoryBank:
 
     def read_ranges(self, layer: int, name: str, ranges: list[tuple[int, int]],
                     kv_heads: slice = slice(None), device: Any = None) -> torch.Tensor:
-        """Stored chunks lo:hi (`physical` numbering) of each range (a document's, or part
-        of one: a range never crosses segments) of router layer `layer`'s tensor `name`
+        """Stored chunks lo:hi (`physical` numbering) of each range (any run of chunks: one
+        crossing segments is read from each in turn) of router layer `layer`'s tensor `name`
         (a pooled tensor or its `.scale`), in its stored dtype, KV heads `kv_heads`,
         concatenated: read from the memory-mapped segment files, so only those rows leave
         the page cache or the disk (the disk tier, `attention/host_cache.py`), into host
@@ -349,12 +349,15 @@ class MemoryBank:
         starts = self._segment_starts
         parts = []
         for lo, hi in ranges:
+            if not 0 <= lo <= hi <= starts[-1]:
+                raise BankError(f"bank {self.path}: chunks {lo}:{hi} are outside its "
+                                f"{starts[-1]} stored chunks")
             seg = int(np.searchsorted(starts, lo, side="right")) - 1
-            if not 0 <= seg < len(starts) - 1 or hi > starts[seg + 1] or hi < lo:
-                raise BankError(f"bank {self.path}: chunks {lo}:{hi} are not within one "
-                                "segment")
-            rows = self._mapped(seg, key)
-            parts.append(rows[lo - starts[seg]:hi - starts[seg], kv_heads])
+            while lo < hi:  # (the candidates' runs of neighbouring documents span segments)
+                stop = min(hi, int(starts[seg + 1]))
+                parts.append(self._mapped(seg, key)[lo - starts[seg]:stop - starts[seg],
+                                                    kv_heads])
+                lo, seg = stop, seg + 1
         if not parts:
             return torch.empty((0,), dtype=self.stored_dtype(name))
         return torch.cat(parts)
