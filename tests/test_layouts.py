@@ -48,13 +48,11 @@ LAYOUTS = {
     "mha": {"spec": {"kv_heads": 4, "pooling": 5, "seed": 3},
             "combos": [("mean", "max", "max"), ("max", "last", "mean"),
                        ("mean", "mean", "max")]},
-    "mha-no-decouple": {"spec": {"kv_heads": 4, **NO_DECOUPLE, "router_layers": "1,3",
-                                 "pooling": 3, "seed": 4},
-                        "combos": [("max", "mean", "mean"), ("mean", "last", "max")]},
     "gqa": {"spec": {}, "combos": [("max", "last", "mean")]},
     # Served with verify off, over a bank whose (unserved) template K/V has a flipped byte.
     "mqa-no-decouple": {"spec": {"kv_heads": 1, **NO_DECOUPLE, "pooling": 2, "seed": 5},
-                        "combos": [("mean", "max", "max"), ("max", "last", "mean")]},
+                        "combos": [("mean", "max", "max"), ("max", "last", "mean"),
+                                   ("max", "mean", "mean"), ("mean", "last", "max")]},
 }
 
 
@@ -146,7 +144,7 @@ def test_layout_serves_every_path(layout):
     pooling = ref.pooling
     remainders = {n % pooling for n in bank.doc_num_tokens.tolist()}
     assert 0 in remainders and len(remainders) > 1, "want documents P divides and does not"
-    assert ref.kv_heads == {"mha": 4, "mha-no-decouple": 4, "gqa": 2}.get(
+    assert ref.kv_heads == {"mha": 4, "gqa": 2}.get(
         layout["name"], 1) and ref.heads == 4
     tokenizer = llm.get_tokenizer()
     docs = bank_docs(tokenizer, bank)
