@@ -92,5 +92,7 @@ def register() -> None:
             ModelRegistry.register_model(arch, path)
 
     from .patches.model_config import install_model_config_hook
+    from .patches.worker_methods import install_worker_methods
 
     install_model_config_hook()
+    install_worker_methods()

@@ -67,7 +67,8 @@ SCORE_MODES = ("auto", "dot", "cosine")
 DECODE_GRAPH_MODES = ("auto", "piecewise")
 INDEX_PARALLEL_MODES = ("shard", "replicate")
 ENGINE_KEYS = ("banks", "default_bank", "top_k", "score", "staging_mib", "decode_graphs",
-               "verify", "index_parallel", "share_host", "host_cache_gib", "index_dtype")
+               "verify", "index_parallel", "share_host", "host_cache_gib", "index_dtype",
+               "admin_key")
 _BANK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 # Keys a request may set; `msa_span` is written by the front end, never by callers.
@@ -109,6 +110,8 @@ class ServingConfig:
     bank_cache_gib: dict[str, float] = field(default_factory=dict)  # per-bank overrides
     index_dtype: str = "auto"  # the routing index on the GPU: "auto", "int8", "fp8_e4m3"
     bank_index_dtype: dict[str, str] = field(default_factory=dict)  # per-bank overrides
+    # The bank-edit routes' key (`serving/edits.py`; the VLLM_MSA_ADMIN_KEY variable wins).
+    admin_key: str | None = field(default=None, repr=False)
 
     def cache_gib(self, bank: str) -> float | None:
         """The disk tier's cache of `bank` in GiB (None: its K̄/V̄ all in host RAM)."""
@@ -173,8 +176,13 @@ class ServingConfig:
         share_host = _flag(raw, "share_host")
         cache = _cache_gib(raw.get("host_cache_gib"), "msa host_cache_gib")
         index_dtype = _index_dtype(raw.get("index_dtype", "auto"), "msa index_dtype")
+        admin_key = raw.get("admin_key")
+        if admin_key is not None and (not isinstance(admin_key, str) or len(admin_key) < 16):
+            raise MSAServingConfigError("msa admin_key must be a string of at least 16 "
+                                        "characters")
         return cls(dict(banks), default, top_k, score, staging, decode_graphs, verify,
-                   index_parallel, share_host, cache, bank_caches, index_dtype, bank_index)
+                   index_parallel, share_host, cache, bank_caches, index_dtype, bank_index,
+                   admin_key)
 
     def configured_top_k(self, msa: MSAParams) -> int:
         """The top-k a request gets by default, and the global RoPE offset (msa-spec §3)."""

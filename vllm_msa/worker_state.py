@@ -1,11 +1,16 @@
-"""What a worker's MSA runtime holds right now, for checking that nothing leaks.
+"""What a worker's MSA runtime holds right now, and the bank edits it applies.
 
-`MSAWorkerState` is a vLLM worker extension: start the engine with
-`--worker-extension-cls vllm_msa.worker_state.MSAWorkerState` (or
-`LLM(worker_extension_cls=...)`) and every worker gains `msa_state()`, reached through
-`LLM.collective_rpc("msa_state")` or, on a server started with `VLLM_SERVER_DEV_MODE=1`,
-vLLM's `POST /collective_rpc {"method": "msa_state"}`. The soak test and benchmark read it
-after their load to check that the staging pool emptied and device memory came back.
+Every worker has these as methods (`vllm_msa/patches/worker_methods.py` adds them to vLLM's
+worker wrapper; `--worker-extension-cls vllm_msa.worker_state.MSAWorkerState` does the same
+where a deployment prefers vLLM's own mechanism), reached through
+`LLM.collective_rpc("msa_state")`, the engine client's `collective_rpc`, or, on a server
+started with `VLLM_SERVER_DEV_MODE=1`, vLLM's `POST /collective_rpc {"method": "msa_state"}`:
+
+- `msa_state()`: the runtime's figures; the soak test and benchmark read it after their load
+  to check that the staging pool emptied and device memory came back;
+- `msa_apply_generation(bank)`: route over the bank's latest generation on disk from the
+  next step on (the edit routes call it on every worker between two steps:
+  `serving/edits.py`).
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ def runtime_state() -> dict[str, Any]:
     if runtime is not None:
         pool = runtime.pool
         state.update(banks=len(runtime.banks), requests=len(runtime.requests),
+                     generations={name: bank.generation
+                                  for name, bank in runtime.banks.items()},
                      slots_in_use=pool.num_slots - pool.num_free, slots=pool.num_slots,
                      overflows=pool.overflows, preempted=runtime.num_preempted,
                      tp_rank=runtime.tp_rank,
@@ -48,8 +55,27 @@ def runtime_state() -> dict[str, Any]:
     return state
 
 
+def apply_generation(name: str) -> dict[str, Any]:
+    """Switch this process's served bank `name` to the latest generation on disk (one that
+    removed documents: `ServedBank.apply_generation`); what it now serves."""
+    from .attention.runtime import current_runtime
+    from .bank.reader import MemoryBank
+
+    runtime = current_runtime()
+    served = None if runtime is None else runtime.banks.get(name)
+    if served is None:
+        raise KeyError(f"no bank {name!r} is served here")
+    removed = served.apply_generation(MemoryBank.open(served.bank.path))
+    return {"bank": name, "generation": served.generation, "removed": removed,
+            "documents": served.num_documents, "tp_rank": runtime.tp_rank}
+
+
 class MSAWorkerState:
-    """Mixed into vLLM's worker class by `--worker-extension-cls`."""
+    """Mixed into vLLM's worker class by `--worker-extension-cls` (or added to its wrapper
+    by `patches/worker_methods.py`)."""
 
     def msa_state(self) -> dict[str, Any]:
         return runtime_state()
+
+    def msa_apply_generation(self, name: str) -> dict[str, Any]:
+        return apply_generation(name)

@@ -314,6 +314,57 @@ class ServedBank:
             if scales is not None and f"keys{SCALE_SUFFIX}" in tiers:
                 scales[layer] = (tiers[f"keys{SCALE_SUFFIX}"], tiers[f"values{SCALE_SUFFIX}"])
 
+    @property
+    def generation(self) -> int:
+        """The bank generation this worker routes over."""
+        return self.bank.generation
+
+    def apply_generation(self, bank: MemoryBank) -> list[int]:
+        """Route over `bank`, a later generation of this bank that only removed documents
+        (the same stored segments), from the next step on: its removed documents are masked
+        out of every router layer's index in place of a reload. Requests already admitted
+        keep the selections they made (their sort keys still name the stored rows, which
+        stay). Returns the ids removed. Refuses a generation that stored documents this
+        worker does not hold (an add, or a compaction: those need a reload)."""
+        old, new = self.bank.physical, bank.physical
+        if bank.path != self.bank.path or not (
+                torch.equal(old.doc_ids, new.doc_ids)
+                and torch.equal(old.doc_num_chunks, new.doc_num_chunks)):
+            raise BankError(f"bank {self.name!r}: generation {bank.generation} stores other "
+                            f"documents than generation {self.generation}; reload it")
+        if bool((new.live & ~old.live).any()):
+            raise BankError(f"bank {self.name!r}: generation {bank.generation} makes removed "
+                            "documents live again")
+        removed = old.doc_ids[old.live & ~new.live].tolist()
+        live = new.live if new.has_removals else None
+        for layer, idx in list(self.index.items()):
+            compressed = isinstance(idx, CompressedRoutingIndex)
+            layout = idx.layout if compressed else idx
+            shard = self.shard
+            local = None if live is None else live[shard.documents].to(
+                layout.routing_keys.device)
+            bank_live = None if live is None or shard.size == 1 else int(live.sum())
+            layout = dataclasses.replace(layout, live=local, bank_live=bank_live)
+            prepared = idx.prepared if compressed else self._prepared.get(layer)
+            if prepared is not None:
+                prepared = dataclasses.replace(
+                    prepared, index=layout,
+                    live=None if local is None else local.to(torch.int8),
+                    num_live=None if local is None else int(local.sum()),
+                    bank_live=None if live is None else int(live.sum()))
+            if compressed:
+                self.index[layer] = dataclasses.replace(idx, layout=layout, prepared=prepared)
+            else:
+                self.index[layer] = layout
+                if prepared is not None:
+                    self._prepared[layer] = prepared
+        self.doc_position = new.live_positions()
+        self._tables.clear()
+        self.__dict__.pop("_sizes_descending", None)
+        self.__dict__.pop("max_document_chunks", None)
+        self.bank = bank
+        return removed
+
     def scales(self, layer: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The FP8 host tier's (K, V) scales of `layer`; None for a full-precision tier."""
         return self.host_scales.get(layer)

@@ -9,6 +9,7 @@ generated text (`delta`), each step's outcome (`step`: documents appended, end o
 the answer) and finally the whole result (`result`), then `[DONE]`.
 Bad input is answered with HTTP 400 and the server keeps serving; the same admission rules as
 for completions apply (unknown bank, bad top-k, a question too long to route in one step, ...).
+The same plugin serves the bank routes (`GET /v1/msa/banks`, document removal: `edits.py`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..interleave.protocol import InterleaveLimits
 from ..options import SELECTION_KEY
 from ..prompt import build_prompt
+from .edits import BankEditor, attach_bank_routes
 
 ROUTE = "/v1/msa/answer"
 
@@ -210,10 +212,12 @@ class MSAAnswerPlugin:
             return await _cancel_on_disconnect(answer)(
                 body, raw_request, raw_request.app.state.msa_engine_client)
 
+        attach_bank_routes(router)
         app.include_router(router)
 
     async def init_state(self, engine_client: Any, state: Any, args: Any) -> None:
         state.msa_engine_client = engine_client
+        state.msa_bank_editor = BankEditor.of(engine_client)
 
 
 def endpoint_plugin() -> MSAAnswerPlugin:
