@@ -73,8 +73,12 @@ def banks(checkpoints, default_banks, tmp_path_factory):
         shutdown_llm(llm)
     sizes = uneven_bank.doc_num_chunks.tolist()
     assert sizes[2] > sum(sizes) - sizes[2]  # one document outweighs the others
+    import shutil
+
+    shutil.copytree(default_banks["docs"].path, out / "live")  # edited while served
     return {"uneven": uneven_bank, "twins": twin_bank(uneven_bank, ckpt, out / "twins"),
-            "small": default_banks["small"], "docs": default_banks["docs"]}
+            "small": default_banks["small"], "docs": default_banks["docs"],
+            "live": MemoryBank.open(out / "live")}
 
 
 def twin_bank(bank: MemoryBank, ckpt, out) -> MemoryBank:
@@ -233,6 +237,34 @@ def test_tp2_memory_interleave_equals_the_reference(tp2, banks, checkpoints):
     ref, docs = ReferenceMSA(checkpoints()), bank_docs(tokenizer, bank)
     for step in result.steps:
         check_against_model(step, ref, docs)
+
+
+def test_tp2_ranks_switch_generation_together(tp2, banks):
+    """A removal reaches both ranks in one collective call between steps (what the edit
+    route does): both route over the new generation at once, each over its own shard."""
+    from vllm_msa.bank import remove_documents
+
+    live = banks["live"]
+    (before, _) = ask(tp2, "live", live, top_k=live.num_documents)
+    layer = min(before.kv_transfer_params["msa_selection"]["layers"], key=int)
+    ranking = before.kv_transfer_params["msa_selection"]["layers"][layer]
+    bounds = shard_bounds(live.doc_chunk_offsets.numpy(), 2)
+    position = {d: i for i, d in enumerate(live.doc_ids)}
+    # One document from each rank's shard.
+    gone = [next(d for d in ranking["doc_ids"] if (position[d] >= bounds[1]) == rank)
+            for rank in (0, 1)]
+    remove_documents(live.path, gone)
+    switched = tp2.collective_rpc("msa_apply_generation", args=("live",))
+    assert [(r["tp_rank"], r["generation"], sorted(r["removed"])) for r in switched] == [
+        (0, 1, sorted(gone)), (1, 1, sorted(gone))]
+    (after, _) = ask(tp2, "live", live, top_k=live.num_documents)
+    report = after.kv_transfer_params["msa_selection"]["layers"][layer]
+    keep = [(d, x) for d, x in zip(ranking["doc_ids"], ranking["scores"], strict=True)
+            if d not in gone]
+    assert list(zip(report["doc_ids"], report["scores"], strict=True)) == keep
+    for other in after.kv_transfer_params["msa_selection"]["layers"].values():
+        assert not set(gone) & set(other["doc_ids"])
+        assert len(other["doc_ids"]) == live.num_documents - 2
 
 
 def test_tp4_shards_with_an_empty_one(checkpoints, banks, tp1):
