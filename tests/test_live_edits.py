@@ -110,3 +110,31 @@ def test_edits_without_a_configured_key_are_disabled():
     assert editor.refusal(request).status_code == 401
     ok = Request({"type": "http", "headers": [(ADMIN_HEADER.lower().encode(), ADMIN.encode())]})
     assert editor.refusal(ok) is None
+
+
+def test_questions_during_a_removal_see_one_generation(live):
+    """Questions sent while a removal runs: each routes over the old generation or the new
+    one in every router layer, never a mix, and its first layer ranks as that generation's
+    reference (the ranking before, with or without the document)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    bank = MemoryBank.open(live["bank"])
+    everything = len(bank.doc_ids)
+    before = ask(live, everything)
+    layer = min(before, key=int)
+    ranking = list(zip(before[layer]["doc_ids"], before[layer]["scores"], strict=True))
+    gone = ranking[-1][0]  # (another one than the first test's)
+    with ThreadPoolExecutor(9) as pool:
+        asks = [pool.submit(ask, live, everything) for _ in range(8)]
+        removal = pool.submit(delete, live, gone)
+        answers = [a.result() for a in asks]
+    assert removal.result().status_code == 200, removal.result().text
+    seen = set()
+    for answer in answers:
+        old = [gone in report["doc_ids"] for report in answer.values()]
+        assert all(old) or not any(old), "a request saw two generations"
+        want = ranking if old[0] else [(d, s) for d, s in ranking if d != gone]
+        assert list(zip(answer[layer]["doc_ids"], answer[layer]["scores"], strict=True)) == want
+        seen.add(old[0])
+    after = ask(live, everything)
+    assert all(gone not in report["doc_ids"] for report in after.values())
