@@ -179,3 +179,50 @@ def test_read_ranges_cross_segments(checkpoints, tmp_path):
     ranges = [(0, bank.num_chunks), (3, bank.num_chunks - 2), (5, 5)]
     got = bank.read_ranges(layer, "routing_keys", ranges)
     assert torch.equal(got, torch.cat([whole[a:b] for a, b in ranges]))
+
+
+@pytest.mark.parametrize("index_dtype", ["auto", "int8"])
+@pytest.mark.parametrize("shard", [(0, 1), (0, 2), (1, 2)])
+def test_a_served_bank_switches_to_a_removal_as_a_fresh_load(checkpoints, tmp_path,
+                                                            index_dtype, shard):
+    """`ServedBank.apply_generation` (what a removal in a running server does) routes like
+    loading the new generation from scratch, on every path and shard; a generation that
+    stores other documents is refused."""
+    from conftest import SAMPLE_DOCS
+    from fake_encoder import FakeEncoder
+
+    from vllm_msa.attention.tiers import ServedBank
+    from vllm_msa.bank import BankError, MemoryBank, add_documents, build_bank, remove_documents
+
+    ckpt = checkpoints()
+    path = tmp_path / "bank"
+    build_bank(ckpt, SAMPLE_DOCS, path, segment_mb=0.05, progress=False,
+               llm=FakeEncoder(ckpt))
+
+    def load(bank):
+        return ServedBank.load("b", bank, torch.device(DEVICE), slice(None), shard=shard,
+                               index_dtype=index_dtype)
+
+    served = load(MemoryBank.open(path))
+    removed = remove_documents(path, [0, 7, 23])
+    assert sorted(served.apply_generation(MemoryBank.open(path))) == [0, 7, 23]
+    fresh = load(removed)
+    assert served.generation == fresh.generation == 1
+    assert served.doc_position == fresh.doc_position
+    assert served.num_documents == fresh.num_documents == 21
+    msa = msa_params("mean", "max", "max")
+    gen = torch.Generator().manual_seed(1)
+    info = removed.model_info
+    qr = torch.randn(6, 2 * info.num_kv_heads, info.head_dim, generator=gen).to(DEVICE)
+    for layer in removed.router_layers:
+        a, b = served.prepared_index(layer), fresh.prepared_index(layer)
+        route = route_compressed if index_dtype != "auto" else route_batched
+        # (a shard alone pads past its own documents for the exchange: stay within them)
+        for ks in ([3, 21], [21, 30]) if shard[1] == 1 else ([3, 5],):
+            assert_same(route(qr, [0, 2, 6], a, msa, ks), route(qr, [0, 2, 6], b, msa, ks))
+    # An add stores new documents: this worker cannot switch to it in place.
+    docs = tmp_path / "more.jsonl"
+    docs.write_text('{"id": 99, "text": "A new document about lighthouses."}\n')
+    add_documents(path, ckpt, docs, progress=False, llm=FakeEncoder(ckpt))
+    with pytest.raises(BankError, match="reload"):
+        served.apply_generation(MemoryBank.open(path))
