@@ -470,10 +470,9 @@ class ServedBank:
         `device`, built once."""
         tables = self._tables.get(device)
         if tables is None:  # (live documents only: a replaced id's removed copy is not)
-            positions = torch.tensor(sorted(self.doc_position.values()), dtype=torch.int64)
-            ids = self.bank.physical.doc_ids[positions]
-            sorted_ids, by_rank = ids.sort()
-            by_rank = positions[by_rank]
+            live = sorted(self.doc_position.items())
+            sorted_ids = torch.tensor([d for d, _ in live], dtype=torch.int64)
+            by_rank = torch.tensor([p for _, p in live], dtype=torch.int64)
             tables = self._tables[device] = (
                 sorted_ids.to(device), by_rank.to(device),
                 torch.from_numpy(self._offsets_array).to(device))
