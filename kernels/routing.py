@@ -175,13 +175,22 @@ def prepare_index(index: RoutingIndex | PreparedRoutingIndex) -> PreparedRouting
     tiebreak = (total - 1) - rank[index.shard_start:index.shard_start + n]
     bank_doc_start = (doc_start if index.bank_doc_start is None
                       else index.bank_doc_start.to(device=device, dtype=torch.int64))
-    live = None if index.live is None else index.live.to(device=device, dtype=torch.int8)
-    return PreparedRoutingIndex(index=index, keys=keys, doc_start=doc_start, tiebreak=tiebreak,
-                                ids_by_tiebreak=bank_ids[by_id].flip(0),
-                                positions_by_tiebreak=by_id.flip(0),
-                                bank_doc_start=bank_doc_start, live=live,
-                                num_live=None if live is None else index.num_live,
-                                bank_live=None if live is None else index.num_bank_live)
+    return with_live(PreparedRoutingIndex(index=index, keys=keys, doc_start=doc_start,
+                                          tiebreak=tiebreak,
+                                          ids_by_tiebreak=bank_ids[by_id].flip(0),
+                                          positions_by_tiebreak=by_id.flip(0),
+                                          bank_doc_start=bank_doc_start), index)
+
+
+def with_live(prep: PreparedRoutingIndex, index: RoutingIndex) -> PreparedRoutingIndex:
+    """`prep` over `index`, the same documents with other live flags (`RoutingIndex.live`):
+    what a removal in a running server changes, nothing else recomputed."""
+    if index.live is None:
+        return dataclasses.replace(prep, index=index, live=None, num_live=None,
+                                   bank_live=None)
+    return dataclasses.replace(prep, index=index,
+                               live=index.live.to(device=prep.keys.device, dtype=torch.int8),
+                               num_live=index.num_live, bank_live=index.num_bank_live)
 
 
 if HAS_TRITON:

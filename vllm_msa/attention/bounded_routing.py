@@ -312,10 +312,10 @@ def document_bounds(index: CompressedRoutingIndex, msa: MSAParams, lo: torch.Ten
 
 
 def candidates(doc_lo: torch.Tensor, doc_hi: torch.Tensor, top_ks: list[int],
-               live: torch.Tensor | None = None) -> torch.Tensor:
+               live: torch.Tensor | None = None, num_live: int | None = None) -> torch.Tensor:
     """[n] bool: the documents some request may select (hi >= that request's k-th lo);
-    never a removed one (`live` False: their bounds are -inf)."""
-    n = doc_lo.shape[1] if live is None else int(live.sum())
+    never a removed one (`live` False, `num_live` of them True: their bounds are -inf)."""
+    n = doc_lo.shape[1] if live is None else num_live
     if live is not None:
         live = live.to(doc_lo.device)
     ks = [min(k, n) for k in top_ks]
@@ -389,7 +389,8 @@ def bounded_candidates(qr_all: torch.Tensor, cu: list[int], index: CompressedRou
                                                integer), index, msa, ks)
     queries = bound_queries(qr_all, cu, kv, msa, None)
     lo, hi = widened(queries, index, *chunk_bounds(queries, index.keys, msa.query_reduce))
-    return candidates(*document_bounds(index, msa, lo, hi), ks, index.layout.live)
+    return candidates(*document_bounds(index, msa, lo, hi), ks, index.layout.live,
+                      index.prepared.live_documents)
 
 
 def gamma(queries: BoundQueries, index: CompressedRoutingIndex) -> float:

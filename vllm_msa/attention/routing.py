@@ -6,6 +6,8 @@ index in tiles of chunks so the [tokens, heads, chunks] score tensor never exist
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,22 +61,31 @@ class RoutingIndex:
         """The index of one `index_parallel.IndexShard`: `routing_keys` holds the shard's
         chunks; the chunk -> document map, ids, [documents + 1] chunk offsets and `live`
         flags (None: all) are the bank's."""
-        if live is not None:
-            live = live.to(device=routing_keys.device, dtype=torch.bool)
         if shard.size == 1:
-            return cls(routing_keys, chunk_doc_index, doc_ids, live=live)
-        first = shard.documents.start
-        return cls(routing_keys, chunk_doc_index[shard.chunks] - first,
-                   doc_ids[shard.documents], first, doc_ids,
-                   chunk_offsets.to(device=routing_keys.device, dtype=torch.int64),
-                   None if live is None else live[shard.documents],
-                   None if live is None else int(live.sum()))
+            index = cls(routing_keys, chunk_doc_index, doc_ids)
+        else:
+            first = shard.documents.start
+            index = cls(routing_keys, chunk_doc_index[shard.chunks] - first,
+                        doc_ids[shard.documents], first, doc_ids,
+                        chunk_offsets.to(device=routing_keys.device, dtype=torch.int64))
+        return index.with_live(live, shard)
+
+    def with_live(self, live: torch.Tensor | None, shard: Any) -> RoutingIndex:
+        """This index (of `shard`, an `index_parallel.IndexShard`) with the bank's [bank
+        documents] `live` flags (None: every document live)."""
+        if live is None:
+            return dataclasses.replace(self, live=None, bank_live=None)
+        live = live.to(device=self.routing_keys.device, dtype=torch.bool)
+        if shard.size == 1:
+            return dataclasses.replace(self, live=live, bank_live=None)
+        return dataclasses.replace(self, live=live[shard.documents],
+                                   bank_live=int(live.sum()))
 
     @property
     def num_documents(self) -> int:
         return self.doc_ids.shape[0]
 
-    @property
+    @functools.cached_property
     def num_live(self) -> int:
         """This index's live documents (the most one request can select from it)."""
         return self.num_documents if self.live is None else int(self.live.sum())

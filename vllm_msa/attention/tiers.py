@@ -337,21 +337,14 @@ class ServedBank:
                             "documents live again")
         removed = old.doc_ids[old.live & ~new.live].tolist()
         live = new.live if new.has_removals else None
+        from ..kernels.routing import with_live
+
         for layer, idx in list(self.index.items()):
             compressed = isinstance(idx, CompressedRoutingIndex)
-            layout = idx.layout if compressed else idx
-            shard = self.shard
-            local = None if live is None else live[shard.documents].to(
-                layout.routing_keys.device)
-            bank_live = None if live is None or shard.size == 1 else int(live.sum())
-            layout = dataclasses.replace(layout, live=local, bank_live=bank_live)
+            layout = (idx.layout if compressed else idx).with_live(live, self.shard)
             prepared = idx.prepared if compressed else self._prepared.get(layer)
             if prepared is not None:
-                prepared = dataclasses.replace(
-                    prepared, index=layout,
-                    live=None if local is None else local.to(torch.int8),
-                    num_live=None if local is None else int(local.sum()),
-                    bank_live=None if live is None else int(live.sum()))
+                prepared = with_live(prepared, layout)
             if compressed:
                 self.index[layer] = dataclasses.replace(idx, layout=layout, prepared=prepared)
             else:
