@@ -192,7 +192,7 @@ def test_a_served_bank_switches_to_a_removal_as_a_fresh_load(checkpoints, tmp_pa
     from fake_encoder import FakeEncoder
 
     from vllm_msa.attention.tiers import ServedBank
-    from vllm_msa.bank import BankError, MemoryBank, add_documents, build_bank, remove_documents
+    from vllm_msa.bank import BankError, MemoryBank, build_bank, compact_bank, remove_documents
 
     ckpt = checkpoints()
     path = tmp_path / "bank"
@@ -205,7 +205,8 @@ def test_a_served_bank_switches_to_a_removal_as_a_fresh_load(checkpoints, tmp_pa
 
     served = load(MemoryBank.open(path))
     removed = remove_documents(path, [0, 7, 23])
-    assert sorted(served.apply_generation(MemoryBank.open(path))) == [0, 7, 23]
+    removed_ids, added_ids = served.apply_generation(MemoryBank.open(path))
+    assert (sorted(removed_ids), added_ids) == ([0, 7, 23], [])
     fresh = load(removed)
     assert served.generation == fresh.generation == 1
     assert served.doc_position == fresh.doc_position
@@ -220,9 +221,89 @@ def test_a_served_bank_switches_to_a_removal_as_a_fresh_load(checkpoints, tmp_pa
         # (a shard alone pads past its own documents for the exchange: stay within them)
         for ks in ([3, 21], [21, 30]) if shard[1] == 1 else ([3, 5],):
             assert_same(route(qr, [0, 2, 6], a, msa, ks), route(qr, [0, 2, 6], b, msa, ks))
-    # An add stores new documents: this worker cannot switch to it in place.
-    docs = tmp_path / "more.jsonl"
-    docs.write_text('{"id": 99, "text": "A new document about lighthouses."}\n')
-    add_documents(path, ckpt, docs, progress=False, llm=FakeEncoder(ckpt))
+    # A compaction moves stored documents: this worker cannot switch to it in place.
+    compact_bank(path)
     with pytest.raises(BankError, match="reload"):
         served.apply_generation(MemoryBank.open(path))
+
+
+@pytest.mark.parametrize("index_dtype", ["auto", "int8"])
+@pytest.mark.parametrize("shard", [(0, 1), (0, 2), (1, 2)])
+@pytest.mark.parametrize("host", ["ram", "disk"])
+def test_a_served_bank_grows_by_an_add_as_a_fresh_load(checkpoints, tmp_path, index_dtype,
+                                                       shard, host):
+    """An add (and a replace) applied to a served bank (`ServedBank.apply_generation`, what
+    a live add does on every worker) serves what loading the new generation does: the same
+    routing (ids, order, scores) over the grown index, the same host-tier rows for every
+    chunk, the same staging tables. A Memory Parallel shard grows only on the last rank."""
+    from conftest import SAMPLE_DOCS
+    from fake_encoder import FakeEncoder
+
+    from vllm_msa.attention.tiers import ServedBank
+    from vllm_msa.bank import MemoryBank, add_documents, build_bank, remove_documents
+
+    ckpt = checkpoints()
+    path = tmp_path / "bank"
+    build_bank(ckpt, SAMPLE_DOCS, path, segment_mb=0.05, progress=False,
+               llm=FakeEncoder(ckpt))
+    cache = 1e6 if host == "disk" else None
+
+    def load(bank, where=shard):
+        return ServedBank.load("b", bank, torch.device(DEVICE), slice(None), shard=where,
+                               index_dtype=index_dtype, host_cache_bytes=cache)
+
+    served = load(MemoryBank.open(path))
+    before = served.shard
+    remove_documents(path, [3])
+    docs = tmp_path / "more.jsonl"
+    docs.write_text('{"id": 99, "text": "A new document about lighthouses and their '
+                    'keepers, long enough for two chunks of the tiny model or more."}\n'
+                    '{"id": 5, "text": "Document five, replaced by a new text."}\n')
+    grown = add_documents(path, ckpt, docs, replace=True, progress=False,
+                          llm=FakeEncoder(ckpt))
+    removed_ids, added_ids = served.apply_generation(MemoryBank.open(path))
+    assert (removed_ids, added_ids) == ([3, 5], [99, 5])
+    fresh = load(grown, (0, 1))
+    assert served.generation == fresh.generation == grown.generation
+    assert served.doc_position == fresh.doc_position
+    assert served.chunk_offsets == fresh.chunk_offsets
+    assert served.num_documents == fresh.num_documents
+    last = shard[0] == shard[1] - 1
+    assert served.shard.documents.start == before.documents.start
+    assert served.shard.documents.stop == (grown.physical.doc_ids.numel() if last
+                                           else before.documents.stop)
+    ids = torch.tensor([99, 5, 0, 23])
+    assert all(torch.equal(a, b) for a, b in zip(
+        served.selected_chunks(ids[None]), fresh.selected_chunks(ids[None]), strict=True))
+    msa = msa_params("mean", "max", "max")
+    gen = torch.Generator().manual_seed(2)
+    info = grown.model_info
+    qr = torch.randn(6, 2 * info.num_kv_heads, info.head_dim, generator=gen).to(DEVICE)
+    for layer in grown.router_layers:
+        if host == "ram":
+            for a, b in ((served.host_keys, fresh.host_keys),
+                         (served.host_values, fresh.host_values)):
+                assert torch.equal(a[layer], b[layer])
+        else:  # the disk tier reads the added documents when they are selected
+            for cache_of in (served.host_cache, fresh.host_cache):
+                cache_of.ensure(layer, [served.doc_position[99], served.doc_position[5]])
+            assert torch.equal(served.host_cache.slot_table(layer) >= 0,
+                               fresh.host_cache.slot_table(layer) >= 0)
+        if shard[1] == 1:
+            a, b = served.prepared_index(layer), fresh.prepared_index(layer)
+            route = route_compressed if index_dtype != "auto" else route_batched
+            for ks in ([3, 25], [25, 30]):
+                assert_same(route(qr, [0, 2, 6], a, msa, ks),
+                            route(qr, [0, 2, 6], b, msa, ks))
+            continue
+        # A shard holds the fresh whole index's rows of its (grown) chunks.
+        mine, whole = served.index[layer], fresh.index[layer]
+        if index_dtype == "auto":
+            assert torch.equal(mine.routing_keys, whole.routing_keys[served.shard.chunks])
+        else:
+            for part in ("values", "scale", "residual"):
+                assert torch.equal(getattr(mine.keys, part),
+                                   getattr(whole.keys, part)[served.shard.chunks])
+            assert mine.exact.bank.generation == grown.generation
+        assert torch.equal((mine.layout if index_dtype != "auto" else mine).live,
+                           grown.physical.live[served.shard.documents].to(DEVICE))

@@ -10,7 +10,9 @@ started with `VLLM_SERVER_DEV_MODE=1`, vLLM's `POST /collective_rpc {"method": "
   to check that the staging pool emptied and device memory came back;
 - `msa_apply_generation(bank)`: route over the bank's latest generation on disk from the
   next step on (the edit routes call it on every worker between two steps:
-  `serving/edits.py`).
+  `serving/edits.py`);
+- `msa_take_encoded(req_ids)`: the pooled K̄/V̄/K̄r this worker captured for documents the
+  API server encoded with the engine (`attention/capture.py`, `serving/encode.py`).
 """
 
 from __future__ import annotations
@@ -56,8 +58,9 @@ def runtime_state() -> dict[str, Any]:
 
 
 def apply_generation(name: str) -> dict[str, Any]:
-    """Switch this process's served bank `name` to the latest generation on disk (one that
-    removed documents: `ServedBank.apply_generation`); what it now serves."""
+    """Switch this process's served bank `name` to the latest generation on disk
+    (`ServedBank.apply_generation`: removed documents masked, added ones appended); what it
+    now serves."""
     from .attention.runtime import current_runtime
     from .bank.reader import MemoryBank
 
@@ -65,9 +68,25 @@ def apply_generation(name: str) -> dict[str, Any]:
     served = None if runtime is None else runtime.banks.get(name)
     if served is None:
         raise KeyError(f"no bank {name!r} is served here")
-    removed = served.apply_generation(MemoryBank.open(served.bank.path))
-    return {"bank": name, "generation": served.generation, "removed": removed,
+    removed, added = served.apply_generation(MemoryBank.open(served.bank.path))
+    return {"bank": name, "generation": served.generation, "removed": removed, "added": added,
             "documents": served.num_documents, "tp_rank": runtime.tp_rank}
+
+
+def take_encoded(req_ids: list[str]) -> dict[str, Any]:
+    """This process's captures of encode requests `req_ids` (`EncodeCaptures.take`), each
+    document's rows as safetensors bytes (what the engine's RPC carries without pickle)."""
+    from safetensors.torch import save
+
+    from .attention.runtime import current_runtime
+
+    runtime = current_runtime()
+    if runtime is None:
+        return {"layers": [], "kv_heads": [0, 0], "documents": {}}
+    taken = runtime.encodes.take(list(req_ids))
+    for doc in taken["documents"].values():
+        doc["rows"] = save({"rows": doc["rows"].contiguous()})
+    return {**taken, "tp_rank": runtime.tp_rank, "pp_rank": runtime.pp_rank}
 
 
 class MSAWorkerState:
@@ -79,3 +98,6 @@ class MSAWorkerState:
 
     def msa_apply_generation(self, name: str) -> dict[str, Any]:
         return apply_generation(name)
+
+    def msa_take_encoded(self, req_ids: list[str]) -> dict[str, Any]:
+        return take_encoded(req_ids)

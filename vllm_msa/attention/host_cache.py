@@ -136,6 +136,20 @@ class HostCache:
         table.index_copy_(0, chunks, torch.from_numpy(np.concatenate(changed_rows)).to(
             table.device))
 
+    def grow(self, bank: Any) -> None:
+        """Serve `bank`, this bank with documents appended after the stored ones (a live
+        add): their chunks are known, not cached, and read from its files when selected."""
+        offsets = np.asarray(bank.physical.doc_chunk_offsets, dtype=np.int64)
+        more = int(offsets[-1]) - self._row_of[next(iter(self._row_of))].size \
+            if self._row_of else 0
+        self.bank = bank
+        self._starts, self._sizes = offsets[:-1], np.diff(offsets)
+        for layer in self._row_of:
+            self._row_of[layer] = np.concatenate(
+                [self._row_of[layer], np.full(more, -1, dtype=np.int64)])
+            table = self._table[layer]
+            self._table[layer] = torch.cat([table, table.new_full((more,), -1)])
+
     def stats(self) -> dict[str, Any]:
         """Hit rate (documents found per layer selection) and the disk tier's read rate."""
         looked = self.hits + self.misses

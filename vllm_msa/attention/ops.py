@@ -49,6 +49,8 @@ def msa_router_attention(
                               local_in_output=local_in_output)
         return
     output.copy_(attn_layer(q, k, v).view(output.shape))
+    if runtime is not None and runtime.encodes.rows:
+        runtime.capture(layer_name, k, v, h)
     if runtime is None or not runtime.rows or metadata is None:
         return
     runtime.attend(layer_name, q, k, v, h, output, attn_layer, metadata)

@@ -23,6 +23,7 @@ from ..bank.model_info import ModelInfo
 from ..bank.reader import MemoryBank
 from ..config import MSAParams
 from ..options import MSAServingConfigError, RequestOptions, ServingConfig
+from .capture import EncodeCaptures
 from .decode_graphs import DecodeGraphs
 from .fused import FusedAttention
 from .index_parallel import check_same_bank, exchange_candidates
@@ -99,6 +100,9 @@ class MemoryRuntime:
         self.banks = self._open_banks(vllm_config)
         local_kv = self.kv_heads.stop - self.kv_heads.start
         dtype = vllm_config.model_config.dtype
+        # Documents the API server encodes with this engine (live bank edits: capture.py).
+        self.encodes = EncodeCaptures(msa, self.router_layers, self.kv_heads, num_kv_heads,
+                                      head_dim, dtype)
         if not self.banks:
             self.pool = StagingPool(1, local_kv, head_dim, dtype, device)
         elif self.serving.staging_mib is not None:
@@ -207,7 +211,9 @@ class MemoryRuntime:
                 continue
             request = self.requests.get(req_id)
             if request is None:
-                if RequestOptions.from_extra_args(extra) is None:
+                if EncodeCaptures.is_encode(extra):
+                    eager = True  # (its prefill is captured by the op's Python)
+                elif RequestOptions.from_extra_args(extra) is None:
                     self._settled.add(req_id)
                 else:
                     eager = True
@@ -247,6 +253,10 @@ class MemoryRuntime:
             if request is None:
                 if req_id in self._settled:
                     continue  # plain
+                if EncodeCaptures.is_encode(extra):
+                    self.encodes.begin_row(req_id, token_start, num_tokens, first_position,
+                                           self.device)
+                    continue
                 options = RequestOptions.from_extra_args(extra)
                 if options is None:
                     self._settled.add(req_id)  # plain for good: not parsed again
@@ -289,6 +299,7 @@ class MemoryRuntime:
 
     def end_step(self) -> None:
         self.metrics.end_step()
+        self.encodes.end_step()
         self.rows = []
         self.fused.reset()
         self._uploads.clear()
@@ -335,6 +346,12 @@ class MemoryRuntime:
         """Local ⊕ memory attention of this step's memory requests in one router layer
         (`paths.attend`)."""
         attend(self, layer_name, q, k, v, h, output, attn_layer, attn_metadata)
+
+    def capture(self, layer_name: str, k: torch.Tensor, v: torch.Tensor, h: torch.Tensor
+                ) -> None:
+        """This step's encode requests' K, V and routing keys of one router layer."""
+        layer = self.layers[layer_name]
+        self.encodes.capture(layer.layer_idx, layer.attn, k, v, h)
 
     def take_reports(self) -> dict[str, dict[str, Any]]:
         """Selections made since the last call, for requests that asked for them."""

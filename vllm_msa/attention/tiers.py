@@ -26,7 +26,7 @@ from ..bank.format import BankError
 from ..bank.quant import SCALE_SUFFIX, check_scales
 from ..bank.reader import MemoryBank
 from .bounded_routing import CompressedRoutingIndex, RescoreStats
-from .compressed_index import BankExactKeys, compress
+from .compressed_index import BankExactKeys, appended_keys, compress
 from .host_cache import HostCache
 from .host_share import SHM_DIR, on_tmpfs, shared_tensor
 from .index_parallel import IndexShard, bank_identity, index_bytes
@@ -132,6 +132,8 @@ class ServedBank:
     # The disk tier (`host_cache.py`): host_keys/values/scales are its buffers, indexed by
     # cache row through `host_cache.slot_table(layer)`; None: the whole tier is in RAM.
     host_cache: HostCache | None = None
+    normalized: bool = False  # the index holds the stored keys L2-normalised (cosine)
+    kv_heads: slice = field(default_factory=lambda: slice(None))  # the host tier's KV heads
     _prepared: dict[int, Any] = field(default_factory=dict)
     _tables: dict[torch.device, tuple] = field(default_factory=dict)
 
@@ -225,6 +227,8 @@ class ServedBank:
             shared_files=shared,
             host_scales=scales,
             host_cache=cache,
+            normalized=normalize,
+            kv_heads=kv_heads,
         )
         sharded = (f"; index shard {own.rank + 1}/{own.size}: documents "
                    f"{own.documents.start}:{own.documents.stop} of {bank.num_documents}, "
@@ -319,24 +323,40 @@ class ServedBank:
         """The bank generation this worker routes over."""
         return self.bank.generation
 
-    def apply_generation(self, bank: MemoryBank) -> list[int]:
-        """Route over `bank`, a later generation of this bank that only removed documents
-        (the same stored segments), from the next step on: its removed documents are masked
-        out of every router layer's index in place of a reload. Requests already admitted
-        keep the selections they made (their sort keys still name the stored rows, which
-        stay). Returns the ids removed. Refuses a generation that stored documents this
-        worker does not hold (an add, or a compaction: those need a reload)."""
+    def apply_generation(self, bank: MemoryBank) -> tuple[list[int], list[int]]:
+        """Route over `bank`, a later generation of this bank, from the next step on, in
+        place of a reload: documents it removed are masked out of every router layer's index;
+        documents it added (new segments after the stored ones: `bank.edit`) are read from
+        their segment files and appended to the index and the host tier. Requests already
+        admitted keep the selections they made (their sort keys name stored rows, which stay
+        where they are). Returns (ids removed, ids added). Refuses a generation that moved
+        or rewrote stored documents (a compaction: that needs a reload)."""
         old, new = self.bank.physical, bank.physical
-        if bank.path != self.bank.path or not (
-                torch.equal(old.doc_ids, new.doc_ids)
-                and torch.equal(old.doc_num_chunks, new.doc_num_chunks)):
+        n = old.doc_ids.numel()
+        if bank.path != self.bank.path or new.doc_ids.numel() < n or not (
+                torch.equal(old.doc_ids, new.doc_ids[:n])
+                and torch.equal(old.doc_num_chunks, new.doc_num_chunks[:n])):
             raise BankError(f"bank {self.name!r}: generation {bank.generation} stores other "
                             f"documents than generation {self.generation}; reload it")
-        if bool((new.live & ~old.live).any()):
+        if bool((new.live[:n] & ~old.live).any()):
             raise BankError(f"bank {self.name!r}: generation {bank.generation} makes removed "
                             "documents live again")
-        removed = old.doc_ids[old.live & ~new.live].tolist()
+        removed = old.doc_ids[old.live & ~new.live[:n]].tolist()
+        added = new.doc_ids[n:][new.live[n:]].tolist()
         live = new.live if new.has_removals else None
+        if new.doc_ids.numel() > n:
+            self._append(bank, live)
+        else:
+            self._mask(live)
+        self.doc_position = new.live_positions()
+        self._tables.clear()
+        for cached in ("_sizes_descending", "max_document_chunks", "_offsets_array"):
+            self.__dict__.pop(cached, None)
+        self.bank = bank
+        return removed, added
+
+    def _mask(self, live: torch.Tensor | None) -> None:
+        """Every layer's index with the documents `live` (None: all) routable."""
         from ..kernels.routing import with_live
 
         for layer, idx in list(self.index.items()):
@@ -351,12 +371,80 @@ class ServedBank:
                 self.index[layer] = layout
                 if prepared is not None:
                     self._prepared[layer] = prepared
-        self.doc_position = new.live_positions()
-        self._tables.clear()
-        self.__dict__.pop("_sizes_descending", None)
-        self.__dict__.pop("max_document_chunks", None)
-        self.bank = bank
-        return removed
+
+    def _append(self, bank: MemoryBank, live: torch.Tensor | None) -> None:
+        """Grow every tier by `bank`'s documents after the ones served (module docstring of
+        `serving/encode.py`: an add of a running server). Memory Parallel: the added
+        documents join the last rank's shard, so no stored row moves between ranks."""
+        if self.shared_files:
+            raise BankError(f"bank {self.name!r} is served from shared memory (share_host): "
+                            "documents cannot be added to it while it is served")
+        if "virtual" in bank.manifest:
+            raise BankError(f"bank {self.name!r} is virtual: it cannot grow")
+        physical = bank.physical
+        offsets = physical.doc_chunk_offsets
+        old_chunks, chunks = self.chunk_offsets[-1], int(offsets[-1])
+        shard = self.shard
+        grows = shard.rank == shard.size - 1
+        if grows:
+            shard = dataclasses.replace(
+                shard, documents=slice(shard.documents.start, physical.doc_ids.numel()),
+                chunks=slice(shard.chunks.start, chunks))
+        new_rows = [(old_chunks, chunks)]
+        for layer, idx in list(self.index.items()):
+            device = idx.routing_keys.device if not isinstance(
+                idx, CompressedRoutingIndex) else idx.layout.routing_keys.device
+            doc_index = physical.chunk_doc_index.to(device)
+            doc_ids = physical.doc_ids.to(device)
+            if isinstance(idx, CompressedRoutingIndex):
+                keys = idx.keys
+                if grows:
+                    added = bank.read_ranges(layer, "routing_keys", new_rows,
+                                             device=device).to(device)
+                    if idx.normalize:
+                        added = normalized_keys(added)
+                    keys = appended_keys(keys, compress(added, keys.dtype_name,
+                                                        keys.shared_scale))
+                layout = RoutingIndex.of_shard(keys.values, doc_index, doc_ids, offsets,
+                                               shard, live)
+                exact = idx.exact
+                if isinstance(exact, BankExactKeys):
+                    exact = dataclasses.replace(exact, bank=bank)
+                self.index[layer] = dataclasses.replace(
+                    CompressedRoutingIndex.build(layout, keys, exact, idx.model_dtype,
+                                                 idx.normalize), stats=idx.stats)
+            else:
+                routing_keys = idx.routing_keys
+                if grows:
+                    added = bank.read_ranges(layer, "routing_keys", new_rows,
+                                             device=device).to(device)
+                    if self.normalized:
+                        added = normalized_keys(added)
+                    routing_keys = torch.cat([routing_keys, added])
+                self.index[layer] = RoutingIndex.of_shard(routing_keys, doc_index, doc_ids,
+                                                          offsets, shard, live)
+                self._prepared.pop(layer, None)
+            if self.host_cache is None:
+                self._append_host(bank, layer, new_rows)
+        if self.host_cache is not None:
+            self.host_cache.grow(bank)
+        self.chunk_offsets = offsets.tolist()
+        self.shard = shard
+
+    def _append_host(self, bank: MemoryBank, layer: int, rows: list[tuple[int, int]]) -> None:
+        """One layer's host tier (this rank's KV heads, as stored) with `rows` appended."""
+        pin = self.host_keys[layer].is_pinned()
+
+        def grown(old: torch.Tensor, part: str) -> torch.Tensor:
+            out = torch.cat([old, bank.read_ranges(layer, part, rows, self.kv_heads)])
+            return page_lock(out) if pin else out
+
+        self.host_keys[layer] = grown(self.host_keys[layer], "keys")
+        self.host_values[layer] = grown(self.host_values[layer], "values")
+        if layer in self.host_scales:
+            k, v = self.host_scales[layer]
+            self.host_scales[layer] = (grown(k, f"keys{SCALE_SUFFIX}"),
+                                       grown(v, f"values{SCALE_SUFFIX}"))
 
     def scales(self, layer: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The FP8 host tier's (K, V) scales of `layer`; None for a full-precision tier."""
