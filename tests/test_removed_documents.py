@@ -12,6 +12,8 @@ this file there) and on a GPU.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from test_compressed_index import COMBOS, compressed
@@ -229,7 +231,7 @@ def test_a_served_bank_switches_to_a_removal_as_a_fresh_load(checkpoints, tmp_pa
 
 @pytest.mark.parametrize("index_dtype", ["auto", "int8"])
 @pytest.mark.parametrize("shard", [(0, 1), (0, 2), (1, 2)])
-@pytest.mark.parametrize("host", ["ram", "disk"])
+@pytest.mark.parametrize("host", ["ram", "disk", "shared"])
 def test_a_served_bank_grows_by_an_add_as_a_fresh_load(checkpoints, tmp_path, index_dtype,
                                                        shard, host):
     """An add (and a replace) applied to a served bank (`ServedBank.apply_generation`, what
@@ -250,10 +252,13 @@ def test_a_served_bank_grows_by_an_add_as_a_fresh_load(checkpoints, tmp_path, in
 
     def load(bank, where=shard):
         return ServedBank.load("b", bank, torch.device(DEVICE), slice(None), shard=where,
-                               index_dtype=index_dtype, host_cache_bytes=cache)
+                               index_dtype=index_dtype, host_cache_bytes=cache,
+                               share_host=host == "shared")
 
     served = load(MemoryBank.open(path))
     before = served.shard
+    old_files = list(served.shared_files)
+    assert bool(old_files) == (host == "shared")
     remove_documents(path, [3])
     docs = tmp_path / "more.jsonl"
     docs.write_text('{"id": 99, "text": "A new document about lighthouses and their '
@@ -263,6 +268,10 @@ def test_a_served_bank_grows_by_an_add_as_a_fresh_load(checkpoints, tmp_path, in
                           llm=FakeEncoder(ckpt))
     removed_ids, added_ids = served.apply_generation(MemoryBank.open(path))
     assert (removed_ids, added_ids) == ([3, 5], [99, 5])
+    if host == "shared":  # the grown tier is shared again, under the new generation's name
+        assert len(served.shared_files) == len(old_files)
+        assert not set(served.shared_files) & set(old_files)
+        assert all(Path(f).exists() for f in served.shared_files)
     fresh = load(grown, (0, 1))
     assert served.generation == fresh.generation == grown.generation
     assert served.doc_position == fresh.doc_position
@@ -280,7 +289,7 @@ def test_a_served_bank_grows_by_an_add_as_a_fresh_load(checkpoints, tmp_path, in
     info = grown.model_info
     qr = torch.randn(6, 2 * info.num_kv_heads, info.head_dim, generator=gen).to(DEVICE)
     for layer in grown.router_layers:
-        if host == "ram":
+        if host != "disk":
             for a, b in ((served.host_keys, fresh.host_keys),
                          (served.host_values, fresh.host_values)):
                 assert torch.equal(a[layer], b[layer])

@@ -116,6 +116,30 @@ def shared_name(bank: MemoryBank) -> str:
     return f"{bank_identity(bank)[:32]}-{str(bank.dtype).removeprefix('torch.')}"
 
 
+def shared_part_name(share: str, layer: int, part: str, kv_heads: slice, info: Any) -> str:
+    """The shared-memory file of one host-tier tensor (`host_share.py`)."""
+    heads = range(info.num_kv_heads)[kv_heads]
+    return f"{share}-L{layer}-{part}-h{heads.start}-{heads.stop}"
+
+
+def host_part(shape: tuple[int, ...], dtype: torch.dtype, fill: Any, shared: str | None,
+              pin: bool, shared_files: list | None) -> torch.Tensor:
+    """One host-tier tensor filled by `fill(out)`: in the node's shared memory under the name
+    `shared` where it fits (its path added to `shared_files`), else private; page-locked
+    for the GPU where `pin`."""
+    made = None if shared is None else shared_tensor(shared, shape, dtype, fill)
+    if made is None:
+        tensor = torch.empty(shape, dtype=dtype, device="cpu")
+        fill(tensor)
+    else:
+        tensor = made.tensor
+        if shared_files is not None:
+            shared_files.append(str(made.path))
+        if pin and not on_tmpfs(made.path):  # CUDA cannot page-lock it
+            return tensor.pin_memory()
+    return page_lock(tensor) if pin else tensor
+
+
 @dataclass
 class ServedBank:
     name: str
@@ -297,23 +321,9 @@ class ServedBank:
                     if checked is not None:
                         checked()  # a shared tier is published only once it checks out
 
-                shared = None
-                if share is not None:
-                    heads = range(info.num_kv_heads)[kv_heads]
-                    shared = shared_tensor(
-                        f"{share}-L{layer}-{part}-h{heads.start}-{heads.stop}", shape,
-                        dtype, fill)
-                if shared is None:
-                    tensor = torch.empty(shape, dtype=dtype, device="cpu")
-                    fill(tensor)
-                else:
-                    tensor = shared.tensor
-                    if shared_files is not None:
-                        shared_files.append(str(shared.path))
-                    if pin and not on_tmpfs(shared.path):  # CUDA cannot page-lock it
-                        tiers[part] = tensor.pin_memory()
-                        continue
-                tiers[part] = page_lock(tensor) if pin else tensor
+                name = None if share is None else shared_part_name(share, layer, part,
+                                                                   kv_heads, info)
+                tiers[part] = host_part(shape, dtype, fill, name, pin, shared_files)
             keys[layer], values[layer] = tiers["keys"], tiers["values"]
             if scales is not None and f"keys{SCALE_SUFFIX}" in tiers:
                 scales[layer] = (tiers[f"keys{SCALE_SUFFIX}"], tiers[f"values{SCALE_SUFFIX}"])
@@ -376,9 +386,6 @@ class ServedBank:
         """Grow every tier by `bank`'s documents after the ones served (module docstring of
         `serving/encode.py`: an add of a running server). Memory Parallel: the added
         documents join the last rank's shard, so no stored row moves between ranks."""
-        if self.shared_files:
-            raise BankError(f"bank {self.name!r} is served from shared memory (share_host): "
-                            "documents cannot be added to it while it is served")
         if "virtual" in bank.manifest:
             raise BankError(f"bank {self.name!r} is virtual: it cannot grow")
         physical = bank.physical
@@ -432,19 +439,36 @@ class ServedBank:
         self.shard = shard
 
     def _append_host(self, bank: MemoryBank, layer: int, rows: list[tuple[int, int]]) -> None:
-        """One layer's host tier (this rank's KV heads, as stored) with `rows` appended."""
-        pin = self.host_keys[layer].is_pinned()
+        """One layer's host tier (this rank's KV heads, as stored) with `rows` appended: a
+        new tensor (in shared memory again, named by the new generation, where the old one
+        was shared); the old one goes when the last step that read it is gone."""
+        index = self.index[layer]
+        pin = (index.layout if isinstance(index, CompressedRoutingIndex)
+               else index).routing_keys.is_cuda  # (as at load: a GPU's tier is page-locked)
+        share = shared_name(bank) if self.shared_files else None
 
         def grown(old: torch.Tensor, part: str) -> torch.Tensor:
-            out = torch.cat([old, bank.read_ranges(layer, part, rows, self.kv_heads)])
-            return page_lock(out) if pin else out
+            added = bank.read_ranges(layer, part, rows, self.kv_heads)
 
+            def fill(out: torch.Tensor) -> None:
+                out[: old.shape[0]].view(torch.uint8).copy_(old.view(torch.uint8))
+                out[old.shape[0]:].view(torch.uint8).copy_(added.view(torch.uint8))
+
+            name = None if share is None else shared_part_name(share, layer, part,
+                                                               self.kv_heads, bank.model_info)
+            return host_part((old.shape[0] + added.shape[0], *old.shape[1:]), old.dtype, fill,
+                             name, pin, files)
+
+        files: list[str] = []
         self.host_keys[layer] = grown(self.host_keys[layer], "keys")
         self.host_values[layer] = grown(self.host_values[layer], "values")
         if layer in self.host_scales:
             k, v = self.host_scales[layer]
             self.host_scales[layer] = (grown(k, f"keys{SCALE_SUFFIX}"),
                                        grown(v, f"values{SCALE_SUFFIX}"))
+        if share is not None:  # (the old generation's files of this layer: released)
+            self.shared_files = [f for f in self.shared_files
+                                 if f"-L{layer}-" not in f] + files
 
     def scales(self, layer: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The FP8 host tier's (K, V) scales of `layer`; None for a full-precision tier."""

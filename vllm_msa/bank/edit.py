@@ -1,11 +1,12 @@
-"""Offline edits of a bank: remove documents, add documents (or replace them).
+"""Edits of a bank: remove documents, add documents (or replace them).
 
 Each edit commits one new generation (`generations.py`): removals are tombstones in the
 manifest (the segment files stay as they are until `compact.py` rewrites them); added
 documents are encoded by the same stage-1 path as `bank build` (`build.encode_documents`,
 the same engine options) into new segments. Either the whole edit is committed or nothing:
 an edit stopped at any point leaves the previous generation, and re-running the same add
-continues where it stopped.
+continues where it stopped. A running server encodes added documents with its own engine and
+commits them with `add_encoded` (`serving/encode.py`).
 """
 
 from __future__ import annotations
@@ -145,5 +146,33 @@ def add_documents(
             finally:
                 if llm is None:
                     shutdown_engine(engine)
+        kept = tombstoned(opened, present) if present else list(opened.manifest["segments"])
+        return pending.commit([*kept, *pending.segments], identity)
+
+
+def add_encoded(bank: str | Path | MemoryBank, encoded: list[EncodedDocument],
+                texts: dict[int, str], *, replace: bool = False,
+                identity: dict[str, Any] | None = None) -> MemoryBank:
+    """Append documents already encoded by stage 1 (`encoded`, in the order to store them;
+    `texts` by id) to `bank` in one new generation, as `add_documents` would have written
+    them; returns it. An id the bank holds live is refused unless `replace` (then its old
+    copy is removed in the same generation). Durable when it returns: the segment, the
+    texts and the manifest are on disk (`generations.commit_generation`)."""
+    if not encoded:
+        raise BankError("no documents to add")
+    path = bank.path if isinstance(bank, MemoryBank) else Path(bank)
+    with edit_lock(path):
+        opened = editable_bank(path, "add")
+        live = opened.physical.live_positions()
+        present = [d.id for d in encoded if d.id in live]
+        if present and not replace:
+            raise BankError(f"bank {path} already holds document"
+                            f"{'s' * (len(present) > 1)} {show_ids(present)}: replace them "
+                            "instead; nothing was changed")
+        identity = {"operation": "add", "num_documents": len(encoded), "replace": replace,
+                    **(identity or {})}
+        pending = PendingGeneration.start(opened, identity)
+        pending.add_segment(encoded_segment(opened.model_info, opened.dtypes, encoded),
+                            [(d.id, texts[d.id]) for d in encoded])
         kept = tombstoned(opened, present) if present else list(opened.manifest["segments"])
         return pending.commit([*kept, *pending.segments], identity)

@@ -13,6 +13,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from ..attention.capture import ENCODE_KEY
 from ..bank.reader import MemoryBank
 from ..config import MSAParams
 from ..options import (
@@ -63,6 +64,9 @@ class Admission:
         if params is None:
             return
         extra = dict(params.extra_args or {})
+        if ENCODE_KEY in extra:
+            self.admit_encode(request, extra)
+            return
         bank = requested_bank(extra, self.serving)
         if bank is None:
             stray = sorted(k for k in extra if k.startswith("msa_") and k != "msa_bank")
@@ -95,3 +99,25 @@ class Admission:
         extra.update(options.to_extra_args())
         params.extra_args = extra
         request.cache_salt = f"{request.cache_salt or ''}|msa:{uuid.uuid4().hex}"
+
+    def admit_encode(self, request: Any, extra: dict[str, Any]) -> None:
+        """A document of a live add, encoded by this engine (`serving/encode.py`): only that
+        module makes these (its nonce), for a served bank, with no other MSA option."""
+        from .encode import is_ours
+
+        value = extra[ENCODE_KEY]
+        if not is_ours(value):
+            raise MSARequestError(f"{ENCODE_KEY} is reserved for the server's bank edits")
+        others = sorted(k for k in extra if k.startswith("msa_") and k != ENCODE_KEY)
+        if others or value.get("bank") not in self.banks:
+            raise MSARequestError(f"an encode request names a served bank and no other MSA "
+                                  f"option (got {value.get('bank')!r}, {others})")
+        # Its own prefix-cache blocks: every position must be computed (and captured).
+        request.cache_salt = f"{request.cache_salt or ''}|msa-encode:{uuid.uuid4().hex}"
+
+    def refresh(self, name: str, bank: MemoryBank) -> None:
+        """Admit requests over `bank`, the generation of served bank `name` the workers now
+        route over (a live edit): its document count, and its texts for Memory Interleave
+        (a removed document's text is never appended again)."""
+        self.banks[name] = BankFacts(bank.num_documents, bank.template_ids)
+        self.opened[name] = bank

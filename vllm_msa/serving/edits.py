@@ -1,18 +1,25 @@
-"""Bank routes of `vllm serve`: inspect the served banks, and remove documents while serving.
+"""Bank routes of `vllm serve`: inspect the served banks, and edit them while serving.
 
     GET    /v1/msa/banks                         every served bank (`describe`)
     GET    /v1/msa/banks/{bank}                  one bank: generation on disk and served,
                                                  live and removed documents, tier bytes
+    POST   /v1/msa/banks/{bank}/documents        add documents (admin key):
+                                                 {"documents": [{"id": int, "text": str}]}
+    PUT    /v1/msa/banks/{bank}/documents/{id}   add or replace one document (admin key):
+                                                 {"text": str}
     DELETE /v1/msa/banks/{bank}/documents/{id}   remove a document (admin key)
 
-A removal is durable before it is acknowledged: the bank's next generation (a tombstone,
-`bank.edit.remove_documents`) is committed to disk first, then every worker of every engine
-switches to it between two steps (`worker_state.apply_generation`, through
-`patches/engine_rpc.py`), and only then does the route answer. So every request admitted
-after the answer routes without the document; a request already running keeps the
-selection it made; no request ever sees a mix (a request routes all its router layers in one
-step). A restarted server loads the latest generation. Adding documents to a served bank
-is not available yet: `vllm-msa bank add`, then a restart.
+Added documents are encoded by the running engine itself, as prefill-only requests batched
+with the questions being served (`encode.py`). Every edit is durable before it is
+acknowledged: the bank's next generation (`bank.edit`: new segments, tombstones) is
+committed to disk first, then every worker of every engine switches to it between two steps
+(`worker_state.apply_generation`, through `patches/engine_rpc.py`: removed documents are
+masked, added ones appended to the index and host tier), and only then does the route
+answer. So every request admitted after the answer routes over the new generation; a
+request already running keeps the selection it made; no request ever sees a mix (a request
+routes all its router layers in one step). An edit never shows part of a document: a
+document is visible once all of it is committed. A restarted server loads the latest
+generation.
 
 Edits need the admin key, in the `X-MSA-Admin-Key` header, compared in constant time: the key
 is the `VLLM_MSA_ADMIN_KEY` environment variable, else `additional_config["msa"]["admin_key"]`
@@ -26,12 +33,14 @@ from __future__ import annotations
 import asyncio
 import hmac
 import os
+import uuid
 from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
+from ..bank.documents import Document
 from ..bank.format import BankError
 
 ADMIN_HEADER = "X-MSA-Admin-Key"
@@ -107,7 +116,6 @@ class BankEditor:
     async def remove(self, name: str, doc_id: int) -> JSONResponse:
         from ..bank.edit import remove_documents
         from ..bank.reader import MemoryBank
-        from ..patches.engine_rpc import collective_rpc_all
 
         async with self._lock:
             bank = await asyncio.to_thread(MemoryBank.open, self.banks[name])
@@ -119,14 +127,58 @@ class BankEditor:
                 bank = await asyncio.to_thread(remove_documents, bank.path, [doc_id])
             except BankError as e:  # another edit holds the bank, or it changed meanwhile
                 return error(409, str(e))
+            return await self._switch(name, bank, {"removed": [doc_id]})
+
+    async def add(self, name: str, documents: list[Document], replace: bool) -> JSONResponse:
+        """Encode `documents` with the engine, commit them, switch every worker. `replace`:
+        an id the bank holds is replaced (PUT); otherwise it is refused (POST)."""
+        from ..bank.edit import add_encoded
+        from ..bank.reader import MemoryBank
+        from .encode import DocumentTooLong, encode_documents
+
+        async with self._lock:
+            bank = await asyncio.to_thread(MemoryBank.open, self.banks[name])
+            if "virtual" in bank.manifest or "synthetic" in (bank.manifest.get("source")
+                                                            or {}):
+                return error(409, f"bank {name!r} is synthetic: documents cannot be added")
+            live = bank.physical.live_positions()
+            present = [d.id for d in documents if d.id in live]
+            if present and not replace:
+                return error(409, f"bank {name!r} already holds document"
+                                  f"{'s' * (len(present) > 1)} {present[:20]}: replace one "
+                                  f"with PUT {BANKS_ROUTE}/{name}/documents/{{id}}")
             try:
-                workers = await collective_rpc_all(self.engine_client,
-                                                   "msa_apply_generation", (name,))
-            except Exception as e:  # (the reason goes back to the caller)
-                return error(500, f"bank {name!r}: generation {bank.generation} is on disk "
-                                  f"but the workers did not switch to it ({e}); a restart "
-                                  "loads it")
-        return JSONResponse({"bank": name, "generation": bank.generation, "removed": [doc_id],
+                encoded = await encode_documents(self.engine_client, name, documents,
+                                                 bank.model_info)
+            except DocumentTooLong as e:
+                return error(400, str(e))
+            texts = {d.id: d.text for d in documents}
+            try:  # durable first: the new generation is on disk before any worker uses it
+                bank = await asyncio.to_thread(
+                    add_encoded, bank.path, encoded, texts, replace=replace,
+                    identity={"online": uuid.uuid4().hex})
+            except BankError as e:  # another edit holds the bank, or it changed meanwhile
+                return error(409, str(e))
+            return await self._switch(name, bank, {
+                "added": [d.id for d in documents if d.id not in live],
+                "replaced": present, "tokens": sum(d.num_tokens for d in encoded)})
+
+    async def _switch(self, name: str, bank: Any, done: dict[str, Any]) -> JSONResponse:
+        """Every worker (and admission) onto committed generation `bank`; the answer."""
+        from ..patches.engine_rpc import collective_rpc_all
+        from ..patches.input_processor import admission_for
+
+        try:
+            workers = await collective_rpc_all(self.engine_client, "msa_apply_generation",
+                                               (name,))
+        except Exception as e:  # (the reason goes back to the caller)
+            return error(500, f"bank {name!r}: generation {bank.generation} is on disk "
+                              f"but the workers did not switch to it ({e}); a restart "
+                              "loads it")
+        admission = admission_for(self.engine_client.vllm_config)
+        if admission is not None:
+            admission.refresh(name, bank)
+        return JSONResponse({"bank": name, "generation": bank.generation, **done,
                              "documents": bank.num_documents, "workers": len(workers)})
 
 
@@ -149,14 +201,92 @@ def attach_bank_routes(router: APIRouter) -> None:
             return error(404, f"no bank {bank!r} is served here; banks: {sorted(ed.banks)}")
         return JSONResponse(await ed.describe(bank))
 
-    @router.delete(BANKS_ROUTE + "/{bank}/documents/{doc_id}")
-    async def remove_document(bank: str, doc_id: str, request: Request) -> JSONResponse:
+    async def checked(bank: str, request: Request) -> BankEditor | JSONResponse:
         ed = editor(request)
         refused = ed.refusal(request)
         if refused is not None:
             return refused
         if bank not in ed.banks:
             return error(404, f"no bank {bank!r} is served here; banks: {sorted(ed.banks)}")
-        if not doc_id.isdigit() or len(doc_id) > 19:
+        return ed
+
+    @router.post(BANKS_ROUTE + "/{bank}/documents")
+    async def add_documents(bank: str, request: Request) -> JSONResponse:
+        ed = await checked(bank, request)
+        if isinstance(ed, JSONResponse):
+            return ed
+        body = await json_body(request)
+        if isinstance(body, JSONResponse):
+            return body
+        documents = body.get("documents") if set(body) == {"documents"} else None
+        if not isinstance(documents, list) or not documents:
+            return error(400, 'expected {"documents": [{"id": int, "text": str}, ...]} with '
+                              "at least one document")
+        if len(documents) > MAX_DOCUMENTS_PER_ADD:
+            return error(400, f"at most {MAX_DOCUMENTS_PER_ADD} documents per request, got "
+                              f"{len(documents)}")
+        parsed = []
+        for i, doc in enumerate(documents):
+            problem = document_problem(doc)
+            if problem:
+                return error(400, f"documents[{i}]: {problem}")
+            parsed.append(Document(doc["id"], doc["text"]))
+        ids = [d.id for d in parsed]
+        if len(set(ids)) != len(ids):
+            return error(400, "document ids repeat within the request")
+        return await ed.add(bank, parsed, replace=False)
+
+    @router.put(BANKS_ROUTE + "/{bank}/documents/{doc_id}")
+    async def put_document(bank: str, doc_id: str, request: Request) -> JSONResponse:
+        ed = await checked(bank, request)
+        if isinstance(ed, JSONResponse):
+            return ed
+        if not valid_id(doc_id):
+            return error(400, f"document id {doc_id!r}: expected an integer >= 0")
+        body = await json_body(request)
+        if isinstance(body, JSONResponse):
+            return body
+        problem = document_problem({"id": int(doc_id), **body}) if set(body) == {"text"} \
+            else 'expected {"text": str}'
+        if problem:
+            return error(400, problem)
+        return await ed.add(bank, [Document(int(doc_id), body["text"])], replace=True)
+
+    @router.delete(BANKS_ROUTE + "/{bank}/documents/{doc_id}")
+    async def remove_document(bank: str, doc_id: str, request: Request) -> JSONResponse:
+        ed = await checked(bank, request)
+        if isinstance(ed, JSONResponse):
+            return ed
+        if not valid_id(doc_id):
             return error(400, f"document id {doc_id!r}: expected an integer >= 0")
         return await ed.remove(bank, int(doc_id))
+
+
+MAX_DOCUMENTS_PER_ADD = 10_000
+MAX_ID = 2**63 - 1  # (ids are int64 in the bank)
+
+
+def valid_id(raw: str) -> bool:
+    return raw.isascii() and raw.isdigit() and int(raw) <= MAX_ID
+
+
+def document_problem(doc: Any) -> str | None:
+    """Why `doc` is not a document to add (None: it is one)."""
+    if not isinstance(doc, dict) or set(doc) != {"id", "text"}:
+        return 'expected {"id": int, "text": str}'
+    doc_id, text = doc["id"], doc["text"]
+    if isinstance(doc_id, bool) or not isinstance(doc_id, int) or not 0 <= doc_id <= MAX_ID:
+        return f"id must be an integer in [0, 2^63), got {doc_id!r}"
+    if not isinstance(text, str) or not text.strip():
+        return f"document {doc_id}: text must be a non-empty string"
+    return None
+
+
+async def json_body(request: Request) -> dict[str, Any] | JSONResponse:
+    try:
+        body = await request.json()
+    except (ValueError, RecursionError):
+        return error(400, "the body must be a JSON object")
+    if not isinstance(body, dict):
+        return error(400, "the body must be a JSON object")
+    return body
