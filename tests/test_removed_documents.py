@@ -316,3 +316,35 @@ def test_a_served_bank_grows_by_an_add_as_a_fresh_load(checkpoints, tmp_path, in
             assert mine.exact.bank.generation == grown.generation
         assert torch.equal((mine.layout if index_dtype != "auto" else mine).live,
                            grown.physical.live[served.shard.documents].to(DEVICE))
+
+
+def test_a_selection_located_before_a_removal_stages_what_it_selected(checkpoints, tmp_path):
+    """What a running request selected stays stageable after its documents are removed or
+    replaced (`ServedBank.locate`, fixed by `MemoryRuntime.locate_selections` before the
+    switch): the stored rows it names still hold those documents. The new generation
+    itself never stages a removed id."""
+    from conftest import SAMPLE_DOCS
+    from fake_encoder import FakeEncoder
+
+    from vllm_msa.attention.tiers import ServedBank
+    from vllm_msa.bank import MemoryBank, add_documents, build_bank, remove_documents
+
+    ckpt = checkpoints()
+    path = tmp_path / "bank"
+    build_bank(ckpt, SAMPLE_DOCS, path, progress=False, llm=FakeEncoder(ckpt))
+    served = ServedBank.load("b", MemoryBank.open(path), torch.device(DEVICE), slice(None))
+    layer = served.bank.router_layers[0]
+    ids = torch.tensor([[4, 9, 17]], device=DEVICE)
+    located = served.locate(ids)
+    rows = [served.host_keys[layer][int(a):int(a + n)].clone()
+            for a, n in zip(located[1][0], located[2][0], strict=True)]
+    remove_documents(path, [9])
+    docs = tmp_path / "more.jsonl"
+    docs.write_text('{"id": 17, "text": "Seventeen, rewritten."}\n')
+    add_documents(path, ckpt, docs, replace=True, progress=False, llm=FakeEncoder(ckpt))
+    served.apply_generation(MemoryBank.open(path))
+    for (a, n), want in zip(zip(located[1][0], located[2][0], strict=True), rows, strict=True):
+        assert torch.equal(served.host_keys[layer][int(a):int(a + n)], want)
+    positions, _, counts = served.locate(ids)
+    assert positions[0, 1] == -1 and counts[0, 1] == 0  # 9: removed
+    assert positions[0, 2] == served.doc_position[17] != located[0][0, 2]  # 17: its new copy

@@ -11,7 +11,7 @@ started with `VLLM_SERVER_DEV_MODE=1`, vLLM's `POST /collective_rpc {"method": "
 - `msa_apply_generation(bank)`: route over the bank's latest generation on disk from the
   next step on (the edit routes call it on every worker between two steps:
   `serving/edits.py`);
-- `msa_take_encoded(req_ids)`: the pooled K̄/V̄/K̄r this worker captured for documents the
+- `msa_take_encoded(keys)`: the pooled K̄/V̄/K̄r this worker captured for documents the
   API server encoded with the engine (`attention/capture.py`, `serving/encode.py`).
 """
 
@@ -68,13 +68,14 @@ def apply_generation(name: str) -> dict[str, Any]:
     served = None if runtime is None else runtime.banks.get(name)
     if served is None:
         raise KeyError(f"no bank {name!r} is served here")
+    runtime.locate_selections(name)  # (running requests keep what they selected)
     removed, added = served.apply_generation(MemoryBank.open(served.bank.path))
     return {"bank": name, "generation": served.generation, "removed": removed, "added": added,
             "documents": served.num_documents, "tp_rank": runtime.tp_rank}
 
 
-def take_encoded(req_ids: list[str]) -> dict[str, Any]:
-    """This process's captures of encode requests `req_ids` (`EncodeCaptures.take`), each
+def take_encoded(keys: list[str]) -> dict[str, Any]:
+    """This process's captures of the encode requests with these keys (`EncodeCaptures.take`), each
     document's rows as safetensors bytes (what the engine's RPC carries without pickle)."""
     from safetensors.torch import save
 
@@ -83,7 +84,7 @@ def take_encoded(req_ids: list[str]) -> dict[str, Any]:
     runtime = current_runtime()
     if runtime is None:
         return {"layers": [], "kv_heads": [0, 0], "documents": {}}
-    taken = runtime.encodes.take(list(req_ids))
+    taken = runtime.encodes.take(list(keys))
     for doc in taken["documents"].values():
         doc["rows"] = save({"rows": doc["rows"].contiguous()})
     return {**taken, "tp_rank": runtime.tp_rank, "pp_rank": runtime.pp_rank}
@@ -99,5 +100,5 @@ class MSAWorkerState:
     def msa_apply_generation(self, name: str) -> dict[str, Any]:
         return apply_generation(name)
 
-    def msa_take_encoded(self, req_ids: list[str]) -> dict[str, Any]:
-        return take_encoded(req_ids)
+    def msa_take_encoded(self, keys: list[str]) -> dict[str, Any]:
+        return take_encoded(keys)

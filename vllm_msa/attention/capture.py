@@ -27,7 +27,9 @@ import torch
 
 from ..config import MSAParams
 
-ENCODE_KEY = "msa_encode"  # extra_args key of an encode request: {"bank": name, "nonce": ...}
+# extra_args key of an encode request: {"bank": name, "key": capture key, "nonce": ...}. The
+# capture key is the API server's (the engine's request ids get a suffix of the engine's).
+ENCODE_KEY = "msa_encode"
 MAX_HELD_SECONDS = 600.0  # a capture nobody took (its API call died) is dropped after this
 
 
@@ -93,12 +95,16 @@ class EncodeCaptures:
     def is_encode(extra: dict | None) -> bool:
         return bool(extra) and ENCODE_KEY in extra
 
-    def begin_row(self, req_id: str, token_start: int, num_tokens: int,
+    @staticmethod
+    def key_of(extra: dict) -> str:
+        return str(extra[ENCODE_KEY]["key"])
+
+    def begin_row(self, key: str, token_start: int, num_tokens: int,
                   first_position: int, device: torch.device) -> None:
-        """An encode request's tokens in this step."""
-        capture = self.captures.get(req_id)
+        """An encode request's tokens in this step (`key`: its capture key)."""
+        capture = self.captures.get(key)
         if capture is None:
-            capture = self.captures[req_id] = DocumentCapture(
+            capture = self.captures[key] = DocumentCapture(
                 self.layers, torch.zeros((1, len(self.layers), 3, len(self.kv_heads),
                                           self.head_dim), dtype=torch.float32, device=device))
         self.rows.append((capture, token_start, num_tokens, first_position))
@@ -122,20 +128,20 @@ class EncodeCaptures:
             capture.advance(first, n)
         self.rows = []
 
-    def take(self, req_ids: list[str]) -> dict[str, Any]:
-        """The pooled rows of these requests (and forget them), with what the API server
-        needs to put every rank's part together. The API server asks once their outputs came
-        back: the step that computed their last prompt tokens has run."""
+    def take(self, keys: list[str]) -> dict[str, Any]:
+        """The pooled rows of the requests with these capture keys (and forget them), with
+        what the API server needs to put every rank's part together. The API server asks
+        once their outputs came back: the step that computed their last prompt tokens has
+        run."""
         now = time.monotonic()
-        for req_id in [r for r, c in self.captures.items()
-                       if now - c.started > MAX_HELD_SECONDS]:
-            del self.captures[req_id]
+        for key in [k for k, c in self.captures.items() if now - c.started > MAX_HELD_SECONDS]:
+            del self.captures[key]
         documents = {}
-        for req_id in req_ids:
-            capture = self.captures.pop(req_id, None)
+        for key in keys:
+            capture = self.captures.pop(key, None)
             if capture is None:
                 continue
-            documents[req_id] = {"tokens": capture.captured,
+            documents[key] = {"tokens": capture.captured,
                                  "rows": capture.pooled(self.msa, self.dtype)}
         return {"layers": self.layers, "kv_heads": [self.kv_heads.start, self.kv_heads.stop],
                 "documents": documents}

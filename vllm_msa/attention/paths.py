@@ -114,17 +114,28 @@ def stage_selected(runtime: MemoryRuntime, bank: ServedBank, layer_idx: int,
     """Staging from decoded document ids (device ops, then one copy): requests back from
     preemption, steps mixing them, pool overflow, CPU."""
     ids = [r.selections[layer_idx].doc_ids for r in requests]
-    doc_ids = (torch.stack(ids) if len({d.numel() for d in ids}) == 1 else
-               torch.nn.utils.rnn.pad_sequence(ids, batch_first=True, padding_value=-1))
-    starts, counts = bank.selected_chunks(doc_ids)
+    if any(layer_idx in r.located for r in requests):  # (selected under a past generation)
+        located = [r.located.get(layer_idx) or bank.locate(i.view(1, -1))
+                   for r, i in zip(requests, ids, strict=True)]
+        positions, starts, counts = (padded([loc[part][0] for loc in located], pad)
+                                     for part, pad in ((0, -1), (1, 0), (2, 0)))
+    else:
+        doc_ids = padded(ids, -1)
+        positions, starts, counts = bank.locate(doc_ids)
     row_map = None
     if bank.host_cache is not None:  # read what is not cached yet (waits for the routing)
-        ids = doc_ids.flatten().tolist()
-        bank.host_cache.ensure(layer_idx, (bank.doc_position[d] for d in ids if d >= 0))
+        bank.host_cache.ensure(layer_idx, (p for p in positions.flatten().tolist() if p >= 0))
         row_map = bank.host_cache.slot_table(layer_idx)
     return runtime.pool.stage_documents(bank.host_keys[layer_idx],
                                         bank.host_values[layer_idx], starts, counts, widths,
                                         bank.scales(layer_idx), row_map)
+
+
+def padded(rows: list[torch.Tensor], value: int) -> torch.Tensor:
+    """[R, K] from R rows of up to K values, short rows padded with `value`."""
+    if len({r.numel() for r in rows}) == 1:
+        return torch.stack(rows)
+    return torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=value)
 
 
 def fetch_stream(runtime: MemoryRuntime) -> torch.cuda.Stream | None:

@@ -27,6 +27,12 @@ class MemoryRequest:
     staged: dict[int, Staged] = field(default_factory=dict)
     reported: set[int] = field(default_factory=set)  # layers whose selection was reported
     side_kv: dict[int, SideKV] = field(default_factory=dict)  # opaque-cache backends only
+    # Per layer, its selection as stored positions, first chunks and chunk counts ([1, K]
+    # each, `ServedBank.locate`), fixed when the bank switched generation under it: a later
+    # generation may have removed or replaced what it selected, and staging it again (after
+    # a preemption) must read what it selected.
+    located: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(
+        default_factory=dict)
 
 
 @dataclass(frozen=True)

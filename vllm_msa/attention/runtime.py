@@ -193,6 +193,18 @@ class MemoryRuntime:
                 request.staged.clear()
                 self.pool.release(req_id)
 
+    def locate_selections(self, bank: str) -> None:
+        """Before bank `bank` switches generation: every request's selections over it as
+        stored positions (`MemoryRequest.located`), so a request staged again later reads
+        what it selected, whatever the new generation removed or replaced."""
+        for request in self.requests.values():
+            if request.bank.name != bank:
+                continue
+            for layer, selection in request.selections.items():
+                if layer not in request.located:
+                    request.located[layer] = request.bank.locate(
+                        selection.doc_ids.view(1, -1))
+
     def all_settled(self, req_ids: list[str]) -> bool:
         """Whether none of these requests routes or stages in this step, from what earlier
         steps learnt (`needs_eager_step`): one set lookup per request, no argument parsing,
@@ -254,8 +266,8 @@ class MemoryRuntime:
                 if req_id in self._settled:
                     continue  # plain
                 if EncodeCaptures.is_encode(extra):
-                    self.encodes.begin_row(req_id, token_start, num_tokens, first_position,
-                                           self.device)
+                    self.encodes.begin_row(EncodeCaptures.key_of(extra), token_start,
+                                           num_tokens, first_position, self.device)
                     continue
                 options = RequestOptions.from_extra_args(extra)
                 if options is None:

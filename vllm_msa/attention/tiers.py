@@ -561,13 +561,22 @@ class ServedBank:
         [R, K] (-1: no document) -> two [R, K] int64, each row in ascending document id (the
         order `chunk_indices` stages in). Device ops only, so the host never waits for the
         routing that produced `doc_ids`."""
+        _, starts, counts = self.locate(doc_ids)
+        return starts, counts
+
+    def locate(self, doc_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`selected_chunks` with the documents' stored positions (-1: none) first: what a
+        selection needs to be staged again after a later generation removed or replaced
+        its documents (`MemoryRequest.located`)."""
         sorted_ids, by_rank, offsets = self._device_tables(doc_ids.device)
         ids = doc_ids.sort(dim=1).values
         rank = torch.searchsorted(sorted_ids, ids).clamp_(max=sorted_ids.numel() - 1)
         position = by_rank[rank]
         starts = offsets[position]
-        counts = torch.where(ids >= 0, offsets[position + 1] - starts, 0)
-        return starts, counts
+        # (an id this generation does not hold live — none, removed — stages nothing)
+        held = (ids >= 0) & (sorted_ids[rank] == ids)
+        counts = torch.where(held, offsets[position + 1] - starts, 0)
+        return torch.where(held, position, -1), starts, counts
 
     def _device_tables(self, device: torch.device
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

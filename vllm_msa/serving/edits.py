@@ -152,6 +152,11 @@ class BankEditor:
                                                  bank.model_info)
             except DocumentTooLong as e:
                 return error(400, str(e))
+            except ValueError as e:  # refused by the engine's own checks; nothing written
+                return error(400, f"bank {name!r}: {e}; nothing was changed")
+            except RuntimeError as e:  # (a worker's capture incomplete: a bug, reported)
+                return error(500, f"bank {name!r}: encoding failed ({e}); nothing was "
+                                  "changed")
             texts = {d.id: d.text for d in documents}
             try:  # durable first: the new generation is on disk before any worker uses it
                 bank = await asyncio.to_thread(

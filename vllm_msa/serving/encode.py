@@ -69,10 +69,10 @@ async def encode_documents(engine_client: Any, bank: str, documents: list[Docume
     token_ids = tokenized(engine_client.get_tokenizer(), documents,
                           model_config.max_model_len)
     request_ids = [f"msa-encode-{uuid.uuid4().hex}" for _ in documents]
-    params = SamplingParams(max_tokens=1, temperature=0.0, detokenize=False,
-                            extra_args={ENCODE_KEY: {"bank": bank, "nonce": NONCE}})
 
     async def run(request_id: str, ids: list[int]) -> None:
+        params = SamplingParams(max_tokens=1, temperature=0.0, detokenize=False, extra_args={
+            ENCODE_KEY: {"bank": bank, "key": request_id, "nonce": NONCE}})
         # A salt of its own: no prefix-cache hit may skip positions the capture needs.
         prompt = {"prompt_token_ids": ids, "cache_salt": f"msa-encode:{uuid.uuid4().hex}"}
         async for _ in engine_client.generate(prompt, params, request_id):
