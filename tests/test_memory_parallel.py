@@ -267,6 +267,45 @@ def test_tp2_ranks_switch_generation_together(tp2, banks):
         assert len(other["doc_ids"]) == live.num_documents - 2
 
 
+def test_tp2_ranks_encode_and_grow_together(tp2, banks, checkpoints):
+    """A live add on TP=2 (`add_served`, what the POST route does): each rank captures its
+    own KV head of the new documents, the rows put together are the float64 stage 1's, the
+    last rank's shard grows by them while rank 0's stays, and both ranks serve the new
+    generation as the float64 reference does."""
+    from vllm_msa.serving.llm_edits import add_served
+
+    long_text = " ".join(f"Entry {i}: the keeper logged the weather and the ships."
+                         for i in range(10))
+    before = [s["bank_tiers"]["live"] for s in tp2.collective_rpc("msa_state")]
+    edited = add_served(tp2, "live", [{"id": 300, "text": "The river Alder flooded the old "
+                                       "mill in 1821."}, {"id": 301, "text": long_text}])
+    bank = MemoryBank.open(banks["live"].path)
+    assert bank.generation == edited.generation and bank.doc_ids[-2:] == [300, 301]
+    ref = ReferenceMSA(checkpoints())
+    tokenizer = tp2.get_tokenizer()
+    for doc_id, ids in bank_docs(tokenizer, bank)[-2:]:
+        expected = ref.encode_document(ids)
+        rows = bank.chunk_doc_ids == doc_id
+        for layer in ref.router_layers:
+            got = bank.layer(layer)
+            for name in ("routing_keys", "keys", "values"):
+                err = (getattr(got, name)[rows].double() - expected[layer][name]).abs().max()
+                assert err.item() <= 1e-4, (doc_id, layer, name)
+    after = [s["bank_tiers"]["live"] for s in tp2.collective_rpc("msa_state")]
+    assert after[0]["documents"] == before[0]["documents"]
+    assert after[1]["documents"] == [before[1]["documents"][0],
+                                     bank.physical.doc_ids.numel()]
+    for question, output in zip(QUESTIONS, ask(tp2, "live", bank), strict=True):
+        ids, span = expected_prompt(tokenizer, question)
+        want = reference_answer(ref, ids, span, bank_docs(tokenizer, bank), top_k=4,
+                                rope_offset_k=4, template_len=span[0],
+                                max_tokens=len(output.outputs[0].token_ids))
+        check_against_reference(output, want, ref.router_layers)
+    (everything, _) = ask(tp2, "live", bank, top_k=bank.num_documents)
+    for report in everything.kv_transfer_params["msa_selection"]["layers"].values():
+        assert {300, 301} <= set(report["doc_ids"])
+
+
 def test_tp4_shards_with_an_empty_one(checkpoints, banks, tp1):
     served = {name: banks[name] for name in ("uneven", "small")}
     bounds = shard_bounds(banks["small"].doc_chunk_offsets.numpy(), 4).tolist()

@@ -58,33 +58,64 @@ def tokenized(tokenizer: Any, documents: list[Document], max_model_len: int
     return ids
 
 
+class EncodeBatch:
+    """Documents to encode with an engine: their token ids, and one request each."""
+
+    def __init__(self, bank: str, documents: list[Document], tokenizer: Any,
+                 max_model_len: int) -> None:
+        self.bank, self.documents = bank, documents
+        self.token_ids = tokenized(tokenizer, documents, max_model_len)
+        self.keys = [f"msa-encode-{uuid.uuid4().hex}" for _ in documents]
+
+    def requests(self) -> list[tuple[dict[str, Any], Any, str]]:
+        """(prompt, SamplingParams, request id) of each document."""
+        from vllm import SamplingParams
+
+        return [({"prompt_token_ids": ids,
+                  # a salt of its own: no prefix-cache hit may skip positions to capture
+                  "cache_salt": f"msa-encode:{uuid.uuid4().hex}"},
+                 SamplingParams(max_tokens=1, temperature=0.0, detokenize=False, extra_args={
+                     ENCODE_KEY: {"bank": self.bank, "key": key, "nonce": NONCE}}), key)
+                for ids, key in zip(self.token_ids, self.keys, strict=True)]
+
+    def encoded(self, parts: list[dict[str, Any]], info: ModelInfo) -> list[EncodedDocument]:
+        """Every document's rows from the workers' captures (`msa_take_encoded`)."""
+        return [EncodedDocument(doc.id, len(ids), assembled(parts, key, len(ids), info))
+                for doc, ids, key in zip(self.documents, self.token_ids, self.keys,
+                                         strict=True)]
+
+
 async def encode_documents(engine_client: Any, bank: str, documents: list[Document],
                            info: ModelInfo) -> list[EncodedDocument]:
-    """Stage 1 of `documents` (for served bank `bank`) on the running engine, in order."""
-    from vllm import SamplingParams
-
+    """Stage 1 of `documents` (for served bank `bank`) on a running async engine (`vllm
+    serve`'s), in order."""
     from ..patches.engine_rpc import collective_rpc_all
 
-    model_config = engine_client.vllm_config.model_config
-    token_ids = tokenized(engine_client.get_tokenizer(), documents,
-                          model_config.max_model_len)
-    request_ids = [f"msa-encode-{uuid.uuid4().hex}" for _ in documents]
+    batch = EncodeBatch(bank, documents, engine_client.get_tokenizer(),
+                        engine_client.vllm_config.model_config.max_model_len)
 
-    async def run(request_id: str, ids: list[int]) -> None:
-        params = SamplingParams(max_tokens=1, temperature=0.0, detokenize=False, extra_args={
-            ENCODE_KEY: {"bank": bank, "key": request_id, "nonce": NONCE}})
-        # A salt of its own: no prefix-cache hit may skip positions the capture needs.
-        prompt = {"prompt_token_ids": ids, "cache_salt": f"msa-encode:{uuid.uuid4().hex}"}
+    async def run(prompt: dict[str, Any], params: Any, request_id: str) -> None:
         async for _ in engine_client.generate(prompt, params, request_id):
             pass
 
     try:
-        await asyncio.gather(*(run(r, ids) for r, ids in zip(request_ids, token_ids,
-                                                              strict=True)))
+        await asyncio.gather(*(run(*request) for request in batch.requests()))
     finally:  # (also after a failure: the workers forget what they captured)
-        parts = await collective_rpc_all(engine_client, "msa_take_encoded", (request_ids,))
-    return [EncodedDocument(doc.id, len(ids), assembled(parts, request_id, len(ids), info))
-            for doc, ids, request_id in zip(documents, token_ids, request_ids, strict=True)]
+        parts = await collective_rpc_all(engine_client, "msa_take_encoded", (batch.keys,))
+    return batch.encoded(parts, info)
+
+
+def encode_with_llm(llm: Any, bank: str, documents: list[Document], info: ModelInfo
+                    ) -> list[EncodedDocument]:
+    """`encode_documents` on an offline `vllm.LLM` that serves bank `bank`."""
+    batch = EncodeBatch(bank, documents, llm.get_tokenizer(),
+                        llm.llm_engine.model_config.max_model_len)
+    requests = batch.requests()
+    try:
+        llm.generate([r[0] for r in requests], [r[1] for r in requests], use_tqdm=False)
+    finally:
+        parts = llm.collective_rpc("msa_take_encoded", args=(batch.keys,))
+    return batch.encoded(parts, info)
 
 
 def assembled(parts: list[dict[str, Any]], request_id: str, num_tokens: int,
