@@ -231,13 +231,15 @@ def test_a_served_bank_switches_to_a_removal_as_a_fresh_load(checkpoints, tmp_pa
 
 @pytest.mark.parametrize("index_dtype", ["auto", "int8"])
 @pytest.mark.parametrize("shard", [(0, 1), (0, 2), (1, 2)])
-@pytest.mark.parametrize("host", ["ram", "disk", "shared"])
+@pytest.mark.parametrize("host", ["ram", "ram-reserve", "disk", "shared", "shared-reserve"])
 def test_a_served_bank_grows_by_an_add_as_a_fresh_load(checkpoints, tmp_path, index_dtype,
                                                        shard, host):
     """An add (and a replace) applied to a served bank (`ServedBank.apply_generation`, what
     a live add does on every worker) serves what loading the new generation does: the same
     routing (ids, order, scores) over the grown index, the same host-tier rows for every
-    chunk, the same staging tables. A Memory Parallel shard grows only on the last rank."""
+    chunk, the same staging tables. A Memory Parallel shard grows only on the last rank.
+    With room reserved at load, the host tier grows in place (no copy, the same shared
+    files)."""
     from conftest import SAMPLE_DOCS
     from fake_encoder import FakeEncoder
 
@@ -253,12 +255,15 @@ def test_a_served_bank_grows_by_an_add_as_a_fresh_load(checkpoints, tmp_path, in
     def load(bank, where=shard):
         return ServedBank.load("b", bank, torch.device(DEVICE), slice(None), shard=where,
                                index_dtype=index_dtype, host_cache_bytes=cache,
-                               share_host=host == "shared")
+                               share_host=host.startswith("shared"),
+                               reserve_chunks=40 if host.endswith("reserve") else 0)
 
     served = load(MemoryBank.open(path))
     before = served.shard
     old_files = list(served.shared_files)
-    assert bool(old_files) == (host == "shared")
+    assert bool(old_files) == host.startswith("shared")
+    layer0 = served.bank.router_layers[0]
+    where = served.host_keys[layer0].data_ptr() if host != "disk" else None
     remove_documents(path, [3])
     docs = tmp_path / "more.jsonl"
     docs.write_text('{"id": 99, "text": "A new document about lighthouses and their '
@@ -268,7 +273,10 @@ def test_a_served_bank_grows_by_an_add_as_a_fresh_load(checkpoints, tmp_path, in
                           llm=FakeEncoder(ckpt))
     removed_ids, added_ids = served.apply_generation(MemoryBank.open(path))
     assert (removed_ids, added_ids) == ([3, 5], [99, 5])
-    if host == "shared":  # the grown tier is shared again, under the new generation's name
+    if host.endswith("reserve"):  # grown in its room
+        assert served.host_keys[layer0].data_ptr() == where
+        assert served.shared_files == old_files
+    elif host == "shared":  # the grown tier is shared again, under the new generation's name
         assert len(served.shared_files) == len(old_files)
         assert not set(served.shared_files) & set(old_files)
         assert all(Path(f).exists() for f in served.shared_files)

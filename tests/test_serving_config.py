@@ -91,3 +91,17 @@ def test_flipped_bit_is_refused_when_the_bank_loads(checkpoints, bank_copy, capf
         start(checkpoints(), {"banks": {"docs": str(bank_copy)}})
     log = "".join(capfd.readouterr())
     assert f"is corrupt: segments/{segment.name}: blake3" in log
+
+
+def test_reserve_tokens_engine_wide_and_per_bank():
+    from vllm_msa.options import MSAServingConfigError, ServingConfig
+
+    config = ServingConfig.from_additional_config({"msa": {
+        "banks": {"a": "x", "b": {"path": "y", "reserve_tokens": 0}}, "reserve_tokens": 640}})
+    assert (config.reserve_of("a"), config.reserve_of("b")) == (640, 0)
+    for bad in ({"reserve_tokens": -1}, {"reserve_tokens": 1.5}, {"reserve_tokens": True}):
+        with pytest.raises(MSAServingConfigError, match="reserve_tokens must be an integer"):
+            ServingConfig.from_additional_config({"msa": {"banks": {"a": "x"}, **bad}})
+    with pytest.raises(MSAServingConfigError, match="'a' reserve_tokens must be"):
+        ServingConfig.from_additional_config(
+            {"msa": {"banks": {"a": {"path": "x", "reserve_tokens": "9"}}}})

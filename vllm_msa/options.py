@@ -7,8 +7,9 @@ Engine-wide (`LLM(..., additional_config={"msa": {...}})` or
 `vllm serve CKPT --additional-config '{"msa": {...}}'`):
 
 - `banks`: {name: path} — the memory banks this engine serves (opened by every worker); an
-  entry may also be {"path": ..., "host_cache_gib": ..., "index_dtype": ...}, that bank's
-  own disk-tier cache and routing-index dtype.
+  entry may also be {"path": ..., "host_cache_gib": ..., "index_dtype": ...,
+  "reserve_tokens": ...}, that bank's own disk-tier cache, routing-index dtype and room for
+  live adds.
 - `default_bank`: the bank a request without `msa_bank` uses; absent means such a request
   runs without memory (plain Qwen3).
 - `top_k`: overrides the checkpoint's top-k (`doc_top_k`/`top_k_docs`); it is also the global
@@ -39,6 +40,11 @@ Engine-wide (`LLM(..., additional_config={"msa": {...}})` or
   load; routing then selects exactly what the full-precision index selects, re-scoring the
   documents whose 8-bit score is too close to the k-th from the bank files
   (`vllm_msa.attention.bounded_routing`). A bank entry's own `index_dtype` overrides it.
+- `reserve_tokens`: room for about this many memory tokens of live adds per bank (the bank
+  routes of `vllm serve`, `serving/llm_edits.py`), allocated in the host tier at load
+  (page-locked, or in the shared tier), so an add appends there instead of copying the
+  tier. Default 0: the first add beyond the room copies the tier once, into a tensor with
+  this much room again.
 - `staging_mib`: size of the device staging pool for selected documents' K̄/V̄; by default
   sized for `max_num_seqs` requests each holding the configured top-k largest documents of
   every router layer (capped at 4 GiB, logged).
@@ -68,7 +74,7 @@ DECODE_GRAPH_MODES = ("auto", "piecewise")
 INDEX_PARALLEL_MODES = ("shard", "replicate")
 ENGINE_KEYS = ("banks", "default_bank", "top_k", "score", "staging_mib", "decode_graphs",
                "verify", "index_parallel", "share_host", "host_cache_gib", "index_dtype",
-               "admin_key")
+               "admin_key", "reserve_tokens")
 _BANK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 # Keys a request may set; `msa_span` is written by the front end, never by callers.
@@ -112,6 +118,12 @@ class ServingConfig:
     bank_index_dtype: dict[str, str] = field(default_factory=dict)  # per-bank overrides
     # The bank-edit routes' key (`serving/edits.py`; the VLLM_MSA_ADMIN_KEY variable wins).
     admin_key: str | None = field(default=None, repr=False)
+    reserve_tokens: int = 0  # room for live adds in each bank's host tier
+    bank_reserve_tokens: dict[str, int] = field(default_factory=dict)  # per-bank overrides
+
+    def reserve_of(self, bank: str) -> int:
+        """Memory tokens of room for live adds in `bank`'s host tier."""
+        return self.bank_reserve_tokens.get(bank, self.reserve_tokens)
 
     def cache_gib(self, bank: str) -> float | None:
         """The disk tier's cache of `bank` in GiB (None: its K̄/V̄ all in host RAM)."""
@@ -141,7 +153,7 @@ class ServingConfig:
             raise MSAServingConfigError('msa "banks" must map bank names to paths (strings), '
                                         'or to {"path": ..., "host_cache_gib": ..., '
                                         '"index_dtype": ...}')
-        banks, bank_caches, bank_index = _bank_entries(banks)
+        banks, bank_caches, bank_index, bank_reserve = _bank_entries(banks)
         for name in banks:
             if not _BANK_NAME.match(name):
                 raise MSAServingConfigError(
@@ -180,9 +192,10 @@ class ServingConfig:
         if admin_key is not None and (not isinstance(admin_key, str) or len(admin_key) < 16):
             raise MSAServingConfigError("msa admin_key must be a string of at least 16 "
                                         "characters")
+        reserve = _tokens(raw.get("reserve_tokens", 0), "msa reserve_tokens")
         return cls(dict(banks), default, top_k, score, staging, decode_graphs, verify,
                    index_parallel, share_host, cache, bank_caches, index_dtype, bank_index,
-                   admin_key)
+                   admin_key, reserve, bank_reserve)
 
     def configured_top_k(self, msa: MSAParams) -> int:
         """The top-k a request gets by default, and the global RoPE offset (msa-spec §3)."""
@@ -196,6 +209,12 @@ def _cache_gib(value: Any, what: str) -> float | None:
     return value
 
 
+def _tokens(value: Any, what: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise MSAServingConfigError(f"{what} must be an integer >= 0, got {value!r}")
+    return value
+
+
 def _index_dtype(value: Any, what: str) -> str:
     if value not in INDEX_DTYPES:
         raise MSAServingConfigError(f"{what} must be one of {INDEX_DTYPES}, got {value!r}")
@@ -203,26 +222,30 @@ def _index_dtype(value: Any, what: str) -> str:
 
 
 def _bank_entries(banks: Mapping[str, Any]
-                  ) -> tuple[dict[str, str], dict[str, float], dict[str, str]]:
-    """{name: path}, and the per-bank `host_cache_gib` and `index_dtype` of entries given as
-    objects."""
-    paths, caches, index = {}, {}, {}
+                  ) -> tuple[dict[str, str], dict[str, float], dict[str, str], dict[str, int]]:
+    """{name: path}, and the per-bank `host_cache_gib`, `index_dtype` and `reserve_tokens`
+    of entries given as objects."""
+    paths, caches, index, reserve = {}, {}, {}, {}
     for name, entry in banks.items():
         if isinstance(entry, str):
             paths[name] = entry
             continue
-        unknown = set(entry) - {"path", "host_cache_gib", "index_dtype"}
+        unknown = set(entry) - {"path", "host_cache_gib", "index_dtype", "reserve_tokens"}
         if unknown or not isinstance(entry.get("path"), str):
             raise MSAServingConfigError(
                 f'msa bank {name!r}: an entry is a path or {{"path": str, "host_cache_gib": '
-                f'number, "index_dtype": str}}, got keys {sorted(entry)}')
+                f'number, "index_dtype": str, "reserve_tokens": int}}, got keys '
+                f'{sorted(entry)}')
         paths[name] = entry["path"]
         cache = _cache_gib(entry.get("host_cache_gib"), f"msa bank {name!r} host_cache_gib")
         if cache is not None:
             caches[name] = cache
         if "index_dtype" in entry:
             index[name] = _index_dtype(entry["index_dtype"], f"msa bank {name!r} index_dtype")
-    return paths, caches, index
+        if "reserve_tokens" in entry:
+            reserve[name] = _tokens(entry["reserve_tokens"],
+                                    f"msa bank {name!r} reserve_tokens")
+    return paths, caches, index, reserve
 
 
 def _flag(raw: Mapping[str, Any], key: str, default: bool = True) -> bool:

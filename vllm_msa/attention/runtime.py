@@ -156,6 +156,8 @@ class MemoryRuntime:
                                  host_cache_bytes=None if self.serving.cache_gib(name) is None
                                  else self.serving.cache_gib(name) * 2**30,
                                  index_dtype=self.serving.index_dtype_of(name),
+                                 reserve_chunks=-(-self.serving.reserve_of(name)
+                                                  // info.pooling_kernel_size),
                                  normalize=self.serving.score == "cosine"
                                  and not info.normalized_routing_keys)
         cache = served.host_cache

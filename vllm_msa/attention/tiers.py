@@ -116,10 +116,13 @@ def shared_name(bank: MemoryBank) -> str:
     return f"{bank_identity(bank)[:32]}-{str(bank.dtype).removeprefix('torch.')}"
 
 
-def shared_part_name(share: str, layer: int, part: str, kv_heads: slice, info: Any) -> str:
-    """The shared-memory file of one host-tier tensor (`host_share.py`)."""
+def shared_part_name(share: str, layer: int, part: str, kv_heads: slice, info: Any,
+                     reserve: int = 0) -> str:
+    """The shared-memory file of one host-tier tensor (`host_share.py`), with `reserve`
+    chunks of room for live adds."""
     heads = range(info.num_kv_heads)[kv_heads]
-    return f"{share}-L{layer}-{part}-h{heads.start}-{heads.stop}"
+    return f"{share}-L{layer}-{part}-h{heads.start}-{heads.stop}" + (
+        f"-r{reserve}" if reserve else "")
 
 
 def host_part(shape: tuple[int, ...], dtype: torch.dtype, fill: Any, shared: str | None,
@@ -158,6 +161,10 @@ class ServedBank:
     host_cache: HostCache | None = None
     normalized: bool = False  # the index holds the stored keys L2-normalised (cosine)
     kv_heads: slice = field(default_factory=lambda: slice(None))  # the host tier's KV heads
+    # Each host-tier tensor with its room for live adds: layer -> part -> [capacity, ...];
+    # host_keys/values/scales are its first rows.
+    host_backing: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
+    reserve_chunks: int = 0  # the room each (re)allocation of a host-tier tensor gets
     _prepared: dict[int, Any] = field(default_factory=dict)
     _tables: dict[torch.device, tuple] = field(default_factory=dict)
 
@@ -166,7 +173,8 @@ class ServedBank:
              verify: bool = True, checksums: bool | None = None,
              shard: tuple[int, int] = (0, 1), layers: Any = None,
              share_host: bool = False, host_cache_bytes: float | None = None,
-             index_dtype: str = "auto", normalize: bool = False) -> ServedBank:
+             index_dtype: str = "auto", normalize: bool = False, reserve_chunks: int = 0
+             ) -> ServedBank:
         """Read `bank` into its tiers: the routing index of the documents of `shard`
         ((rank, ranks): `index_parallel.shard_bounds`; the whole bank by default), the host
         tier of every document for heads `kv_heads`. With `verify` every value read must be
@@ -180,7 +188,9 @@ class ServedBank:
         bank files into a cache of this many host bytes instead (`host_cache.py`).
         `index_dtype` "int8" | "fp8_e4m3": the routing index in 8 bits on the device
         (`compressed_index.py`; routing re-reads the bank files for exact scores);
-        `normalize`: L2-normalise the routing keys (cosine scores of a bank built for dot)."""
+        `normalize`: L2-normalise the routing keys (cosine scores of a bank built for dot).
+        `reserve_chunks`: room for that many more chunks in each host-tier tensor, where
+        live adds append (`apply_generation`)."""
         checksums = verify if checksums is None else checksums and verify
         # The tiers hold the bank as stored: an edited bank's removed documents keep their
         # rows and are masked out of routing (`RoutingIndex.live`), never rewritten here.
@@ -188,7 +198,7 @@ class ServedBank:
         offsets = physical.doc_chunk_offsets.tolist()
         own = IndexShard.of(offsets, *shard)
         pin = device.type == "cuda"
-        index, keys, values, shared, scales = {}, {}, {}, [], {}
+        index, keys, values, shared, scales, backing = {}, {}, {}, [], {}, {}
         started = time.monotonic()
         # Checks run beside the reading: the checksums (several files at once), and the
         # finite check of each host-tier part as soon as it is read (device parts are
@@ -213,7 +223,8 @@ class ServedBank:
                                 layers, index, keys, values,
                                 shared_name(bank) if share_host else None, checked, shared,
                                 scales, host=host_cache_bytes is None,
-                                index_dtype=index_dtype, normalize=normalize)
+                                index_dtype=index_dtype, normalize=normalize,
+                                reserve=reserve_chunks, backing=backing)
             finally:
                 problems = hashed.result() if hashed is not None else []
                 for future in finite:
@@ -253,6 +264,8 @@ class ServedBank:
             host_cache=cache,
             normalized=normalize,
             kv_heads=kv_heads,
+            host_backing=backing,
+            reserve_chunks=reserve_chunks,
         )
         sharded = (f"; index shard {own.rank + 1}/{own.size}: documents "
                    f"{own.documents.start}:{own.documents.stop} of {bank.num_documents}, "
@@ -274,7 +287,8 @@ class ServedBank:
                     index: dict, keys: dict, values: dict, share: str | None = None,
                     checked: Any = None, shared_files: list | None = None,
                     scales: dict | None = None, host: bool = True,
-                    index_dtype: str = "auto", normalize: bool = False) -> None:
+                    index_dtype: str = "auto", normalize: bool = False, reserve: int = 0,
+                    backing: dict | None = None) -> None:
         # One chunk -> document map for every layer (bank order is the same in all of them),
         # of the stored documents, removed ones masked (`live`).
         physical = bank.physical
@@ -312,8 +326,10 @@ class ServedBank:
                     if bank.dtypes.scaled("keys") else ())):
                 shape = local if not part.endswith(SCALE_SUFFIX) else local[:2]
                 dtype = bank.stored_dtype(part)
+                capacity = (shape[0] + reserve, *shape[1:])
 
                 def fill(out: torch.Tensor, layer: int = layer, part: str = part) -> None:
+                    out = out[: bank.physical_chunks]  # (the rest: room for live adds)
                     on_segment = check
                     if part.endswith(SCALE_SUFFIX):
                         on_segment = functools.partial(_check_scales, bank)
@@ -322,8 +338,11 @@ class ServedBank:
                         checked()  # a shared tier is published only once it checks out
 
                 name = None if share is None else shared_part_name(share, layer, part,
-                                                                   kv_heads, info)
-                tiers[part] = host_part(shape, dtype, fill, name, pin, shared_files)
+                                                                   kv_heads, info, reserve)
+                whole = host_part(capacity, dtype, fill, name, pin, shared_files)
+                if backing is not None:
+                    backing.setdefault(layer, {})[part] = whole
+                tiers[part] = whole[: shape[0]]
             keys[layer], values[layer] = tiers["keys"], tiers["values"]
             if scales is not None and f"keys{SCALE_SUFFIX}" in tiers:
                 scales[layer] = (tiers[f"keys{SCALE_SUFFIX}"], tiers[f"values{SCALE_SUFFIX}"])
@@ -439,34 +458,43 @@ class ServedBank:
         self.shard = shard
 
     def _append_host(self, bank: MemoryBank, layer: int, rows: list[tuple[int, int]]) -> None:
-        """One layer's host tier (this rank's KV heads, as stored) with `rows` appended: a
-        new tensor (in shared memory again, named by the new generation, where the old one
-        was shared); the old one goes when the last step that read it is gone."""
+        """One layer's host tier (this rank's KV heads, as stored) with `rows` appended: into
+        the tensor's room where it has enough (no copy of the tier; a shared tier is written
+        in place, the same bytes by every process that serves the bank), else into a new
+        tensor with room again (in shared memory again where the old one was shared); the
+        old one goes when the last step that read it is gone."""
         index = self.index[layer]
         pin = (index.layout if isinstance(index, CompressedRoutingIndex)
                else index).routing_keys.is_cuda  # (as at load: a GPU's tier is page-locked)
         share = shared_name(bank) if self.shared_files else None
+        files: list[str] = []
+        backing = self.host_backing.setdefault(layer, {})
 
         def grown(old: torch.Tensor, part: str) -> torch.Tensor:
             added = bank.read_ranges(layer, part, rows, self.kv_heads)
+            n, m = old.shape[0], added.shape[0]
+            room = backing.get(part)
+            if room is not None and room.shape[0] >= n + m:
+                room[n:n + m].view(torch.uint8).copy_(added.view(torch.uint8))
+                return room[:n + m]
 
             def fill(out: torch.Tensor) -> None:
-                out[: old.shape[0]].view(torch.uint8).copy_(old.view(torch.uint8))
-                out[old.shape[0]:].view(torch.uint8).copy_(added.view(torch.uint8))
+                out[:n].view(torch.uint8).copy_(old.view(torch.uint8))
+                out[n:n + m].view(torch.uint8).copy_(added.view(torch.uint8))
 
-            name = None if share is None else shared_part_name(share, layer, part,
-                                                               self.kv_heads, bank.model_info)
-            return host_part((old.shape[0] + added.shape[0], *old.shape[1:]), old.dtype, fill,
-                             name, pin, files)
+            name = None if share is None else shared_part_name(
+                share, layer, part, self.kv_heads, bank.model_info, self.reserve_chunks)
+            backing[part] = host_part((n + m + self.reserve_chunks, *old.shape[1:]),
+                                      old.dtype, fill, name, pin, files)
+            return backing[part][:n + m]
 
-        files: list[str] = []
         self.host_keys[layer] = grown(self.host_keys[layer], "keys")
         self.host_values[layer] = grown(self.host_values[layer], "values")
         if layer in self.host_scales:
             k, v = self.host_scales[layer]
             self.host_scales[layer] = (grown(k, f"keys{SCALE_SUFFIX}"),
                                        grown(v, f"values{SCALE_SUFFIX}"))
-        if share is not None:  # (the old generation's files of this layer: released)
+        if files:  # (the old generation's files of this layer: released)
             self.shared_files = [f for f in self.shared_files
                                  if f"-L{layer}-" not in f] + files
 
@@ -515,10 +543,13 @@ class ServedBank:
 
     @property
     def host_bytes(self) -> int:
-        """Host bytes of this rank's K̄/V̄ (its KV heads of every document; FP8 scales too)."""
+        """Host bytes of this rank's K̄/V̄ (its KV heads of every document; FP8 scales too;
+        the room for live adds included)."""
         scales = [t for pair in self.host_scales.values() for t in pair]
-        return sum(t.numel() * t.element_size() for t in (
-            *self.host_keys.values(), *self.host_values.values(), *scales))
+        held = [*self.host_keys.values(), *self.host_values.values(), *scales]
+        if self.host_backing:
+            held = [t for parts in self.host_backing.values() for t in parts.values()]
+        return sum(t.numel() * t.element_size() for t in held)
 
     @property
     def host_row_bytes(self) -> int:
