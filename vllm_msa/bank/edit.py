@@ -152,17 +152,19 @@ def add_documents(
 
 def add_encoded(bank: str | Path | MemoryBank, encoded: list[EncodedDocument],
                 texts: dict[int, str], *, replace: bool = False,
-                identity: dict[str, Any] | None = None) -> MemoryBank:
+                identity: dict[str, Any] | None = None,
+                synthetic_ok: bool = False) -> MemoryBank:
     """Append documents already encoded by stage 1 (`encoded`, in the order to store them;
     `texts` by id) to `bank` in one new generation, as `add_documents` would have written
     them; returns it. An id the bank holds live is refused unless `replace` (then its old
     copy is removed in the same generation). Durable when it returns: the segment, the
-    texts and the manifest are on disk (`generations.commit_generation`)."""
+    texts and the manifest are on disk (`generations.commit_generation`). `synthetic_ok`:
+    add to a synthetic bank too (benchmarks; it stays marked synthetic)."""
     if not encoded:
         raise BankError("no documents to add")
     path = bank.path if isinstance(bank, MemoryBank) else Path(bank)
     with edit_lock(path):
-        opened = editable_bank(path, "add")
+        opened = editable_bank(path, "add", synthetic_ok=synthetic_ok)
         live = opened.physical.live_positions()
         present = [d.id for d in encoded if d.id in live]
         if present and not replace:

@@ -170,21 +170,27 @@ class BankEditor:
 
     async def _switch(self, name: str, bank: Any, done: dict[str, Any]) -> JSONResponse:
         """Every worker (and admission) onto committed generation `bank`; the answer."""
-        from ..patches.engine_rpc import collective_rpc_all
-        from ..patches.input_processor import admission_for
-
         try:
-            workers = await collective_rpc_all(self.engine_client, "msa_apply_generation",
-                                               (name,))
+            workers = await switch_workers(self.engine_client, name, bank)
         except Exception as e:  # (the reason goes back to the caller)
             return error(500, f"bank {name!r}: generation {bank.generation} is on disk "
                               f"but the workers did not switch to it ({e}); a restart "
                               "loads it")
-        admission = admission_for(self.engine_client.vllm_config)
-        if admission is not None:
-            admission.refresh(name, bank)
         return JSONResponse({"bank": name, "generation": bank.generation, **done,
                              "documents": bank.num_documents, "workers": len(workers)})
+
+
+async def switch_workers(engine_client: Any, name: str, bank: Any) -> list[dict[str, Any]]:
+    """Every worker of every engine of `engine_client` onto generation `bank` of served bank
+    `name` (committed already), then the front end's admission; each worker's state."""
+    from ..patches.engine_rpc import collective_rpc_all
+    from ..patches.input_processor import admission_for
+
+    workers = await collective_rpc_all(engine_client, "msa_apply_generation", (name,))
+    admission = admission_for(engine_client.vllm_config)
+    if admission is not None:
+        admission.refresh(name, bank)
+    return workers
 
 
 def attach_bank_routes(router: APIRouter) -> None:
