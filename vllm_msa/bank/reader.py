@@ -156,6 +156,27 @@ class MemoryBank:
 
     def _check_header(self, name: str,
                       expected: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> None:
+        signature = (self._identity(name), tuple(sorted(
+            (key, shape, str(dtype)) for key, (shape, dtype) in expected.items())))
+        if signature in _CHECKED_HEADERS:
+            return
+        self._check_header_of(name, expected)
+        if signature[0] is not None:
+            _CHECKED_HEADERS.add(signature)
+
+    def _identity(self, name: str) -> tuple[int, int, int, int] | None:
+        """What makes a bank file the same file: bank files are written once and replaced
+        only by a new file (`format.write_atomic`), so device, inode, size and mtime name its
+        content for the process-wide caches of what open re-reads (`_TABLES`)."""
+        fd = self._fds.get(name)
+        try:
+            st = os.fstat(fd) if fd is not None else (self.path / name).stat()
+        except OSError:
+            return None
+        return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+    def _check_header_of(self, name: str,
+                         expected: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> None:
         try:
             with safe_open(self._file(name), framework="pt") as f:
                 keys = set(f.keys())
@@ -276,7 +297,30 @@ class MemoryBank:
 
     def _concat(self, key: str) -> torch.Tensor:
         """Tensor `key` of every segment, concatenated: stored rows, removed ones included."""
-        return torch.cat([self._read(seg["file"], key) for seg in self.manifest["segments"]])
+        files = [seg["file"] for seg in self.manifest["segments"]]
+        if key not in TABLE_KEYS:
+            return torch.cat([self._read(name, key) for name in files])
+        identities = tuple(self._identity(name) for name in files)
+        whole = _TABLES.get((identities, key)) if None not in identities else None
+        if whole is None:  # (a removal keeps the segments: the same tables again)
+            whole = torch.cat([self._read_table(name, key) for name in files])
+            if None not in identities:
+                _TABLES[(identities, key)] = whole
+        return whole
+
+    def _read_table(self, name: str, key: str) -> torch.Tensor:
+        """A segment's document/chunk table, read once per process for each file (an edit
+        reopens the bank several times, and every worker once per generation: re-reading
+        every segment's tables made a removal from a 10M-token bank cost tens of ms)."""
+        identity = self._identity(name)
+        cached = _TABLES.get((identity, key)) if identity is not None else None
+        if cached is None:
+            cached = self._read(name, key)
+            if identity is not None:
+                _TABLES[(identity, key)] = cached
+                while len(_TABLES) > _MAX_TABLES:
+                    _TABLES.pop(next(iter(_TABLES)))
+        return cached
 
     def _pooled(self, layer: int, name: str) -> torch.Tensor:
         """A pooled tensor of every live chunk in the model's dtype (FP8 tiers
@@ -583,6 +627,12 @@ def _read_texts(path: Path) -> dict[int, str]:
 
 
 _PROC_FD = Path("/proc/self/fd")
+# Process-wide caches keyed by a file's identity (`MemoryBank._identity`): segment tables
+# (`_read_table`, small: 8 bytes a chunk or document) and headers that checked out.
+TABLE_KEYS = frozenset({"doc_ids", "doc_num_chunks", "doc_num_tokens", "chunk_doc_ids"})
+_TABLES: dict[tuple, torch.Tensor] = {}
+_MAX_TABLES = 4096
+_CHECKED_HEADERS: set[tuple] = set()
 
 
 def unfinished_build_message(path: Path) -> str:
