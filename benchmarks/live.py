@@ -142,17 +142,23 @@ async def measure(args, ckpt: Path, engine_args: dict, bank_path: str, new_docs)
         decoding.start()
         await asyncio.sleep(args.settle_s)  # every request past its prefill
         rate_a, window_a = await decoding.rate_over(args.window_s)
+        print(f"A: decode {rate_a:,.0f} tok/s without edits", flush=True)
         latencies = []
 
         async def adds() -> None:
             for doc in singles[1:]:
                 latencies.append((await add(engine, bank_path, [doc], info))[0])
+                print(f"B: add {latencies[-1] * 1e3:.1f} ms", flush=True)
 
         rate_b, window_b = await decoding.rate_over(during=adds())
+        print(f"B: decode {rate_b:,.0f} tok/s during adds", flush=True)
         await decoding.stop()
         seconds, tokens = await add(engine, bank_path, batched, info)
+        print(f"C: batched add {tokens / seconds:,.0f} tok/s", flush=True)
         gone = [d.id for d in singles[1:1 + args.removals]]
         removals = [await remove(engine, bank_path, doc_id) for doc_id in gone]
+        print("D: removals " + ", ".join(f"{r * 1e3:.1f}" for r in removals) + " ms",
+              flush=True)
         states = await engine.collective_rpc("msa_state")
     finally:
         engine.shutdown()
@@ -201,11 +207,12 @@ def main() -> None:
     engine["max_model_len"] = max(engine["max_model_len"], 2 * args.doc_tokens + 64)
     size = parse_count(args.bank_tokens)
     t = time.perf_counter()
-    bank = synthetic_bank(args, ckpt, size, engine.get("dtype"), work)
-    bank_path = work / f"live-{bank.path.name}"  # a fresh copy: the run edits it
-    shutil.rmtree(bank_path, ignore_errors=True)
-    shutil.copytree(bank.path, bank_path)
-    print(f"synthetic bank of {size:,} tokens ready in {time.perf_counter() - t:.0f} s")
+    shutil.rmtree(work / "live", ignore_errors=True)  # a fresh bank: the run edits it
+    (work / "live").mkdir()
+    bank = synthetic_bank(args, ckpt, size, engine.get("dtype"), work / "live")
+    bank_path = bank.path
+    print(f"synthetic bank of {size:,} tokens ready in {time.perf_counter() - t:.0f} s",
+          flush=True)
     docs = work / "live-docs.jsonl"
     count = args.adds + 1 + args.batched_docs
     make_docs(docs, count, args.doc_tokens, seed=7)
@@ -218,6 +225,7 @@ def main() -> None:
         batch_docs = work / "live-batch-docs.jsonl"
         batch_docs.write_text("".join(docs.read_text().splitlines(keepends=True)[args.adds + 1:]))
         build_rate = build_baseline(ckpt, batch_docs, work, engine)
+        print(f"bank build of the batch: {build_rate:,.0f} tokens/s", flush=True)
     runs = asyncio.run(measure(args, ckpt, engine, str(bank_path), new_docs))
 
     adds_ms = [s * 1e3 for s in runs["add_latencies_s"]]
