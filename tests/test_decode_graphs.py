@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from vllm_msa.attention.capture import EncodeCaptures
 from vllm_msa.attention.decode_graphs import DecodeGraphs
 from vllm_msa.attention.fused import FusedAttention
 from vllm_msa.attention.staging import Staged, StagingPool
@@ -109,6 +110,18 @@ def test_only_fully_staged_steps_may_replay_full_graphs():
     assert runtime.needs_eager_step([("staged", admitted)])
     runtime.finish(["plain"])
     assert not runtime.all_settled(["plain"])
+    # Staged outside the pool (it was full): a full graph reads pool slots only, so such a
+    # request keeps every step eager (it crashed the engine's decode-graph setup before).
+    private = Staged(None, 0, 2, torch.tensor([2]), private=(torch.zeros(2, 1, 8),) * 2)
+    runtime.requests["spilled"] = Request("spilled", {LAYERS[0]: staged(torch.arange(2), 2),
+                                                      LAYERS[1]: private})
+    for _ in range(2):
+        assert runtime.needs_eager_step([("spilled", admitted)])
+    assert not runtime.all_settled(["spilled"])
+    # A document encoded for a live add: its prefill is captured by the op's Python.
+    encode = {"msa_encode": {"bank": "docs", "key": "k", "nonce": "n"}}
+    assert runtime.needs_eager_step([("encoding", encode)])
+    assert not runtime.all_settled(["encoding"])
 
 
 def make_decode_runtime(template_len: int = 3):
@@ -127,6 +140,7 @@ def make_decode_runtime(template_len: int = 3):
     runtime.memory_steps = collections.Counter()
     runtime.fused, runtime._uploads = FusedAttention(), {}
     runtime.metrics = StepMetrics(torch.device("cpu"))
+    runtime.encodes = EncodeCaptures(runtime.msa, LAYERS, slice(None), 1, 8, torch.float32)
     bank = type("Bank", (), {"template_len": template_len})()
     options = RequestOptions("docs", 2, ((4, 6),), False)
     for i in range(2):

@@ -231,7 +231,9 @@ class MemoryRuntime:
                     self._settled.add(req_id)
                 else:
                     eager = True
-            elif len(request.staged) < layers:
+            elif len(request.staged) < layers or any(
+                    staged.private is not None for staged in request.staged.values()):
+                # (staged outside the pool: a full graph reads pool slots only)
                 eager = True
             else:
                 self._settled.add(req_id)
@@ -302,9 +304,12 @@ class MemoryRuntime:
             self.memory_steps["full_graph" if full_graph else "op_python"] += 1
         if full_graph and self.graphs is not None:
             layers = self.router_layers
-            if any(layer not in row.request.staged for row in self.rows for layer in layers):
-                raise RuntimeError("a full CUDA graph step with a request that routes or "
-                                   "stages; the runner hook should have prevented it")
+            if any(layer not in row.request.staged
+                   or row.request.staged[layer].private is not None
+                   for row in self.rows for layer in layers):
+                raise RuntimeError("a full CUDA graph step with a request that routes, "
+                                   "stages or was staged outside the pool; the runner hook "
+                                   "should have prevented it")
             self.graphs.prepare(self.rows, self.pool.version)
             if batch_key is not None and all(
                     row.first_position >= row.request.bank.template_len for row in self.rows):
