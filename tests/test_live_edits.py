@@ -42,7 +42,10 @@ def live(checkpoints, default_banks, tmp_path_factory):
     bank = root / "docs"
     shutil.copytree(default_banks["docs"].path, bank)
     ckpt = checkpoints()
-    with running_server(ckpt, {"banks": {"docs": str(bank)}}, root / "server.log",
+    # Room for 64 tokens of adds: the first add outgrows it (the tier is copied once, with
+    # room again), later ones append in place.
+    with running_server(ckpt, {"banks": {"docs": str(bank)}, "reserve_tokens": 64},
+                        root / "server.log",
                         "--max-num-batched-tokens", "96",
                         env={"VLLM_MSA_ADMIN_KEY": ADMIN}) as server:
         from transformers import AutoTokenizer
