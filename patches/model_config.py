@@ -33,6 +33,7 @@ CONNECTOR_MODULE = "vllm_msa.serving.connector"
 def verify_and_update_config(vllm_config: Any) -> None:
     from vllm_msa.bank.model_info import ModelInfo
     from vllm_msa.bank.reader import MemoryBank
+    from vllm_msa.bank.sizing import layout_bytes
     from vllm_msa.options import ServingConfig
     from vllm_msa.serving.admission import Admission
 
@@ -47,10 +48,14 @@ def verify_and_update_config(vllm_config: Any) -> None:
     for name, path in serving.banks.items():
         bank = MemoryBank.open(path, info)  # missing, corrupt or mismatched: refused here
         banks[name] = bank
-        tiers = bank.tier_bytes()
+        layout = layout_bytes(bank, vllm_config.parallel_config.tensor_parallel_size,
+                              index_parallel=serving.index_parallel,
+                              index_dtype=serving.index_dtype_of(name))
         logger.info("MSA bank %r at %s: %d documents, %d tokens; device index %.1f MiB per "
-                    "worker, host K/V %.1f MiB", name, path, bank.num_documents,
-                    bank.num_tokens, tiers["gpu_index"] / 2**20, tiers["host_kv"] / 2**20)
+                    "worker (%s), host K/V %.1f MiB per worker", name, path,
+                    bank.num_documents, bank.num_tokens, layout.gpu_index_per_rank / 2**20,
+                    layout.index_dtype if layout.index_dtype != "auto" else bank.dtypes.index,
+                    layout.host_per_rank / 2**20)
     scheduler = vllm_config.scheduler_config
     if scheduler.scheduler_cls not in (None, SCHEDULER):
         raise ValueError(
