@@ -12,7 +12,8 @@ float64 reference's over the new generation's documents. Questions sent during a
 the old generation or the new one, never a mix. Edits without the key, with a wrong one, on
 unknown banks or documents, with malformed ids or bodies, too long or already present, are
 refused with the reason, write nothing, and the server keeps serving. A restarted server
-serves the latest generation.
+(with two data-parallel replicas) serves the latest generation, and an edit there switches
+both replicas.
 """
 
 from __future__ import annotations
@@ -315,15 +316,36 @@ def test_questions_during_an_add_see_one_generation(live):
     assert all(103 in report["doc_ids"] for report in ask(live, everything + 1).values())
 
 
-def test_a_restarted_server_serves_the_latest_generation(live):
+def test_a_restarted_server_serves_the_latest_generation_on_two_replicas(live):
+    """A restart (here with two data-parallel replicas) loads the latest generation and
+    answers as before; an edit there switches both replicas: every later answer, whichever
+    replica serves it, is the reference's over the new generation."""
+    from concurrent.futures import ThreadPoolExecutor
+
     bank = MemoryBank.open(live["bank"])
     served = answer(live, bank.num_documents)
     with running_server(live["ckpt"], {"banks": {"docs": str(live["bank"])}},
-                        live["root"] / "restart.log", "--max-num-batched-tokens", "96") as again:
+                        live["root"] / "restart.log", "--max-num-batched-tokens", "96",
+                        "--data-parallel-size", "2",
+                        env={"VLLM_MSA_ADMIN_KEY": ADMIN}) as again:
+        replicas = {**live, "base": again["base"]}
         info = httpx.get(f"{again['base']}/v1/msa/banks/docs", timeout=30).json()
         assert info["generation"] == info["served_generations"][0] == bank.generation
-        restarted = answer({**live, "base": again["base"]}, bank.num_documents)
-    assert restarted["choices"][0]["logprobs"]["tokens"] == \
-        served["choices"][0]["logprobs"]["tokens"]
-    assert restarted["kv_transfer_params"]["msa_selection"]["layers"] == \
-        served["kv_transfer_params"]["msa_selection"]["layers"]
+        restarted = answer(replicas, bank.num_documents)
+        assert restarted["choices"][0]["logprobs"]["tokens"] == \
+            served["choices"][0]["logprobs"]["tokens"]
+        assert restarted["kv_transfer_params"]["msa_selection"]["layers"] == \
+            served["kv_transfer_params"]["msa_selection"]["layers"]
+        removed = delete(replicas, 101)
+        assert removed.status_code == 200 and removed.json()["workers"] == 2, removed.text
+        added = post(replicas, {"documents": [{"id": 104, "text": MILL + " Once more."}]})
+        assert added.status_code == 200 and added.json()["workers"] == 2, added.text
+        info = httpx.get(f"{again['base']}/v1/msa/banks/docs", timeout=30).json()
+        assert info["served_generations"] == [added.json()["generation"]]  # both replicas
+        everything = MemoryBank.open(live["bank"]).num_documents
+        with ThreadPoolExecutor(6) as pool:
+            answers = list(pool.map(lambda _: ask(replicas, everything), range(6)))
+        for reply in answers:
+            for report in reply.values():
+                assert 104 in report["doc_ids"] and 101 not in report["doc_ids"]
+        assert_reference_answer(replicas, 4)
