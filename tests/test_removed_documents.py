@@ -360,3 +360,63 @@ def test_a_selection_located_before_a_removal_stages_what_it_selected(checkpoint
     positions, _, counts = served.locate(ids)
     assert positions[0, 1] == -1 and counts[0, 1] == 0  # 9: removed
     assert positions[0, 2] == served.doc_position[17] != located[0][0, 2]  # 17: its new copy
+
+
+@pytest.mark.parametrize("host", ["ram", "disk"])
+def test_a_preempted_request_restages_what_it_selected_after_an_edit(checkpoints, tmp_path,
+                                                                     host):
+    """Staging again after a removal and a replace (a request preempted across the switch:
+    `MemoryRuntime.locate_selections`, then `paths.stage_selected`) stages exactly the rows
+    it selected, beside a request admitted after the switch that stages the new copy; from
+    RAM and through the disk tier."""
+    from types import SimpleNamespace
+
+    from conftest import SAMPLE_DOCS
+    from fake_encoder import FakeEncoder
+
+    from vllm_msa.attention.paths import stage_selected
+    from vllm_msa.attention.requests import MemoryRequest
+    from vllm_msa.attention.routing import Selection
+    from vllm_msa.attention.runtime import MemoryRuntime
+    from vllm_msa.attention.staging import StagingPool
+    from vllm_msa.attention.tiers import ServedBank
+    from vllm_msa.bank import MemoryBank, add_documents, build_bank, remove_documents
+    from vllm_msa.options import RequestOptions
+
+    ckpt = checkpoints()
+    path = tmp_path / "bank"
+    build_bank(ckpt, SAMPLE_DOCS, path, progress=False, llm=FakeEncoder(ckpt))
+    served = ServedBank.load("b", MemoryBank.open(path), torch.device(DEVICE), slice(None),
+                             host_cache_bytes=1e6 if host == "disk" else None)
+    layer = served.bank.router_layers[0]
+    whole = served.bank.layer(layer)  # (the stored K̄ of every chunk, before the edit)
+    offsets = served.bank.doc_chunk_offsets.tolist()
+    position = {d: i for i, d in enumerate(served.bank.doc_ids)}
+
+    def rows_of(ids):
+        return torch.cat([whole.keys[offsets[position[d]]:offsets[position[d] + 1]]
+                          for d in sorted(ids)])
+
+    options = RequestOptions("b", 3, ((0, 1),), False)
+    old = MemoryRequest("old", options, served)
+    old.selections[layer] = Selection(torch.tensor([17, 9, 4]), torch.zeros(3))
+    runtime = SimpleNamespace(requests={"old": old},
+                              pool=StagingPool(256, 2, whole.keys.shape[-1], torch.float32,
+                                               torch.device(DEVICE)))
+    MemoryRuntime.locate_selections(runtime, "b")  # what apply_generation does first
+    remove_documents(path, [9])
+    docs = tmp_path / "more.jsonl"
+    docs.write_text('{"id": 17, "text": "Seventeen, rewritten."}\n')
+    edited = add_documents(path, ckpt, docs, replace=True, progress=False,
+                           llm=FakeEncoder(ckpt))
+    served.apply_generation(MemoryBank.open(path))
+    new = MemoryRequest("new", options, served)
+    new.selections[layer] = Selection(torch.tensor([17, 4]), torch.zeros(2))
+    width = served.worst_case_chunks(3)  # (what staging reserves per request)
+    staged = stage_selected(runtime, served, layer, [old, new], [("old", width),
+                                                                 ("new", width)])
+    got_old, _ = runtime.pool.read(staged[0])
+    assert torch.equal(got_old.cpu(), rows_of([4, 9, 17]))  # what it selected, 9 and old 17
+    got_new, _ = runtime.pool.read(staged[1])
+    new_17 = edited.layer(layer).keys[edited.chunk_doc_ids == 17]
+    assert torch.equal(got_new.cpu(), torch.cat([rows_of([4]), new_17]))
