@@ -242,8 +242,8 @@ def test_a_served_bank_grows_by_an_add_as_a_fresh_load(checkpoints, tmp_path, in
     a live add does on every worker) serves what loading the new generation does: the same
     routing (ids, order, scores) over the grown index, the same host-tier rows for every
     chunk, the same staging tables. A Memory Parallel shard grows only on the last rank.
-    With room reserved at load, the host tier grows in place (no copy, the same shared
-    files)."""
+    With room reserved at load, the host tier and the index grow in place (no copy, the
+    same shared files)."""
     from conftest import SAMPLE_DOCS
     from fake_encoder import FakeEncoder
 
@@ -268,6 +268,12 @@ def test_a_served_bank_grows_by_an_add_as_a_fresh_load(checkpoints, tmp_path, in
     assert bool(old_files) == host.startswith("shared")
     layer0 = served.bank.router_layers[0]
     where = served.host_keys[layer0].data_ptr() if host != "disk" else None
+
+    def index_ptr():
+        idx = served.index[layer0]
+        return (idx.keys.values if index_dtype != "auto" else idx.routing_keys).data_ptr()
+
+    index_where = index_ptr()
     remove_documents(path, [3])
     docs = tmp_path / "more.jsonl"
     docs.write_text('{"id": 99, "text": "A new document about lighthouses and their '
@@ -277,9 +283,10 @@ def test_a_served_bank_grows_by_an_add_as_a_fresh_load(checkpoints, tmp_path, in
                           llm=FakeEncoder(ckpt))
     removed_ids, added_ids = served.apply_generation(MemoryBank.open(path))
     assert (removed_ids, added_ids) == ([3, 5], [99, 5])
-    if host.endswith("reserve"):  # grown in its room
+    if host.endswith("reserve"):  # grown in its room: the host tier and the index
         assert served.host_keys[layer0].data_ptr() == where
         assert served.shared_files == old_files
+        assert index_ptr() == index_where
     elif host == "shared":  # the grown tier is shared again, under the new generation's name
         assert len(served.shared_files) == len(old_files)
         assert not set(served.shared_files) & set(old_files)

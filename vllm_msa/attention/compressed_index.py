@@ -103,20 +103,6 @@ class CompressedKeys:
         return self.values[start:stop].float() * self.scale[start:stop, :, None]
 
 
-def appended_keys(keys: CompressedKeys, more: CompressedKeys) -> CompressedKeys:
-    """`keys` followed by `more` (compressed alike: a bank grown while served)."""
-    if keys.shared_scale != more.shared_scale or keys.values.dtype != more.values.dtype:
-        raise ValueError("appended keys must be compressed as the index is")
-    if keys.shared_scale:  # (one stored column, seen as [C, KV])
-        scale = torch.cat([keys.scale[:, 0], more.scale[:, 0]])[:, None].expand(
-            -1, keys.scale.shape[1])
-    else:
-        scale = torch.cat([keys.scale, more.scale])
-    return CompressedKeys(torch.cat([keys.values, more.values]), scale,
-                          torch.cat([keys.residual, more.residual]),
-                          torch.cat([keys.magnitude, more.magnitude]), keys.shared_scale)
-
-
 def _round_up(x: torch.Tensor) -> torch.Tensor:
     """float64 -> float32, never below the float64 value."""
     y = x.float()

