@@ -41,10 +41,10 @@ Engine-wide (`LLM(..., additional_config={"msa": {...}})` or
   documents whose 8-bit score is too close to the k-th from the bank files
   (`vllm_msa.attention.bounded_routing`). A bank entry's own `index_dtype` overrides it.
 - `reserve_tokens`: room for about this many memory tokens of live adds per bank (the bank
-  routes of `vllm serve`, `serving/llm_edits.py`), allocated in the host tier at load
-  (page-locked, or in the shared tier), so an add appends there instead of copying the
-  tier. Default 0: the first add beyond the room copies the tier once, into a tensor with
-  this much room again.
+  routes of `vllm serve`, `serving/llm_edits.py`), allocated at load in the host tier
+  (page-locked, or in the shared tier) and in the routing index of the rank whose shard
+  grows, so an add appends there instead of copying either (`attention/growth.py`).
+  Default 0: the first add beyond the room copies them once, with this much room again.
 - `staging_mib`: size of the device staging pool for selected documents' K̄/V̄; by default
   sized for `max_num_seqs` requests each holding the configured top-k largest documents of
   every router layer (capped at 4 GiB, logged).

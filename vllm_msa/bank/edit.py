@@ -71,6 +71,18 @@ def tombstoned(bank: MemoryBank, ids: list[int]) -> list[dict[str, Any]]:
     return segments
 
 
+def present_ids(bank: MemoryBank, ids: list[int], replace: bool, advice: str) -> list[int]:
+    """Which of `ids` `bank` holds live (an add replaces them); refused, with `advice`,
+    unless `replace`."""
+    live = bank.physical.live_positions()
+    present = [i for i in ids if i in live]
+    if present and not replace:
+        raise BankError(f"bank {bank.path} already holds document"
+                        f"{'s' * (len(present) > 1)} {show_ids(present)}: {advice}; nothing "
+                        "was changed")
+    return present
+
+
 def show_ids(ids: list[int]) -> str:
     more = len(ids) - _SHOWN_IDS
     return ", ".join(map(str, ids[:_SHOWN_IDS])) + (f" and {more} more" if more > 0 else "")
@@ -118,12 +130,8 @@ def add_documents(
         if opened.manifest.get("last_edit") == identity:
             clean_up(opened)  # (what a run killed after its commit left)
             return opened  # this add is the committed generation already
-        live = opened.physical.live_positions()
-        present = [d.id for d in documents if d.id in live]
-        if present and not replace:
-            raise BankError(f"bank {path} already holds document"
-                            f"{'s' * (len(present) > 1)} {show_ids(present)}: add with "
-                            "--replace (replace=True) to replace them; nothing was changed")
+        present = present_ids(opened, [d.id for d in documents], replace,
+                              "add with --replace (replace=True) to replace them")
         pending = PendingGeneration.start(opened, identity)
         texts = {d.id: d.text for d in documents}
 
@@ -165,12 +173,8 @@ def add_encoded(bank: str | Path | MemoryBank, encoded: list[EncodedDocument],
     path = bank.path if isinstance(bank, MemoryBank) else Path(bank)
     with edit_lock(path):
         opened = editable_bank(path, "add", synthetic_ok=synthetic_ok)
-        live = opened.physical.live_positions()
-        present = [d.id for d in encoded if d.id in live]
-        if present and not replace:
-            raise BankError(f"bank {path} already holds document"
-                            f"{'s' * (len(present) > 1)} {show_ids(present)}: replace them "
-                            "instead; nothing was changed")
+        present = present_ids(opened, [d.id for d in encoded], replace,
+                              "replace them instead")
         identity = {"operation": "add", "num_documents": len(encoded), "replace": replace,
                     **(identity or {})}
         pending = PendingGeneration.start(opened, identity)

@@ -132,7 +132,7 @@ class BankEditor:
     async def add(self, name: str, documents: list[Document], replace: bool) -> JSONResponse:
         """Encode `documents` with the engine, commit them, switch every worker. `replace`:
         an id the bank holds is replaced (PUT); otherwise it is refused (POST)."""
-        from ..bank.edit import add_encoded
+        from ..bank.edit import add_encoded, present_ids
         from ..bank.reader import MemoryBank
         from .encode import DocumentTooLong, encode_documents
 
@@ -141,12 +141,12 @@ class BankEditor:
             if "virtual" in bank.manifest or "synthetic" in (bank.manifest.get("source")
                                                             or {}):
                 return error(409, f"bank {name!r} is synthetic: documents cannot be added")
-            live = bank.physical.live_positions()
-            present = [d.id for d in documents if d.id in live]
-            if present and not replace:
-                return error(409, f"bank {name!r} already holds document"
-                                  f"{'s' * (len(present) > 1)} {present[:20]}: replace one "
-                                  f"with PUT {BANKS_ROUTE}/{name}/documents/{{id}}")
+            try:
+                present = present_ids(bank, [d.id for d in documents], replace,
+                                      f"replace one with PUT {BANKS_ROUTE}/{name}/documents/"
+                                      "{id}")
+            except BankError as e:
+                return error(409, str(e))
             try:
                 encoded = await encode_documents(self.engine_client, name, documents,
                                                  bank.model_info)
@@ -165,7 +165,7 @@ class BankEditor:
             except BankError as e:  # another edit holds the bank, or it changed meanwhile
                 return error(409, str(e))
             return await self._switch(name, bank, {
-                "added": [d.id for d in documents if d.id not in live],
+                "added": [d.id for d in documents if d.id not in present],
                 "replaced": present, "tokens": sum(d.num_tokens for d in encoded)})
 
     async def _switch(self, name: str, bank: Any, done: dict[str, Any]) -> JSONResponse:
@@ -247,13 +247,18 @@ def attach_bank_routes(router: APIRouter) -> None:
             return error(400, "document ids repeat within the request")
         return await ed.add(bank, parsed, replace=False)
 
+    async def checked_document(bank: str, doc_id: str, request: Request
+                               ) -> BankEditor | JSONResponse:
+        ed = await checked(bank, request)
+        if not isinstance(ed, JSONResponse) and not valid_id(doc_id):
+            return error(400, f"document id {doc_id!r}: expected an integer >= 0")
+        return ed
+
     @router.put(BANKS_ROUTE + "/{bank}/documents/{doc_id}")
     async def put_document(bank: str, doc_id: str, request: Request) -> JSONResponse:
-        ed = await checked(bank, request)
+        ed = await checked_document(bank, doc_id, request)
         if isinstance(ed, JSONResponse):
             return ed
-        if not valid_id(doc_id):
-            return error(400, f"document id {doc_id!r}: expected an integer >= 0")
         body = await json_body(request)
         if isinstance(body, JSONResponse):
             return body
@@ -265,11 +270,9 @@ def attach_bank_routes(router: APIRouter) -> None:
 
     @router.delete(BANKS_ROUTE + "/{bank}/documents/{doc_id}")
     async def remove_document(bank: str, doc_id: str, request: Request) -> JSONResponse:
-        ed = await checked(bank, request)
+        ed = await checked_document(bank, doc_id, request)
         if isinstance(ed, JSONResponse):
             return ed
-        if not valid_id(doc_id):
-            return error(400, f"document id {doc_id!r}: expected an integer >= 0")
         return await ed.remove(bank, int(doc_id))
 
 

@@ -55,17 +55,13 @@ def add_served(llm: Any, bank: str, documents: Iterable[Document | dict[str, Any
     `bank`; an id the bank holds is refused unless `replace`. Returns the new generation."""
     import uuid
 
-    from ..bank.edit import add_encoded
+    from ..bank.edit import add_encoded, present_ids
     from .encode import encode_with_llm
 
     path = served_path(llm, bank)
     docs = as_documents(documents)
     opened = MemoryBank.open(path)
-    live = opened.physical.live_positions()
-    present = [d.id for d in docs if d.id in live]
-    if present and not replace:
-        raise BankError(f"bank {bank!r} already holds documents {present[:20]}: add them "
-                        "with replace=True to replace them; nothing was changed")
+    present_ids(opened, [d.id for d in docs], replace, "add with replace=True to replace them")
     encoded = encode_with_llm(llm, bank, docs, opened.model_info)
     edited = add_encoded(path, encoded, {d.id: d.text for d in docs}, replace=replace,
                          identity={"online": uuid.uuid4().hex})
