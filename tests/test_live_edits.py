@@ -18,6 +18,7 @@ both replicas.
 
 from __future__ import annotations
 
+import os
 import shutil
 
 import httpx
@@ -314,6 +315,35 @@ def test_questions_during_an_add_see_one_generation(live):
         new = [103 in report["doc_ids"] for report in reply.values()]
         assert all(new) or not any(new), "a request saw two generations"
     assert all(103 in report["doc_ids"] for report in ask(live, everything + 1).values())
+
+
+def test_the_edit_example_adds_and_removes(live):
+    """examples/edit_server.py against the server: an add and a removal, each answered once
+    applied; without the key it exits with the server's refusal."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parent.parent / "examples" / "edit_server.py"
+
+    def run(*args: str, key: str | None = ADMIN) -> subprocess.CompletedProcess:
+        env = {k: v for k, v in os.environ.items() if k != "VLLM_MSA_ADMIN_KEY"}
+        if key:
+            env["VLLM_MSA_ADMIN_KEY"] = key
+        return subprocess.run([sys.executable, str(example), "--url", live["base"], "--bank",
+                               "docs", *args], capture_output=True, text=True, env=env,
+                              timeout=300)
+
+    refused = run("remove", "--id", "100", key=None)
+    assert refused.returncode != 0 and "401" in refused.stderr
+    added = run("add", "--id", "105", "--text", "A note the example added.")
+    assert added.returncode == 0, added.stderr
+    assert json.loads(added.stdout)["added"] == [105]
+    removed = run("remove", "--id", "105")
+    assert removed.returncode == 0 and json.loads(removed.stdout)["removed"] == [105]
+    shown = json.loads(run("show").stdout)
+    assert shown["generation"] == MemoryBank.open(live["bank"]).generation
 
 
 def test_a_restarted_server_serves_the_latest_generation_on_two_replicas(live):
