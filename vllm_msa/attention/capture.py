@@ -50,8 +50,8 @@ class DocumentCapture:
             return
         k, v, r = k[skip:], v[skip:], r[skip:]
         start = first_position + skip
-        chunk = (torch.arange(start, start + k.shape[0], device=k.device) // pooling)
-        need = int(chunk[-1]) + 1
+        chunk = torch.arange(start, start + k.shape[0], device=k.device) // pooling
+        need = (start + k.shape[0] - 1) // pooling + 1  # (on the host: no device sync)
         if need > self.sums.shape[0]:
             grown = self.sums.new_zeros((max(need, 2 * self.sums.shape[0]),
                                          *self.sums.shape[1:]))
