@@ -71,7 +71,8 @@ step "asking it over HTTP (POST /v1/msa/answer)" "$LOGS/ask.log" \
 
 echo
 echo "== the bank ($OUT/sample-bank)"
-"$VENV/bin/vllm-msa" bank info "$OUT/sample-bank" | head -8
+"$VENV/bin/vllm-msa" bank info "$OUT/sample-bank" > "$LOGS/bank-info.txt"
+head -8 "$LOGS/bank-info.txt"
 echo
 echo "== the answers (random weights: the text is gibberish, the routing is real)"
 cat "$SUMMARY"

@@ -553,7 +553,13 @@ def main(argv: Sequence[str] | None = None, *, exit_process: bool = False) -> in
 
 def console() -> None:
     """The `vllm-msa` console script (and `python -m vllm_msa.cli`)."""
-    sys.exit(main(exit_process=True))
+    try:
+        rc = main(exit_process=True)
+        sys.stdout.flush()
+    except BrokenPipeError:  # the reader went away (`vllm-msa bank info | head`): no trace
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        rc = 1
+    sys.exit(rc)
 
 
 def _exit_after_engine(rc: int) -> None:

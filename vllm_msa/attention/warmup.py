@@ -78,6 +78,31 @@ def warm_up_kernels(banks: Mapping[str, ServedBank], pool: StagingPool, routing:
     return done
 
 
+def _warm_rescores(prep: CompressedRoutingIndex, qr: torch.Tensor, cu: list[int],
+                   routing: MSAParams, top_k: int, requests: int) -> None:
+    """The exact re-score of a compressed index routes over a sub-index of its candidates,
+    whose chunk count varies with the data, and Triton compiles one variant for counts that
+    are multiples of 16 and one for the rest: route over one candidate set of each kind
+    (at least top-k documents), as `route_compressed` does."""
+    from ..kernels import routing as rk
+    from .bounded_routing import candidate_index
+
+    n = prep.num_documents
+    chunks = prep.prepared.doc_start.diff().cumsum(0).tolist()
+    wanted, picked = {True, False}, []
+    for d in range(max(top_k, 1), n + 1):
+        aligned = chunks[d - 1] % 16 == 0
+        if aligned in wanted:
+            wanted.discard(aligned)
+            picked.append(d)
+    top = rk.triton.next_power_of_2(max(1, min(top_k, prep.prepared.num_bank_documents, n)))
+    config = rk.KernelConfig(block_n=rk.document_block(max(n, 1), top))
+    device = prep.keys.values.device
+    for d in picked:
+        sub, _, _ = candidate_index(prep, torch.arange(d, device=device), device)
+        rk.route_batched_keys(qr, cu, sub, routing, [top_k] * requests, config)
+
+
 def _warm_bank(name: str, bank: ServedBank, pool: StagingPool, routing: MSAParams, top_k: int,
                num_heads: int, head_dim: int, dtype: torch.dtype, max_tokens: int,
                max_requests: int) -> list[str]:
@@ -102,6 +127,8 @@ def _warm_bank(name: str, bank: ServedBank, pool: StagingPool, routing: MSAParam
             routed = route_compressed(qr, cu, prep, routing, [top_k] * requests,
                                       keys_only=True)
             routed = routed if isinstance(routed, rk.RoutedBatch) else None
+            if routed is not None:
+                _warm_rescores(prep, qr, cu, routing, top_k, requests)
         else:
             routed = rk.route_batched_keys(qr, cu, prep, routing, [top_k] * requests)
         if routed is None:  # no Triton for this index: routing runs in torch
