@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..interleave.protocol import InterleaveLimits
 from ..options import SELECTION_KEY
 from ..prompt import build_prompt
-from .edits import BankEditor, attach_bank_routes
+from .edits import BankEditor, attach_bank_routes, json_body
 
 ROUTE = "/v1/msa/answer"
 
@@ -203,12 +203,9 @@ class MSAAnswerPlugin:
 
         @router.post(ROUTE, response_model=None, openapi_extra={"requestBody": body_schema})
         async def msa_answer(raw_request: Request) -> Response | None:
-            try:
-                body = await raw_request.json()
-            except (ValueError, RecursionError):
-                return error(400, "the body must be a JSON object")
-            if not isinstance(body, dict):
-                return error(400, "the body must be a JSON object")
+            body = await json_body(raw_request)
+            if isinstance(body, JSONResponse):
+                return body
             return await _cancel_on_disconnect(answer)(
                 body, raw_request, raw_request.app.state.msa_engine_client)
 
