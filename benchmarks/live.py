@@ -129,6 +129,8 @@ async def measure(args, ckpt: Path, engine_args: dict, bank_path: str, new_docs)
 
     msa = {"banks": {"b": bank_path}, "verify": False, "index_dtype": args.index_dtype,
            "reserve_tokens": args.reserve_tokens}
+    if args.staging_mib is not None:
+        msa["staging_mib"] = args.staging_mib
     engine = AsyncLLM.from_engine_args(AsyncEngineArgs(
         model=str(ckpt), max_num_seqs=max(args.decode_batch, 8), enforce_eager=args.eager,
         additional_config={"msa": msa}, **engine_args))
@@ -199,6 +201,11 @@ def main() -> None:
     parser.add_argument("--max-decode-tokens", type=int, default=3000)
     parser.add_argument("--reserve-tokens", type=int, default=2_000_000,
                         help='additional_config["msa"]["reserve_tokens"]: room for adds')
+    parser.add_argument("--staging-mib", type=int,
+                        help='additional_config["msa"]["staging_mib"]: the staging pool is '
+                             "sized for the stored documents; added documents larger than "
+                             "every stored one overflow a full batch's pool (those requests "
+                             "then decode eagerly)")
     parser.add_argument("--eager", action="store_true")
     parser.add_argument("--no-build-baseline", action="store_true")
     args = parser.parse_args()
@@ -265,7 +272,8 @@ def main() -> None:
         "benchmark": "live", "card": card, "shape": args.shape, "bank_tokens": bank.num_tokens,
         "bank_dtype": bank.dtypes.kv, "index_dtype": args.index_dtype, "synthetic": True,
         "decode_batch": args.decode_batch, "doc_tokens": args.doc_tokens,
-        "reserve_tokens": args.reserve_tokens, "build_tokens_per_s": build_rate,
+        "reserve_tokens": args.reserve_tokens, "staging_mib": args.staging_mib,
+        "build_tokens_per_s": build_rate,
         "batched_add_tokens_per_s": add_rate, **runs, "goals": goals,
         "goal_metric": "p50 ms from the start of a 500-token add until every worker routes "
                        "over it, while requests decode (other goals under goals)",

@@ -28,6 +28,8 @@ ARCHITECTURE = "MSAForCausalLM"
 SCHEDULER = "vllm_msa.patches.scheduler.MSASchedulerSelector"
 CONNECTOR = "MSAConnector"
 CONNECTOR_MODULE = "vllm_msa.serving.connector"
+MULTI_CONNECTOR = "MSAMultiConnector"
+MULTI_CONNECTOR_MODULE = "vllm_msa.patches.multi_connector"
 
 
 def verify_and_update_config(vllm_config: Any) -> None:
@@ -90,18 +92,69 @@ def full_decode_graphs(vllm_config: Any, serving: Any) -> bool:
 
 
 def use_selection_connector(vllm_config: Any, full_graphs: bool = False) -> None:
-    """Attach `MSAConnector` (the channel that returns selections) unless the user named it;
-    `full_graphs` tells it whether decode may run as full CUDA graphs."""
+    """Attach `MSAConnector` (the channel that returns selections; `full_graphs` tells it
+    whether decode may run as full CUDA graphs). A connector the user configured keeps
+    running beside it: both go under `MSAMultiConnector` (vLLM's `MultiConnector`, with
+    memory requests kept from the user's connectors: patches/multi_connector.py)."""
     from vllm.config import KVTransferConfig
 
     current = vllm_config.kv_transfer_config
-    if current is not None and current.kv_connector not in (None, CONNECTOR):
-        raise ValueError(
-            f"MSA serving returns document selections through its KV connector ({CONNECTOR}); "
-            f"kv_connector={current.kv_connector!r} was given")
+    ours = {"kv_connector": CONNECTOR, "kv_connector_module_path": CONNECTOR_MODULE}
+    if current is None or current.kv_connector in (None, CONNECTOR, MULTI_CONNECTOR):
+        if current is not None and current.kv_connector == MULTI_CONNECTOR:
+            return  # already composed (a config set up twice)
+        vllm_config.kv_transfer_config = KVTransferConfig(
+            **ours, kv_role="kv_both",
+            kv_connector_extra_config={"full_decode_graphs": full_graphs})
+        return
+    theirs = user_connectors(current)
+    full_graphs = full_graphs and not any(needs_piecewise(c) for c in theirs)
+    if not all(supports_hma(c) for c in theirs):  # as vLLM decides for a MultiConnector
+        vllm_config.scheduler_config.disable_hybrid_kv_cache_manager = True
+    role = current.kv_role or "kv_both"
     vllm_config.kv_transfer_config = KVTransferConfig(
-        kv_connector=CONNECTOR, kv_connector_module_path=CONNECTOR_MODULE, kv_role="kv_both",
-        kv_connector_extra_config={"full_decode_graphs": full_graphs})
+        kv_connector=MULTI_CONNECTOR, kv_connector_module_path=MULTI_CONNECTOR_MODULE,
+        kv_role=role, engine_id=current.engine_id,
+        kv_connector_extra_config={
+            "full_decode_graphs": full_graphs,
+            "connectors": [{**ours, "kv_role": role,
+                            "kv_connector_extra_config": {"full_decode_graphs": full_graphs}},
+                           *theirs]})
+    logger.info("MSA: the selection connector runs beside %s (memory requests never load "
+                "or store KV through them)", ", ".join(c["kv_connector"] for c in theirs))
+
+
+def user_connectors(config: Any) -> list[dict[str, Any]]:
+    """The connectors of the user's `KVTransferConfig`, as `MultiConnector` entries: its
+    own list if it is a `MultiConnector`, else itself (the fields it sets)."""
+    import dataclasses
+
+    if config.kv_connector == "MultiConnector":
+        return [dict(c) for c in config.kv_connector_extra_config.get("connectors", [])]
+    entry = {}
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        default = (f.default_factory() if f.default_factory is not dataclasses.MISSING
+                   else f.default)
+        if f.name != "engine_id" and value != default:
+            entry[f.name] = value
+    return [entry]
+
+
+def needs_piecewise(entry: dict[str, Any]) -> bool:
+    from vllm.config import KVTransferConfig
+    from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
+
+    cls = KVConnectorFactory.get_connector_class(KVTransferConfig(**entry))
+    return bool(cls.requires_piecewise_for_cudagraph(entry.get("kv_connector_extra_config")
+                                                     or {}))
+
+
+def supports_hma(entry: dict[str, Any]) -> bool:
+    from vllm.config import KVTransferConfig
+    from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
+
+    return KVConnectorFactory.supports_hma_config(KVTransferConfig(**entry))
 
 
 def use_v1_model_runner() -> None:

@@ -93,6 +93,8 @@ def register() -> None:
 
     from .patches.model_config import install_model_config_hook
     from .patches.worker_methods import install_worker_methods
+    from .serving.connector import register_connectors
 
     install_model_config_hook()
     install_worker_methods()
+    register_connectors()

@@ -17,6 +17,7 @@ msa-spec §3 defines it.
 
 from __future__ import annotations
 
+from contextlib import suppress
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +26,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorMetadata,
     KVConnectorRole,
     KVConnectorWorkerMetadata,
+    SupportsHMA,
 )
 
 from ..options import SELECTION_KEY
@@ -51,7 +53,11 @@ class _NoMetadata(KVConnectorMetadata):
     pass
 
 
-class MSAConnector(KVConnectorBase_V1):
+class MSAConnector(KVConnectorBase_V1, SupportsHMA):
+    """Holds no KV, so any KV-cache grouping suits it (`SupportsHMA`): beside a user's
+    connector under `MultiConnector`, vLLM's hybrid KV-cache manager stays as that connector
+    allows."""
+
     def __init__(self, vllm_config: Any, role: Any, kv_cache_config: Any = None) -> None:
         super().__init__(vllm_config, role, kv_cache_config)
         self._selections: dict[str, dict[str, Any]] = {}
@@ -140,3 +146,20 @@ class MSAConnector(KVConnectorBase_V1):
         selection["layers"] = dict(sorted(selection["layers"].items(), key=lambda kv:
                                           int(kv[0])))
         return False, {SELECTION_KEY: selection}
+
+    def request_finished_all_groups(self, request: Any, block_ids: tuple[list[int], ...]
+                                    ) -> tuple[bool, dict[str, Any] | None]:
+        return self.request_finished(request, block_ids[0] if block_ids else [])
+
+
+def register_connectors() -> None:
+    """Name our connectors in vLLM's connector registry (idempotent): `--kv-transfer-config
+    '{"kv_connector": "MSAConnector"}'` then works without a module path, and vLLM's
+    `MultiConnector` can rebuild `MSAConnector`'s figures by name in the front end."""
+    from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
+
+    for name, module in (("MSAConnector", "vllm_msa.serving.connector"),
+                         ("MSAMultiConnector", "vllm_msa.patches.multi_connector")):
+        with suppress(ValueError):  # registered already (register() ran in this process)
+            KVConnectorFactory.register_connector(name, module, name)
+
