@@ -113,8 +113,8 @@ def test_python_api_options_fuzz(engine, checkpoints, default_banks):
     @given(extra=options, memory_prompt=st.booleans())
     def fuzz(extra, memory_prompt):
         prompt = ids if memory_prompt else ids[5:]
-        params = SamplingParams(max_tokens=2, temperature=0.0, extra_args=extra or None)
-        try:
+        try:  # (vLLM itself refuses some values, e.g. integers past 64 bits, right here)
+            params = SamplingParams(max_tokens=2, temperature=0.0, extra_args=extra or None)
             (out,) = engine.generate([{"prompt_token_ids": prompt}], [params], use_tqdm=False)
         except ValueError as e:
             assert str(e)
