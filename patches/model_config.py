@@ -99,10 +99,10 @@ def use_selection_connector(vllm_config: Any, full_graphs: bool = False) -> None
     from vllm.config import KVTransferConfig
 
     current = vllm_config.kv_transfer_config
+    if current is not None and current.kv_connector == MULTI_CONNECTOR:
+        return  # already composed (a config set up twice)
     ours = {"kv_connector": CONNECTOR, "kv_connector_module_path": CONNECTOR_MODULE}
-    if current is None or current.kv_connector in (None, CONNECTOR, MULTI_CONNECTOR):
-        if current is not None and current.kv_connector == MULTI_CONNECTOR:
-            return  # already composed (a config set up twice)
+    if current is None or current.kv_connector in (None, CONNECTOR):
         vllm_config.kv_transfer_config = KVTransferConfig(
             **ours, kv_role="kv_both",
             kv_connector_extra_config={"full_decode_graphs": full_graphs})
