@@ -66,7 +66,7 @@ def compact_bank(bank: str | Path | MemoryBank, *, segment_mb: float | None = No
             pending.add_segment(segment, [(int(layout.doc_ids[p]),
                                            opened.text(int(layout.doc_ids[p])))
                                           for p in positions], index=index)
-            opened._maps.clear()  # (the rows are copied: drop the source mappings)
+            opened.release_mappings()  # (the rows are copied: drop the source mappings)
             bar.update(sum(int(chunks[p]) for p in positions))
         bar.close()
         written = iter(pending.segments)

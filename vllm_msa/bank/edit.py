@@ -32,6 +32,14 @@ from .writer import EncodedDocument, encoded_segment
 _SHOWN_IDS = 20  # ids an error message lists before "and N more"
 
 
+class NotLive(BankError):
+    """Documents an edit names that the bank does not hold live (`removed`: it held them)."""
+
+    def __init__(self, message: str, unknown: list[int], removed: list[int]) -> None:
+        super().__init__(message)
+        self.unknown, self.removed = unknown, removed
+
+
 def remove_documents(bank: str | Path | MemoryBank, ids: Iterable[int]) -> MemoryBank:
     """Remove the live documents `ids` from `bank` in one new generation (tombstones: the
     data stays in the files until `compact_bank`); returns that generation. An id that is
@@ -57,8 +65,8 @@ def tombstoned(bank: MemoryBank, ids: list[int]) -> list[dict[str, Any]]:
         unknown = [i for i in missing if i not in stored]
         reasons = ([f"{show_ids(removed)} removed already"] if removed else []) + (
             [f"{show_ids(unknown)} not in the bank"] if unknown else [])
-        raise BankError(f"bank {bank.path}: document{'s' * (len(missing) > 1)} "
-                        + " and ".join(reasons) + "; nothing was changed")
+        raise NotLive(f"bank {bank.path}: document{'s' * (len(missing) > 1)} "
+                      + " and ".join(reasons) + "; nothing was changed", unknown, removed)
     segments = [dict(seg) for seg in bank.manifest["segments"]]
     by_segment: dict[int, list[int]] = {}
     for doc_id in ids:
@@ -177,7 +185,7 @@ def add_encoded(bank: str | Path | MemoryBank, encoded: list[EncodedDocument],
                               "replace them instead")
         identity = {"operation": "add", "num_documents": len(encoded), "replace": replace,
                     **(identity or {})}
-        pending = PendingGeneration.start(opened, identity)
+        pending = PendingGeneration.start(opened, identity, resumable=False)
         pending.add_segment(encoded_segment(opened.model_info, opened.dtypes, encoded),
                             [(d.id, texts[d.id]) for d in encoded])
         kept = tombstoned(opened, present) if present else list(opened.manifest["segments"])

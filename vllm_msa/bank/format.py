@@ -130,15 +130,18 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write `data` so that `path` holds either its old content or all of `data`, never part."""
+def write_atomic(path: Path, data: bytes, sync_dir: bool = True) -> None:
+    """Write `data` so that `path` holds either its old content or all of `data`, never part.
+    `sync_dir` False leaves the rename's durability to the caller's one `fsync_dir` after
+    several files of the same directory (an edit's segment and its texts)."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    fsync_dir(path.parent)
+    if sync_dir:
+        fsync_dir(path.parent)
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:

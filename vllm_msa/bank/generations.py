@@ -167,9 +167,11 @@ def commit_generation(bank: MemoryBank, segments: Sequence[dict[str, Any]],
 def clean_up(bank: MemoryBank) -> None:
     """After a commit (or on finding an edit committed already): delete what generation
     `bank` does not reference, and the edit state."""
-    remove_unreferenced(bank)
-    (bank.path / EDIT_STATE).unlink(missing_ok=True)
-    fsync_dir(bank.path)
+    remove_unreferenced(bank)  # (syncs the directories where it deletes)
+    state = bank.path / EDIT_STATE
+    if state.exists():  # (an online add keeps none: nothing to sync then)
+        state.unlink(missing_ok=True)
+        fsync_dir(bank.path)
 
 
 def _is_segment_data(name: str) -> bool:
@@ -183,11 +185,15 @@ def remove_unreferenced(bank: MemoryBank, keep: Sequence[str] = ()) -> list[str]
     Returns the names deleted."""
     referenced = set(bank.manifest["files"]) | set(keep)
     gone = []
-    candidates = [*sorted((bank.path / SEGMENTS_DIR).glob("*")), bank.path / DOCUMENTS_FILE]
-    for path in candidates:
-        name = path.relative_to(bank.path).as_posix()
-        if path.is_file() and name not in referenced:
-            path.unlink(missing_ok=True)
+    names = []
+    if (bank.path / SEGMENTS_DIR).is_dir():
+        with os.scandir(bank.path / SEGMENTS_DIR) as entries:  # (one listing, no stat a file)
+            names = sorted(f"{SEGMENTS_DIR}/{e.name}" for e in entries if e.is_file())
+    if (bank.path / DOCUMENTS_FILE).is_file():
+        names.append(DOCUMENTS_FILE)
+    for name in names:
+        if name not in referenced:
+            (bank.path / name).unlink(missing_ok=True)
             gone.append(name)
     if gone:
         fsync_dir(bank.path / SEGMENTS_DIR)
@@ -205,19 +211,24 @@ class PendingGeneration:
     nothing of an uncommitted edit is promised).
     """
 
-    def __init__(self, bank: MemoryBank, identity: dict[str, Any]) -> None:
+    def __init__(self, bank: MemoryBank, identity: dict[str, Any], resumable: bool = True
+                 ) -> None:
         self.bank = bank
+        self.resumable = resumable
         self.generation = bank.generation + 1
         self.identity = {**identity, "base_manifest_sha256": manifest_digest(bank)}
         self.first_index = len(bank.manifest["segments"])
         self.segments: list[dict[str, Any]] = []  # entries with their files' checksums
 
     @classmethod
-    def start(cls, bank: MemoryBank, identity: dict[str, Any]) -> PendingGeneration:
-        """Resume the pending edit `identity` of `bank`, or start it."""
-        pending = cls(bank, identity)
+    def start(cls, bank: MemoryBank, identity: dict[str, Any], resumable: bool = True
+              ) -> PendingGeneration:
+        """Resume the pending edit `identity` of `bank`, or start it. `resumable` False: an
+        edit written in one go (a running server's add: one segment, its rows in memory)
+        keeps no edit state; a kill before its commit leaves files the next edit deletes."""
+        pending = cls(bank, identity, resumable)
         state_path = bank.path / EDIT_STATE
-        if state_path.exists():
+        if resumable and state_path.exists():
             try:
                 state = read_json(state_path, "edit state")
             except BankError:
@@ -225,7 +236,10 @@ class PendingGeneration:
             if state.get("identity") == pending.identity and pending._intact(state):
                 pending.segments = list(state["segments"])
         remove_unreferenced(bank, keep=pending.files())
-        pending._save()
+        if resumable:
+            pending._save()
+        else:  # (another edit's state: this one replaces it)
+            state_path.unlink(missing_ok=True)
         return pending
 
     def _intact(self, state: dict[str, Any]) -> bool:
@@ -260,15 +274,17 @@ class PendingGeneration:
         name, texts_file = segment_name(index, self.generation), texts_name(index,
                                                                            self.generation)
         data = documents_data(texts)
-        write_atomic(self.bank.path / texts_file, data)
-        write_atomic(self.bank.path / name, segment.data)
+        write_atomic(self.bank.path / texts_file, data, sync_dir=False)
+        write_atomic(self.bank.path / name, segment.data, sync_dir=False)
+        fsync_dir((self.bank.path / name).parent)  # (both renames durable at once)
         self.segments.append({
             "file": name, "texts": texts_file, "documents": segment.documents,
             "chunks": segment.chunks, "tokens": segment.tokens,
             "checksums": {name: {**segment.checksums, "bytes": len(segment.data)},
                           texts_file: {**digests(data), "bytes": len(data)}},
         })
-        self._save()
+        if self.resumable:
+            self._save()
 
     def write_texts(self, index: int, texts: Sequence[tuple[int, str]]
                     ) -> tuple[str, dict[str, Any]]:

@@ -72,8 +72,8 @@ class PhysicalLayout:
 
     def live_positions(self) -> dict[int, int]:
         """id -> physical position of every live document."""
-        ids = self.doc_ids.tolist()
-        return {ids[p]: p for p in torch.nonzero(self.live).flatten().tolist()}
+        positions = torch.nonzero(self.live).flatten()
+        return dict(zip(self.doc_ids[positions].tolist(), positions.tolist(), strict=True))
 
 
 def _repeat(values: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:

@@ -18,6 +18,7 @@ import errno
 import json
 import os
 import struct
+import weakref
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -83,6 +84,7 @@ class MemoryBank:
         self.model_info = ModelInfo.from_json(manifest["model"])
         self._layers: dict[int, BankLayer] = {}
         self._maps: dict[tuple[int, str], torch.Tensor] = {}  # memory-mapped tensors
+        self._files_mapped: dict[str, MappedFile] = {}  # (keeps `_MAPPED_FILES` entries)
         self._fds: dict[str, int] = {}  # this generation's files, held open (module doc)
 
     # ----------------------------------------------------------------- opening
@@ -139,29 +141,43 @@ class MemoryBank:
         info = self.model_info
         kv_shape = (info.num_kv_heads, info.head_dim)
         model_dtype = getattr(torch, info.dtype)
-        for seg in self.manifest["segments"]:
+
+        def segment_tensors(chunks: int, documents: int) -> dict[str, tuple]:
             expected = {key: (shape, dtype) for layer in info.router_layers
                         for key, dtype, shape in self.dtypes.layer_tensors(
-                            layer, seg["chunks"], *kv_shape)}
-            expected["chunk_doc_ids"] = ((seg["chunks"],), torch.int64)
+                            layer, chunks, *kv_shape)}
+            expected["chunk_doc_ids"] = ((chunks,), torch.int64)
             for name in ("doc_ids", "doc_num_chunks", "doc_num_tokens"):
-                expected[name] = ((seg["documents"],), torch.int64)
-            self._check_header(seg["file"], expected)
-        t = self.manifest["counts"]["template_tokens"]
-        expected = {"template_ids": ((t,), torch.int64)}
-        for layer in range(info.num_layers):
-            expected[layer_key(layer, "keys")] = ((t, *kv_shape), model_dtype)
-            expected[layer_key(layer, "values")] = ((t, *kv_shape), model_dtype)
-        self._check_header(TEMPLATE_FILE, expected)
+                expected[name] = ((documents,), torch.int64)
+            return expected
 
-    def _check_header(self, name: str,
-                      expected: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> None:
-        signature = (self._identity(name), tuple(sorted(
-            (key, shape, str(dtype)) for key, (shape, dtype) in expected.items())))
-        if signature in _CHECKED_HEADERS:
+        for seg in self.manifest["segments"]:
+            chunks, documents = int(seg["chunks"]), int(seg["documents"])
+            self._check_header(seg["file"], ("segment", info, self.dtypes, chunks, documents),
+                               lambda c=chunks, d=documents: segment_tensors(c, d))
+        t = self.manifest["counts"]["template_tokens"]
+
+        def template_tensors() -> dict[str, tuple]:
+            expected = {"template_ids": ((t,), torch.int64)}
+            for layer in range(info.num_layers):
+                expected[layer_key(layer, "keys")] = ((t, *kv_shape), model_dtype)
+                expected[layer_key(layer, "values")] = ((t, *kv_shape), model_dtype)
+            return expected
+
+        self._check_header(TEMPLATE_FILE, ("template", info, t), template_tensors)
+
+    def _check_header(self, name: str, shapes: tuple,
+                      expected: Callable[[], dict[str, tuple[tuple[int, ...], torch.dtype]]]
+                      ) -> None:
+        """Check file `name`'s header against `expected()`, once per file identity and
+        `shapes` (what `expected` depends on): an edit's next generation re-checks only
+        its new files."""
+        identity = self._identity(name)
+        signature = (identity, shapes)
+        if identity is not None and signature in _CHECKED_HEADERS:
             return
-        self._check_header_of(name, expected)
-        if signature[0] is not None:
+        self._check_header_of(name, expected())
+        if identity is not None:
             _CHECKED_HEADERS.add(signature)
 
     def _identity(self, name: str) -> tuple[int, int, int, int] | None:
@@ -213,10 +229,15 @@ class MemoryBank:
             return _PROC_FD / str(fd)
         return self.path / name
 
+    def release_mappings(self) -> None:
+        """Drop the memory-mapped rows read so far (they are mapped again when read)."""
+        self._maps.clear()
+        self._files_mapped.clear()
+
     def close(self) -> None:
         """Release this generation's files (and the memory-mapped rows read from them)."""
         if hasattr(self, "_maps"):
-            self._maps.clear()
+            self.release_mappings()
         fds, self._fds = getattr(self, "_fds", {}), {}
         for fd in fds.values():
             with contextlib.suppress(OSError):
@@ -230,7 +251,7 @@ class MemoryBank:
 
     def __getstate__(self) -> dict[str, Any]:
         # Descriptors and mappings belong to this process: another one opens its own.
-        return {**self.__dict__, "_fds": {}, "_maps": {}}
+        return {**self.__dict__, "_fds": {}, "_maps": {}, "_files_mapped": {}}
 
     # ----------------------------------------------------------------- facts
     @property
@@ -415,16 +436,30 @@ class MemoryBank:
         """Tensor `key` of segment `seg`, memory-mapped (copy-on-write: never written)."""
         cache = self._maps
         if (seg, key) not in cache:
-            path = self._file(self.manifest["segments"][seg]["file"])
-            with open(path, "rb") as f:
-                size = struct.unpack("<Q", f.read(8))[0]
-                meta = json.loads(f.read(size))[key]
+            mapped = self._mapped_file(self.manifest["segments"][seg]["file"])
+            meta = mapped.header[key]
             lo, hi = meta["data_offsets"]
-            raw = np.memmap(path, dtype=np.uint8, mode="c", offset=8 + size + lo,
-                            shape=(hi - lo,))
+            raw = mapped.raw[mapped.data_start + lo:mapped.data_start + hi]
             dtype = _TORCH_DTYPES[meta["dtype"]]
             cache[(seg, key)] = torch.from_numpy(raw).view(dtype).view(meta["shape"])
         return cache[(seg, key)]
+
+    def _mapped_file(self, name: str) -> MappedFile:
+        """Bank file `name` mapped once, with its parsed header: shared by every generation
+        of this process that holds the same file (a live edit's next generation reads the
+        new segment's rows without re-mapping the stored ones: `_identity`)."""
+        identity = self._identity(name)
+        mapped = _MAPPED_FILES.get(identity) if identity is not None else None
+        if mapped is None:
+            path = self._file(name)
+            with open(path, "rb") as f:
+                size = struct.unpack("<Q", f.read(8))[0]
+                header = json.loads(f.read(size))
+            mapped = MappedFile(np.memmap(path, dtype=np.uint8, mode="c"), header, 8 + size)
+            if identity is not None:
+                _MAPPED_FILES[identity] = mapped
+        self._files_mapped[name] = mapped
+        return mapped
 
     def read_segment(self, index: int) -> tuple[dict[str, list[int]],
                                                  dict[int, dict[str, torch.Tensor]]]:
@@ -633,6 +668,19 @@ TABLE_KEYS = frozenset({"doc_ids", "doc_num_chunks", "doc_num_tokens", "chunk_do
 _TABLES: dict[tuple, torch.Tensor] = {}
 _MAX_TABLES = 4096
 _CHECKED_HEADERS: set[tuple] = set()
+
+
+@dataclass(eq=False)
+class MappedFile:
+    """A bank file memory-mapped whole (copy-on-write), with its safetensors header."""
+
+    raw: np.ndarray  # uint8 memmap of the file
+    header: dict[str, Any]
+    data_start: int  # where the tensors' data_offsets count from
+
+
+# Mapped files by identity, alive while some open generation holds them (`_mapped_file`).
+_MAPPED_FILES: weakref.WeakValueDictionary[tuple, MappedFile] = weakref.WeakValueDictionary()
 
 
 def unfinished_build_message(path: Path) -> str:

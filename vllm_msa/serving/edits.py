@@ -114,17 +114,14 @@ class BankEditor:
                 "removed_bytes": removed_bytes(bank), "tier_bytes": bank.tier_bytes()}
 
     async def remove(self, name: str, doc_id: int) -> JSONResponse:
-        from ..bank.edit import remove_documents
-        from ..bank.reader import MemoryBank
+        from ..bank.edit import NotLive, remove_documents
 
         async with self._lock:
-            bank = await asyncio.to_thread(MemoryBank.open, self.banks[name])
-            if doc_id not in bank.physical.live_positions():
-                return error(404, f"bank {name!r} has no document {doc_id}"
-                             + (" (removed already)" if doc_id in set(
-                                 bank.physical.doc_ids.tolist()) else ""))
             try:  # durable first: the new generation is on disk before any worker uses it
-                bank = await asyncio.to_thread(remove_documents, bank.path, [doc_id])
+                bank = await asyncio.to_thread(remove_documents, self.banks[name], [doc_id])
+            except NotLive as e:
+                return error(404, f"bank {name!r} has no document {doc_id}"
+                             + (" (removed already)" if e.removed else ""))
             except BankError as e:  # another edit holds the bank, or it changed meanwhile
                 return error(409, str(e))
             return await self._switch(name, bank, {"removed": [doc_id]})
