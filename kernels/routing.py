@@ -151,12 +151,17 @@ class PreparedRoutingIndex:
         return self.num_bank_documents if self.bank_live is None else self.bank_live
 
 
-def prepare_index(index: RoutingIndex | PreparedRoutingIndex) -> PreparedRoutingIndex:
+def prepare_index(index: RoutingIndex | PreparedRoutingIndex,
+                  like: PreparedRoutingIndex | None = None) -> PreparedRoutingIndex:
     """Document offsets and id ranks of `index` (its chunks must be grouped by document, in
     bank order, as `RoutingIndex.from_bank` makes them). A shard's tie-breaks rank its ids
-    among the whole bank's, so every shard's sort keys compare with every other's."""
+    among the whole bank's, so every shard's sort keys compare with every other's. `like`:
+    another router layer's, taken over where it has the same document layout (`same_layout`:
+    one computation for every layer of a bank, at load and at each live edit)."""
     if isinstance(index, PreparedRoutingIndex):
         return index
+    if like is not None and same_layout(like.index, index):
+        return dataclasses.replace(like, index=index, keys=index.routing_keys.contiguous())
     keys = index.routing_keys.contiguous()
     device = keys.device
     docs = index.chunk_doc_index.to(device=device, dtype=torch.int64)
@@ -180,6 +185,22 @@ def prepare_index(index: RoutingIndex | PreparedRoutingIndex) -> PreparedRouting
                                           ids_by_tiebreak=bank_ids[by_id].flip(0),
                                           positions_by_tiebreak=by_id.flip(0),
                                           bank_doc_start=bank_doc_start), index)
+
+
+def same_layout(a: RoutingIndex, b: RoutingIndex) -> bool:
+    """Whether two indexes have one document layout: the same chunk -> document map, ids,
+    offsets and live flags (the same tensors, views of one memory alike), which is all that
+    `prepare_index` derives anything from."""
+    def same(x: torch.Tensor | None, y: torch.Tensor | None) -> bool:
+        if x is None or y is None:
+            return x is y
+        return (x is y or (x.device == y.device and x.dtype == y.dtype and x.shape == y.shape
+                           and x.stride() == y.stride() and x.data_ptr() == y.data_ptr()))
+
+    return (a.shard_start == b.shard_start and a.bank_live == b.bank_live
+            and a.live_count == b.live_count
+            and all(same(getattr(a, f), getattr(b, f)) for f in (
+                "chunk_doc_index", "doc_ids", "bank_doc_ids", "bank_doc_start", "live")))
 
 
 def with_live(prep: PreparedRoutingIndex, index: RoutingIndex) -> PreparedRoutingIndex:
@@ -314,7 +335,10 @@ if HAS_TRITON:
     # count == 1 / divisible by 16 would compile on requests, past the engine's warm-up).
     # Compiled for sm_90 both ways, the kernel has the same shared memory, MMAs and loads;
     # only the token loop's bounds become run-time values.
-    @triton.jit(do_not_specialize=["num_requests", "num_tokens"])
+    # Sizes and row strides that follow the index's chunk and document counts are not
+    # specialised: a live add grows the index by a few chunks, and a specialisation on
+    # their divisibility would JIT-compile these kernels again in the middle of serving.
+    @triton.jit(do_not_specialize=["num_chunks", "num_requests", "num_tokens", "stride_or"])
     def _chunk_scores_kernel(
         q_ptr,  # [T_total, QH, D]: prepared queries (normalised, scaled, maybe head-folded)
         k_ptr,  # [C, KV, D]: keys in the queries' dtype, or 8-bit values (SCALED)
@@ -496,7 +520,7 @@ if HAS_TRITON:
                            float("-inf"))
         return tl.where(acc == 0.0, 0.0, acc)  # -0.0 -> +0.0: zeros tie, as they compare
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["num_docs", "stride_hr", "stride_or"])
     def _candidate_documents_kernel(
         hi_ptr,  # [R, C] fp32: upper bounds of the chunk scores
         top_ptr,  # [R, K] int64: sort keys of the documents' lower bounds, best first
@@ -529,7 +553,7 @@ if HAS_TRITON:
             hit = hit & (tl.load(live_ptr + offs, mask=mask, other=0) != 0)
         tl.store(out_ptr + r * stride_or + offs, hit.to(tl.int8), mask=mask)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["num_docs", "stride_cr", "stride_kr"])
     def _document_keys_kernel(
         chunk_ptr,  # [R, C] fp32
         doc_start_ptr,  # [N + 1] int64

@@ -173,7 +173,7 @@ def test_warm_up_covers_routing_and_staging(spies, served_bank, head, query):
     assert pool.num_free == pool.num_slots and WARMUP_OWNER not in pool.owners()
     warmed = {name: set(variants) for name, variants in spies.items()}
     gather = {"gather_kv_kernel"} if DEVICE == "cuda" else set()
-    compressed = isinstance(prep := served_bank.prepared_index(served_bank.bank.router_layers[
+    compressed = isinstance(served_bank.prepared_index(served_bank.bank.router_layers[
         -1]), CompressedRoutingIndex)
     bounded = ({"_candidate_documents_kernel", "_bound_rows_kernel", "_bound_requests_kernel"}
                if compressed else set())
@@ -183,38 +183,76 @@ def test_warm_up_covers_routing_and_staging(spies, served_bank, head, query):
 
     gen = torch.Generator().manual_seed(7)
     layer = served_bank.bank.router_layers[-1]  # another layer than the warm-up's
-    host_k, host_v = served_bank.host_keys[layer], served_bank.host_values[layer]
-    scales = served_bank.scales(layer)
-    for step in STEPS:
-        if len(step) > MAX_REQUESTS or sum(step) > MAX_TOKENS:
-            continue
-        cu = [0]
-        for n in step:
-            cu.append(cu[-1] + n)
-        qr = torch.randn(cu[-1], heads, dim, generator=gen).to(DEVICE, torch.bfloat16)
-        if compressed:  # the bounded pass, then the re-score over that step's candidates
-            routed = route_compressed(qr, cu, prep, msa, [top_k] * len(step), keys_only=True)
-        else:
-            routed = route_batched_keys(qr, cu, prep, msa, [top_k] * len(step))
-        widths = [(f"r{i}", served_bank.worst_case_chunks(top_k)) for i in range(len(step))]
-        ks = torch.tensor(routed.ks, dtype=torch.int32, device=DEVICE)
-        assert pool.stage_routed(host_k, host_v, routed, ks, widths,
-                                 served_bank.max_document_chunks, scales) is not None
-        for owner, _ in widths:
-            pool.release(owner)
-        starts, counts = served_bank.selected_chunks(routed.decoded[0])
-        pool.stage_documents(host_k, host_v, starts, counts, widths, scales)
-        for owner, _ in widths:
-            pool.release(owner)
-    used = {name: set(variants) for name, variants in spies.items()}
+
+    def serve(steps: list[list[int]]) -> None:
+        """Route and stage `steps` as the runtime does, over the index served now."""
+        prep = served_bank.prepared_index(layer)
+        host_k, host_v = served_bank.host_keys[layer], served_bank.host_values[layer]
+        scales = served_bank.scales(layer)
+        for step in steps:
+            if len(step) > MAX_REQUESTS or sum(step) > MAX_TOKENS:
+                continue
+            cu = [0]
+            for n in step:
+                cu.append(cu[-1] + n)
+            qr = torch.randn(cu[-1], heads, dim, generator=gen).to(DEVICE, torch.bfloat16)
+            if compressed:  # the bounded pass, then the re-score over that step's candidates
+                routed = route_compressed(qr, cu, prep, msa, [top_k] * len(step),
+                                          keys_only=True)
+            else:
+                routed = route_batched_keys(qr, cu, prep, msa, [top_k] * len(step))
+            widths = [(f"r{i}", served_bank.worst_case_chunks(top_k))
+                      for i in range(len(step))]
+            ks = torch.tensor(routed.ks, dtype=torch.int32, device=DEVICE)
+            assert pool.stage_routed(host_k, host_v, routed, ks, widths,
+                                     served_bank.max_document_chunks, scales) is not None
+            for owner, _ in widths:
+                pool.release(owner)
+            starts, counts = served_bank.selected_chunks(routed.decoded[0])
+            pool.stage_documents(host_k, host_v, starts, counts, widths, scales)
+            for owner, _ in widths:
+                pool.release(owner)
+
+    def check_covered() -> dict[str, set]:
+        used = {name: set(variants) for name, variants in spies.items()}
+        for name, variants in used.items():
+            missing = variants - warmed.get(name, set())
+            assert not missing, f"{name}: variants serving reaches that the warm-up " \
+                                f"skipped: {sorted(missing)[0]}"
+        return used
+
+    serve(STEPS)
+    used = check_covered()
     assert used.keys() >= {"_chunk_scores_kernel", "_document_keys_kernel",
                            "stage_routed_kernel"}
-    for name, variants in used.items():
-        missing = variants - warmed.get(name, set())
-        assert not missing, f"{name}: variants serving reaches that the warm-up skipped: " \
-                            f"{sorted(missing)[0]}"
     # Scoring used several token blocks: the warm-up covered more than one.
     assert len(used["_chunk_scores_kernel"]) > 1
+
+    # A live add grows the index (here to a chunk count divisible by 16, which Triton
+    # would specialise on): serving the grown index compiles nothing new either.
+    pooling = info.pooling_kernel_size
+    second = (-(served_bank.chunk_offsets[-1] + 5)) % 16 or 16  # chunks of the second
+    grow(served_bank, [5 * pooling, second * pooling - 1])
+    assert served_bank.chunk_offsets[-1] % 16 == 0
+    serve([[1], [17], [1] * 3])
+    check_covered()
+
+
+def grow(served: ServedBank, doc_tokens: list[int]) -> None:
+    """Add documents of these token counts (random rows) to `served`'s bank on disk and
+    switch `served` to that generation, as a running server's add does."""
+    from vllm_msa.bank.edit import add_encoded
+    from vllm_msa.bank.writer import EncodedDocument
+
+    bank = served.bank
+    info = bank.model_info
+    first = int(bank.physical.doc_ids.max()) + 1
+    gen = torch.Generator().manual_seed(len(doc_tokens))
+    docs = [EncodedDocument(first + i, n, torch.randn(
+        -(-n // info.pooling_kernel_size), len(info.router_layers), 3, info.num_kv_heads,
+        info.head_dim, generator=gen).to(torch.bfloat16)) for i, n in enumerate(doc_tokens)]
+    add_encoded(bank.path, docs, {d.id: f"added {d.id}" for d in docs}, synthetic_ok=True)
+    served.apply_generation(MemoryBank.open(bank.path))
 
 
 @parent_only

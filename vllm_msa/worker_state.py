@@ -17,6 +17,7 @@ started with `VLLM_SERVER_DEV_MODE=1`, vLLM's `POST /collective_rpc {"method": "
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 
@@ -68,10 +69,18 @@ def apply_generation(name: str) -> dict[str, Any]:
     served = None if runtime is None else runtime.banks.get(name)
     if served is None:
         raise KeyError(f"no bank {name!r} is served here")
+    started = time.perf_counter()
     runtime.locate_selections(name)  # (running requests keep what they selected)
-    removed, added = served.apply_generation(MemoryBank.open(served.bank.path))
+    located = time.perf_counter()
+    bank = MemoryBank.open(served.bank.path)
+    opened = time.perf_counter()
+    removed, added = served.apply_generation(bank)
+    done = time.perf_counter()
     return {"bank": name, "generation": served.generation, "removed": removed, "added": added,
-            "documents": served.num_documents, "tp_rank": runtime.tp_rank}
+            "documents": served.num_documents, "tp_rank": runtime.tp_rank,
+            # (host time the switch held this worker, by part: what an edit costs serving)
+            "seconds": {"locate": located - started, "open": opened - located,
+                        "apply": done - opened}}
 
 
 def take_encoded(keys: list[str]) -> dict[str, Any]:

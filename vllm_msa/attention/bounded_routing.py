@@ -136,12 +136,14 @@ class CompressedRoutingIndex:
 
     @classmethod
     def build(cls, layout: RoutingIndex, keys: CompressedKeys, exact: ExactKeys,
-              model_dtype: torch.dtype, normalize: bool = False) -> CompressedRoutingIndex:
+              model_dtype: torch.dtype, normalize: bool = False, like: Any = None
+              ) -> CompressedRoutingIndex:
         """`keys`: the served keys compressed (normalised first where `normalize`). Each
-        chunk's `magnitude` becomes its document's largest (M_d, module docstring)."""
+        chunk's `magnitude` becomes its document's largest (M_d, module docstring).
+        `like`: another layer's `prepared`, shared where the layout is the same."""
         from ..kernels.routing import prepare_index
 
-        prepared = prepare_index(layout)
+        prepared = prepare_index(layout, like)
         n = layout.num_documents
         docs = layout.chunk_doc_index.to(keys.magnitude.device)
         if docs.numel():

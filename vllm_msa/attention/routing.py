@@ -40,6 +40,7 @@ class RoutingIndex:
     bank_doc_start: torch.Tensor | None = None  # [bank documents + 1] int64 (shards only)
     live: torch.Tensor | None = None  # [num_documents] bool; None: every document is live
     bank_live: int | None = None  # live documents of the whole bank (shards; None: this's)
+    live_count: int | None = None  # documents `live` marks (known on the host: no sync)
 
     @classmethod
     def from_bank(cls, bank, layer: int, device: torch.device | str = "cpu") -> RoutingIndex:
@@ -57,10 +58,11 @@ class RoutingIndex:
     @classmethod
     def of_shard(cls, routing_keys: torch.Tensor, chunk_doc_index: torch.Tensor,
                  doc_ids: torch.Tensor, chunk_offsets: torch.Tensor, shard: Any,
-                 live: torch.Tensor | None = None) -> RoutingIndex:
+                 live: torch.Tensor | None = None,
+                 uploaded: dict[torch.device, torch.Tensor] | None = None) -> RoutingIndex:
         """The index of one `index_parallel.IndexShard`: `routing_keys` holds the shard's
         chunks; the chunk -> document map, ids, [documents + 1] chunk offsets and `live`
-        flags (None: all) are the bank's."""
+        flags (None: all) are the bank's (`uploaded`: as `with_live`)."""
         if shard.size == 1:
             index = cls(routing_keys, chunk_doc_index, doc_ids)
         else:
@@ -68,18 +70,30 @@ class RoutingIndex:
             index = cls(routing_keys, chunk_doc_index[shard.chunks] - first,
                         doc_ids[shard.documents], first, doc_ids,
                         chunk_offsets.to(device=routing_keys.device, dtype=torch.int64))
-        return index.with_live(live, shard)
+        return index.with_live(live, shard, uploaded)
 
-    def with_live(self, live: torch.Tensor | None, shard: Any) -> RoutingIndex:
+    def with_live(self, live: torch.Tensor | None, shard: Any,
+                  uploaded: dict[torch.device, torch.Tensor] | None = None) -> RoutingIndex:
         """This index (of `shard`, an `index_parallel.IndexShard`) with the bank's [bank
-        documents] `live` flags (None: every document live)."""
+        documents] `live` flags (None: every document live). `uploaded`: `live` on each
+        device, shared by the router layers of one switch (one copy a device)."""
         if live is None:
-            return dataclasses.replace(self, live=None, bank_live=None)
-        live = live.to(device=self.routing_keys.device, dtype=torch.bool)
+            return dataclasses.replace(self, live=None, bank_live=None, live_count=None)
+        device = self.routing_keys.device
+        host = live if live.device.type == "cpu" else None
+        if uploaded is not None and device in uploaded:
+            live = uploaded[device]
+        else:
+            live = live.to(device=device, dtype=torch.bool)
+            if uploaded is not None:
+                uploaded[device] = live
         if shard.size == 1:
-            return dataclasses.replace(self, live=live, bank_live=None)
+            count = None if host is None else int(host.sum())
+            return dataclasses.replace(self, live=live, bank_live=None, live_count=count)
+        count = None if host is None else int(host[shard.documents].sum())
         return dataclasses.replace(self, live=live[shard.documents],
-                                   bank_live=int(live.sum()))
+                                   bank_live=int(live.sum() if host is None else host.sum()),
+                                   live_count=count)
 
     @property
     def num_documents(self) -> int:
@@ -88,7 +102,9 @@ class RoutingIndex:
     @functools.cached_property
     def num_live(self) -> int:
         """This index's live documents (the most one request can select from it)."""
-        return self.num_documents if self.live is None else int(self.live.sum())
+        if self.live is None:
+            return self.num_documents
+        return self.live_count if self.live_count is not None else int(self.live.sum())
 
     @property
     def num_bank_live(self) -> int:

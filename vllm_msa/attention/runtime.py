@@ -27,7 +27,7 @@ from .capture import EncodeCaptures
 from .decode_graphs import DecodeGraphs
 from .fused import FusedAttention
 from .index_parallel import check_same_bank, exchange_candidates
-from .paths import attend
+from .paths import attend, padded
 from .reports import selection_reports
 from .requests import FullGraphStep, MemoryRequest, StepRow
 from .router import RouterLayer, folds_router_query, routing_params
@@ -198,14 +198,21 @@ class MemoryRuntime:
     def locate_selections(self, bank: str) -> None:
         """Before bank `bank` switches generation: every request's selections over it as
         stored positions (`MemoryRequest.located`), so a request staged again later reads
-        what it selected, whatever the new generation removed or replaced."""
-        for request in self.requests.values():
-            if request.bank.name != bank:
-                continue
-            for layer, selection in request.selections.items():
-                if layer not in request.located:
-                    request.located[layer] = request.bank.locate(
-                        selection.doc_ids.view(1, -1))
+        what it selected, whatever the new generation removed or replaced. One `locate` for
+        every request and layer (a switch while a full batch decodes)."""
+        pending = [(request, layer, selection.doc_ids.view(-1))
+                   for request in self.requests.values() if request.bank.name == bank
+                   for layer, selection in request.selections.items()
+                   if layer not in request.located]
+        if not pending:
+            return
+        rows = padded([ids for *_, ids in pending], -1)
+        located = pending[0][0].bank.locate(rows)  # (every request's ServedBank of `bank`)
+        width = rows.shape[1]
+        for i, (request, layer, ids) in enumerate(pending):
+            # (`locate` sorts each row: the -1 padding comes first, the row's own k last)
+            request.located[layer] = tuple(part[i:i + 1, width - ids.numel():]
+                                           for part in located)
 
     def all_settled(self, req_ids: list[str]) -> bool:
         """Whether none of these requests routes or stages in this step, from what earlier

@@ -308,6 +308,8 @@ class ServedBank:
         local = (bank.physical_chunks, len(range(info.num_kv_heads)[kv_heads]), info.head_dim)
         # Room for live adds in the index of the rank whose shard grows (the last).
         room = reserve if shard.rank == shard.size - 1 and index_backing is not None else 0
+        uploaded: dict[torch.device, torch.Tensor] = {}  # `live` on the device, once
+        like = None  # the first 8-bit layer's prepared tables: every layer's (one layout)
         for layer in layers:
             # Straight into the buffers serving reads, a segment at a time (the bank object
             # keeps no copy: that would double host memory for the life of the server).
@@ -322,7 +324,7 @@ class ServedBank:
                 if room:
                     index_backing[layer] = whole
                 index[layer] = RoutingIndex.of_shard(routing_keys, doc_index, doc_ids,
-                                                     offsets, shard, live)
+                                                     offsets, shard, live, uploaded)
             else:
                 compressed = compress(routing_keys, index_dtype)
                 del routing_keys, whole  # (only the 8-bit index stays on the device)
@@ -331,9 +333,10 @@ class ServedBank:
                     compressed = prefix(index_backing[layer], routed[0])
                 index[layer] = CompressedRoutingIndex.build(
                     RoutingIndex.of_shard(compressed.values, doc_index, doc_ids, offsets,
-                                          shard, live),
+                                          shard, live, uploaded),
                     compressed, BankExactKeys(bank, layer, shard.chunks.start or 0, device),
-                    bank.dtype, normalize)
+                    bank.dtype, normalize, like)
+                like = like or index[layer].prepared
             if not host:
                 continue  # the disk tier reads K̄/V̄ on demand
             tiers = {}
@@ -404,9 +407,10 @@ class ServedBank:
         """Every layer's index with the documents `live` (None: all) routable."""
         from ..kernels.routing import with_live
 
+        uploaded: dict[torch.device, torch.Tensor] = {}
         for layer, idx in list(self.index.items()):
             compressed = isinstance(idx, CompressedRoutingIndex)
-            layout = (idx.layout if compressed else idx).with_live(live, self.shard)
+            layout = (idx.layout if compressed else idx).with_live(live, self.shard, uploaded)
             prepared = idx.prepared if compressed else self._prepared.get(layer)
             if prepared is not None:
                 prepared = with_live(prepared, layout)
@@ -436,6 +440,8 @@ class ServedBank:
                 chunks=slice(shard.chunks.start, chunks))
         new_rows = [(old_chunks, chunks)]
         index, backing, host, maps = {}, {}, {}, {}
+        uploaded: dict[torch.device, torch.Tensor] = {}  # `live` on each device, once
+        like = None  # the first layer's prepared tables: every layer's (one layout)
         for layer, idx in self.index.items():
             compressed = isinstance(idx, CompressedRoutingIndex)
             device = (idx.layout if compressed else idx).routing_keys.device
@@ -457,13 +463,14 @@ class ServedBank:
                         compress(added, keys.dtype_name, keys.shared_scale),
                         self.reserve_chunks)
                 layout = RoutingIndex.of_shard(keys.values, doc_index, doc_ids, offsets,
-                                               shard, live)
+                                               shard, live, uploaded)
                 exact = idx.exact
                 if isinstance(exact, BankExactKeys):
                     exact = dataclasses.replace(exact, bank=bank)
                 index[layer] = dataclasses.replace(
                     CompressedRoutingIndex.build(layout, keys, exact, idx.model_dtype,
-                                                 idx.normalize), stats=idx.stats)
+                                                 idx.normalize, like), stats=idx.stats)
+                like = like or index[layer].prepared
             else:
                 routing_keys = idx.routing_keys
                 if added is not None:
@@ -471,7 +478,7 @@ class ServedBank:
                         self.index_backing.get(layer, routing_keys), routing_keys.shape[0],
                         added, self.reserve_chunks)
                 index[layer] = RoutingIndex.of_shard(routing_keys, doc_index, doc_ids,
-                                                     offsets, shard, live)
+                                                     offsets, shard, live, uploaded)
             if self.host_cache is None:
                 host[layer] = self._grown_host(bank, layer, new_rows, device.type == "cuda")
         # (from here on nothing allocates: the worker switches at once)
@@ -543,7 +550,8 @@ class ServedBank:
         if prepared is None:
             from ..kernels.routing import prepare_index
 
-            prepared = self._prepared[layer] = prepare_index(self.index[layer])
+            prepared = self._prepared[layer] = prepare_index(
+                self.index[layer], next(iter(self._prepared.values()), None))
         return prepared
 
     @property
@@ -647,11 +655,13 @@ class ServedBank:
         `device`, built once."""
         tables = self._tables.get(device)
         if tables is None:  # (live documents only: a replaced id's removed copy is not)
-            live = sorted(self.doc_position.items())
-            sorted_ids = torch.tensor([d for d, _ in live], dtype=torch.int64)
-            by_rank = torch.tensor([p for _, p in live], dtype=torch.int64)
+            n = len(self.doc_position)
+            ids = np.fromiter(self.doc_position.keys(), dtype=np.int64, count=n)
+            positions = np.fromiter(self.doc_position.values(), dtype=np.int64, count=n)
+            order = np.argsort(ids, kind="stable")
             tables = self._tables[device] = (
-                sorted_ids.to(device), by_rank.to(device),
+                torch.from_numpy(ids[order]).to(device),
+                torch.from_numpy(positions[order]).to(device),
                 torch.from_numpy(self._offsets_array).to(device))
         return tables
 
