@@ -96,28 +96,58 @@ class Decoding:
         await asyncio.gather(*self.tasks, return_exceptions=True)
 
 
-async def add(engine, path: str, documents, info) -> tuple[float, int]:
-    """One add as the POST route makes it: (seconds until routable, tokens)."""
+async def add(engine, path: str, documents, info, phases: list | None = None
+              ) -> tuple[float, int]:
+    """One add as the POST route makes it: (seconds until routable, tokens). `phases` gets
+    its parts: encode (engine), commit (durable on disk), switch (every worker), and the
+    workers' own host time by part."""
     from vllm_msa.bank.edit import add_encoded
     from vllm_msa.serving.edits import switch_workers
     from vllm_msa.serving.encode import encode_documents
 
     t = time.perf_counter()
     encoded = await encode_documents(engine, "b", documents, info)
+    t_encoded = time.perf_counter()
     bank = await asyncio.to_thread(add_encoded, path, encoded,
                                    {d.id: d.text for d in documents}, synthetic_ok=True)
-    await switch_workers(engine, "b", bank)
-    return time.perf_counter() - t, sum(d.num_tokens for d in encoded)
+    t_committed = time.perf_counter()
+    workers = await switch_workers(engine, "b", bank)
+    done = time.perf_counter()
+    if phases is not None:
+        phases.append({"encode": t_encoded - t, "commit": t_committed - t_encoded,
+                       "switch": done - t_committed, "worker": worker_seconds(workers)})
+    return done - t, sum(d.num_tokens for d in encoded)
 
 
-async def remove(engine, path: str, doc_id: int) -> float:
+async def remove(engine, path: str, doc_id: int, phases: list | None = None) -> float:
     from vllm_msa.bank.edit import remove_documents
     from vllm_msa.serving.edits import switch_workers
 
     t = time.perf_counter()
     bank = await asyncio.to_thread(remove_documents, path, [doc_id])
-    await switch_workers(engine, "b", bank)
-    return time.perf_counter() - t
+    t_committed = time.perf_counter()
+    workers = await switch_workers(engine, "b", bank)
+    done = time.perf_counter()
+    if phases is not None:
+        phases.append({"commit": t_committed - t, "switch": done - t_committed,
+                       "worker": worker_seconds(workers)})
+    return done - t
+
+
+def worker_seconds(workers: list[dict]) -> dict[str, float]:
+    """The slowest worker's host time in each part of its switch (`apply_generation`)."""
+    parts = [w.get("seconds") or {} for w in workers]
+    return {k: max(p.get(k, 0.0) for p in parts) for k in sorted({k for p in parts for k in p})}
+
+
+def phase_medians(phases: list[dict]) -> dict[str, float]:
+    """Median ms of each phase (and worker part) over `phases`."""
+    keys = sorted({k for p in phases for k in p if k != "worker"})
+    out = {k: statistics.median(p[k] for p in phases) * 1e3 for k in keys}
+    parts = sorted({k for p in phases for k in p.get("worker", {})})
+    out.update({f"worker_{k}": statistics.median(p["worker"].get(k, 0.0) for p in phases) * 1e3
+                for k in parts})
+    return out
 
 
 async def measure(args, ckpt: Path, engine_args: dict, bank_path: str, new_docs) -> dict:
@@ -145,11 +175,11 @@ async def measure(args, ckpt: Path, engine_args: dict, bank_path: str, new_docs)
         await asyncio.sleep(args.settle_s)  # every request past its prefill
         rate_a, window_a = await decoding.rate_over(args.window_s)
         print(f"A: decode {rate_a:,.0f} tok/s without edits", flush=True)
-        latencies = []
+        latencies, add_phases, removal_phases = [], [], []
 
         async def adds() -> None:
             for doc in singles[1:]:
-                latencies.append((await add(engine, bank_path, [doc], info))[0])
+                latencies.append((await add(engine, bank_path, [doc], info, add_phases))[0])
                 print(f"B: add {latencies[-1] * 1e3:.1f} ms", flush=True)
 
         rate_b, window_b = await decoding.rate_over(during=adds())
@@ -158,7 +188,8 @@ async def measure(args, ckpt: Path, engine_args: dict, bank_path: str, new_docs)
         seconds, tokens = await add(engine, bank_path, batched, info)
         print(f"C: batched add {tokens / seconds:,.0f} tok/s", flush=True)
         gone = [d.id for d in singles[1:1 + args.removals]]
-        removals = [await remove(engine, bank_path, doc_id) for doc_id in gone]
+        removals = [await remove(engine, bank_path, doc_id, removal_phases)
+                    for doc_id in gone]
         print("D: removals " + ", ".join(f"{r * 1e3:.1f}" for r in removals) + " ms",
               flush=True)
         states = await engine.collective_rpc("msa_state")
@@ -168,6 +199,7 @@ async def measure(args, ckpt: Path, engine_args: dict, bank_path: str, new_docs)
             "decode_during_adds_tokens_per_s": rate_b, "decode_during_adds_window_s": window_b,
             "add_latencies_s": latencies, "batched_add_tokens": tokens,
             "batched_add_s": seconds, "removal_latencies_s": removals,
+            "add_phases": add_phases, "removal_phases": removal_phases,
             "worker_state": states[0] if states else None}
 
 
@@ -268,13 +300,19 @@ def main() -> None:
           + (f" {add_rate / build_rate:>15.2f}x {'>= 0.8x':>8}" if build_rate else ""))
     if build_rate:
         print(f"{'bank build tok/s (same documents)':<44} {build_rate:>10,.0f}")
+    breakdown = {"add": phase_medians(runs["add_phases"]),
+                 "removal": phase_medians(runs["removal_phases"])}
+    for edit, parts in breakdown.items():
+        print(f"{edit} phases, median ms: "
+              + ", ".join(f"{k} {v:.2f}" for k, v in parts.items()))
     result = {
         "benchmark": "live", "card": card, "shape": args.shape, "bank_tokens": bank.num_tokens,
         "bank_dtype": bank.dtypes.kv, "index_dtype": args.index_dtype, "synthetic": True,
         "decode_batch": args.decode_batch, "doc_tokens": args.doc_tokens,
         "reserve_tokens": args.reserve_tokens, "staging_mib": args.staging_mib,
         "build_tokens_per_s": build_rate,
-        "batched_add_tokens_per_s": add_rate, **runs, "goals": goals,
+        "batched_add_tokens_per_s": add_rate, **runs, "phase_medians_ms": breakdown,
+        "goals": goals,
         "goal_metric": "p50 ms from the start of a 500-token add until every worker routes "
                        "over it, while requests decode (other goals under goals)",
         "goal": 50.0, "achieved": goals["add_p50_ms"]["achieved"],
