@@ -302,6 +302,9 @@ def main() -> None:
         print(f"{'bank build tok/s (same documents)':<44} {build_rate:>10,.0f}")
     breakdown = {"add": phase_medians(runs["add_phases"]),
                  "removal": phase_medians(runs["removal_phases"])}
+    late = (runs.get("worker_state") or {}).get("late_compiles") or []
+    print(f"kernels compiled while serving: {len(late)}"
+          + "".join(f"\n  {c['kernel']}" for c in late))
     for edit, parts in breakdown.items():
         print(f"{edit} phases, median ms: "
               + ", ".join(f"{k} {v:.2f}" for k, v in parts.items()))

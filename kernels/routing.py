@@ -203,15 +203,19 @@ def same_layout(a: RoutingIndex, b: RoutingIndex) -> bool:
                 "chunk_doc_index", "doc_ids", "bank_doc_ids", "bank_doc_start", "live")))
 
 
-def with_live(prep: PreparedRoutingIndex, index: RoutingIndex) -> PreparedRoutingIndex:
+def with_live(prep: PreparedRoutingIndex, index: RoutingIndex,
+              like: PreparedRoutingIndex | None = None) -> PreparedRoutingIndex:
     """`prep` over `index`, the same documents with other live flags (`RoutingIndex.live`):
-    what a removal in a running server changes, nothing else recomputed."""
+    what a removal in a running server changes, nothing else recomputed. `like`: another
+    layer's result for the same layout, whose flags it shares."""
     if index.live is None:
         return dataclasses.replace(prep, index=index, live=None, num_live=None,
                                    bank_live=None)
-    return dataclasses.replace(prep, index=index,
-                               live=index.live.to(device=prep.keys.device, dtype=torch.int8),
-                               num_live=index.num_live, bank_live=index.num_bank_live)
+    live = (like.live if like is not None and like.live is not None
+            and same_layout(like.index, index)
+            else index.live.to(device=prep.keys.device, dtype=torch.int8))
+    return dataclasses.replace(prep, index=index, live=live, num_live=index.num_live,
+                               bank_live=index.num_bank_live)
 
 
 if HAS_TRITON:

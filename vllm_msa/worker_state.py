@@ -38,7 +38,7 @@ def runtime_state() -> dict[str, Any]:
                                   for name, bank in runtime.banks.items()},
                      slots_in_use=pool.num_slots - pool.num_free, slots=pool.num_slots,
                      overflows=pool.overflows, preempted=runtime.num_preempted,
-                     tp_rank=runtime.tp_rank,
+                     tp_rank=runtime.tp_rank, late_compiles=list(runtime.late_compiles),
                      bank_tiers={name: {"index_bytes": bank.index_bytes,
                                         "host_bytes": bank.host_bytes,
                                         "documents": [bank.shard.documents.start,

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from ..config import MSAParams
+from .uploads import upload_tensor
 
 DEFAULT_TILE_CHUNKS = 1 << 16
 PAD_CHUNKS = 64  # chunk_scores multiplies keys in whole blocks of this many chunks
@@ -84,7 +85,7 @@ class RoutingIndex:
         if uploaded is not None and device in uploaded:
             live = uploaded[device]
         else:
-            live = live.to(device=device, dtype=torch.bool)
+            live = upload_tensor(live.to(torch.bool), device)
             if uploaded is not None:
                 uploaded[device] = live
         if shard.size == 1:

@@ -115,6 +115,7 @@ class MemoryRuntime:
                 local_kv, head_dim, dtype, device)
         self.graphs = self._decode_graphs(vllm_config, device) if self.banks else None
         self.warmed_up: list[str] = []  # kernel launches made at start (warmup.py)
+        self.late_compiles: list[dict[str, Any]] = []  # compiles after it (late_compiles.py)
         warm_up_runtime(self, vllm_config)
         self.metrics.baseline(self)
 

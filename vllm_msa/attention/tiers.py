@@ -32,7 +32,7 @@ from .host_cache import HostCache
 from .host_share import SHM_DIR, on_tmpfs, shared_tensor
 from .index_parallel import IndexShard, bank_identity, index_bytes
 from .routing import RoutingIndex, normalized_keys
-from .uploads import ranges
+from .uploads import ranges, upload_tensor
 
 logger = logging.getLogger(__name__)
 
@@ -396,7 +396,12 @@ class ServedBank:
             self._append(bank, live)
         else:
             self._mask(live)
-        self.doc_position = new.live_positions()
+        # (live positions move only where this edit removed or added documents)
+        for doc_id in removed:
+            del self.doc_position[doc_id]
+        positions = torch.nonzero(new.live[n:]).flatten() + n
+        self.doc_position.update(zip(new.doc_ids[positions].tolist(), positions.tolist(),
+                                     strict=True))
         self._tables.clear()
         for cached in ("_sizes_descending", "max_document_chunks", "_offsets_array"):
             self.__dict__.pop(cached, None)
@@ -408,12 +413,14 @@ class ServedBank:
         from ..kernels.routing import with_live
 
         uploaded: dict[torch.device, torch.Tensor] = {}
+        like = None  # the first layer's re-masked tables: every layer's (one layout)
         for layer, idx in list(self.index.items()):
             compressed = isinstance(idx, CompressedRoutingIndex)
             layout = (idx.layout if compressed else idx).with_live(live, self.shard, uploaded)
             prepared = idx.prepared if compressed else self._prepared.get(layer)
             if prepared is not None:
-                prepared = with_live(prepared, layout)
+                prepared = with_live(prepared, layout, like)
+                like = like or prepared
             if compressed:
                 self.index[layer] = dataclasses.replace(idx, layout=layout, prepared=prepared)
             else:
@@ -440,21 +447,19 @@ class ServedBank:
                 chunks=slice(shard.chunks.start, chunks))
         new_rows = [(old_chunks, chunks)]
         index, backing, host, maps = {}, {}, {}, {}
+        added_keys = self._added_routing_keys(bank, new_rows) if grows else {}
         uploaded: dict[torch.device, torch.Tensor] = {}  # `live` on each device, once
         like = None  # the first layer's prepared tables: every layer's (one layout)
         for layer, idx in self.index.items():
             compressed = isinstance(idx, CompressedRoutingIndex)
             device = (idx.layout if compressed else idx).routing_keys.device
             if device not in maps:  # (the chunk -> document map: the same in every layer)
-                maps[device] = (physical.chunk_doc_index.to(device),
-                                physical.doc_ids.to(device))
+                maps[device] = (upload_tensor(physical.chunk_doc_index, device),
+                                upload_tensor(physical.doc_ids, device))
             doc_index, doc_ids = maps[device]
-            added = None
-            if grows:
-                added = bank.read_ranges(layer, "routing_keys", new_rows,
-                                         device=device).to(device)
-                if idx.normalize if compressed else self.normalized:
-                    added = normalized_keys(added)
+            added = added_keys.get(layer)
+            if added is not None and (idx.normalize if compressed else self.normalized):
+                added = normalized_keys(added)
             if compressed:
                 keys = idx.keys
                 if added is not None:
@@ -500,6 +505,20 @@ class ServedBank:
             self.host_cache.grow(bank)
         self.chunk_offsets = offsets.tolist()
         self.shard = shard
+
+    def _added_routing_keys(self, bank: MemoryBank, rows: list[tuple[int, int]]
+                            ) -> dict[int, torch.Tensor]:
+        """Every router layer's routing keys of the stored chunks `rows`, on the index's
+        device: read from the segment files into one host buffer and copied in one go (a
+        copy a layer would wait for the GPU once per layer, with requests in flight)."""
+        layers = list(self.index)
+        first = self.index[layers[0]]
+        device = (first.layout if isinstance(first, CompressedRoutingIndex)
+                  else first).routing_keys.device
+        stacked = torch.stack([bank.read_ranges(layer, "routing_keys", rows)
+                               for layer in layers])
+        on_device = upload_tensor(stacked, device)
+        return dict(zip(layers, on_device.unbind(0), strict=True))
 
     def _grown_host(self, bank: MemoryBank, layer: int, rows: list[tuple[int, int]],
                     pin: bool) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], list[str]]:

@@ -24,6 +24,13 @@ def upload(values: np.ndarray | Sequence[int], device: torch.device,
     return host.pin_memory().to(device, non_blocking=True)
 
 
+def upload_tensor(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """Host tensor `t` on `device`, copied asynchronously when it is a GPU."""
+    if torch.device(device).type != "cuda" or t.device.type != "cpu":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def ranges(spans: Sequence[tuple[int, int]]) -> np.ndarray:
     """The integers of the half-open ranges `spans`, concatenated (int64)."""
     if not spans:

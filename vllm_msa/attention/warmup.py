@@ -216,5 +216,8 @@ def warm_up_runtime(runtime, vllm_config) -> None:
         logger.exception("MSA kernel warm-up failed; kernels will compile on first use")
         return
     runtime.warmed_up = done
+    from .late_compiles import watch_late_compiles
+
+    watch_late_compiles(runtime.late_compiles)
     logger.info("MSA kernel warm-up: %d launch groups in %.1f s", len(done),
                 time.perf_counter() - start)
