@@ -35,6 +35,8 @@ from serving import questions
 
 from vllm_msa.cli import parse_count
 
+ENCODE_SLOTS = 8  # max_num_seqs room for the adds' encode requests
+
 
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
@@ -71,11 +73,13 @@ class Decoding:
                                      output_kind=RequestOutputKind.DELTA,
                                      extra_args={"msa_bank": "b"})
         self.tokens = 0
+        self.finished = 0  # requests done (a window must end before any is: same batch)
         self.tasks: list[asyncio.Task] = []
 
     async def _one(self, prompt: dict) -> None:
         async for out in self.engine.generate(prompt, self.params, f"decode-{uuid.uuid4().hex}"):
             self.tokens += len(out.outputs[0].token_ids)
+        self.finished += 1
 
     def start(self) -> None:
         self.tasks = [asyncio.create_task(self._one(p)) for p in self.prompts]
@@ -161,8 +165,10 @@ async def measure(args, ckpt: Path, engine_args: dict, bank_path: str, new_docs)
            "reserve_tokens": args.reserve_tokens}
     if args.staging_mib is not None:
         msa["staging_mib"] = args.staging_mib
+    # Sequence slots beyond the decoding batch: an add is encoded by engine requests, which
+    # would otherwise wait for a decoding request to finish (a server at max_num_seqs does).
     engine = AsyncLLM.from_engine_args(AsyncEngineArgs(
-        model=str(ckpt), max_num_seqs=max(args.decode_batch, 8), enforce_eager=args.eager,
+        model=str(ckpt), max_num_seqs=args.decode_batch + ENCODE_SLOTS, enforce_eager=args.eager,
         additional_config={"msa": msa}, **engine_args))
     try:
         info = MemoryBank.open(bank_path).model_info
@@ -184,6 +190,11 @@ async def measure(args, ckpt: Path, engine_args: dict, bank_path: str, new_docs)
 
         rate_b, window_b = await decoding.rate_over(during=adds())
         print(f"B: decode {rate_b:,.0f} tok/s during adds", flush=True)
+        finished_in_windows = decoding.finished
+        if finished_in_windows:
+            print(f"warning: {finished_in_windows} decoding requests finished before the "
+                  "windows ended (raise --max-decode-tokens): the rates compare other batches",
+                  flush=True)
         await decoding.stop()
         seconds, tokens = await add(engine, bank_path, batched, info)
         print(f"C: batched add {tokens / seconds:,.0f} tok/s", flush=True)
@@ -196,6 +207,7 @@ async def measure(args, ckpt: Path, engine_args: dict, bank_path: str, new_docs)
     finally:
         engine.shutdown()
     return {"decode_no_edits_tokens_per_s": rate_a, "decode_no_edits_window_s": window_a,
+            "decoding_finished_in_windows": finished_in_windows,
             "decode_during_adds_tokens_per_s": rate_b, "decode_during_adds_window_s": window_b,
             "add_latencies_s": latencies, "batched_add_tokens": tokens,
             "batched_add_s": seconds, "removal_latencies_s": removals,

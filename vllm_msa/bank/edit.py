@@ -57,7 +57,7 @@ def remove_documents(bank: str | Path | MemoryBank, ids: Iterable[int]) -> Memor
 def tombstoned(bank: MemoryBank, ids: list[int]) -> list[dict[str, Any]]:
     """`bank`'s segment entries with its live documents `ids` removed."""
     layout = bank.physical
-    live = layout.live_positions()
+    live = layout.live_positions_of(ids)
     missing = [i for i in ids if i not in live]
     if missing:
         stored = set(layout.doc_ids.tolist())
@@ -82,7 +82,7 @@ def tombstoned(bank: MemoryBank, ids: list[int]) -> list[dict[str, Any]]:
 def present_ids(bank: MemoryBank, ids: list[int], replace: bool, advice: str) -> list[int]:
     """Which of `ids` `bank` holds live (an add replaces them); refused, with `advice`,
     unless `replace`."""
-    live = bank.physical.live_positions()
+    live = bank.physical.live_positions_of(ids)
     present = [i for i in ids if i in live]
     if present and not replace:
         raise BankError(f"bank {bank.path} already holds document"
