@@ -19,9 +19,7 @@ def upload(values: np.ndarray | Sequence[int], device: torch.device,
     """`values` as a tensor on `device`, copied asynchronously when it is a GPU."""
     host = torch.from_numpy(np.ascontiguousarray(values)).to(dtype) if isinstance(
         values, np.ndarray) else torch.tensor(values, dtype=dtype)
-    if torch.device(device).type != "cuda":
-        return host.to(device)
-    return host.pin_memory().to(device, non_blocking=True)
+    return upload_tensor(host, device)
 
 
 def upload_tensor(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
